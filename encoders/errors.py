@@ -1,0 +1,21 @@
+"""Typed errors of the encoders package; each message says what is wrong and what to do."""
+
+from __future__ import annotations
+
+
+class DicomError(ValueError):
+    """A DICOM file or study cannot be used.
+
+    ``reason`` is a short stable code (``not_dicom``, ``truncated``, ``no_pixel_data``,
+    ``missing_tag``, ``inconsistent_geometry``, ``unsupported``, ``too_large``,
+    ``burned_in_annotation``, ``no_usable_series``, ...) for programs; the message is for
+    people and names the file by the path it was given, never by patient.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class EncoderError(ValueError):
+    """An encoder checkpoint or card is missing, corrupt or does not match."""
