@@ -1,0 +1,527 @@
+"""The study encoder: a 2D timm backbone on 2.5D CT slices, pooled into one study vector.
+
+In the style of timm, the configuration travels with the model: every encoder is described
+by an :class:`EncoderCard` (backbone name, input spec, embedding size, pooling, training
+provenance) that is written next to the weights, so loading never needs hand-typed
+settings.
+
+Pipeline of :class:`StudyEncoder` (callers pass HU, nothing else)::
+
+    volumes (b, D, H, W) HU float
+      -> each slice becomes a C-channel image, one channel per HU window of the spec
+         (centre, width) mapped to [0, 1], then standardised to [-1, 1]
+      -> timm backbone (no classifier, no downloaded weights)   (b*D, f)
+      -> pool over slices (mean, or gated attention)            (b, f)
+      -> linear neck                                            (b, embedding_dim)
+
+``embed`` is the only place where embeddings are L2-normalised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from encoders.errors import EncoderError
+from encoders.spec import DEFAULT_SPEC, InputSpec
+
+__all__ = [
+    "CARD_FILE",
+    "POOLINGS",
+    "WEIGHTS_FILE",
+    "EncoderCard",
+    "GatedAttentionPool",
+    "StudyEncoder",
+    "create_encoder",
+    "embed",
+    "list_encoders",
+    "load_encoder",
+    "resolve_device",
+    "save_encoder",
+    "weights_version",
+]
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+POOLINGS = ("mean", "attention")
+
+# Backbones checked to build and train at 64 x 64 px with 3 input channels on CPU.
+# Any other timm model name works too (``timm.list_models()``), as long as it accepts
+# 64 px inputs; these are the ones we vouch for.
+_CURATED_BACKBONES = (
+    "resnet10t",  # default: small, fast on CPU, good at 64 px
+    "test_resnet",  # tiny (0.4 M params): unit tests and smoke runs
+    "resnet18",
+    "convnext_atto",
+    "efficientnet_b0",
+)
+
+# Windowed intensities in [0, 1] are standardised to [-1, 1]: (x - 0.5) / 0.5.
+_NORM_MEAN = 0.5
+_NORM_STD = 0.5
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn ``"auto" | "cpu" | "cuda" | "cuda:N"`` into a usable :class:`torch.device`.
+
+    ``"auto"`` picks CUDA when available, else CPU. Asking for CUDA on a machine without
+    it raises :class:`EncoderError` (instead of failing later inside torch).
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        name = str(device).strip().lower()
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(name)
+        except RuntimeError as exc:
+            raise EncoderError(
+                f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda'"
+            ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EncoderError(
+            f"device {str(device)!r} was requested but CUDA is not available on this machine "
+            "(torch built without CUDA, or no GPU visible): use device='cpu' or 'auto'"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise EncoderError(f"unsupported device {str(device)!r}: use 'auto', 'cpu' or 'cuda'")
+    return dev
+
+
+def list_encoders() -> list[str]:
+    """Backbones known to work at 64 px (the first is the default).
+
+    Any name from ``timm.list_models()`` can be passed to :func:`create_encoder`; this list
+    is only the curated subset that is tested with the default :class:`InputSpec`.
+    """
+    return list(_CURATED_BACKBONES)
+
+
+# --------------------------------------------------------------------------- card
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+@dataclass
+class EncoderCard:
+    """Everything needed to rebuild, trust and describe an encoder (stored as card.json).
+
+    ``version`` is a content id ``enc-<12 hex>`` of the weights file; it is filled in by
+    :func:`save_encoder` and checked by :func:`load_encoder`. ``epochs`` counts the
+    training epochs actually run; ``data_hash`` is an opaque id of the training cohort
+    (never patient data).
+    """
+
+    backbone: str
+    method: str = "none"
+    embedding_dim: int = 128
+    input: InputSpec = field(default_factory=lambda: DEFAULT_SPEC)
+    data_hash: str = ""
+    version: str = ""
+    created_at: str = field(default_factory=_utc_now)
+    epochs: int = 0
+    seed: int = 0
+    notes: str = ""
+    pooling: str = "mean"
+    torch_version: str = field(default_factory=lambda: torch.__version__)
+    timm_version: str = field(default_factory=lambda: timm.__version__)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "method": self.method,
+            "embedding_dim": int(self.embedding_dim),
+            "input": self.input.to_dict(),
+            "pooling": self.pooling,
+            "data_hash": self.data_hash,
+            "version": self.version,
+            "created_at": self.created_at,
+            "epochs": int(self.epochs),
+            "seed": int(self.seed),
+            "notes": self.notes,
+            "torch_version": self.torch_version,
+            "timm_version": self.timm_version,
+        }
+
+    def to_json(self) -> str:
+        """The card as an indented JSON string."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EncoderCard:
+        if not isinstance(d, dict):
+            raise EncoderError("encoder card must be a JSON object; re-save the encoder")
+        missing = [k for k in ("backbone", "embedding_dim", "input") if k not in d]
+        if missing:
+            raise EncoderError(
+                f"encoder card lacks required field(s) {', '.join(missing)}; "
+                "re-save the encoder with save_encoder"
+            )
+        try:
+            return cls(
+                backbone=str(d["backbone"]),
+                method=str(d.get("method", "none")),
+                embedding_dim=int(d["embedding_dim"]),
+                input=InputSpec.from_dict(d["input"]),
+                pooling=str(d.get("pooling", "mean")),
+                data_hash=str(d.get("data_hash", "")),
+                version=str(d.get("version", "")),
+                created_at=str(d.get("created_at", "")),
+                epochs=int(d.get("epochs", 0)),
+                seed=int(d.get("seed", 0)),
+                notes=str(d.get("notes", "")),
+                torch_version=str(d.get("torch_version", "")),
+                timm_version=str(d.get("timm_version", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EncoderError(
+                f"encoder card has an invalid field ({exc}); re-save the encoder"
+            ) from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> EncoderCard:
+        """Parse a card from a JSON string; raises :class:`EncoderError` if it is not one."""
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise EncoderError(
+                f"encoder card is not valid JSON ({exc}); re-save the encoder with "
+                "save_encoder or re-train it"
+            ) from exc
+        return cls.from_dict(d)
+
+    @classmethod
+    def for_encoder(cls, encoder: StudyEncoder, **fields: Any) -> EncoderCard:
+        """A card describing ``encoder``'s architecture; ``fields`` fill the rest."""
+        return cls(
+            backbone=encoder.backbone_name,
+            embedding_dim=encoder.embedding_dim,
+            input=encoder.spec,
+            pooling=encoder.pooling,
+            **fields,
+        )
+
+
+# --------------------------------------------------------------------------- module
+
+
+class GatedAttentionPool(nn.Module):
+    """Gated attention pooling over slices (Ilse et al., 2018).
+
+    ``forward(x: (b, D, f)) -> (b, f)``: weights ``softmax_D(w^T (tanh(V x) * sigmoid(U x)))``.
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.v = nn.Linear(in_dim, hidden)
+        self.u = nn.Linear(in_dim, hidden)
+        self.w = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = self.w(torch.tanh(self.v(x)) * torch.sigmoid(self.u(x)))  # (b, D, 1)
+        attn = torch.softmax(scores.float(), dim=1).to(x.dtype)
+        return (attn * x).sum(dim=1)
+
+
+class StudyEncoder(nn.Module):
+    """2.5D study encoder: ``forward(volumes (b, D, H, W) HU float) -> (b, embedding_dim)``.
+
+    The output is *not* normalised (see :func:`embed`). ``D`` may differ from the spec's
+    depth (training encodes random slice subsets); H and W must suit the backbone.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet10t",
+        *,
+        spec: InputSpec = DEFAULT_SPEC,
+        embedding_dim: int = 128,
+        pooling: str = "mean",
+    ) -> None:
+        super().__init__()
+        if int(embedding_dim) < 1:
+            raise EncoderError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if pooling not in POOLINGS:
+            raise EncoderError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if spec.in_chans < 1:
+            raise EncoderError("the input spec has no HU windows; give at least one")
+        try:
+            self.backbone = timm.create_model(
+                backbone, pretrained=False, in_chans=spec.in_chans, num_classes=0
+            )
+        except RuntimeError as exc:  # timm: "Unknown model (...)"
+            raise EncoderError(
+                f"cannot build backbone {backbone!r} ({exc}); pick one of {list_encoders()} "
+                "or another name from timm.list_models()"
+            ) from exc
+        self.backbone_name = backbone
+        self.spec = spec
+        self.embedding_dim = int(embedding_dim)
+        self.pooling = pooling
+        self.num_features = int(self.backbone.num_features)
+        self.pool = GatedAttentionPool(self.num_features) if pooling == "attention" else None
+        self.neck = nn.Linear(self.num_features, self.embedding_dim)
+        centres = torch.tensor([c for c, _ in spec.windows], dtype=torch.float32)
+        widths = torch.tensor([w for _, w in spec.windows], dtype=torch.float32)
+        if bool((widths <= 0).any()):
+            raise EncoderError(f"HU window widths must be > 0, got {spec.windows}")
+        # Derived from the spec (stored in the card), so not part of the weights file.
+        self.register_buffer("window_lo", (centres - widths / 2).view(1, 1, -1, 1, 1), False)
+        self.register_buffer("window_width", widths.view(1, 1, -1, 1, 1), False)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The architecture description (what a card must agree with)."""
+        return {
+            "backbone": self.backbone_name,
+            "embedding_dim": self.embedding_dim,
+            "pooling": self.pooling,
+            "input": self.spec.to_dict(),
+        }
+
+    def to_channels(self, volumes: Tensor) -> Tensor:
+        """``(b, D, H, W)`` HU -> ``(b, D, C, H, W)`` windowed and standardised."""
+        x = volumes.float().unsqueeze(2)
+        x = ((x - self.window_lo) / self.window_width).clamp_(0.0, 1.0)
+        return (x - _NORM_MEAN) / _NORM_STD
+
+    def slice_features(self, volumes: Tensor) -> Tensor:
+        """``(b, D, H, W)`` HU -> backbone features per slice ``(b, D, f)``."""
+        if volumes.ndim != 4:
+            raise EncoderError(
+                f"encoder input must be (batch, depth, height, width), got shape "
+                f"{tuple(volumes.shape)}"
+            )
+        b, d, h, w = volumes.shape
+        x = self.to_channels(volumes).reshape(b * d, self.spec.in_chans, h, w)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x).reshape(b, d, -1)
+
+    def forward(self, volumes: Tensor) -> Tensor:
+        feats = self.slice_features(volumes)
+        pooled = feats.mean(dim=1) if self.pool is None else self.pool(feats)
+        return self.neck(pooled)
+
+
+def create_encoder(
+    backbone: str = "resnet10t",
+    *,
+    spec: InputSpec = DEFAULT_SPEC,
+    embedding_dim: int = 128,
+    pooling: str = "mean",
+) -> StudyEncoder:
+    """Build a randomly initialised :class:`StudyEncoder` (never downloads weights).
+
+    ``backbone`` is any timm model name (see :func:`list_encoders` for tested ones);
+    the number of input channels is ``spec.in_chans`` (one per HU window).
+    """
+    return StudyEncoder(backbone, spec=spec, embedding_dim=embedding_dim, pooling=pooling)
+
+
+# --------------------------------------------------------------------------- embed
+
+
+def embed(
+    encoder: StudyEncoder,
+    volumes: np.ndarray,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Embed studies: ``(n, D, H, W)`` int16/float HU -> ``(n, d)`` float32, L2-normalised.
+
+    The shape must match the encoder's ``InputSpec.shape``. Runs in eval mode under
+    ``torch.inference_mode`` (the encoder is moved to ``device``; its train/eval mode is
+    restored afterwards).
+    """
+    if not isinstance(volumes, np.ndarray):
+        raise EncoderError(f"volumes must be a numpy array, got {type(volumes).__name__}")
+    expected = tuple(encoder.spec.shape)
+    if volumes.ndim == 3 and tuple(volumes.shape) == expected:
+        hint = "; for a single study use volumes[None]"
+    else:
+        hint = ""
+    if volumes.ndim != 4 or tuple(volumes.shape[1:]) != expected:
+        raise EncoderError(
+            f"volumes must have shape (n, {', '.join(map(str, expected))}) as set by the "
+            f"encoder's input spec, got {tuple(volumes.shape)}: preprocess studies with "
+            f"encoders.dicom.preprocess(study, card.input){hint}"
+        )
+    if volumes.dtype == np.bool_ or volumes.dtype.kind not in "iuf":
+        raise EncoderError(
+            f"volumes must be int16 or float HU values, got dtype {volumes.dtype}"
+        )
+    if batch_size < 1:
+        raise EncoderError(f"batch_size must be >= 1, got {batch_size}")
+    if volumes.dtype.kind == "f" and not bool(np.isfinite(volumes).all()):
+        raise EncoderError("volumes contain NaN or infinite values; fix the preprocessing")
+    dev = resolve_device(device)
+    n = volumes.shape[0]
+    out = np.empty((n, encoder.embedding_dim), dtype=np.float32)
+    was_training = encoder.training
+    encoder.to(dev).eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                chunk = np.ascontiguousarray(volumes[start : start + batch_size])
+                x = torch.from_numpy(chunk).to(dev, dtype=torch.float32)
+                z = encoder(x).float()
+                z = torch.nn.functional.normalize(z, dim=1, eps=1e-12)
+                out[start : start + len(chunk)] = z.cpu().numpy()
+    finally:
+        encoder.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def weights_version(weights_path: Path) -> str:
+    """Content id of a weights file: ``enc-`` + first 12 hex of its sha256."""
+    h = hashlib.sha256()
+    with open(weights_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "enc-" + h.hexdigest()[:12]
+
+
+def _check_card_matches(encoder: StudyEncoder, card: EncoderCard) -> None:
+    mismatches = [
+        f"{name}: card {a!r} vs encoder {b!r}"
+        for name, a, b in (
+            ("backbone", card.backbone, encoder.backbone_name),
+            ("embedding_dim", card.embedding_dim, encoder.embedding_dim),
+            ("pooling", card.pooling, encoder.pooling),
+            ("input", card.input, encoder.spec),
+        )
+        if a != b
+    ]
+    if mismatches:
+        raise EncoderError(
+            "the card does not describe this encoder (" + "; ".join(mismatches) + "); "
+            "build the card with EncoderCard.for_encoder(encoder, ...)"
+        )
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def save_encoder(encoder: StudyEncoder, card: EncoderCard, out_dir: Path | str) -> EncoderCard:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/card.json``; returns the card.
+
+    ``card.version`` is set (in place) to the weights' content id if it is empty; a
+    non-empty version that does not match the weights raises :class:`EncoderError`.
+    """
+    _check_card_matches(encoder, card)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
+    weights = out / WEIGHTS_FILE
+    _write_atomic(weights, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    version = weights_version(weights)
+    if not card.version:
+        card.version = version
+    elif card.version != version:
+        raise EncoderError(
+            f"card.version {card.version!r} does not match the weights ({version}); the "
+            "weights changed since the card was made: clear card.version to re-derive it"
+        )
+    _write_atomic(out / CARD_FILE, lambda p: p.write_text(card.to_json(), encoding="utf-8"))
+    return card
+
+
+def load_encoder(
+    model_dir: Path | str, *, device: str | torch.device = "cpu"
+) -> tuple[StudyEncoder, EncoderCard]:
+    """Load an encoder written by :func:`save_encoder`, in eval mode on ``device``.
+
+    Raises :class:`EncoderError` when files are missing or corrupt, when the weights'
+    content id differs from ``card.version``, or when the weights do not fit the
+    architecture the card describes.
+    """
+    root = Path(model_dir)
+    card_path, weights_path = root / CARD_FILE, root / WEIGHTS_FILE
+    if not root.is_dir():
+        raise EncoderError(
+            f"encoder folder {root} does not exist: pass the folder written by "
+            "save_encoder (or `cohortsim train`)"
+        )
+    if not card_path.is_file():
+        raise EncoderError(
+            f"{card_path} is missing: the folder is not a saved encoder, or was copied "
+            "incompletely; re-copy it or re-save the encoder"
+        )
+    if not weights_path.is_file():
+        raise EncoderError(
+            f"{weights_path} is missing: the encoder folder was copied incompletely; "
+            "re-copy it or re-train the encoder"
+        )
+    try:
+        text = card_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EncoderError(f"cannot read {card_path} ({exc}); re-save the encoder") from exc
+    try:
+        card = EncoderCard.from_json(text)
+    except EncoderError as exc:
+        raise EncoderError(f"{card_path}: {exc}") from exc
+    actual = weights_version(weights_path)
+    if card.version != actual:
+        raise EncoderError(
+            f"{weights_path} has content id {actual} but the card says "
+            f"{card.version or '(none)'}: the weights were modified or belong to another "
+            "encoder; restore the original folder or re-save the encoder"
+        )
+    try:
+        encoder = create_encoder(
+            card.backbone,
+            spec=card.input,
+            embedding_dim=card.embedding_dim,
+            pooling=card.pooling,
+        )
+    except EncoderError as exc:
+        raise EncoderError(f"{card_path}: {exc}") from exc
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EncoderError(
+            f"{weights_path} is not a readable safetensors file ({exc}); re-copy or "
+            "re-save the encoder"
+        ) from exc
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0:3]
+        raise EncoderError(
+            f"{weights_path} does not fit the architecture in the card (backbone "
+            f"{card.backbone!r}, embedding_dim {card.embedding_dim}, pooling "
+            f"{card.pooling!r}): {' '.join(first)}; the card was edited or belongs to "
+            "other weights: re-save the encoder"
+        ) from exc
+    encoder.to(resolve_device(device)).eval()
+    return encoder, card

@@ -1,0 +1,80 @@
+"""Run the gRPC server on a background thread (demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from types import TracebackType
+
+from service.server import create_server
+
+
+class BackgroundServer:
+    """Context manager: serve ``index_dir`` on a thread with its own event loop.
+
+    ``port=0`` picks a free port; the bound one is in ``.port`` and ``.target`` once
+    entered. Leaving the block stops the server gracefully.
+    """
+
+    def __init__(self, index_dir: Path, *, host: str = "127.0.0.1", port: int = 0, **kw: object) -> None:
+        self._index_dir = Path(index_dir)
+        self._host = host
+        self._port = port
+        self._kw = kw
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: object | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.port = 0
+
+    @property
+    def target(self) -> str:
+        return f"{self._host}:{self.port}"
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            server, port = loop.run_until_complete(
+                create_server(self._index_dir, host=self._host, port=self._port, **self._kw)  # type: ignore[arg-type]
+            )
+            loop.run_until_complete(server.start())
+        except BaseException as exc:  # reported to the caller of __enter__
+            self._error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._server = server
+        self.port = port
+        self._ready.set()
+        loop.run_until_complete(server.wait_for_termination())
+        loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread = threading.Thread(target=self._run, name="cohortsim-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout=120):
+            raise TimeoutError("the server did not start within 120 s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._loop is not None and self._server is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop)  # type: ignore[attr-defined]
+            fut.result(timeout=grace + 10)
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=grace + 10)
+            self._thread = None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
