@@ -1,0 +1,405 @@
+"""The cohort store: one Parquet dataset of studies plus one outcomes table.
+
+Layout of a store folder ``STORE/``::
+
+    STORE/studies/part-<uuid>.parquet   one row per study (STUDY_SCHEMA), append-only
+    STORE/outcomes.parquet              one row per patient (OUTCOME_SCHEMA), rewritten on upsert
+    STORE/.lock                         advisory lock held while writing
+
+Every write goes to a temporary file in the same folder, is flushed and fsynced, then
+renamed into place (``os.replace``) and the folder fsynced, so a reader sees either the
+old or the new state, never half a file. Study part-file names are time-ordered UUIDs, so
+sorting the names gives the order of ingestion. Keys are pseudonyms (``P-...``/``S-...``);
+nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from indexing.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+ACQUISITION_COLUMNS: tuple[str, ...] = (
+    "manufacturer",
+    "model",
+    "kernel",
+    "kvp",
+    "slice_thickness",
+    "pixel_spacing",
+)
+VOLUME_COLUMNS: tuple[str, ...] = ("volume", "volume_shape")
+
+STUDY_SCHEMA = pa.schema(
+    [
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("study_uid", pa.string(), nullable=False),
+        pa.field("site", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("study_day", pa.int32()),
+        *[pa.field(name, pa.string()) for name in ACQUISITION_COLUMNS],
+        # int16 little-endian, C order; large_binary so a part file may exceed 2 GiB
+        pa.field("volume", pa.large_binary(), nullable=False),
+        pa.field("volume_shape", pa.list_(pa.int32()), nullable=False),
+        pa.field("spec", pa.string()),
+        pa.field("ingested_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+OUTCOME_SCHEMA = pa.schema(
+    [
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("time", pa.float64()),
+        pa.field("event", pa.bool_()),
+        pa.field("labels", pa.map_(pa.string(), pa.string())),
+        pa.field("values", pa.map_(pa.string(), pa.float64())),
+    ]
+)
+
+_STUDIES_DIR = "studies"
+_OUTCOMES_FILE = "outcomes.parquet"
+_LOCK_FILE = ".lock"
+
+
+@dataclass
+class StudyRecord:
+    """One study as it enters the store.
+
+    ``volume`` is the preprocessed ``(D, H, W) int16`` HU volume (``encoders.preprocess``);
+    ``spec`` the JSON of the ``InputSpec`` it was resampled with (an object with
+    ``to_dict()`` or a dict is accepted too). ``study_day`` is days since the patient's
+    first study (never a date).
+    """
+
+    patient_id: str
+    study_uid: str
+    volume: np.ndarray
+    spec: Any = ""
+    site: str | None = None
+    modality: str | None = None
+    study_day: int | None = None
+    manufacturer: str | None = None
+    model: str | None = None
+    kernel: str | None = None
+    kvp: str | None = None
+    slice_thickness: str | None = None
+    pixel_spacing: str | None = None
+    ingested_at: datetime | None = field(default=None)
+
+    def spec_json(self) -> str:
+        spec = self.spec
+        if hasattr(spec, "to_dict"):
+            spec = spec.to_dict()
+        if isinstance(spec, dict):
+            return json.dumps(spec, sort_keys=True)
+        return str(spec)
+
+
+def _time_ordered_uuid() -> uuid.UUID:
+    """A UUIDv7-style id: 48-bit Unix milliseconds, then random bits (names sort by time)."""
+    ms = time.time_ns() // 1_000_000
+    value = (ms & ((1 << 48) - 1)) << 80 | secrets.randbits(80)
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return uuid.UUID(int=value)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` via a fsynced temporary file in the same folder."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+class CohortStore:
+    """A cohort store folder (see the module docstring).
+
+    ``CohortStore(root)`` opens an existing store and raises :class:`StoreError` when there
+    is none; ``create=True`` makes the folder. One writer at a time is expected; writes
+    take an advisory lock on ``STORE/.lock`` so concurrent writers serialise.
+    """
+
+    def __init__(self, root: Path | str, *, create: bool = False) -> None:
+        self.root = Path(root)
+        self._studies_dir = self.root / _STUDIES_DIR
+        if not self._studies_dir.is_dir():
+            if not create:
+                raise StoreError(
+                    f"no cohort store at {self.root}; run cohortsim ingest first "
+                    "(or pass create=True)"
+                )
+            self._studies_dir.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.root)
+
+    def __repr__(self) -> str:
+        return f"CohortStore({str(self.root)!r})"
+
+    # ---------------------------------------------------------------- internals
+    def _part_files(self) -> list[Path]:
+        return sorted(self._studies_dir.glob("part-*.parquet"))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / _LOCK_FILE, "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def _read_parts(self, columns: Sequence[str] | None) -> pa.Table:
+        schema = STUDY_SCHEMA if columns is None else _select_schema(STUDY_SCHEMA, columns)
+        tables = []
+        for path in self._part_files():
+            try:
+                tables.append(pq.read_table(path, columns=schema.names, schema=STUDY_SCHEMA))
+            except (OSError, pa.ArrowException) as exc:
+                raise StoreError(
+                    f"cannot read store part file {path.name}: {exc}; "
+                    "restore it from backup or re-ingest"
+                ) from exc
+        if not tables:
+            return schema.empty_table()
+        return pa.concat_tables(tables).combine_chunks()
+
+    # ---------------------------------------------------------------- studies
+    def add_studies(self, records: Sequence[StudyRecord]) -> int:
+        """Append studies as one new part file; returns how many were added.
+
+        Studies whose ``study_uid`` is already stored (or repeated within ``records``) are
+        skipped, so re-ingesting a folder is idempotent.
+        """
+        with self._locked():
+            seen = self.study_uids()
+            now = datetime.now(UTC)
+            columns: dict[str, list[Any]] = {name: [] for name in STUDY_SCHEMA.names}
+            for i, rec in enumerate(records):
+                if not rec.patient_id or not rec.study_uid:
+                    raise StoreError(f"record {i} has an empty patient_id or study_uid")
+                if rec.study_uid in seen:
+                    continue
+                seen.add(rec.study_uid)
+                vol = np.asarray(rec.volume)
+                if vol.dtype != np.int16 or vol.ndim != 3:
+                    raise StoreError(
+                        f"record {i}: volume must be a (D, H, W) int16 array, got "
+                        f"{vol.ndim}-D {vol.dtype}; preprocess it with encoders.preprocess"
+                    )
+                columns["patient_id"].append(rec.patient_id)
+                columns["study_uid"].append(rec.study_uid)
+                columns["site"].append(rec.site)
+                columns["modality"].append(rec.modality)
+                columns["study_day"].append(None if rec.study_day is None else int(rec.study_day))
+                for name in ACQUISITION_COLUMNS:
+                    value = getattr(rec, name)
+                    columns[name].append(None if value is None else str(value))
+                columns["volume"].append(np.ascontiguousarray(vol, dtype="<i2").tobytes())
+                columns["volume_shape"].append([int(s) for s in vol.shape])
+                columns["spec"].append(rec.spec_json())
+                columns["ingested_at"].append(rec.ingested_at or now)
+            added = len(columns["study_uid"])
+            if added == 0:
+                return 0
+            table = pa.table(columns, schema=STUDY_SCHEMA)
+            write_parquet_atomic(table, self._studies_dir / f"part-{_time_ordered_uuid()}.parquet")
+        log.info("store: added %d studies (%d skipped as already present)", added,
+                 len(records) - added)
+        return added
+
+    def study_uids(self) -> set[str]:
+        """The set of stored study pseudonyms."""
+        return set(self._read_parts(["study_uid"]).column("study_uid").to_pylist())
+
+    def studies(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """All study rows (STUDY_SCHEMA, or the given columns), in ingestion order."""
+        return self._read_parts(columns)
+
+    def load_volumes(self) -> tuple[list[str], np.ndarray]:
+        """``(study_uids, (n, D, H, W) int16)`` in ingestion order.
+
+        Raises :class:`StoreError` when the store is empty or volumes differ in shape.
+        """
+        table = self._read_parts(["study_uid", "volume_shape"])
+        if table.num_rows == 0:
+            raise StoreError(f"the store at {self.root} holds no studies; run cohortsim ingest first")
+        shapes = Counter(tuple(s) for s in table.column("volume_shape").to_pylist())
+        if len(shapes) != 1:
+            listing = ", ".join(f"{s} x{c}" for s, c in shapes.most_common())
+            raise StoreError(
+                f"stored volumes have {len(shapes)} different shapes ({listing}); "
+                "re-ingest every study with one InputSpec"
+            )
+        shape = next(iter(shapes))
+        out = np.empty((table.num_rows, *shape), dtype=np.int16)
+        row = 0
+        for path in self._part_files():  # one part at a time keeps peak memory low
+            part = pq.read_table(path, columns=["volume"], schema=STUDY_SCHEMA)
+            for buf in part.column("volume").to_pylist():
+                out[row] = np.frombuffer(buf, dtype="<i2").reshape(shape)
+                row += 1
+        return table.column("study_uid").to_pylist(), out
+
+    # ---------------------------------------------------------------- outcomes
+    def outcomes(self) -> pa.Table:
+        """The outcomes table (OUTCOME_SCHEMA); empty when none were set."""
+        path = self.root / _OUTCOMES_FILE
+        if not path.exists():
+            return OUTCOME_SCHEMA.empty_table()
+        try:
+            return pq.read_table(path, schema=OUTCOME_SCHEMA)
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreError(f"cannot read {path.name}: {exc}; set the outcomes again") from exc
+
+    def set_outcomes(self, table: pa.Table) -> int:
+        """Upsert outcomes by ``patient_id``; returns the number of rows written.
+
+        ``table`` needs ``patient_id`` and any of ``time`` (float, >= 0), ``event`` (bool or
+        0/1), ``labels`` (map<string,string>), ``values`` (map<string,float64>). Other
+        columns are folded in: string/boolean ones into ``labels``, numeric ones into
+        ``values``. A given patient's row replaces the stored one as a whole.
+        """
+        new = normalize_outcomes(table)
+        with self._locked():
+            old = self.outcomes()
+            new_ids = set(new.column("patient_id").to_pylist())
+            keep = [pid not in new_ids for pid in old.column("patient_id").to_pylist()]
+            merged = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())), new])
+            write_parquet_atomic(merged.combine_chunks(), self.root / _OUTCOMES_FILE)
+        log.info("store: upserted outcomes for %d patients (%d in total)", new.num_rows,
+                 merged.num_rows)
+        return new.num_rows
+
+    # ---------------------------------------------------------------- views
+    def cohort_table(self) -> pa.Table:
+        """Studies without the volume columns, left-joined with outcomes on patient_id.
+
+        Study order is kept; ``time``, ``event``, ``labels``, ``values`` are null for
+        patients without an outcome row.
+        """
+        names = [n for n in STUDY_SCHEMA.names if n not in VOLUME_COLUMNS]
+        studies = self._read_parts(names)
+        outcomes = self.outcomes()
+        position = {pid: i for i, pid in enumerate(outcomes.column("patient_id").to_pylist())}
+        idx = pa.array(
+            [position.get(pid) for pid in studies.column("patient_id").to_pylist()], pa.int64()
+        )
+        joined = outcomes.drop_columns(["patient_id"]).take(idx)
+        for name in joined.column_names:
+            studies = studies.append_column(joined.schema.field(name), joined.column(name))
+        return studies
+
+    def store_version(self) -> str:
+        """A short content id: hash of the part-file names and the outcomes file stamp."""
+        h = hashlib.sha256()
+        for path in self._part_files():
+            h.update(path.name.encode() + b"\n")
+        outcomes = self.root / _OUTCOMES_FILE
+        if outcomes.exists():
+            st = outcomes.stat()
+            h.update(f"outcomes:{st.st_mtime_ns}:{st.st_size}".encode())
+        return h.hexdigest()[:12]
+
+
+def _select_schema(schema: pa.Schema, columns: Sequence[str]) -> pa.Schema:
+    unknown = [c for c in columns if c not in schema.names]
+    if unknown:
+        raise StoreError(f"unknown study columns {unknown}; known: {schema.names}")
+    return pa.schema([schema.field(c) for c in columns])
+
+
+def normalize_outcomes(table: pa.Table) -> pa.Table:
+    """Cast an outcomes table to OUTCOME_SCHEMA (see :meth:`CohortStore.set_outcomes`)."""
+    if "patient_id" not in table.column_names:
+        raise StoreError("outcomes table has no patient_id column")
+    ids = table.column("patient_id").cast(pa.string()).to_pylist()
+    if any(not pid for pid in ids):
+        raise StoreError("outcomes table has empty patient_id values")
+    dupes = [pid for pid, c in Counter(ids).items() if c > 1]
+    if dupes:
+        raise StoreError(f"outcomes table repeats {len(dupes)} patient_id(s); give one row each")
+    n = table.num_rows
+
+    def column(name: str, typ: pa.DataType) -> pa.Array:
+        if name not in table.column_names:
+            return pa.nulls(n, typ)
+        try:
+            return table.column(name).cast(typ).combine_chunks()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise StoreError(f"outcomes column {name!r} cannot be read as {typ}: {exc}") from exc
+
+    times = [
+        None if v is None or v != v else v for v in column("time", pa.float64()).to_pylist()
+    ]
+    if any(v is not None and not (np.isfinite(v) and v >= 0) for v in times):
+        raise StoreError("outcomes column 'time' must hold finite values >= 0 (or nulls)")
+    event_src = table.column("event") if "event" in table.column_names else None
+    if event_src is not None and pa.types.is_floating(event_src.type):
+        event_src = event_src.cast(pa.int64())
+    events = pa.nulls(n, pa.bool_()) if event_src is None else event_src.cast(pa.bool_())
+
+    labels = [dict(m) if m else {} for m in column("labels", OUTCOME_SCHEMA.field("labels").type)
+              .to_pylist()]
+    values = [dict(m) if m else {} for m in column("values", OUTCOME_SCHEMA.field("values").type)
+              .to_pylist()]
+    extra = [c for c in table.column_names if c not in OUTCOME_SCHEMA.names]
+    for name in extra:
+        col = table.column(name)
+        typ = col.type
+        if pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_decimal(typ):
+            for i, v in enumerate(col.cast(pa.float64()).to_pylist()):
+                if v is not None and np.isfinite(v):
+                    values[i][name] = float(v)
+        else:
+            try:
+                strings = col.cast(pa.string()).to_pylist()
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise StoreError(f"outcomes column {name!r} of type {typ} is not supported") from exc
+            for i, v in enumerate(strings):
+                if v is not None and v != "":
+                    labels[i][name] = v
+    return pa.table(
+        {
+            "patient_id": pa.array(ids, pa.string()),
+            "time": pa.array(times, pa.float64()),
+            "event": events,
+            "labels": pa.array([list(d.items()) for d in labels], OUTCOME_SCHEMA.field("labels").type),
+            "values": pa.array([list(d.items()) for d in values], OUTCOME_SCHEMA.field("values").type),
+        },
+        schema=OUTCOME_SCHEMA,
+    )
