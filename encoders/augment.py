@@ -121,16 +121,14 @@ def hu_offset_scale(
     return x * _bcast(s) + _bcast(o)
 
 
-def slice_thickness(
-    x: Tensor, gen: torch.Generator, *, max_slices: int = 3
-) -> Tensor:
+def slice_thickness(x: Tensor, gen: torch.Generator, *, max_slices: int = 3) -> Tensor:
     """Thicker slices: per sample, average each slice with its neighbours over a window of
     ``k`` slices, ``k`` uniform in ``1..max_slices`` (``k = 1`` leaves the sample unchanged).
     Edges are replicated; the depth is unchanged."""
     _check(x)
     if max_slices < 1:
         raise ValueError(f"max_slices must be >= 1, got {max_slices}")
-    b, d, h, w = x.shape
+    b, _, h, w = x.shape
     ks = torch.randint(1, max_slices + 1, (b,), generator=gen, device=gen.device).to(x.device)
     out = x.clone()
     for k in range(2, max_slices + 1):
@@ -188,9 +186,7 @@ def inplane_shift(
     return fov_zoom(x, gen, zoom=(1.0, 1.0), max_shift_px=max_shift_px, pad_value=pad_value)
 
 
-def slice_window_crop(
-    x: Tensor, gen: torch.Generator, *, min_fraction: float = 0.7
-) -> Tensor:
+def slice_window_crop(x: Tensor, gen: torch.Generator, *, min_fraction: float = 0.7) -> Tensor:
     """Scan z-extent: per sample keep a contiguous run of ``L`` slices (``L`` uniform in
     ``[ceil(min_fraction * D), D]``, random start) and linearly resample it back to ``D``."""
     _check(x)

@@ -89,9 +89,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         try:
             dev = torch.device(name)
         except RuntimeError as exc:
-            raise EncoderError(
-                f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda'"
-            ) from exc
+            raise EncoderError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda'") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EncoderError(
             f"device {str(device)!r} was requested but CUDA is not available on this machine "
@@ -274,7 +272,7 @@ class StudyEncoder(nn.Module):
         self.spec = spec
         self.embedding_dim = int(embedding_dim)
         self.pooling = pooling
-        self.num_features = int(self.backbone.num_features)
+        self.num_features: int = int(self.backbone.num_features)  # type: ignore[arg-type]
         self.pool = GatedAttentionPool(self.num_features) if pooling == "attention" else None
         self.neck = nn.Linear(self.num_features, self.embedding_dim)
         centres = torch.tensor([c for c, _ in spec.windows], dtype=torch.float32)
@@ -282,6 +280,8 @@ class StudyEncoder(nn.Module):
         if bool((widths <= 0).any()):
             raise EncoderError(f"HU window widths must be > 0, got {spec.windows}")
         # Derived from the spec (stored in the card), so not part of the weights file.
+        self.window_lo: Tensor
+        self.window_width: Tensor
         self.register_buffer("window_lo", (centres - widths / 2).view(1, 1, -1, 1, 1), False)
         self.register_buffer("window_width", widths.view(1, 1, -1, 1, 1), False)
 
@@ -365,9 +365,7 @@ def embed(
             f"encoders.dicom.preprocess(study, card.input){hint}"
         )
     if volumes.dtype == np.bool_ or volumes.dtype.kind not in "iuf":
-        raise EncoderError(
-            f"volumes must be int16 or float HU values, got dtype {volumes.dtype}"
-        )
+        raise EncoderError(f"volumes must be int16 or float HU values, got dtype {volumes.dtype}")
     if batch_size < 1:
         raise EncoderError(f"batch_size must be >= 1, got {batch_size}")
     if volumes.dtype.kind == "f" and not bool(np.isfinite(volumes).all()):

@@ -13,9 +13,8 @@ from encoders.model import embed, load_encoder
 from encoders.spec import InputSpec
 from encoders.train import resolve_device
 from indexing.errors import ModelVersionError, StoreError
-from indexing.ingest import ACQUISITION_COLUMNS
 from indexing.snapshot import build_snapshot
-from indexing.store import CohortStore
+from indexing.store import ACQUISITION_COLUMNS, CohortStore
 
 # Columns of an --embeddings file that are not outcomes.
 _EMBEDDING_KEY_COLUMNS = {

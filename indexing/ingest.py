@@ -24,9 +24,7 @@ from encoders.dicom import Rejection, preprocess, read_study, scan_folder
 from encoders.errors import DicomError
 from encoders.spec import DEFAULT_SPEC, InputSpec
 from indexing.errors import StoreError
-from indexing.store import CohortStore, StudyRecord
-
-ACQUISITION_COLUMNS = ("manufacturer", "model", "kernel", "kvp", "slice_thickness", "pixel_spacing")
+from indexing.store import ACQUISITION_COLUMNS, CohortStore, StudyRecord
 
 # Columns of an outcomes file that are not outcomes.
 _KEY_COLUMNS = {"patient_id"}

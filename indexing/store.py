@@ -238,8 +238,9 @@ class CohortStore:
                 return 0
             table = pa.table(columns, schema=STUDY_SCHEMA)
             write_parquet_atomic(table, self._studies_dir / f"part-{_time_ordered_uuid()}.parquet")
-        log.info("store: added %d studies (%d skipped as already present)", added,
-                 len(records) - added)
+        log.info(
+            "store: added %d studies (%d skipped as already present)", added, len(records) - added
+        )
         return added
 
     def study_uids(self) -> set[str]:
@@ -257,7 +258,9 @@ class CohortStore:
         """
         table = self._read_parts(["study_uid", "volume_shape"])
         if table.num_rows == 0:
-            raise StoreError(f"the store at {self.root} holds no studies; run cohortsim ingest first")
+            raise StoreError(
+                f"the store at {self.root} holds no studies; run cohortsim ingest first"
+            )
         shapes = Counter(tuple(s) for s in table.column("volume_shape").to_pylist())
         if len(shapes) != 1:
             listing = ", ".join(f"{s} x{c}" for s, c in shapes.most_common())
@@ -301,8 +304,9 @@ class CohortStore:
             keep = [pid not in new_ids for pid in old.column("patient_id").to_pylist()]
             merged = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())), new])
             write_parquet_atomic(merged.combine_chunks(), self.root / _OUTCOMES_FILE)
-        log.info("store: upserted outcomes for %d patients (%d in total)", new.num_rows,
-                 merged.num_rows)
+        log.info(
+            "store: upserted outcomes for %d patients (%d in total)", new.num_rows, merged.num_rows
+        )
         return new.num_rows
 
     # ---------------------------------------------------------------- views
@@ -363,9 +367,7 @@ def normalize_outcomes(table: pa.Table) -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise StoreError(f"outcomes column {name!r} cannot be read as {typ}: {exc}") from exc
 
-    times = [
-        None if v is None or v != v else v for v in column("time", pa.float64()).to_pylist()
-    ]
+    times = [None if v is None or v != v else v for v in column("time", pa.float64()).to_pylist()]
     if any(v is not None and not (np.isfinite(v) and v >= 0) for v in times):
         raise StoreError("outcomes column 'time' must hold finite values >= 0 (or nulls)")
     event_src = table.column("event") if "event" in table.column_names else None
@@ -373,10 +375,14 @@ def normalize_outcomes(table: pa.Table) -> pa.Table:
         event_src = event_src.cast(pa.int64())
     events = pa.nulls(n, pa.bool_()) if event_src is None else event_src.cast(pa.bool_())
 
-    labels = [dict(m) if m else {} for m in column("labels", OUTCOME_SCHEMA.field("labels").type)
-              .to_pylist()]
-    values = [dict(m) if m else {} for m in column("values", OUTCOME_SCHEMA.field("values").type)
-              .to_pylist()]
+    labels = [
+        dict(m) if m else {}
+        for m in column("labels", OUTCOME_SCHEMA.field("labels").type).to_pylist()
+    ]
+    values = [
+        dict(m) if m else {}
+        for m in column("values", OUTCOME_SCHEMA.field("values").type).to_pylist()
+    ]
     extra = [c for c in table.column_names if c not in OUTCOME_SCHEMA.names]
     for name in extra:
         col = table.column(name)
@@ -389,7 +395,9 @@ def normalize_outcomes(table: pa.Table) -> pa.Table:
             try:
                 strings = col.cast(pa.string()).to_pylist()
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise StoreError(f"outcomes column {name!r} of type {typ} is not supported") from exc
+                raise StoreError(
+                    f"outcomes column {name!r} of type {typ} is not supported"
+                ) from exc
             for i, v in enumerate(strings):
                 if v is not None and v != "":
                     labels[i][name] = v
@@ -398,8 +406,12 @@ def normalize_outcomes(table: pa.Table) -> pa.Table:
             "patient_id": pa.array(ids, pa.string()),
             "time": pa.array(times, pa.float64()),
             "event": events,
-            "labels": pa.array([list(d.items()) for d in labels], OUTCOME_SCHEMA.field("labels").type),
-            "values": pa.array([list(d.items()) for d in values], OUTCOME_SCHEMA.field("values").type),
+            "labels": pa.array(
+                [list(d.items()) for d in labels], OUTCOME_SCHEMA.field("labels").type
+            ),
+            "values": pa.array(
+                [list(d.items()) for d in values], OUTCOME_SCHEMA.field("values").type
+            ),
         },
         schema=OUTCOME_SCHEMA,
     )

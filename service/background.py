@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
-from service.server import create_server
+from service.server import create_server, shutdown
 
 
 class BackgroundServer:
@@ -50,7 +50,9 @@ class BackgroundServer:
         self._server = server
         self.port = port
         self._ready.set()
-        loop.run_until_complete(server.wait_for_termination())
+        # run_forever, not run_until_complete(server.wait_for_termination()): the latter
+        # returns as soon as stop() begins, so the stop() coroutine never finishes.
+        loop.run_forever()
         loop.close()
 
     def __enter__(self) -> BackgroundServer:
@@ -64,9 +66,12 @@ class BackgroundServer:
 
     def stop(self, grace: float = 2.0) -> None:
         if self._loop is not None and self._server is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop)  # type: ignore[attr-defined]
-            fut.result(timeout=grace + 10)
-            self._server = None
+            fut = asyncio.run_coroutine_threadsafe(shutdown(self._server, grace), self._loop)  # type: ignore[arg-type]
+            try:
+                fut.result(timeout=grace + 10)
+            finally:
+                self._server = None
+                self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=grace + 10)
             self._thread = None

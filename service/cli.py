@@ -392,7 +392,10 @@ def print_result(result: Any, console: Console | None = None) -> None:
     med = "not reached" if p.median_survival is None else f"{p.median_survival:.1f} {unit}"
     c.print(f"  median survival: {med} (95% CI {_fmt(p.median_lower, '.1f')}–{_fmt(p.median_upper, '.1f')})")
     for h in p.at_horizons:
-        c.print(f"  survival at {h.time:g} {unit}: {h.survival:.2f} (95% CI {h.lower:.2f}–{h.upper:.2f})")
+        c.print(
+            f"  survival at {h.time:g} {unit}: {_fmt(h.survival)} (95% CI {_fmt(h.lower)}–{_fmt(h.upper)})"
+            + ("  (beyond the neighbours' follow-up)" if h.survival is None else "")
+        )
     c.print(
         f"  effective sample size {p.effective_sample_size:.1f} of {p.neighbors_with_outcome} neighbours "
         f"with outcomes, {p.events} events"

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from encoders.errors import DicomError, EncoderError
@@ -95,39 +95,47 @@ def classify(exc: BaseException) -> ServiceError:
         return ServiceError(arg, reason, _message(exc, "the DICOM study cannot be used"))
     if isinstance(exc, DimensionError):
         return ServiceError(
-            arg, _reason_code(exc, "WRONG_DIMENSION"),
+            arg,
+            _reason_code(exc, "WRONG_DIMENSION"),
             _message(exc, "the embedding has the wrong dimension"),
         )
     if isinstance(exc, FilterError):
-        return ServiceError(arg, _reason_code(exc, "INVALID_FILTER"), _message(exc, "invalid filter"))
+        return ServiceError(
+            arg, _reason_code(exc, "INVALID_FILTER"), _message(exc, "invalid filter")
+        )
     if isinstance(exc, QueryError):
         return ServiceError(arg, _reason_code(exc, "INVALID_QUERY"), _message(exc, "invalid query"))
     if isinstance(exc, UnknownStudyError):
         return ServiceError(
-            grpc.StatusCode.NOT_FOUND, "UNKNOWN_STUDY",
+            grpc.StatusCode.NOT_FOUND,
+            "UNKNOWN_STUDY",
             _message(exc, "the study is not in the served index"),
         )
     if isinstance(exc, ModelVersionError):
         return ServiceError(
-            grpc.StatusCode.FAILED_PRECONDITION, "MODEL_VERSION_MISMATCH",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "MODEL_VERSION_MISMATCH",
             _message(exc, "the query comes from another model version than the index"),
         )
     if isinstance(exc, EncoderError):
         return ServiceError(
-            grpc.StatusCode.FAILED_PRECONDITION, "ENCODER_UNUSABLE",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "ENCODER_UNUSABLE",
             "the index's encoder cannot be loaded on this server; rebuild the index with a "
             "valid encoder, or send an embedding instead of DICOM",
         )
     if isinstance(exc, SnapshotError | StoreError):
         return ServiceError(
-            grpc.StatusCode.UNAVAILABLE, "INDEX_UNAVAILABLE",
-            _message(exc, "no index is loaded") ,
+            grpc.StatusCode.UNAVAILABLE,
+            "INDEX_UNAVAILABLE",
+            _message(exc, "no index is loaded"),
         )
     ref = uuid.uuid4().hex[:12]
     frames = "".join(traceback.format_tb(exc.__traceback__)) if exc.__traceback__ else ""
     log.error("internal error ref=%s type=%s\n%s", ref, type(exc).__name__, frames)
     return ServiceError(
-        grpc.StatusCode.INTERNAL, "INTERNAL",
+        grpc.StatusCode.INTERNAL,
+        "INTERNAL",
         f"internal server error (ref {ref}); the server log has the details",
         {"ref": ref},
     )
@@ -138,9 +146,7 @@ def to_status(error: ServiceError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(
-        code=error.code.value[0], message=error.message, details=[detail]
-    )
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
     return rpc_status.to_status(status)
 
 
@@ -153,7 +159,6 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-Servicer = TypeVar("Servicer")
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
@@ -180,7 +185,6 @@ __all__ = [
     "ServiceError",
     "abort",
     "classify",
-    "code_pb2",
     "failed_precondition",
     "grpc_errors",
     "invalid_argument",

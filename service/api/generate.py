@@ -72,7 +72,9 @@ def generate(out_dir: Path = API_DIR, *, proto_root: Path = PROTO_ROOT) -> list[
     with tempfile.TemporaryDirectory(prefix="cohortsim-protoc-") as tmp:
         raw = Path(tmp)
         _protoc(proto_root, raw)
-        files = sorted(p for p in raw.rglob("*") if p.is_file() and p.name.endswith(_GENERATED_SUFFIXES))
+        files = sorted(
+            p for p in raw.rglob("*") if p.is_file() and p.name.endswith(_GENERATED_SUFFIXES)
+        )
         names = [p.name for p in files]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -81,7 +83,9 @@ def generate(out_dir: Path = API_DIR, *, proto_root: Path = PROTO_ROOT) -> list[
         written = []
         for src in files:
             dst = out_dir / src.name
-            dst.write_text(_rewrite(src.read_text(encoding="utf-8"), local_packages), encoding="utf-8")
+            dst.write_text(
+                _rewrite(src.read_text(encoding="utf-8"), local_packages), encoding="utf-8"
+            )
             written.append(dst)
     return sorted(written)
 
@@ -89,7 +93,9 @@ def generate(out_dir: Path = API_DIR, *, proto_root: Path = PROTO_ROOT) -> list[
 def _existing(out_dir: Path) -> set[str]:
     if not out_dir.is_dir():
         return set()
-    return {p.name for p in out_dir.iterdir() if p.is_file() and p.name.endswith(_GENERATED_SUFFIXES)}
+    return {
+        p.name for p in out_dir.iterdir() if p.is_file() and p.name.endswith(_GENERATED_SUFFIXES)
+    }
 
 
 def check(out_dir: Path = API_DIR, *, proto_root: Path = PROTO_ROOT) -> list[str]:
@@ -117,9 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m service.api.generate", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--check", action="store_true", help="fail if the stubs in --out drifted")
-    parser.add_argument("--out", type=Path, default=API_DIR, help="stub folder (default: %(default)s)")
     parser.add_argument(
-        "--proto-root", type=Path, default=PROTO_ROOT, help="proto include root (default: %(default)s)"
+        "--out", type=Path, default=API_DIR, help="stub folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--proto-root",
+        type=Path,
+        default=PROTO_ROOT,
+        help="proto include root (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     try:

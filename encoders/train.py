@@ -1,0 +1,312 @@
+"""Self-supervised training of a :class:`StudyEncoder` (SimCLR or VICReg).
+
+Reads like the lightly examples: encoder + projection head, two scanner-like views per
+study, a contrastive (NT-Xent) or non-contrastive (VICReg) loss, AdamW with a cosine
+schedule. The projection head is discarded after training; the encoder's neck output is
+the study embedding.
+
+Speed: each view encodes a random subset of ``train_slices`` slices (the mean over
+slices is defined for any subset), which halves the cost at the default 8 of 16.
+``torch.set_num_threads`` is left to the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from encoders.augment import AugmentConfig, two_views
+from encoders.errors import EncoderError
+from encoders.heads import ProjectionHead
+from encoders.losses import NTXentLoss, VICRegLoss
+from encoders.model import EncoderCard, StudyEncoder, create_encoder, resolve_device
+from encoders.spec import DEFAULT_SPEC, InputSpec
+
+__all__ = ["CHECKPOINT_FILE", "METHODS", "resolve_device", "train_ssl"]
+
+METHODS = ("simclr", "vicreg")
+CHECKPOINT_FILE = "checkpoint.pt"
+
+ProgressFn = Callable[[int, int, float], None]
+
+
+def _make_head(method: str, embedding_dim: int) -> ProjectionHead:
+    if method == "simclr":
+        return ProjectionHead(embedding_dim, 256, 64, num_layers=2)
+    return ProjectionHead(embedding_dim, 256, 256, num_layers=3)
+
+
+def _make_loss(method: str) -> nn.Module:
+    return NTXentLoss(temperature=0.1) if method == "simclr" else VICRegLoss()
+
+
+def _lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
+    """Linear warm-up for ``warmup`` steps, then cosine decay to 1% of ``base_lr``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base_lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t))))
+
+
+def _validate(
+    volumes: np.ndarray,
+    spec: InputSpec,
+    method: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    train_slices: int | None,
+) -> None:
+    if not isinstance(volumes, np.ndarray):
+        raise EncoderError(f"volumes must be a numpy array, got {type(volumes).__name__}")
+    if volumes.ndim != 4 or tuple(volumes.shape[1:]) != tuple(spec.shape):
+        raise EncoderError(
+            f"training volumes must have shape (n, {', '.join(map(str, spec.shape))}) as set "
+            f"by the input spec, got {tuple(volumes.shape)}"
+        )
+    if volumes.dtype == np.bool_ or volumes.dtype.kind not in "iuf":
+        raise EncoderError(f"volumes must be int16 or float HU values, got {volumes.dtype}")
+    if volumes.shape[0] < 2:
+        raise EncoderError(
+            f"self-supervised training needs at least 2 studies, got {volumes.shape[0]}"
+        )
+    if volumes.dtype.kind == "f" and not bool(np.isfinite(volumes).all()):
+        raise EncoderError("volumes contain NaN or infinite values; fix the preprocessing")
+    if method not in METHODS:
+        raise EncoderError(f"method must be one of {METHODS}, got {method!r}")
+    if epochs < 0:
+        raise EncoderError(f"epochs must be >= 0, got {epochs}")
+    if batch_size < 2:
+        raise EncoderError(f"batch_size must be >= 2 (contrastive pairs), got {batch_size}")
+    if train_slices is not None and train_slices < 1:
+        raise EncoderError(f"train_slices must be >= 1 or None (all), got {train_slices}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise EncoderError(f"lr must be a finite number > 0, got {lr}")
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _load_checkpoint(path: Path, run: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise EncoderError(
+            f"cannot read training checkpoint {path} ({type(exc).__name__}); delete it to "
+            "start training from scratch"
+        ) from exc
+    if not isinstance(state, dict) or state.get("run") != run:
+        raise EncoderError(
+            f"training checkpoint {path} belongs to a different run (backbone, spec, method, "
+            "seed, batch size or data differ); delete it or use another checkpoint_dir"
+        )
+    return state
+
+
+def _slice_subset(depth: int, k: int | None, gen: torch.Generator) -> Tensor | None:
+    if k is None or k >= depth:
+        return None
+    return torch.randperm(depth, generator=gen)[:k].sort().values
+
+
+def train_ssl(
+    volumes: np.ndarray,
+    *,
+    backbone: str = "resnet10t",
+    spec: InputSpec = DEFAULT_SPEC,
+    embedding_dim: int = 128,
+    method: str = "simclr",
+    epochs: int = 10,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    data_hash: str = "",
+    progress: ProgressFn | None = None,
+    time_budget_s: float | None = None,
+    checkpoint_dir: Path | str | None = None,
+    pooling: str = "mean",
+    train_slices: int | None = 8,
+    augment: AugmentConfig | None = None,
+) -> tuple[StudyEncoder, EncoderCard]:
+    """Train an encoder on ``volumes`` ``(n, D, H, W)`` int16 HU without labels.
+
+    ``method`` is ``"simclr"`` (NT-Xent) or ``"vicreg"``. ``progress(step, total_steps,
+    loss)`` is called after every optimiser step (``step`` counts from 1 over the whole
+    run). ``time_budget_s`` stops early after the step that exceeds it (noted in
+    ``card.notes``; ``card.epochs`` counts whole epochs only). With ``checkpoint_dir``, a
+    resumable checkpoint is written after each epoch and training resumes from it. Each
+    view encodes ``train_slices`` random slices (``None``: all).
+
+    Returns the encoder (eval mode, on the training device) and its card (``version`` is
+    set when the encoder is saved).
+    """
+    _validate(volumes, spec, method, epochs, batch_size, lr, train_slices)
+    dev = resolve_device(device)
+    use_cuda = dev.type == "cuda"
+    n = volumes.shape[0]
+    bs = min(batch_size, n)
+    steps_per_epoch = n // bs + (1 if n % bs >= 2 else 0)  # a last batch of 1 is dropped
+    total_steps = epochs * steps_per_epoch
+    warmup = min(steps_per_epoch, max(1, total_steps // 20))
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = create_encoder(backbone, spec=spec, embedding_dim=embedding_dim, pooling=pooling)
+        head = _make_head(method, embedding_dim)
+    criterion = _make_loss(method)
+    encoder.to(dev)
+    head.to(dev)
+    if use_cuda:
+        encoder.to(memory_format=torch.channels_last)
+    params = list(encoder.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    run = {
+        "backbone": backbone,
+        "spec": spec.to_dict(),
+        "embedding_dim": int(embedding_dim),
+        "pooling": pooling,
+        "method": method,
+        "seed": int(seed),
+        "batch_size": int(bs),
+        "n": int(n),
+        "data_hash": data_hash,
+    }
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    if ckpt_path is not None:  # resume only on the very same volumes
+        raw = np.ascontiguousarray(volumes)
+        run["volumes_sha256"] = hashlib.sha256(raw.tobytes()).hexdigest()
+    start_epoch = 0
+    if ckpt_path is not None and (state := _load_checkpoint(ckpt_path, run)) is not None:
+        try:
+            encoder.load_state_dict(state["encoder"])
+            head.load_state_dict(state["head"])
+            optimizer.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            start_epoch = int(state["epoch"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise EncoderError(
+                f"training checkpoint {ckpt_path} does not fit this model ({exc}); delete it "
+                "to start from scratch"
+            ) from exc
+
+    data = torch.from_numpy(np.ascontiguousarray(volumes))  # stays on the CPU, cast per batch
+    amp = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if use_cuda
+        else contextlib.nullcontext()
+    )
+    started = time.monotonic()
+    step = start_epoch * steps_per_epoch
+    epochs_done = start_epoch
+    stopped_note = ""
+    out_of_time = False
+    last_loss = float("nan")
+    encoder.train()
+    head.train()
+    for epoch in range(start_epoch, epochs):
+        perm = torch.randperm(n, generator=gen)
+        batches = [perm[i : i + bs] for i in range(0, n, bs)]
+        if len(batches[-1]) < 2:
+            batches.pop()
+        done_in_epoch = 0
+        for idx in batches:
+            x = data[idx].to(dev, non_blocking=True).float()
+            v1, v2 = two_views(x, gen, augment)
+            s1 = _slice_subset(x.shape[1], train_slices, gen)
+            s2 = _slice_subset(x.shape[1], train_slices, gen)
+            if s1 is not None and s2 is not None:
+                v1, v2 = v1[:, s1.to(dev)], v2[:, s2.to(dev)]
+            for g in optimizer.param_groups:
+                g["lr"] = _lr_at(step, total_steps, lr, warmup)
+            with amp:
+                z1 = head(encoder(v1))
+                z2 = head(encoder(v2))
+            loss = criterion(z1.float(), z2.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            last_loss = float(loss.detach())
+            if not math.isfinite(last_loss):
+                raise EncoderError(
+                    f"training diverged (loss {last_loss} at step {step}); lower lr or check "
+                    "the input volumes"
+                )
+            if progress is not None:
+                progress(step, total_steps, last_loss)
+            done_in_epoch += 1
+            if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+                out_of_time = True
+                break
+        if done_in_epoch < len(batches):  # cut short by the time budget
+            stopped_note = (
+                f"stopped by time budget ({time_budget_s:g} s) after step {step} of "
+                f"{total_steps} ({epochs_done} full epochs of {epochs})"
+            )
+            break
+        epochs_done = epoch + 1
+        if ckpt_path is not None:
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "run": run,
+                    "epoch": epochs_done,
+                    "encoder": encoder.state_dict(),
+                    "head": head.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(),
+                },
+            )
+        if out_of_time:
+            if epochs_done < epochs:
+                stopped_note = (
+                    f"stopped by time budget ({time_budget_s:g} s) after {epochs_done} of "
+                    f"{epochs} epochs"
+                )
+            break
+
+    encoder.eval()
+    if use_cuda:
+        encoder.to(memory_format=torch.contiguous_format)
+    notes = [f"{method}, {steps_per_epoch} steps/epoch, batch {bs}, lr {lr:g}"]
+    if train_slices is not None and train_slices < spec.shape[0]:
+        notes.append(f"{train_slices} of {spec.shape[0]} slices per view")
+    if start_epoch:
+        notes.append(f"resumed at epoch {start_epoch}")
+    if stopped_note:
+        notes.append(stopped_note)
+    if math.isfinite(last_loss):
+        notes.append(f"final loss {last_loss:.4f}")
+    card = EncoderCard.for_encoder(
+        encoder,
+        method=method,
+        data_hash=data_hash,
+        epochs=epochs_done,
+        seed=int(seed),
+        notes="; ".join(notes),
+    )
+    return encoder, card

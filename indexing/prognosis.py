@@ -1,0 +1,380 @@
+"""Prognosis from the k nearest neighbours' outcomes, with honest uncertainty.
+
+Each neighbour counts with a weight (a softmax of its similarity). Weighted estimates use
+the weights as given; their uncertainty uses the Kish effective sample size
+
+    n_eff = (sum w)^2 / sum w^2,
+
+i.e. the number of equally weighted neighbours that would carry the same information.
+
+Kaplan-Meier band (log(-log) / exponential Greenwood). Weights are rescaled to
+w~_i = w_i * n_eff / sum w, so they sum to n_eff. At each distinct time t_j,
+
+    Y_j = sum_{i: T_i >= t_j} w~_i        (weighted number at risk)
+    D_j = sum_{i: T_i == t_j, event} w~_i (weighted number of events)
+    S(t) = prod_{t_j <= t} (1 - D_j / Y_j)
+    V(t) = sum_{t_j <= t} D_j / (Y_j (Y_j - D_j))   (Greenwood; terms with Y_j == D_j are 0)
+    c(t) = z * sqrt(V(t)) / |log S(t)|
+    lower = S^exp(+c),  upper = S^exp(-c)
+
+(bounds are 1 where S == 1 and 0 where S == 0). With unit weights n_eff = n and this is
+exactly lifelines' default ``KaplanMeierFitter`` curve and band (the tests check both).
+S(t) does not depend on the rescaling. Everything is computed here rather than by
+lifelines because, with fractional weights, lifelines (0.30) (a) computes the variance on
+weights truncated to integers and (b) gets the number at risk by subtraction
+(total - cumsum), which at the last step can leave a tiny negative remainder whose NaN
+it forward-fills, so a curve that should drop to 0 stays flat. At-risk sums here are
+suffix sums over sorted times, so the last step is exact.
+
+Labels: weighted share per class with a Wilson score interval on n_eff. Numeric values:
+weighted mean with a normal interval, standard error sqrt(s^2 / n_eff) where s^2 is the
+weighted variance times n_eff / (n_eff - 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+MIN_EFFECTIVE_N = 10.0
+DEFAULT_HORIZONS: tuple[float, ...] = (12.0, 24.0, 60.0)
+
+
+@dataclass
+class SurvivalPoint:
+    """The KM step at ``time``: survival and its band; ``at_risk`` = neighbours (unweighted)."""
+
+    time: float
+    survival: float
+    lower: float
+    upper: float
+    at_risk: int
+
+
+@dataclass
+class HorizonEstimate:
+    """Survival at a horizon; None when the horizon lies beyond the follow-up."""
+
+    time: float
+    survival: float | None
+    lower: float | None
+    upper: float | None
+
+
+@dataclass
+class LabelShare:
+    """Weighted share of one class of a categorical outcome, Wilson interval on n_eff."""
+
+    label: str
+    share: float
+    lower: float
+    upper: float
+    count: int
+
+
+@dataclass
+class ValueSummary:
+    """Weighted mean of a numeric outcome; bounds None when fewer than two values."""
+
+    mean: float
+    lower: float | None
+    upper: float | None
+    n: int
+
+
+@dataclass
+class Prognosis:
+    """What the neighbours' outcomes say. ``effective_n`` is the Kish n of the survival rows."""
+
+    survival: list[SurvivalPoint]
+    median: float | None
+    median_lower: float | None
+    median_upper: float | None
+    at_horizons: list[HorizonEstimate]
+    effective_n: float
+    n_with_outcome: int
+    n_events: int
+    label_distributions: dict[str, list[LabelShare]] = field(default_factory=dict)
+    value_summaries: dict[str, ValueSummary] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------- basics
+def _z(alpha: float) -> float:
+    return NormalDist().inv_cdf(1.0 - alpha / 2.0)
+
+
+def similarity_weights(
+    sims: Sequence[float] | np.ndarray, *, temperature: float = 0.1
+) -> np.ndarray:
+    """``(k,)`` similarities -> ``(k,)`` float64 softmax(sims / temperature), summing to 1."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    x = np.asarray(sims, dtype=np.float64).ravel()
+    if x.size == 0:
+        return x
+    if not np.isfinite(x).all():
+        raise ValueError("similarities must be finite")
+    e = np.exp((x - x.max()) / temperature)
+    return e / e.sum()
+
+
+def effective_sample_size(weights: Sequence[float] | np.ndarray) -> float:
+    """Kish's n_eff = (sum w)^2 / sum w^2 (0 for no weight)."""
+    w = np.asarray(weights, dtype=np.float64)
+    sq = float(np.sum(w * w))
+    return float(np.sum(w)) ** 2 / sq if sq > 0 else 0.0
+
+
+def wilson_interval(share: float, n: float, *, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval for a proportion observed on (effective) sample size n."""
+    if n <= 0:
+        return 0.0, 1.0
+    z = _z(alpha)
+    z2n = z * z / n
+    centre = (share + z2n / 2.0) / (1.0 + z2n)
+    half = z / (1.0 + z2n) * math.sqrt(share * (1.0 - share) / n + z * z / (4.0 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def ood_percentile(query_mean_sim: float, reference_sorted: Sequence[float] | np.ndarray) -> float:
+    """Share of cohort members whose mean neighbour similarity exceeds the query's.
+
+    0 = the query sits as close to its neighbours as anyone; 1 = it is less similar to
+    its neighbours than every cohort member is to theirs. 0 for an empty reference.
+    """
+    ref = np.asarray(reference_sorted, dtype=np.float64)
+    if ref.size == 0 or not math.isfinite(query_mean_sim):
+        return 0.0 if ref.size == 0 else 1.0
+    above = ref.size - int(np.searchsorted(ref, query_mean_sim, side="right"))
+    return above / ref.size
+
+
+# --------------------------------------------------------------------- Kaplan-Meier
+def _check_survival_inputs(
+    times: Any, events: Any, weights: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t = np.asarray(times, dtype=np.float64).ravel()
+    e = np.asarray(events, dtype=bool).ravel()
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    if not (t.size == e.size == w.size):
+        raise ValueError(f"times, events, weights differ in length ({t.size}, {e.size}, {w.size})")
+    if not np.isfinite(t).all() or np.any(t < 0):
+        raise ValueError("times must be finite and >= 0")
+    if not np.isfinite(w).all() or np.any(w < 0):
+        raise ValueError("weights must be finite and >= 0")
+    if t.size and w.sum() <= 0:
+        raise ValueError("weights must not all be zero")
+    return t, e, w
+
+
+def kaplan_meier(
+    times: Sequence[float] | np.ndarray,
+    events: Sequence[bool] | np.ndarray,
+    weights: Sequence[float] | np.ndarray,
+    *,
+    alpha: float = 0.05,
+) -> list[SurvivalPoint]:
+    """Weighted KM with a log(-log) Greenwood band on the Kish n_eff (module docstring).
+
+    One point at time 0 and at every distinct observed time; ``at_risk`` is the number of
+    neighbours (not weights) with ``T >= time``.
+    """
+    t, e, w = _check_survival_inputs(times, events, weights)
+    if t.size == 0:
+        return []
+    grid = np.unique(np.concatenate([[0.0], t]))
+    n_eff = effective_sample_size(w)
+    ws = w * (n_eff / w.sum())
+
+    pos = np.searchsorted(grid, t)  # grid index of each neighbour's time
+    removed_w = np.bincount(pos, weights=ws, minlength=grid.size)
+    deaths_w = np.bincount(pos, weights=np.where(e, ws, 0.0), minlength=grid.size)
+    censored_w = np.bincount(pos, weights=np.where(e, 0.0, ws), minlength=grid.size)
+    removed_n = np.bincount(pos, minlength=grid.size)
+    # numbers at risk as suffix sums over the grid (no subtraction from a total)
+    at_risk_w = np.cumsum(removed_w[::-1])[::-1]
+    at_risk_n = np.cumsum(removed_n[::-1])[::-1]
+
+    # at risk minus deaths from the suffix sums of the *later* removals, so a step where
+    # every remaining neighbour dies gives exactly 0 (no cancellation)
+    alive = np.append(at_risk_w[1:], 0.0) + censored_w
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(at_risk_w > 0, alive / at_risk_w, 1.0)
+        terms = np.where(alive > 0, deaths_w / (at_risk_w * alive), 0.0)
+    s = np.cumprod(np.clip(factor, 0.0, 1.0))
+    var = np.cumsum(terms)
+
+    z = _z(alpha)
+    lower = np.ones_like(s)
+    upper = np.ones_like(s)
+    dead = s <= 0.0
+    lower[dead] = upper[dead] = 0.0
+    mid = ~dead & (s < 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_s = np.log(s[mid])
+        c = z * np.sqrt(var[mid]) / np.abs(log_s)
+        lower[mid] = np.exp(-np.exp(np.log(-log_s) + c))
+        upper[mid] = np.exp(-np.exp(np.log(-log_s) - c))
+    return [
+        SurvivalPoint(
+            float(grid[j]), float(s[j]), float(lower[j]), float(upper[j]), int(at_risk_n[j])
+        )
+        for j in range(grid.size)
+    ]
+
+
+def _first_at_or_below(
+    curve: Sequence[SurvivalPoint], attr: str, level: float = 0.5
+) -> float | None:
+    for p in curve:
+        if getattr(p, attr) <= level:
+            return p.time
+    return None
+
+
+def _at_horizon(curve: list[SurvivalPoint], horizon: float) -> HorizonEstimate:
+    chosen = None
+    for p in curve:
+        if p.time <= horizon:
+            chosen = p
+        else:
+            break
+    if chosen is None or (horizon > curve[-1].time and curve[-1].survival > 0):
+        return HorizonEstimate(float(horizon), None, None, None)
+    return HorizonEstimate(float(horizon), chosen.survival, chosen.lower, chosen.upper)
+
+
+# --------------------------------------------------------------------- summary
+def _label_distributions(
+    labels: Sequence[dict[str, Any] | None], w: np.ndarray, alpha: float
+) -> dict[str, list[LabelShare]]:
+    keys = sorted({k for d in labels if d for k, v in d.items() if v is not None})
+    out: dict[str, list[LabelShare]] = {}
+    for key in keys:
+        rows = [(str(d[key]), w[i]) for i, d in enumerate(labels) if d and d.get(key) is not None]
+        total = sum(wi for _, wi in rows)
+        n_eff = effective_sample_size([wi for _, wi in rows])
+        shares: list[LabelShare] = []
+        for label in sorted({lab for lab, _ in rows}):
+            mass = sum(wi for lab, wi in rows if lab == label)
+            share = float(mass / total) if total > 0 else 0.0
+            lo, hi = wilson_interval(share, n_eff, alpha=alpha)
+            count = sum(1 for lab, _ in rows if lab == label)
+            shares.append(LabelShare(label, share, lo, hi, count))
+        shares.sort(key=lambda s: (-s.share, s.label))
+        out[key] = shares
+    return out
+
+
+def _value_summaries(
+    values: Sequence[dict[str, Any] | None], w: np.ndarray, alpha: float
+) -> dict[str, ValueSummary]:
+    keys = sorted({k for d in values if d for k in d})
+    out: dict[str, ValueSummary] = {}
+    z = _z(alpha)
+    for key in keys:
+        pairs = [
+            (float(d[key]), w[i])
+            for i, d in enumerate(values)
+            if d and d.get(key) is not None and math.isfinite(float(d[key]))
+        ]
+        if not pairs:
+            continue
+        x = np.array([p[0] for p in pairs])
+        wi = np.array([p[1] for p in pairs])
+        if wi.sum() <= 0:
+            continue
+        mean = float(np.average(x, weights=wi))
+        n_eff = effective_sample_size(wi)
+        lower = upper = None
+        if len(pairs) >= 2 and n_eff > 1.0:
+            var = float(np.average((x - mean) ** 2, weights=wi)) * n_eff / (n_eff - 1.0)
+            half = z * math.sqrt(var / n_eff)
+            lower, upper = mean - half, mean + half
+        out[key] = ValueSummary(mean, lower, upper, len(pairs))
+    return out
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def summarize(
+    times: Sequence[float | None],
+    events: Sequence[bool | None],
+    weights: Sequence[float] | np.ndarray,
+    labels: Sequence[dict[str, Any] | None],
+    values: Sequence[dict[str, Any] | None],
+    *,
+    horizons: Sequence[float] = DEFAULT_HORIZONS,
+    alpha: float = 0.05,
+) -> Prognosis:
+    """Prognosis of k neighbours; all inputs are per neighbour, best first.
+
+    Neighbours with a null ``time`` or ``event`` are left out of the survival part (and
+    counted in the warnings); labels and values use every neighbour that has them.
+    """
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    k = w.size
+    if not (len(times) == len(events) == len(labels) == len(values) == k):
+        raise ValueError("times, events, weights, labels and values must have one entry each")
+    if not np.isfinite(w).all() or np.any(w < 0):
+        raise ValueError("weights must be finite and >= 0")
+    keep = [i for i in range(k) if not _is_missing(times[i]) and not _is_missing(events[i])]
+    t = np.array([float(times[i]) for i in keep], dtype=np.float64)  # type: ignore[arg-type]
+    e = np.array([bool(events[i]) for i in keep], dtype=bool)
+    ws = w[keep] if keep else np.zeros(0)
+    notes: list[str] = []
+
+    curve: list[SurvivalPoint] = []
+    n_eff = 0.0
+    if keep and ws.sum() > 0:
+        curve = kaplan_meier(t, e, ws, alpha=alpha)
+        n_eff = effective_sample_size(ws)
+    n_events = int(e.sum())
+    if not keep:
+        notes.append(f"none of the {k} neighbours has a survival outcome; no survival estimate")
+    elif len(keep) < k:
+        notes.append(
+            f"only {len(keep)} of {k} neighbours have survival outcomes; the curve uses those"
+        )
+    if keep and n_eff < MIN_EFFECTIVE_N:
+        notes.append(
+            f"effective sample size {n_eff:.1f} is small (the weights rest on few neighbours); "
+            "intervals are wide and approximate - consider more neighbours or a higher temperature"
+        )
+    if keep and n_events == 0:
+        notes.append("no events among the neighbours with outcomes; median survival not reached")
+
+    at_horizons = (
+        [_at_horizon(curve, h) for h in horizons]
+        if curve
+        else [HorizonEstimate(float(h), None, None, None) for h in horizons]
+    )
+    if curve:
+        beyond = [h.time for h in at_horizons if h.survival is None]
+        if beyond:
+            notes.append(
+                "survival at "
+                + ", ".join(f"{b:g}" for b in beyond)
+                + f" is beyond the longest follow-up ({curve[-1].time:g}); not estimated"
+            )
+    return Prognosis(
+        survival=curve,
+        median=_first_at_or_below(curve, "survival"),
+        median_lower=_first_at_or_below(curve, "lower"),
+        median_upper=_first_at_or_below(curve, "upper"),
+        at_horizons=at_horizons,
+        effective_n=n_eff,
+        n_with_outcome=len(keep),
+        n_events=n_events,
+        label_distributions=_label_distributions(labels, w, alpha),
+        value_summaries=_value_summaries(values, w, alpha),
+        warnings=notes,
+    )

@@ -1,0 +1,219 @@
+"""Self-supervised training: card, checkpoint/resume, budget, and that it learns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from encoders.errors import EncoderError
+from encoders.model import embed, load_encoder, save_encoder
+from encoders.spec import InputSpec
+from encoders.train import CHECKPOINT_FILE, train_ssl
+
+SPEC = InputSpec(shape=(8, 32, 32))
+FAST = {"backbone": "test_resnet", "spec": SPEC, "embedding_dim": 16, "device": "cpu"}
+
+
+def _random_volumes(n: int, spec: InputSpec = SPEC, seed: int = 0) -> np.ndarray:
+    """Random-ish body volumes: air, a soft-tissue ellipse, a bone blob, noise."""
+    rng = np.random.default_rng(seed)
+    d, h, w = spec.shape
+    yy, xx = np.mgrid[:h, :w] / np.array([h, w])[:, None, None]
+    out = np.full((n, d, h, w), -1000.0)
+    for i in range(n):
+        body = ((yy - 0.5) / rng.uniform(0.25, 0.4)) ** 2 + ((xx - 0.5) / 0.4) ** 2 < 1
+        out[i][:, body] = rng.uniform(-50, 80)
+        cy, cx = rng.uniform(0.35, 0.65, size=2)
+        out[i][:, (yy - cy) ** 2 + (xx - cx) ** 2 < 0.01] = 700
+    return (out + rng.normal(0, 15, out.shape)).astype(np.int16)
+
+
+def _two_clusters(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two kinds of study: lungs (two dark ellipses) vs abdomen (bright organ, bone ring)."""
+    rng = np.random.default_rng(seed)
+    d, h, w = SPEC.shape
+    yy, xx = np.mgrid[:h, :w] / np.array([h, w])[:, None, None]
+    labels = np.arange(n) % 2
+    out = np.full((n, d, h, w), -1000.0)
+    for i, lab in enumerate(labels):
+        dy, dx = rng.uniform(-0.05, 0.05, size=2)
+        body = ((yy - 0.5 - dy) / 0.35) ** 2 + ((xx - 0.5 - dx) / 0.42) ** 2 < 1
+        out[i][:, body] = rng.uniform(0, 60)
+        if lab == 0:
+            for side in (-1, 1):
+                lung = ((yy - 0.5 - dy) / 0.22) ** 2 + ((xx - 0.5 - dx - side * 0.18) / 0.13) ** 2
+                out[i][:, lung < 1] = rng.uniform(-880, -780)
+        else:
+            organ = ((yy - 0.45 - dy) / 0.15) ** 2 + ((xx - 0.4 - dx) / 0.2) ** 2 < 1
+            out[i][:, organ] = rng.uniform(120, 180)
+            ring = np.abs(np.hypot(yy - 0.7 - dy, xx - 0.5 - dx) - 0.06) < 0.025
+            out[i][:, ring] = 900
+    return (out + rng.normal(0, 20, out.shape)).astype(np.int16), labels
+
+
+def test_train_two_epochs_card_and_embeddings() -> None:
+    vols = _random_volumes(12)
+    calls: list[tuple[int, int, float]] = []
+    enc, card = train_ssl(
+        vols,
+        epochs=2,
+        batch_size=6,
+        seed=3,
+        data_hash="cohort-1",
+        progress=lambda s, t, loss: calls.append((s, t, loss)),
+        **FAST,
+    )
+    assert (card.backbone, card.method, card.epochs, card.seed) == ("test_resnet", "simclr", 2, 3)
+    assert card.data_hash == "cohort-1" and card.embedding_dim == 16 and card.input == SPEC
+    assert card.version == ""  # set when saved
+    assert [c[0] for c in calls] == [1, 2, 3, 4] and {c[1] for c in calls} == {4}
+    assert all(np.isfinite(c[2]) for c in calls)
+    assert not enc.training
+    z = embed(enc, vols)
+    assert z.shape == (12, 16) and np.isfinite(z).all()
+
+
+def test_train_default_spec_runs_and_saves(tmp_path: Path) -> None:
+    from encoders.spec import DEFAULT_SPEC
+
+    vols = _random_volumes(4, DEFAULT_SPEC)
+    enc, card = train_ssl(vols, backbone="test_resnet", epochs=1, batch_size=4, device="cpu")
+    save_encoder(enc, card, tmp_path)
+    loaded, card2 = load_encoder(tmp_path)
+    assert card2.epochs == 1 and card2.version.startswith("enc-")
+    np.testing.assert_array_equal(embed(enc, vols), embed(loaded, vols))
+
+
+def test_seeded_training_is_reproducible() -> None:
+    vols = _random_volumes(6)
+    a, _ = train_ssl(vols, epochs=1, batch_size=3, seed=5, **FAST)
+    b, _ = train_ssl(vols, epochs=1, batch_size=3, seed=5, **FAST)
+    np.testing.assert_allclose(embed(a, vols), embed(b, vols), atol=1e-5)
+
+
+def test_batch_of_one_is_dropped() -> None:
+    steps: list[int] = []
+    train_ssl(
+        _random_volumes(5), epochs=1, batch_size=4, progress=lambda s, t, _: steps.append(t), **FAST
+    )
+    assert steps == [1]  # 5 = 4 + 1: the single left-over study is skipped
+
+
+def test_resume_continues_epochs_and_matches_uninterrupted(tmp_path: Path) -> None:
+    vols = _random_volumes(8)
+    kw = {"epochs": 3, "batch_size": 4, "seed": 1, **FAST}
+    full, _ = train_ssl(vols, **kw)
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_epoch_3(step: int, total: int, loss: float) -> None:
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_ssl(vols, checkpoint_dir=tmp_path, progress=crash_in_epoch_3, **kw)
+    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["epoch"] == 2
+    steps: list[int] = []
+    resumed, card = train_ssl(
+        vols, checkpoint_dir=tmp_path, progress=lambda s, t, _: steps.append(s), **kw
+    )
+    assert card.epochs == 3 and "resumed at epoch 2" in card.notes
+    assert steps == [5, 6]
+    np.testing.assert_allclose(embed(resumed, vols), embed(full, vols), atol=1e-4)
+    # asking for more epochs continues the count
+    _, card4 = train_ssl(vols, checkpoint_dir=tmp_path, **{**kw, "epochs": 4})
+    assert card4.epochs == 4
+
+
+def test_checkpoint_of_other_run_is_refused(tmp_path: Path) -> None:
+    vols = _random_volumes(4)
+    train_ssl(vols, epochs=1, batch_size=4, seed=0, checkpoint_dir=tmp_path, **FAST)
+    with pytest.raises(EncoderError, match="different run"):
+        train_ssl(vols, epochs=1, batch_size=4, seed=1, checkpoint_dir=tmp_path, **FAST)
+    with pytest.raises(EncoderError, match="different run"):  # same shape, other studies
+        train_ssl(vols[::-1].copy(), epochs=1, batch_size=4, checkpoint_dir=tmp_path, **FAST)
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"garbage")
+    with pytest.raises(EncoderError, match="delete it"):
+        train_ssl(vols, epochs=1, batch_size=4, seed=0, checkpoint_dir=tmp_path, **FAST)
+
+
+def test_time_budget_stops_cleanly() -> None:
+    steps: list[int] = []
+    enc, card = train_ssl(
+        _random_volumes(8),
+        epochs=5,
+        batch_size=4,
+        time_budget_s=0.0,
+        progress=lambda s, t, _: steps.append(s),
+        **FAST,
+    )
+    assert steps == [1] and card.epochs == 0
+    assert "time budget" in card.notes
+    assert np.isfinite(embed(enc, _random_volumes(2))).all()
+
+
+def test_time_budget_at_epoch_end_counts_the_epoch(tmp_path: Path) -> None:
+    vols = _random_volumes(4)
+    _, card = train_ssl(
+        vols, epochs=3, batch_size=4, time_budget_s=0.0, checkpoint_dir=tmp_path, **FAST
+    )
+    assert card.epochs == 1 and "after 1 of 3 epochs" in card.notes
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["epoch"] == 1
+
+
+def test_vicreg_trains() -> None:
+    losses: list[float] = []
+    _, card = train_ssl(
+        _random_volumes(8),
+        method="vicreg",
+        epochs=1,
+        batch_size=4,
+        pooling="attention",
+        train_slices=None,
+        progress=lambda s, t, loss: losses.append(loss),
+        **FAST,
+    )
+    assert card.method == "vicreg" and card.pooling == "attention"
+    assert all(np.isfinite(losses)) and "slices per view" not in card.notes
+
+
+def test_invalid_arguments() -> None:
+    vols = _random_volumes(4)
+    with pytest.raises(EncoderError, match="method"):
+        train_ssl(vols, method="byol", **FAST)
+    with pytest.raises(EncoderError, match="shape"):
+        train_ssl(vols[:, :4], **FAST)
+    with pytest.raises(EncoderError, match="at least 2"):
+        train_ssl(vols[:1], **FAST)
+    with pytest.raises(EncoderError, match="batch_size"):
+        train_ssl(vols, batch_size=1, **FAST)
+    if not torch.cuda.is_available():
+        with pytest.raises(EncoderError, match="CUDA"):
+            train_ssl(vols, **{**FAST, "device": "cuda"})
+
+
+def test_learns_two_clusters() -> None:
+    vols, labels = _two_clusters(24)
+    losses: list[float] = []
+    enc, card = train_ssl(
+        vols,
+        epochs=8,
+        batch_size=8,
+        seed=0,
+        lr=2e-3,
+        progress=lambda s, t, loss: losses.append(loss),
+        **FAST,
+    )
+    per_epoch = np.array(losses).reshape(card.epochs, -1).mean(axis=1)
+    assert per_epoch[-2:].mean() < per_epoch[:2].mean()
+    z = embed(enc, vols)
+    sims = z @ z.T
+    np.fill_diagonal(sims, -np.inf)
+    nn1 = sims.argmax(axis=1)
+    purity = float((labels[nn1] == labels).mean())
+    assert purity >= 0.75  # chance is ~0.5

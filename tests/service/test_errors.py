@@ -1,0 +1,85 @@
+"""Domain exceptions map to one status code and reason each; internals never leak."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from encoders.errors import DicomError, EncoderError
+from indexing.errors import (
+    DimensionError,
+    FilterError,
+    ModelVersionError,
+    QueryError,
+    SnapshotError,
+    UnknownStudyError,
+)
+from service.errors import DOMAIN, ServiceError, classify, to_status
+
+C = grpc.StatusCode
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "reason"),
+    [
+        (
+            DicomError("not_dicom", "file 1 is not DICOM; send Part 10 files"),
+            C.INVALID_ARGUMENT,
+            "DICOM_NOT_DICOM",
+        ),
+        (
+            DimensionError("dimension 3; the index expects 32"),
+            C.INVALID_ARGUMENT,
+            "WRONG_DIMENSION",
+        ),
+        (FilterError("unknown column 'x'"), C.INVALID_ARGUMENT, "INVALID_FILTER"),
+        (QueryError("k must be an integer"), C.INVALID_ARGUMENT, "INVALID_QUERY"),
+        (UnknownStudyError("study S-1 is not in index version v1"), C.NOT_FOUND, "UNKNOWN_STUDY"),
+        (ModelVersionError("model a vs b"), C.FAILED_PRECONDITION, "MODEL_VERSION_MISMATCH"),
+        (EncoderError("weights corrupt"), C.FAILED_PRECONDITION, "ENCODER_UNUSABLE"),
+        (SnapshotError("no published snapshot"), C.UNAVAILABLE, "INDEX_UNAVAILABLE"),
+    ],
+)
+def test_mapping(exc: Exception, code: grpc.StatusCode, reason: str) -> None:
+    err = classify(exc)
+    assert (err.code, err.reason) == (code, reason)
+    assert err.message and "\n" not in err.message
+
+
+def test_lookup_error_message_is_not_repr_quoted() -> None:
+    err = classify(UnknownStudyError("study S-1 is not in index version v1"))
+    assert err.message == "study S-1 is not in index version v1"
+
+
+def test_unexpected_exception_is_internal_and_generic(caplog: pytest.LogCaptureFixture) -> None:
+    secret = "P-0123456789abcdef"
+    try:
+        raise KeyError(secret)
+    except KeyError as exc:
+        with caplog.at_level(logging.ERROR, logger="service.errors"):
+            err = classify(exc)
+    assert err.code == C.INTERNAL and err.reason == "INTERNAL"
+    assert secret not in err.message
+    assert err.metadata["ref"] in err.message
+    assert "KeyError" in caplog.text and err.metadata["ref"] in caplog.text
+    assert secret not in caplog.text
+
+
+def test_status_carries_error_info() -> None:
+    status = to_status(
+        ServiceError(C.INVALID_ARGUMENT, "WRONG_DIMENSION", "bad", {"expected": "32"})
+    )
+    assert status.code == C.INVALID_ARGUMENT and status.details == "bad"
+    ((key, value),) = status.trailing_metadata
+    assert key == "grpc-status-details-bin"
+    rich = status_pb2.Status.FromString(value)
+    info = error_details_pb2.ErrorInfo()
+    assert rich.details[0].Unpack(info)
+    assert (info.reason, info.domain, dict(info.metadata)) == (
+        "WRONG_DIMENSION",
+        DOMAIN,
+        {"expected": "32"},
+    )
