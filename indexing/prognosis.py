@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-MIN_EFFECTIVE_N = 10.0
+MIN_EFFECTIVE_N = 5.0
 DEFAULT_HORIZONS: tuple[float, ...] = (12.0, 24.0, 60.0)
 
 
@@ -347,7 +347,7 @@ def summarize(
     if keep and n_eff < MIN_EFFECTIVE_N:
         notes.append(
             f"effective sample size {n_eff:.1f} is small (the weights rest on few neighbours); "
-            "intervals are wide and approximate - consider more neighbours or a higher temperature"
+            "intervals are wide and approximate - ask for more neighbours (a larger k)"
         )
     if keep and n_events == 0:
         notes.append("no events among the neighbours with outcomes; median survival not reached")

@@ -46,7 +46,8 @@ app = typer.Typer(
 index_app = typer.Typer(help="Build and inspect index snapshots.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
-out = Console()
+# Non-terminal output (pipes, logs) gets a wide console so tables do not fold.
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -217,43 +218,59 @@ def train(
     time_budget: Annotated[float | None, typer.Option(help="Stop training after this many seconds.")] = None,
 ) -> None:
     """Train a self-supervised study encoder on the store's volumes (resumable)."""
+    from indexing.store import CohortStore
+
+    if method not in ("simclr", "vicreg"):
+        raise CliError(f"--method must be simclr or vicreg, not {method!r}")
+    cohort = CohortStore(store)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = _train_on_store(
+        cohort,
+        out_dir,
+        backbone=backbone,
+        embedding_dim=embedding_dim,
+        method=method,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        device=device,
+        seed=seed,
+        time_budget_s=time_budget,
+    )
+    _say(f"saved encoder {card.version} ({card.backbone}, {card.method}, {card.epochs} epochs, dim {card.embedding_dim}) to {out_dir}")
+
+
+def _train_on_store(cohort: Any, out_dir: Path, *, batch_size: int, **kw: Any) -> Any:
+    """Train on every volume of a store, save the encoder in ``out_dir``; returns its card.
+
+    A resumable checkpoint lives in ``out_dir/checkpoint`` while training runs and is
+    removed once the encoder is saved.
+    """
     import hashlib
 
     from encoders.model import save_encoder
     from encoders.spec import InputSpec
     from encoders.train import resolve_device, train_ssl
-    from indexing.store import CohortStore
 
-    if method not in ("simclr", "vicreg"):
-        raise CliError(f"--method must be simclr or vicreg, not {method!r}")
-    resolve_device(device)
-    cohort = CohortStore(store)
+    resolve_device(kw.get("device", "auto"))
     uids, volumes = cohort.load_volumes()
     if len(uids) < 2:
-        raise CliError(f"the store at {store} holds {len(uids)} studies; at least 2 are needed to train")
+        raise CliError(f"the store at {cohort.root} holds {len(uids)} studies; at least 2 are needed to train")
     spec = InputSpec.from_dict(json.loads(cohort.studies(columns=["spec"])["spec"][0].as_py()))
     data_hash = hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()[:16]
-    out_dir.mkdir(parents=True, exist_ok=True)
     with progress_bar("train") as update:
         encoder, card = train_ssl(
             volumes,
-            backbone=backbone,
             spec=spec,
-            embedding_dim=embedding_dim,
-            method=method,
-            epochs=epochs,
             batch_size=min(batch_size, len(uids)),
-            lr=lr,
-            device=device,
-            seed=seed,
             data_hash=data_hash,
-            time_budget_s=time_budget,
             checkpoint_dir=out_dir / "checkpoint",
             progress=lambda s, t, loss: update(s, t, extra=f"loss {loss:.3f}"),
+            **kw,
         )
     save_encoder(encoder, card, out_dir)
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
-    _say(f"saved encoder {card.version} ({card.backbone}, {card.method}, {card.epochs} epochs, dim {card.embedding_dim}) to {out_dir}")
+    return card
 
 
 # --------------------------------------------------------------------------- index
@@ -437,12 +454,8 @@ def demo(
 
 
 def _demo(root: Path, *, patients: int, train_seconds: float, epochs: int, backbone: str, k: int, seed: int) -> None:
-    import hashlib
-
     from encoders.deid import Pseudonymizer
-    from encoders.model import save_encoder
     from encoders.synth import synth_cohort
-    from encoders.train import train_ssl
     from indexing.build import build_from_store
     from indexing.ingest import ingest_folder, read_outcomes
     from indexing.store import CohortStore
@@ -478,25 +491,10 @@ def _demo(root: Path, *, patients: int, train_seconds: float, epochs: int, backb
     )
 
     _say(f"[3/6] training a self-supervised {backbone} encoder on the CPU (≤ {train_seconds:.0f} s)")
-    uids, volumes = cohort.load_volumes()
-    spec_json = cohort.studies(columns=["spec"])["spec"][0].as_py()
-    from encoders.spec import InputSpec
-
-    spec = InputSpec.from_dict(json.loads(spec_json))
-    with progress_bar("train") as update:
-        encoder, card = train_ssl(
-            volumes,
-            backbone=backbone,
-            spec=spec,
-            epochs=epochs,
-            batch_size=16,
-            device="auto",
-            seed=seed,
-            data_hash=hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()[:16],
-            time_budget_s=train_seconds,
-            progress=lambda s, t, loss: update(s, t, extra=f"loss {loss:.3f}"),
-        )
-    save_encoder(encoder, card, model_dir)
+    card = _train_on_store(
+        cohort, model_dir, backbone=backbone, epochs=epochs, batch_size=16, device="auto",
+        seed=seed, time_budget_s=train_seconds,
+    )
     _say(f"      encoder {card.version}: {card.epochs} epochs")
 
     _say("[4/6] building the FAISS index (exact, cosine)")
@@ -510,6 +508,43 @@ def _demo(root: Path, *, patients: int, train_seconds: float, epochs: int, backb
         with CohortsimClient(server.target, timeout=120) as client:
             result = client.search(dicom_paths=sorted(query_dir.rglob("*.dcm")), k=k)
     print_result(result)
+    _print_demo_truth(result, query_dir, synth_dir, pseudo)
+
+
+def _print_demo_truth(result: Any, query_dir: Path, synth_dir: Path, pseudo: Any) -> None:
+    """Compare the answer with the generator's ground truth (known only for synthetic data)."""
+    import csv
+
+    import pydicom
+
+    first = next(iter(sorted(query_dir.rglob("*.dcm"))))
+    raw_id = str(pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["PatientID"]).PatientID)
+    with open(synth_dir / "truth.csv", newline="") as f:
+        truth = {r["patient_id"]: r for r in csv.DictReader(f)}
+    with open(synth_dir / "outcomes.csv", newline="") as f:
+        outcome = {r["patient_id"]: r for r in csv.DictReader(f)}.get(raw_id, {})
+    me = truth.get(raw_id)
+    if me is None:
+        return
+    by_pseudonym = {pseudo.patient(pid): row for pid, row in truth.items() if pid != raw_id}
+    cohort = list(by_pseudonym.values())
+    ks = len(result.neighbors)
+    same_pheno = sum(n.labels.get("phenotype") == me["phenotype"] for n in result.neighbors)
+    same_scanner = sum(
+        by_pseudonym.get(n.patient_id, {}).get("scanner") == me["scanner"] for n in result.neighbors
+    )
+    base_pheno = sum(r["phenotype"] == me["phenotype"] for r in cohort) / max(len(cohort), 1)
+    base_scanner = sum(r["scanner"] == me["scanner"] for r in cohort) / max(len(cohort), 1)
+    out.print("[bold]Ground truth of the held-back patient[/bold] (known only because the cohort is synthetic)")
+    event = {"1": "event", "0": "censored"}.get(outcome.get("event", ""), "?")
+    out.print(
+        f"  phenotype {me['phenotype']}, scanner {me['scanner']}; "
+        f"observed outcome {outcome.get('time', '?')} months ({event})"
+    )
+    out.print(
+        f"  neighbours with its phenotype: {same_pheno}/{ks} (cohort share {base_pheno:.2f}); "
+        f"from its scanner: {same_scanner}/{ks} (cohort share {base_scanner:.2f})"
+    )
 
 
 def main() -> None:
