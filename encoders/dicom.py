@@ -670,7 +670,7 @@ def _frames_of(h: _Header, notes: list[str]) -> list[_Frame]:
         if f > 0:
             iop = _floats(
                 _fg_value(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
-            )
+            )  # type: ignore[assignment]
             if iop is None:
                 iop = iop0
         ps = _floats(_fg_value(ds, f, "PixelMeasuresSequence", "PixelSpacing"), 2)
@@ -1163,5 +1163,6 @@ def preprocess(study: Study, spec: InputSpec) -> np.ndarray:
         out_shape = tuple(max(1, round(n * z)) for n, z in zip(volume.shape, zoom, strict=True))
         zoom = tuple(o / n for o, n in zip(out_shape, volume.shape, strict=True))
         volume = ndimage.zoom(volume, zoom, order=1, mode="nearest", grid_mode=True)
-    out = _crop_or_pad(volume, tuple(int(s) for s in spec.shape), float(spec.pad_value_hu))
+    d, h, w = (int(s) for s in spec.shape)
+    out = _crop_or_pad(volume, (d, h, w), float(spec.pad_value_hu))
     return np.clip(np.rint(out), -32768, 32767).astype(np.int16)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 __all__ = ["PHENOTYPES", "SCANNERS", "ScannerProfile", "SynthInfo", "synth_cohort"]
@@ -393,7 +393,7 @@ def _uid(seed: int, *parts: object) -> str:
 def _base_dataset(p: _Patient, seed: int, sop_uid: str) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta

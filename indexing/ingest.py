@@ -24,7 +24,7 @@ from encoders.dicom import Rejection, preprocess, read_study, scan_folder
 from encoders.errors import DicomError
 from encoders.spec import DEFAULT_SPEC, InputSpec
 from indexing.errors import StoreError
-from indexing.store import ACQUISITION_COLUMNS, CohortStore, StudyRecord
+from indexing.store import CohortStore, StudyRecord
 
 # Columns of an outcomes file that are not outcomes.
 _KEY_COLUMNS = {"patient_id"}
@@ -124,7 +124,12 @@ def ingest_folder(
                         study_day=day,
                         volume=volume,
                         spec=spec,
-                        **{c: acq.get(c) for c in ACQUISITION_COLUMNS},
+                        manufacturer=acq.get("manufacturer"),
+                        model=acq.get("model"),
+                        kernel=acq.get("kernel"),
+                        kvp=acq.get("kvp"),
+                        slice_thickness=acq.get("slice_thickness"),
+                        pixel_spacing=acq.get("pixel_spacing"),
                     )
                 )
                 present.add(study_uid)

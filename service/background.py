@@ -66,7 +66,7 @@ class BackgroundServer:
 
     def stop(self, grace: float = 2.0) -> None:
         if self._loop is not None and self._server is not None:
-            fut = asyncio.run_coroutine_threadsafe(shutdown(self._server, grace), self._loop)  # type: ignore[arg-type]
+            fut = asyncio.run_coroutine_threadsafe(shutdown(self._server, grace), self._loop)
             try:
                 fut.result(timeout=grace + 10)
             finally:
