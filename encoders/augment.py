@@ -28,6 +28,7 @@ __all__ = [
     "hu_offset_scale",
     "inplane_shift",
     "kernel_sharpness",
+    "rot_flip",
     "slice_thickness",
     "slice_window_crop",
     "two_views",
@@ -208,6 +209,28 @@ def slice_window_crop(x: Tensor, gen: torch.Generator, *, min_fraction: float = 
     return torch.gather(x, 1, idx0) * (1 - frac) + torch.gather(x, 1, idx1) * frac
 
 
+def rot_flip(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Orientation: per sample, one of the 8 in-plane rotations / reflections (dihedral
+    group of the square; needs H == W) and, with probability 1/2, a flip along z.
+
+    For lesion boxes: a lesion's appearance does not depend on which way it faces.
+    """
+    _check(x)
+    b, _, h, w = x.shape
+    if h != w:
+        raise ValueError(f"rot_flip needs square slices, got {h} x {w}")
+    codes = torch.randint(0, 16, (b,), generator=gen, device=gen.device).tolist()
+    out = torch.empty_like(x)
+    for i, c in enumerate(codes):
+        y = torch.rot90(x[i], c % 4, dims=(1, 2))
+        if (c // 4) % 2:
+            y = y.flip(2)
+        if c // 8:
+            y = y.flip(0)
+        out[i] = y
+    return out
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Ranges used by :func:`two_views` (see each function for meaning)."""
@@ -222,12 +245,44 @@ class AugmentConfig:
     hu_scale: tuple[float, float] = (0.95, 1.05)
     noise_sigma: tuple[float, float] = (0.0, 30.0)
     pad_value: float = -1024.0
+    rot_flip: bool = False
+
+    @classmethod
+    def for_lesion(cls, *, calibrated: bool = False) -> AugmentConfig:
+        """Views of a lesion box: no z-stretch and little zoom (size is disease signal,
+        and the box is already in mm), orientation-free, wider noise and kernel ranges.
+
+        HU offset / scale: without calibration, wide (±40 HU, ±7 %) so the network cannot
+        tell a scanner by its calibration; after per-study calibration on air and soft
+        tissue (``calibrated=True``) only the residual error (±12 HU, ±2 %) — a wider
+        range would also teach the network to ignore real density differences between
+        lesions (tens of HU), which it then cannot tell apart.
+        """
+        hu_offset, hu_scale = ((-12.0, 12.0), (0.98, 1.02)) if calibrated else (
+            (-40.0, 40.0),
+            (0.93, 1.07),
+        )
+        return cls(
+            slice_min_fraction=1.0,
+            zoom=(0.92, 1.08),
+            max_shift_px=0.0,
+            max_thickness_slices=2,
+            blur_sigma=(0.3, 1.0),
+            sharpen_amount=(0.2, 1.0),
+            hu_offset=hu_offset,
+            hu_scale=hu_scale,
+            noise_sigma=(0.0, 40.0),
+            rot_flip=True,
+        )
 
 
 def augment(x: Tensor, gen: torch.Generator, cfg: AugmentConfig | None = None) -> Tensor:
     """One random scanner-like view of each volume in ``x`` ``(b, D, H, W)`` HU."""
     c = cfg or AugmentConfig()
-    x = slice_window_crop(x, gen, min_fraction=c.slice_min_fraction)
+    if c.rot_flip:
+        x = rot_flip(x, gen)
+    if c.slice_min_fraction < 1.0:
+        x = slice_window_crop(x, gen, min_fraction=c.slice_min_fraction)
     x = fov_zoom(x, gen, zoom=c.zoom, max_shift_px=c.max_shift_px, pad_value=c.pad_value)
     x = slice_thickness(x, gen, max_slices=c.max_thickness_slices)
     x = kernel_sharpness(x, gen, sigma=c.blur_sigma, amount=c.sharpen_amount)

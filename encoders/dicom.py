@@ -22,6 +22,7 @@ import os
 import re
 import threading
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,18 +34,25 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
+from encoders.deid import RETAINED_WITH_OPTIONS, clean_descriptor, identifying_values
 from encoders.errors import DicomError
 from encoders.spec import InputSpec
 
 __all__ = [
+    "ACQUISITION_NUMBERS",
+    "ACQUISITION_TEXT",
     "DEFAULT_SERIES_RULE",
     "MAX_PIXELS_PER_SLICE_SIDE",
     "MAX_SLICES",
     "MAX_VOXELS",
+    "FileHeader",
     "Rejection",
     "SeriesRule",
     "Study",
+    "find_files",
     "preprocess",
+    "read_file_header",
+    "read_pixels",
     "read_study",
     "scan_folder",
 ]
@@ -57,10 +65,19 @@ MAX_PIXELS_PER_SLICE_SIDE = 4096
 """Most rows / columns one slice may declare."""
 MAX_VOXELS = 2**29
 """Most voxels one series may hold (2 GiB as float32; a 512x512x2048 CT fits)."""
+MAX_HEADER_BYTES = 64 << 20
+"""Most bytes a header (everything before the pixel data) may take."""
+MAX_HEADER_READS = 2_000_000
+"""Most read calls while parsing a header (~2.5 per element: bounds element bombs)."""
+MAX_INFLATED_BYTES = 512 << 20
+"""Most bytes a deflated dataset may inflate to."""
+MAX_EXTRA_FILE_BYTES = 64 << 20
+"""Bytes a file may hold beyond twice its declared pixel data before it is refused."""
 
 CT_AIR_HU = -1024.0
 """Lowest HU kept for CT: padding / outside-of-FOV values below it are air."""
 
+_BURNED_IN_NOTE = "burned_in_annotation (BurnedInAnnotation YES)"
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
@@ -84,7 +101,9 @@ class Study:
 
     ``volume`` is ``(z, y, x) float32``: HU for CT (values below -1024 clipped to -1024),
     modality-rescaled raw values otherwise, sorted along the slice normal. ``spacing`` is
-    ``(z, y, x)`` in mm. ``patient_id`` / ``study_uid`` are raw (pseudonymise before
+    ``(z, y, x)`` in mm. ``units``: ``HU`` (CT), ``SUVbw`` (PET converted to SUV body
+    weight), ``PT_raw`` (PET whose tags do not allow SUV), ``MR_raw``, ``raw``;
+    :func:`preprocess` normalises by it. ``patient_id`` / ``study_uid`` are raw (pseudonymise before
     storing); without a PatientID, ``patient_id`` is ``"NO-PATIENT-ID:<study_uid>"`` so
     such studies never merge into one patient. ``acquisition`` holds only non-identifying acquisition tags, as strings.
     """
@@ -98,16 +117,19 @@ class Study:
     acquisition: dict[str, str] = field(default_factory=dict)
     study_date: _dt.date | None = None
     series_reason: str = ""
+    units: str = ""
 
 
 @dataclass(frozen=True)
 class SeriesRule:
     """Which series of a study to use.
 
-    A series qualifies when its modality is in ``modalities``, it is not a localizer /
-    scout (unless ``allow_localizer``), not DERIVED / SECONDARY (unless
-    ``allow_derived``), its slices are at most ``max_slice_thickness_mm`` thick (when
-    stated) and it has at least ``min_slices`` slices. With ``prefer_axial``, axial
+    A series qualifies when its modality is in ``modalities`` (``"*"`` admits any), it is
+    not a localizer / scout (unless ``allow_localizer``), not DERIVED / SECONDARY (unless
+    ``allow_derived``), no file of it says BurnedInAnnotation YES (unless
+    ``allow_burned_in``: text burned into the pixels may name the patient), its slices are
+    at most ``max_slice_thickness_mm`` thick (when stated) and it has at least
+    ``min_slices`` slices. With ``prefer_axial``, axial
     series win over others when there is one. Among qualifying series, the one with the
     most slices is chosen (ties: thinner slices, then lower SeriesNumber); if it cannot be
     read, the next one is tried and the reason is recorded in ``Study.series_reason``.
@@ -116,6 +138,7 @@ class SeriesRule:
     modalities: tuple[str, ...] = ("CT", "MR", "PT")
     allow_localizer: bool = False
     allow_derived: bool = False
+    allow_burned_in: bool = False
     prefer_axial: bool = True
     max_slice_thickness_mm: float = 5.0
     min_slices: int = 3
@@ -231,6 +254,17 @@ def _text(value: Any, limit: int = 64) -> str | None:
     return "\\".join(cleaned)[:limit]
 
 
+def _code(value: Any) -> str:
+    """A code string (CS: Modality, PhotometricInterpretation) reduced to ``[A-Z0-9_ ]``,
+    at most 16 characters: safe to put in a message whatever a hostile file holds."""
+    return re.sub(r"[^A-Z0-9_ ]", "", (_text(value, 32) or "").upper()).strip()[:16]
+
+
+def _numeric_text(value: Any) -> str:
+    """A would-be number reduced to number characters, for messages (never free text)."""
+    return re.sub(r"[^0-9.eE+\-]", "?", _text(value, 16) or "")
+
+
 def _fmt(value: float) -> str:
     return f"{float(value):.6g}"
 
@@ -268,6 +302,96 @@ def _looks_like_raw_dataset(head: bytes) -> bool:
     return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
+class _ReadBudgetExceeded(Exception):
+    """Raised by :class:`_BoundedReader` when a read would exceed one of its limits."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class _BoundedReader:
+    """The file-like object pydicom reads from: bounded in bytes, calls and inflation.
+
+    * a read never asks for more than what remains of the source, so an element that
+      claims 4 GiB on a 1 kB file allocates 1 kB (pydicom and Python's buffered reader
+      would otherwise allocate the claimed size before reading);
+    * a headers-only read stops after :data:`MAX_HEADER_BYTES` bytes and
+      :data:`MAX_HEADER_READS` read calls (an "element bomb" of millions of tiny
+      elements costs ~400 bytes of Python objects each);
+    * a read of everything (pydicom does that only to inflate a deflated dataset) is
+      refused when it would inflate beyond :data:`MAX_INFLATED_BYTES` (a zip bomb).
+    """
+
+    def __init__(self, source: Path | bytes, size: int, *, headers_only: bool) -> None:
+        self._fh: Any = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+        self._size = size
+        self._headers_only = headers_only
+        self._reads = 0
+        if not isinstance(source, bytes):
+            self.name = str(source)
+
+    def read(self, n: int | None = -1) -> bytes:
+        self._reads += 1
+        if self._headers_only and self._reads > MAX_HEADER_READS:
+            raise _ReadBudgetExceeded(
+                "too_large",
+                f"header holds more than ~{MAX_HEADER_READS // 2} elements; the file is "
+                "malformed (an element bomb) or far outside what this reader accepts",
+            )
+        pos = self._fh.tell()
+        remaining = max(0, self._size - pos)
+        whole = n is None or n < 0
+        n = remaining if n is None or n < 0 or n > remaining else n
+        if self._headers_only and pos + n > MAX_HEADER_BYTES:
+            raise _ReadBudgetExceeded(
+                "too_large",
+                f"header (the elements before the pixel data) exceeds {MAX_HEADER_BYTES >> 20} MiB",
+            )
+        data: bytes = self._fh.read(n)
+        if whole and data:
+            _check_inflated_size(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return int(self._fh.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._fh.tell())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> _BoundedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_inflated_size(data: bytes) -> None:
+    """Refuse raw-deflate data that inflates beyond MAX_INFLATED_BYTES; inflates in 16 MiB
+    steps and keeps nothing, so the check itself needs little memory."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, pending = 0, data
+    try:
+        while pending and not inflater.eof:
+            total += len(inflater.decompress(pending, 16 << 20))
+            pending = inflater.unconsumed_tail
+            if total > MAX_INFLATED_BYTES:
+                raise _ReadBudgetExceeded(
+                    "too_large",
+                    f"deflated dataset inflates to more than {MAX_INFLATED_BYTES >> 20} MiB "
+                    "(a decompression bomb?)",
+                )
+    except zlib.error:
+        return  # not deflate data (or damaged): pydicom reports it
+
+
+_EXECUTABLE_MAGIC = ((b"MZ", "a Windows executable (MZ/PE)"), (b"\x7fELF", "an ELF executable"), (b"#!", "a script"))
+
+
 def _dcmread(source: Path | bytes, label: str, *, headers_only: bool) -> Dataset:
     """Read one file with pydicom, mapping every failure to a DicomError."""
     try:
@@ -287,10 +411,18 @@ def _dcmread(source: Path | bytes, label: str, *, headers_only: bool) -> Dataset
         ) from None
     if size == 0:
         raise DicomError("not_dicom", f"{label}: file is empty (0 bytes); not a DICOM file")
+    if len(head) == 132 and head[128:132] == b"DICM":
+        for magic, what in _EXECUTABLE_MAGIC:
+            if head.startswith(magic):
+                raise DicomError(
+                    "executable_preamble",
+                    f"{label}: the 128-byte preamble starts like {what}; the file may be a "
+                    "DICOM/executable polyglot (CVE-2019-11687): quarantine it, or zero the "
+                    "preamble and re-import",
+                )
 
     def _read(force: bool) -> Dataset:
-        fp: Any = io.BytesIO(source) if isinstance(source, bytes) else str(source)
-        with _quiet():
+        with _BoundedReader(source, size, headers_only=headers_only) as fp, _quiet():
             return pydicom.dcmread(fp, stop_before_pixels=headers_only, force=force)
 
     try:
@@ -305,6 +437,14 @@ def _dcmread(source: Path | bytes, label: str, *, headers_only: bool) -> Dataset
             ds = _read(force=True)
     except DicomError:
         raise
+    except _ReadBudgetExceeded as e:
+        raise DicomError(e.reason, f"{label}: {e.message}; refusing the file") from None
+    except RecursionError:
+        raise DicomError(
+            "too_deep",
+            f"{label}: sequences are nested too deeply to parse (hundreds of levels); "
+            "the file is malformed or hostile, refusing it",
+        ) from None
     except OSError as e:
         raise DicomError(
             "unreadable",
@@ -316,6 +456,14 @@ def _dcmread(source: Path | bytes, label: str, *, headers_only: bool) -> Dataset
             kind,
             f"{label}: DICOM file is damaged and cannot be parsed ({type(e).__name__}); re-export it",
         ) from None
+    meta = getattr(ds, "file_meta", None)
+    group_length = _int(_get(meta, "FileMetaInformationGroupLength")) if meta is not None else None
+    if head[128:132] == b"DICM" and group_length is not None and size < 144 + group_length:
+        raise DicomError(
+            "truncated",
+            f"{label}: file ends inside its file meta header ({size} bytes, the header alone "
+            f"declares {144 + group_length}); re-copy or re-export it",
+        )
     _check_not_truncated(ds, label)
     return ds
 
@@ -384,7 +532,7 @@ def _guard(label: str) -> Iterator[None]:
     except Exception as e:
         log.debug("unexpected %s while reading a DICOM file", type(e).__name__)
         raise DicomError(
-            "corrupt",
+            "unexpected",
             f"{label}: cannot be used ({type(e).__name__} while decoding); "
             "the file is damaged or unusual, re-export it",
         ) from None
@@ -406,6 +554,8 @@ class _Header:
     n_frames: int
     thickness: float | None
     series_number: int | None
+    size: int = 0  # bytes of the source
+    burned_in: bool = False  # BurnedInAnnotation is YES
 
 
 def _fg_value(ds: Dataset, frame: int, seq: str, keyword: str) -> Any:
@@ -426,12 +576,12 @@ def _fg_value(ds: Dataset, frame: int, seq: str, keyword: str) -> Any:
     return _get(ds, keyword)
 
 
-def _read_header(source: Path | bytes, index: int) -> _Header:
+def _read_header(source: Path | bytes, index: int, *, need_study: bool = True) -> _Header:
     with _guard(_label(source, index)), _quiet():
-        return _read_header_unguarded(source, index)
+        return _read_header_unguarded(source, index, need_study)
 
 
-def _read_header_unguarded(source: Path | bytes, index: int) -> _Header:
+def _read_header_unguarded(source: Path | bytes, index: int, need_study: bool = True) -> _Header:
     label = _label(source, index)
     ds = _dcmread(source, label, headers_only=True)
     meta = getattr(ds, "file_meta", None)
@@ -442,8 +592,8 @@ def _read_header_unguarded(source: Path | bytes, index: int) -> _Header:
         raise DicomError(
             "not_image", f"{label}: is a DICOMDIR (media index), not an image; ignore it"
         )
-    study_uid = _text(_get(ds, "StudyInstanceUID"))
-    if not study_uid or not _UID_RE.match(study_uid):
+    study_uid = _text(_get(ds, "StudyInstanceUID")) or ""
+    if need_study and (not study_uid or not _UID_RE.match(study_uid)):
         raise DicomError(
             "missing_tag",
             f"{label}: no valid StudyInstanceUID; the file cannot be assigned to a study",
@@ -460,11 +610,13 @@ def _read_header_unguarded(source: Path | bytes, index: int) -> _Header:
         ds=ds,
         study_uid=study_uid,
         series_uid=series_uid,
-        modality=(_text(_get(ds, "Modality")) or "").upper(),
+        modality=_code(_get(ds, "Modality")),
         image_type=_strs(_get(ds, "ImageType")),
         n_frames=n_frames,
         thickness=thickness,
         series_number=_int(_get(ds, "SeriesNumber")),
+        size=len(source) if isinstance(source, bytes) else source.stat().st_size,
+        burned_in=_text(_get(ds, "BurnedInAnnotation"), 8) == "YES",
     )
 
 
@@ -489,6 +641,41 @@ def _orientation_of(h: _Header) -> str:
 # ------------------------------------------------------------------------ folder scan
 
 
+@dataclass
+class FileHeader:
+    """What a folder scan learns from one file's header (raw values: keep in memory only)."""
+
+    path: Path
+    study_uid: str
+    patient_id: str
+    study_date: _dt.date | None
+
+
+def find_files(root: Path) -> list[Path]:
+    """Every file under ``root`` (recursively, sorted, folder links not followed), or
+    ``[root]`` for a file. Raises ``DicomError("not_found")`` when ``root`` does not exist."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise DicomError("not_found", f"{root}: no such file or folder; check the path")
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        files.extend(Path(dirpath) / name for name in sorted(filenames))
+    return files
+
+
+def read_file_header(path: Path, index: int = 0) -> FileHeader:
+    """Read one file's header (no pixel data): study, patient and date, or DicomError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DicomError("not_a_file", f"{path}: not a regular file (broken link?)")
+    h = _read_header(path, index)
+    patient_id = _text(_get(h.ds, "PatientID"), 256) or f"NO-PATIENT-ID:{h.study_uid}"
+    return FileHeader(path, h.study_uid, patient_id, _parse_date(_get(h.ds, "StudyDate")))
+
+
 def scan_folder(root: Path) -> tuple[dict[str, list[Path]], list[Rejection]]:
     """Walk ``root`` recursively (not following folder links), read headers only, and
     group the files by StudyInstanceUID (never by folder or file name).
@@ -497,25 +684,12 @@ def scan_folder(root: Path) -> tuple[dict[str, list[Path]], list[Rejection]]:
     files and files without a StudyInstanceUID become :class:`Rejection`s. ``root`` may
     also be a single file. Raises ``DicomError("not_found")`` when ``root`` does not exist.
     """
-    root = Path(root)
-    if root.is_file():
-        files = [root]
-    elif root.is_dir():
-        files = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            files.extend(Path(dirpath) / name for name in sorted(filenames))
-    else:
-        raise DicomError("not_found", f"{root}: no such file or folder; check the path")
-
+    files = find_files(root)
     studies: dict[str, list[Path]] = {}
     rejections: list[Rejection] = []
     for i, path in enumerate(files):
-        if not path.is_file():
-            rejections.append(Rejection(str(path), f"{path}: not a regular file (broken link?)"))
-            continue
         try:
-            h = _read_header(path, i)
+            h = read_file_header(path, i)
         except DicomError as e:
             rejections.append(Rejection(str(path), str(e)))
             continue
@@ -537,8 +711,10 @@ def _series_name(headers: list[_Header]) -> str:
 def _skip_reason(rule: SeriesRule, headers: list[_Header]) -> str | None:
     h0 = headers[0]
     allowed = tuple(m.upper() for m in rule.modalities)
-    if h0.modality not in allowed:
+    if "*" not in allowed and h0.modality not in allowed:
         return f"modality {h0.modality or '?'} not in {'/'.join(allowed)}"
+    if not rule.allow_burned_in and any(h.burned_in for h in headers):
+        return _BURNED_IN_NOTE
     types = set().union(*(h.image_type for h in headers))
     if not rule.allow_localizer and types & {"LOCALIZER", "SCOUT"}:
         return "localizer/scout"
@@ -652,6 +828,50 @@ def _positions(h: _Header, iop: np.ndarray, notes: list[str]) -> list[np.ndarray
     return [origin + f * step * normal for f in range(h.n_frames)]
 
 
+def _frame_stack_key(ds: Dataset, frame: int) -> tuple[str, str, str]:
+    """(StackID, TemporalPositionIndex, echo time) of one frame of an enhanced object."""
+    stack = _text(_fg_value(ds, frame, "FrameContentSequence", "StackID"), 16) or ""
+    temporal = _text(_fg_value(ds, frame, "FrameContentSequence", "TemporalPositionIndex"), 16)
+    echo = _text(_fg_value(ds, frame, "MREchoSequence", "EffectiveEchoTime"), 16)
+    return stack, temporal or "", echo or ""
+
+
+def _frames_to_keep(h: _Header, notes: list[str]) -> list[int]:
+    """Frame indices of one stack of a multi-frame file.
+
+    An enhanced CT / MR object may hold several stacks, temporal positions (phases) or
+    echoes in one file (per-frame FrameContentSequence / MREchoSequence). One volume is
+    one of them: the stack with the most frames (ties: the lowest key), said in the notes.
+    """
+    if h.n_frames == 1 or _get(h.ds, "PerFrameFunctionalGroupsSequence") is None:
+        return list(range(h.n_frames))
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for f in range(h.n_frames):
+        groups.setdefault(_frame_stack_key(h.ds, f), []).append(f)
+    if len(groups) == 1:
+        return list(range(h.n_frames))
+    key = min(groups, key=lambda k: (-len(groups[k]), _natural(k)))
+    what = ", ".join(
+        f"{name} {value}"
+        for name, value in zip(("stack", "temporal position", "echo time"), key, strict=True)
+        if value
+    )
+    notes.append(
+        f"multi-frame holds {len(groups)} stacks/phases/echoes; kept {what or 'the first'} "
+        f"({len(groups[key])} of {h.n_frames} frames)"
+    )
+    return groups[key]
+
+
+def _natural(key: tuple[str, ...]) -> tuple[tuple[float, str], ...]:
+    """Sort key that orders numeric strings by value ("2" < "10")."""
+    out = []
+    for k in key:
+        f = _float(k)
+        out.append((f if f is not None else math.inf, k))
+    return tuple(out)
+
+
 def _frames_of(h: _Header, notes: list[str]) -> list[_Frame]:
     ds, label = h.ds, h.label
     iop0 = _floats(_fg_value(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
@@ -665,7 +885,7 @@ def _frames_of(h: _Header, notes: list[str]) -> list[_Frame]:
         notes.append("multi-frame without orientation: assumed axial")
     positions = _positions(h, iop0, notes)
     frames: list[_Frame] = []
-    for f in range(h.n_frames):
+    for f in _frames_to_keep(h, notes):
         iop = iop0
         if f > 0:
             iop = _floats(
@@ -687,7 +907,7 @@ def _frames_of(h: _Header, notes: list[str]) -> list[_Frame]:
             raise DicomError(
                 "bad_rescale",
                 f"{label}: RescaleSlope/RescaleIntercept are non-numeric or the slope is zero "
-                f"(slope={_text(raw_slope, 16)!r}, intercept={_text(raw_intercept, 16)!r}); "
+                f"(slope={_numeric_text(raw_slope)!r}, intercept={_numeric_text(raw_intercept)!r}); "
                 "the pixel values cannot be converted to HU; re-export the series",
             )
         frames.append(_Frame(h, f, positions[f], iop, ps, slope, intercept))
@@ -790,7 +1010,8 @@ def _geometry(headers: list[_Header], notes: list[str]) -> _Geometry:
 
 
 def _check_size(headers: list[_Header]) -> None:
-    """Caps on declared sizes, checked before any pixel data is read."""
+    """Caps on declared sizes and a consistent pixel description, checked on the headers
+    before any pixel data is read (so nothing is allocated for an absurd header)."""
     first = headers[0].label
     n = sum(h.n_frames for h in headers)
     if n > MAX_SLICES:
@@ -816,6 +1037,59 @@ def _check_size(headers: list[_Header]) -> None:
                 f"{first}: series has {n}x{r}x{c} voxels (cap {MAX_VOXELS}); "
                 "choose a smaller series",
             )
+        _check_pixel_description(h)
+        bits = _int(_get(h.ds, "BitsAllocated")) or 16
+        declared = r * c * h.n_frames * max(1, bits // 8)
+        if h.size > 2 * declared + MAX_EXTRA_FILE_BYTES:
+            raise DicomError(
+                "too_large",
+                f"{h.label}: file holds {h.size} bytes but its declared image needs about "
+                f"{declared}; it carries unexpected data, refusing it",
+            )
+
+
+def _check_pixel_description(h: _Header) -> None:
+    """Samples, photometric interpretation and bit depths must describe a greyscale image."""
+    ds, label = h.ds, h.label
+    spp = _int(_get(ds, "SamplesPerPixel"))
+    photometric = _code(_get(ds, "PhotometricInterpretation"))
+    bits = _int(_get(ds, "BitsAllocated"))
+    stored = _int(_get(ds, "BitsStored"))
+    if spp is None and not photometric:
+        raise DicomError(
+            "missing_tag",
+            f"{label}: SamplesPerPixel and PhotometricInterpretation missing; not an image",
+        )
+    spp = 1 if spp is None else spp
+    mono = photometric in ("MONOCHROME1", "MONOCHROME2")
+    if mono and spp != 1:
+        raise DicomError(
+            "inconsistent_header",
+            f"{label}: {photometric} with SamplesPerPixel {spp} (must be 1); the header "
+            "contradicts itself, re-export the file",
+        )
+    if not mono:
+        expected = {"RGB": 3, "YBR_FULL": 3, "YBR_FULL_422": 3, "PALETTE COLOR": 1}.get(photometric)
+        if expected is not None and spp != expected:
+            raise DicomError(
+                "inconsistent_header",
+                f"{label}: {photometric} with SamplesPerPixel {spp} (must be {expected}); the "
+                "header contradicts itself, re-export the file",
+            )
+        raise DicomError(
+            "unsupported",
+            f"{label}: {photometric or '?'} with {spp} samples per pixel; only greyscale "
+            "(MONOCHROME1/2) images are supported",
+        )
+    if bits is None:
+        raise DicomError("missing_tag", f"{label}: BitsAllocated missing; not an image")
+    if bits not in (8, 16, 32):
+        raise DicomError("unsupported", f"{label}: BitsAllocated {bits} is not supported")
+    if stored is not None and not 1 <= stored <= bits:
+        raise DicomError(
+            "inconsistent_header",
+            f"{label}: BitsStored {stored} does not fit BitsAllocated {bits}; re-export the file",
+        )
 
 
 def _decode(h: _Header) -> tuple[np.ndarray, float | None]:
@@ -823,16 +1097,21 @@ def _decode(h: _Header) -> tuple[np.ndarray, float | None]:
         return _decode_unguarded(h)
 
 
+def read_pixels(source: Path | bytes) -> np.ndarray:
+    """One file's stored pixel values ``(frames, rows, cols)``, with every check of
+    :func:`read_study` on the way (header first, sizes before allocation, pixel
+    description, transfer syntax, decoder) but no geometry or rescale. Raises
+    :class:`DicomError` only; for tests, tools and codec checks."""
+    src = _normalise_source(source, 0)
+    h = _read_header(src, 0, need_study=False)
+    _check_size([h])
+    return _decode(h)[0]
+
+
 def _decode_unguarded(h: _Header) -> tuple[np.ndarray, float | None]:
     """Full read of one file: ``(frames, rows, cols)`` stored values and PixelPaddingValue."""
     label = h.label
     ds = _dcmread(h.source, label, headers_only=False)
-    if _text(_get(ds, "BurnedInAnnotation"), 8) == "YES":
-        raise DicomError(
-            "burned_in_annotation",
-            f"{label}: BurnedInAnnotation is YES (text in the pixels may identify the patient); "
-            "exclude this series or scrub the pixels first",
-        )
     if "PixelData" not in ds:
         other = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
         raise DicomError(
@@ -845,7 +1124,7 @@ def _decode_unguarded(h: _Header) -> tuple[np.ndarray, float | None]:
     bits = _int(_get(ds, "BitsAllocated"))
     spp = _int(_get(ds, "SamplesPerPixel")) or 1
     n_frames = max(1, _int(_get(ds, "NumberOfFrames")) or 1)
-    photometric = _text(_get(ds, "PhotometricInterpretation"), 16) or ""
+    photometric = _code(_get(ds, "PhotometricInterpretation"))
     if rows is None or cols is None or bits is None:
         raise DicomError("missing_tag", f"{label}: Rows, Columns or BitsAllocated missing")
     if (rows, cols, n_frames) != (
@@ -869,8 +1148,17 @@ def _decode_unguarded(h: _Header) -> tuple[np.ndarray, float | None]:
     if not tsyntax.is_transfer_syntax:
         raise DicomError(
             "unsupported",
-            f"{label}: TransferSyntaxUID {str(tsyntax)[:64]!r} is not a known transfer syntax; "
+            f"{label}: TransferSyntaxUID {re.sub(r'[^0-9.]', '', str(tsyntax))[:64]!r} is not a "
+            "known transfer syntax; "
             "re-export the file",
+        )
+    encapsulated = bool(getattr(ds["PixelData"], "is_undefined_length", False))
+    if tsyntax.is_compressed != encapsulated:
+        raise DicomError(
+            "transfer_syntax_mismatch",
+            f"{label}: TransferSyntaxUID says {tsyntax.name} but the pixel data is "
+            + ("encapsulated (compressed)" if encapsulated else "native (uncompressed)")
+            + "; the transfer syntax lies about the encoding, re-export the file",
         )
     if not tsyntax.is_compressed:
         expected = rows * cols * n_frames * bits // 8
@@ -882,17 +1170,7 @@ def _decode_unguarded(h: _Header) -> tuple[np.ndarray, float | None]:
                 f"but holds {present}; the file is truncated or the header is wrong",
             )
     else:
-        try:
-            decoder = pydicom.pixels.get_decoder(tsyntax)
-            available = decoder.is_available
-        except Exception:
-            available = False
-        if not available:
-            raise DicomError(
-                "unsupported",
-                f"{label}: no decoder installed for transfer syntax {tsyntax.name}; "
-                "decompress the file (e.g. dcmdjpeg) or install the pylibjpeg plugins",
-            )
+        _require_decoder(tsyntax, label)
     try:
         with _quiet():
             arr = ds.pixel_array
@@ -913,6 +1191,28 @@ def _decode_unguarded(h: _Header) -> tuple[np.ndarray, float | None]:
     return arr, padding
 
 
+def _require_decoder(tsyntax: pydicom.uid.UID, label: str) -> None:
+    """Raise ``missing_codec`` naming the packages when no decoder plugin can run."""
+    try:
+        decoder = pydicom.pixels.get_decoder(tsyntax)
+    except Exception:
+        raise DicomError(
+            "missing_codec",
+            f"{label}: pydicom has no decoder for transfer syntax {tsyntax.name}; "
+            "decompress the file first (e.g. gdcmconv --raw or dcmdjpeg)",
+        ) from None
+    if decoder.is_available:
+        return
+    missing = "; ".join(str(m) for m in getattr(decoder, "missing_dependencies", []))
+    raise DicomError(
+        "missing_codec",
+        f"{label}: no decoder installed for transfer syntax {tsyntax.name}"
+        + (f" ({missing[:200]})" if missing else "")
+        + "; install one of those packages (e.g. pip install pylibjpeg pylibjpeg-libjpeg "
+        "pylibjpeg-openjpeg) or decompress the file first (gdcmconv --raw)",
+    )
+
+
 def _load_series(headers: list[_Header], notes: list[str]) -> tuple[np.ndarray, _Geometry]:
     _check_size(headers)
     with _guard(headers[0].label):
@@ -926,7 +1226,9 @@ def _load_series(headers: list[_Header], notes: list[str]) -> tuple[np.ndarray, 
     for h in headers:
         stored, padding = _decode(h)
         for f in range(h.n_frames):
-            i = slot[(id(h), f)]
+            i = slot.get((id(h), f), -1)
+            if i < 0:  # a frame of another stack / phase of a multi-frame file
+                continue
             fr = geo.frames[i]
             values = stored[f].astype(np.float32) * np.float32(fr.slope) + np.float32(fr.intercept)
             if padding is not None:
@@ -960,31 +1262,177 @@ def _load_series(headers: list[_Header], notes: list[str]) -> tuple[np.ndarray, 
     return np.ascontiguousarray(volume), geo
 
 
+# ------------------------------------------------------------------------ intensities
+
+
+def _parse_time(value: Any) -> _dt.time | None:
+    """A DICOM TM value ('HHMMSS.ffffff', also the old 'HH:MM:SS') as a time, or None."""
+    s = (_text(value, 32) or "").replace(":", "")
+    if len(s) < 4 or not s[:4].isdigit():
+        return None
+    try:
+        hh, mm = int(s[:2]), int(s[2:4])
+        ss = float(s[4:]) if len(s) > 4 else 0.0
+        if not math.isfinite(ss):
+            return None
+        return _dt.time(hh, mm, int(ss), round((ss - int(ss)) * 1e6) % 1_000_000)
+    except ValueError:
+        return None
+
+
+def _parse_datetime(value: Any) -> _dt.datetime | None:
+    """A DICOM DT value ('YYYYMMDDHHMMSS.ffffff', offset ignored) as a naive datetime."""
+    s = _text(value, 32) or ""
+    s = re.split(r"[+-]", s, maxsplit=1)[0]
+    day = _parse_date(s[:8])
+    if day is None:
+        return None
+    clock = _parse_time(s[8:]) if len(s) > 8 else _dt.time(0, 0)
+    return None if clock is None else _dt.datetime.combine(day, clock)
+
+
+def _pet_suv_factor(ds: Dataset) -> tuple[float | None, str]:
+    """The factor from the stored activity concentration (Bq/ml) to SUVbw, or None and why.
+
+    SUVbw = C [Bq/ml] x body weight [g] / injected dose [Bq], with the dose decayed to
+    the time the image values refer to: the series start for DecayCorrection START, the
+    administration for ADMIN. Needs Units BQML (GML means SUVbw already), PatientWeight,
+    RadionuclideTotalDose and, for START, RadionuclideHalfLife and the injection and
+    series times. Values (weight, dose, times) never appear in the returned note.
+    """
+    units = (_text(_get(ds, "Units"), 16) or "").upper()
+    if units == "GML":
+        return 1.0, "PET values are SUVbw already (Units GML)"
+    if units != "BQML":
+        return None, f"Units is {units or 'missing'}, not BQML"
+    correction = (_text(_get(ds, "DecayCorrection"), 16) or "").upper()
+    if correction not in ("START", "ADMIN"):
+        return None, f"DecayCorrection is {correction or 'missing'}, not START or ADMIN"
+    weight = _float(_get(ds, "PatientWeight"))
+    if weight is None or not 1.0 <= weight <= 500.0:
+        return None, "PatientWeight is missing or implausible"
+    seq = _get(ds, "RadiopharmaceuticalInformationSequence")
+    item = seq[0] if seq is not None and len(seq) > 0 else Dataset()
+    dose = _float(_get(item, "RadionuclideTotalDose"))
+    if dose is None or dose <= 0:
+        return None, "RadionuclideTotalDose is missing or not positive"
+    decay = 1.0
+    if correction == "START":
+        half_life = _float(_get(item, "RadionuclideHalfLife"))
+        if half_life is None or half_life <= 0:
+            return None, "RadionuclideHalfLife is missing or not positive"
+        injected = _parse_datetime(_get(item, "RadiopharmaceuticalStartDateTime"))
+        day = _parse_date(_get(ds, "SeriesDate")) or _parse_date(_get(ds, "StudyDate"))
+        dated = injected is not None
+        if injected is None:
+            clock = _parse_time(_get(item, "RadiopharmaceuticalStartTime"))
+            if clock is None:
+                return None, "the injection time is missing"
+            injected = _dt.datetime.combine(day or _dt.date(2000, 1, 1), clock)
+            dated = day is not None
+        series_clock = _parse_time(_get(ds, "SeriesTime")) or _parse_time(
+            _get(ds, "AcquisitionTime")
+        )
+        if series_clock is None:
+            return None, "SeriesTime / AcquisitionTime is missing"
+        started = _dt.datetime.combine(day or injected.date(), series_clock)
+        delay = (started - injected).total_seconds()
+        if delay < 0 and not dated:
+            delay += 86400.0  # times only: the scan started after midnight
+        if not 0.0 <= delay <= 86400.0:
+            return None, "the injection and series times are inconsistent"
+        decay = 0.5 ** (delay / half_life)
+    return weight * 1000.0 / (dose * decay), f"PET values converted to SUVbw (decay corrected to {correction})"
+
+
+INTENSITY_HU = "HU"
+INTENSITY_SUV = "SUVbw_x100"
+INTENSITY_PERCENTILE = "percentile_norm"
+SUV_SCALE = 100.0
+"""Stored value per unit of SUV (int16 store: 0.01 SUV steps, up to SUV 327)."""
+NORM_PERCENTILES = (1.0, 99.0)
+"""Robust normalisation: these foreground percentiles map to 0 and NORM_SCALE."""
+NORM_SCALE = 1000.0
+NORM_MAX = 4000.0
+"""Normalised values are clipped to [0, NORM_MAX]."""
+
+
+def _intensity_unit(study: Study) -> str:
+    """How :func:`preprocess` scales ``study``: HU (CT), SUV x 100 (PET) or percentiles."""
+    if study.units == "HU" or (not study.units and study.modality == "CT"):
+        return INTENSITY_HU
+    if study.units == "SUVbw":
+        return INTENSITY_SUV
+    return INTENSITY_PERCENTILE
+
+
+def _robust_normalise(volume: np.ndarray) -> np.ndarray:
+    """Map the 1st / 99th percentile of the foreground to 0 / 1000 (clipped to [0, 4000]).
+
+    Foreground: voxels above 5 % of the volume's 99.5th percentile (MR / PET background
+    is near zero). Percentiles come from a strided sample of at most ~2 M voxels, so
+    the cost is bounded and the result deterministic.
+    """
+    flat = volume.reshape(-1)
+    step = max(1, flat.size // 2_000_000)
+    sample = flat[::step]
+    top = float(np.percentile(sample, 99.5))
+    fg = sample[sample > 0.05 * top] if top > 0 else sample
+    if fg.size < 16:
+        fg = sample
+    lo, hi = (float(v) for v in np.percentile(fg, NORM_PERCENTILES))
+    if not hi > lo:
+        hi = lo + 1.0
+    out = (volume - np.float32(lo)) * np.float32(NORM_SCALE / (hi - lo))
+    return np.clip(out, 0.0, NORM_MAX, out=out)
+
+
 # ------------------------------------------------------------------------- read_study
 
 
+ACQUISITION_TEXT: tuple[tuple[str, str, str | None], ...] = (
+    ("modality", "Modality", None),
+    ("manufacturer", "Manufacturer", None),
+    ("model", "ManufacturerModelName", None),
+    ("software", "SoftwareVersions", None),
+    ("kernel", "ConvolutionKernel", "CTReconstructionSequence"),
+    ("sequence", "SequenceName", None),
+    ("sequence", "PulseSequenceName", None),  # enhanced MR
+    ("protocol", "ProtocolName", None),
+)
+"""Text acquisition parameters kept: (key, keyword, functional group of enhanced
+objects). Each value passes :func:`encoders.deid.clean_descriptor` first."""
+ACQUISITION_NUMBERS: tuple[tuple[str, str, str | None], ...] = (
+    ("kvp", "KVP", "CTXRayDetailsSequence"),
+    ("exposure", "Exposure", None),
+    ("exposure", "ExposureInmAs", "CTExposureSequence"),  # enhanced CT
+    ("field_strength", "MagneticFieldStrength", None),
+    ("recon_diameter", "ReconstructionDiameter", "CTReconstructionSequence"),
+)
+"""Numeric acquisition parameters kept, as in :data:`ACQUISITION_TEXT`."""
+
+
 def _acquisition(ds: Dataset, spacing: tuple[float, float, float]) -> dict[str, str]:
-    """Only non-identifying acquisition parameters, as strings; absent ones omitted."""
+    """The acquisition parameters that make scanners differ (for harmonisation), as
+    strings; absent ones omitted. Only non-identifying values: nothing from the PS3.15
+    Basic profile except SoftwareVersions and ProtocolName under the options named in
+    :data:`encoders.deid.RETAINED_WITH_OPTIONS`, and every text value is dropped unless
+    :func:`encoders.deid.clean_descriptor` passes it."""
     out: dict[str, str] = {}
-    for key, keyword in (
-        ("modality", "Modality"),
-        ("manufacturer", "Manufacturer"),
-        ("model", "ManufacturerModelName"),
-        ("software", "SoftwareVersions"),
-        ("kernel", "ConvolutionKernel"),
-        ("sequence", "SequenceName"),
-        ("protocol", "ProtocolName"),
-    ):
-        value = _text(_get(ds, keyword))
+    identifying = identifying_values(ds, exclude=frozenset(RETAINED_WITH_OPTIONS))
+    for key, keyword, group in ACQUISITION_TEXT:
+        if key in out:
+            continue
+        raw = _fg_value(ds, 0, group, keyword) if group else _get(ds, keyword)
+        value = _text(raw)
         if value:
-            out[key] = value
-    for key, keyword in (
-        ("kvp", "KVP"),
-        ("exposure", "Exposure"),
-        ("field_strength", "MagneticFieldStrength"),
-        ("recon_diameter", "ReconstructionDiameter"),
-    ):
-        num = _float(_get(ds, keyword))
+            clean = clean_descriptor(value, identifying)
+            if clean:
+                out[key] = clean
+    for key, keyword, group in ACQUISITION_NUMBERS:
+        if key in out:
+            continue
+        num = _float(_fg_value(ds, 0, group, keyword) if group else _get(ds, keyword))
         if num is not None:
             out[key] = _fmt(num)
     thickness = _float(_fg_value(ds, 0, "PixelMeasuresSequence", "SliceThickness"))
@@ -1038,6 +1486,15 @@ def _read_study(items: list[Path | bytes], series_rule: SeriesRule) -> Study:
         series.setdefault(h.series_uid, []).append(h)
 
     candidates, skipped = _rank_series(series_rule, series)
+    if not candidates and any(_BURNED_IN_NOTE in note for note in skipped):
+        raise DicomError(
+            "burned_in_annotation",
+            f"{headers[0].label}: BurnedInAnnotation is YES (text burned into the pixels may "
+            "identify the patient) and no other series qualifies ("
+            + "; ".join(skipped)
+            + "); scrub the pixels and clear the flag, or allow it explicitly "
+            "(--allow-burned-in) if the text is known to be harmless",
+        )
     if not candidates:
         raise DicomError(
             "no_usable_series",
@@ -1084,6 +1541,19 @@ def _read_study(items: list[Path | bytes], series_rule: SeriesRule) -> Study:
         # Never merge unrelated studies under one empty id: each becomes its own patient.
         patient_id = f"NO-PATIENT-ID:{h0.study_uid}"
         parts.append("no PatientID: the study is treated as its own patient")
+    units = {"CT": "HU", "MR": "MR_raw"}.get(h0.modality, "raw")
+    if h0.modality == "PT":
+        factor, why = _pet_suv_factor(ds)
+        if factor is not None:
+            volume *= np.float32(factor)
+            units = "SUVbw"
+            parts.append(why)
+        else:
+            units = "PT_raw"
+            parts.append(
+                f"PET without SUV ({why}): intensities are normalised by robust percentiles "
+                "instead, not comparable with SUV studies"
+            )
     study = Study(
         study_uid=h0.study_uid,
         patient_id=patient_id,
@@ -1094,7 +1564,9 @@ def _read_study(items: list[Path | bytes], series_rule: SeriesRule) -> Study:
         acquisition=_acquisition(ds, geo.spacing),
         study_date=_parse_date(_get(ds, "StudyDate")),
         series_reason="; ".join(parts),
+        units=units,
     )
+    study.acquisition["intensity"] = _intensity_unit(study)
     log.debug("read study: %d slices, %d series considered", n_slices, len(series))
     return study
 
@@ -1132,8 +1604,17 @@ def _crop_or_pad(volume: np.ndarray, shape: tuple[int, int, int], fill: float) -
 
 
 def preprocess(study: Study, spec: InputSpec) -> np.ndarray:
-    """Resample ``study.volume`` to ``spec.spacing_mm`` and centre-crop / pad it to
-    ``spec.shape`` with ``spec.pad_value_hu``.
+    """Normalise intensities per modality, resample ``study.volume`` to
+    ``spec.spacing_mm`` and centre-crop / pad it to ``spec.shape``.
+
+    Intensities (``study.acquisition["intensity"]`` names the unit that is stored):
+
+    * ``HU`` — CT: Hounsfield units as read; padding ``spec.pad_value_hu``.
+    * ``SUVbw_x100`` — PET with the tags SUV needs: SUV (body weight) x
+      :data:`SUV_SCALE`; padding 0.
+    * ``percentile_norm`` — MR, and PET without them (the stated fallback): the 1st and
+      99th percentile of the foreground map to 0 and :data:`NORM_SCALE` (1000), clipped
+      to [0, :data:`NORM_MAX`], so scanners' arbitrary MR scales line up; padding 0.
 
     Downsampling first averages whole blocks (anti-aliasing, and fast on large volumes),
     then linear interpolation (``scipy.ndimage.zoom``, order 1) covers the remaining
@@ -1148,8 +1629,14 @@ def preprocess(study: Study, spec: InputSpec) -> np.ndarray:
     target = tuple(float(s) for s in spec.spacing_mm)
     if len(spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in spacing):
         raise DicomError("inconsistent_geometry", f"preprocess: invalid spacing {study.spacing}")
+    unit = _intensity_unit(study)
+    pad = float(spec.pad_value_hu) if unit == INTENSITY_HU else 0.0
     if not np.isfinite(volume).all():
-        volume = np.nan_to_num(volume, nan=spec.pad_value_hu, posinf=32767.0, neginf=-32768.0)
+        volume = np.nan_to_num(volume, nan=pad, posinf=32767.0, neginf=-32768.0)
+    if unit == INTENSITY_SUV:
+        volume = volume * np.float32(SUV_SCALE)
+    elif unit == INTENSITY_PERCENTILE:
+        volume = _robust_normalise(volume)
 
     factors = tuple(
         max(1, min(n, int(t / s + 1e-6)))
@@ -1164,5 +1651,5 @@ def preprocess(study: Study, spec: InputSpec) -> np.ndarray:
         zoom = tuple(o / n for o, n in zip(out_shape, volume.shape, strict=True))
         volume = ndimage.zoom(volume, zoom, order=1, mode="nearest", grid_mode=True)
     d, h, w = (int(s) for s in spec.shape)
-    out = _crop_or_pad(volume, (d, h, w), float(spec.pad_value_hu))
+    out = _crop_or_pad(volume, (d, h, w), pad)
     return np.clip(np.rint(out), -32768, 32767).astype(np.int16)

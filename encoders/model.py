@@ -7,7 +7,12 @@ settings.
 
 Pipeline of :class:`StudyEncoder` (callers pass HU, nothing else)::
 
-    volumes (b, D, H, W) HU float
+    volumes (n, D, H, W) HU
+      -> calibration (optional, ``calibration="tissue"``): each study's HU mapped so that
+         its outside air is -1000 and its soft tissue +40 (encoders.harmonize.calibrate_hu)
+      -> region: the whole volume, or (``region="lesion"``) a fixed box of ``roi_size``
+         voxels centred on the lesion (given as a box / mask, or proposed by
+         :func:`encoders.roi.propose_lesion`), resized in-plane to ``roi_px``  (embed)
       -> each slice becomes a C-channel image, one channel per HU window of the spec
          (centre, width) mapped to [0, 1], then standardised to [-1, 1]
       -> timm backbone (no classifier, no downloaded weights)   (b*D, f)
@@ -15,6 +20,10 @@ Pipeline of :class:`StudyEncoder` (callers pass HU, nothing else)::
       -> linear neck                                            (b, embedding_dim)
 
 ``embed`` is the only place where embeddings are L2-normalised.
+
+Why a lesion region: a lesion fills < 1 % of a chest volume, so a whole-volume embedding
+is dominated by body size, anatomy and scanner; the retrieval evaluation
+(``encoders.evaluate``, ``benchmarks/RESULTS.md``) measures the difference.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +41,7 @@ from typing import Any
 import numpy as np
 import timm
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -39,11 +49,14 @@ from encoders.errors import EncoderError
 from encoders.spec import DEFAULT_SPEC, InputSpec
 
 __all__ = [
+    "CALIBRATIONS",
     "CARD_FILE",
     "POOLINGS",
+    "REGIONS",
     "WEIGHTS_FILE",
     "EncoderCard",
     "GatedAttentionPool",
+    "RegionSpec",
     "StudyEncoder",
     "create_encoder",
     "embed",
@@ -57,6 +70,8 @@ __all__ = [
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 POOLINGS = ("mean", "attention")
+REGIONS = ("whole", "lesion")
+CALIBRATIONS = ("none", "tissue")
 
 # Backbones checked to build and train at 64 x 64 px with 3 input channels on CPU.
 # Any other timm model name works too (``timm.list_models()``), as long as it accepts
@@ -109,6 +124,62 @@ def list_encoders() -> list[str]:
     return list(_CURATED_BACKBONES)
 
 
+# --------------------------------------------------------------------------- region
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """What part of a study the encoder looks at (stored in the card).
+
+    ``mode="whole"``: the whole preprocessed volume. ``mode="lesion"``: a box of
+    ``size`` (depth, height, width) voxels of the input grid centred on the lesion,
+    resized in-plane to ``px`` x ``px`` pixels before the backbone (the default 6 x 12 x 12
+    voxels is 24 x 48 x 48 mm at 4 mm spacing). ``proposal`` names the centre proposal
+    used when the caller gives no box or mask (see :mod:`encoders.roi`).
+    """
+
+    mode: str = "whole"
+    size: tuple[int, int, int] = (6, 12, 12)
+    px: int = 32
+    proposal: str = "lung-dot-li2003"
+
+    def __post_init__(self) -> None:
+        if self.mode not in REGIONS:
+            raise EncoderError(f"region must be one of {REGIONS}, got {self.mode!r}")
+        if len(self.size) != 3 or any(int(v) < 1 for v in self.size):
+            raise EncoderError(f"region size must be 3 positive voxel counts, got {self.size}")
+        if int(self.px) < 8:
+            raise EncoderError(f"region px must be >= 8, got {self.px}")
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.mode == "whole":
+            return {"mode": "whole"}
+        return {"mode": self.mode, "size": [int(v) for v in self.size], "px": int(self.px),
+                "proposal": self.proposal}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | str | None) -> RegionSpec:
+        if d is None:
+            return cls()
+        if isinstance(d, str):
+            return cls(mode=d)
+        if not isinstance(d, dict):
+            raise EncoderError(f"region must be a JSON object or a mode name, got {d!r}")
+        default = cls()
+        return cls(
+            mode=str(d.get("mode", "whole")),
+            size=tuple(int(v) for v in d.get("size", default.size)),  # type: ignore[arg-type]
+            px=int(d.get("px", default.px)),
+            proposal=str(d.get("proposal", default.proposal)),
+        )
+
+
+def _region(region: str | RegionSpec | None) -> RegionSpec:
+    if isinstance(region, RegionSpec):
+        return region
+    return RegionSpec(mode=region or "whole")
+
+
 # --------------------------------------------------------------------------- card
 
 
@@ -137,6 +208,8 @@ class EncoderCard:
     seed: int = 0
     notes: str = ""
     pooling: str = "mean"
+    region: RegionSpec = field(default_factory=RegionSpec)
+    calibration: str = "none"
     torch_version: str = field(default_factory=lambda: torch.__version__)
     timm_version: str = field(default_factory=lambda: timm.__version__)
 
@@ -147,6 +220,8 @@ class EncoderCard:
             "embedding_dim": int(self.embedding_dim),
             "input": self.input.to_dict(),
             "pooling": self.pooling,
+            "region": self.region.to_dict(),
+            "calibration": self.calibration,
             "data_hash": self.data_hash,
             "version": self.version,
             "created_at": self.created_at,
@@ -178,6 +253,8 @@ class EncoderCard:
                 embedding_dim=int(d["embedding_dim"]),
                 input=InputSpec.from_dict(d["input"]),
                 pooling=str(d.get("pooling", "mean")),
+                region=RegionSpec.from_dict(d.get("region")),
+                calibration=str(d.get("calibration", "none")),
                 data_hash=str(d.get("data_hash", "")),
                 version=str(d.get("version", "")),
                 created_at=str(d.get("created_at", "")),
@@ -212,6 +289,8 @@ class EncoderCard:
             embedding_dim=encoder.embedding_dim,
             input=encoder.spec,
             pooling=encoder.pooling,
+            region=encoder.region,
+            calibration=encoder.calibration,
             **fields,
         )
 
@@ -238,10 +317,12 @@ class GatedAttentionPool(nn.Module):
 
 
 class StudyEncoder(nn.Module):
-    """2.5D study encoder: ``forward(volumes (b, D, H, W) HU float) -> (b, embedding_dim)``.
+    """2.5D study encoder: ``forward(x (b, D, H, W) HU float) -> (b, embedding_dim)``.
 
-    The output is *not* normalised (see :func:`embed`). ``D`` may differ from the spec's
-    depth (training encodes random slice subsets); H and W must suit the backbone.
+    ``x`` is what :meth:`regions` returns: whole volumes (``region.mode == "whole"``) or
+    lesion boxes (``"lesion"``; resized in-plane to ``region.px`` here). The output is *not*
+    normalised (see :func:`embed`). ``D`` may differ from the spec's depth (training
+    encodes random slice subsets); H and W must suit the backbone.
     """
 
     def __init__(
@@ -251,8 +332,12 @@ class StudyEncoder(nn.Module):
         spec: InputSpec = DEFAULT_SPEC,
         embedding_dim: int = 128,
         pooling: str = "mean",
+        region: str | RegionSpec | None = None,
+        calibration: str = "none",
     ) -> None:
         super().__init__()
+        if calibration not in CALIBRATIONS:
+            raise EncoderError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
         if int(embedding_dim) < 1:
             raise EncoderError(f"embedding_dim must be >= 1, got {embedding_dim}")
         if pooling not in POOLINGS:
@@ -272,6 +357,8 @@ class StudyEncoder(nn.Module):
         self.spec = spec
         self.embedding_dim = int(embedding_dim)
         self.pooling = pooling
+        self.region = _region(region)
+        self.calibration = calibration
         self.num_features: int = int(self.backbone.num_features)  # type: ignore[arg-type]
         self.pool = GatedAttentionPool(self.num_features) if pooling == "attention" else None
         self.neck = nn.Linear(self.num_features, self.embedding_dim)
@@ -292,8 +379,45 @@ class StudyEncoder(nn.Module):
             "backbone": self.backbone_name,
             "embedding_dim": self.embedding_dim,
             "pooling": self.pooling,
+            "region": self.region.to_dict(),
+            "calibration": self.calibration,
             "input": self.spec.to_dict(),
         }
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(D, H, W)`` of what :meth:`regions` returns (the spec's shape or the box)."""
+        if self.region.mode == "lesion":
+            return tuple(int(v) for v in self.region.size)  # type: ignore[return-value]
+        return tuple(int(v) for v in self.spec.shape)  # type: ignore[return-value]
+
+    def regions(
+        self, volumes: np.ndarray, rois: Sequence[Any] | None = None
+    ) -> np.ndarray:
+        """``(n, D, H, W)`` preprocessed volumes -> the encoder's input, ``(n,) +
+        input_shape`` (same dtype), HU-calibrated if ``calibration == "tissue"``: the
+        volumes themselves, or lesion boxes centred on the
+        given ``rois`` (boxes, masks or :class:`encoders.roi.Roi`; ``None`` entries are
+        proposed by :func:`encoders.roi.propose_lesion`)."""
+        if self.calibration == "tissue":
+            from encoders.harmonize import calibrate_hu
+
+            volumes = calibrate_hu(volumes, pad_value=self.spec.pad_value_hu)
+        if self.region.mode == "whole":
+            if rois is not None and any(r is not None for r in rois):
+                raise EncoderError(
+                    "this encoder embeds whole volumes (region 'whole'); regions of interest "
+                    "need an encoder trained with region='lesion'"
+                )
+            return volumes
+        from encoders.roi import crop_around, rois_for
+
+        centres = rois_for(volumes, rois, spacing_mm=self.spec.spacing_mm)
+        out = np.empty((volumes.shape[0], *self.input_shape), dtype=volumes.dtype)
+        for i, r in enumerate(centres):
+            out[i] = crop_around(volumes[i], r.centre, self.input_shape,
+                                 pad_value=self.spec.pad_value_hu)
+        return out
 
     def to_channels(self, volumes: Tensor) -> Tensor:
         """``(b, D, H, W)`` HU -> ``(b, D, C, H, W)`` windowed and standardised."""
@@ -315,6 +439,16 @@ class StudyEncoder(nn.Module):
         return self.backbone(x).reshape(b, d, -1)
 
     def forward(self, volumes: Tensor) -> Tensor:
+        if self.region.mode == "lesion" and tuple(volumes.shape[-2:]) != (self.region.px,) * 2:
+            if volumes.ndim != 4:
+                raise EncoderError(
+                    f"encoder input must be (batch, depth, height, width), got shape "
+                    f"{tuple(volumes.shape)}"
+                )
+            volumes = torch.nn.functional.interpolate(
+                volumes.float(), size=(self.region.px, self.region.px), mode="bilinear",
+                align_corners=False,
+            )
         feats = self.slice_features(volumes)
         pooled = feats.mean(dim=1) if self.pool is None else self.pool(feats)
         return self.neck(pooled)
@@ -326,13 +460,24 @@ def create_encoder(
     spec: InputSpec = DEFAULT_SPEC,
     embedding_dim: int = 128,
     pooling: str = "mean",
+    region: str | RegionSpec | None = None,
+    calibration: str = "none",
 ) -> StudyEncoder:
     """Build a randomly initialised :class:`StudyEncoder` (never downloads weights).
 
     ``backbone`` is any timm model name (see :func:`list_encoders` for tested ones);
-    the number of input channels is ``spec.in_chans`` (one per HU window).
+    the number of input channels is ``spec.in_chans`` (one per HU window). ``region`` is
+    ``"whole"`` (default), ``"lesion"`` or a :class:`RegionSpec`; ``calibration``
+    ``"none"`` (default) or ``"tissue"`` (HU calibrated on air and soft tissue per study).
     """
-    return StudyEncoder(backbone, spec=spec, embedding_dim=embedding_dim, pooling=pooling)
+    return StudyEncoder(
+        backbone,
+        spec=spec,
+        embedding_dim=embedding_dim,
+        pooling=pooling,
+        region=region,
+        calibration=calibration,
+    )
 
 
 # --------------------------------------------------------------------------- embed
@@ -344,12 +489,18 @@ def embed(
     *,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    rois: Sequence[Any] | None = None,
+    amp: bool = True,
 ) -> np.ndarray:
     """Embed studies: ``(n, D, H, W)`` int16/float HU -> ``(n, d)`` float32, L2-normalised.
 
-    The shape must match the encoder's ``InputSpec.shape``. Runs in eval mode under
-    ``torch.inference_mode`` (the encoder is moved to ``device``; its train/eval mode is
-    restored afterwards).
+    The shape must match the encoder's ``InputSpec.shape``. For a ``region="lesion"``
+    encoder, ``rois`` may give one region per study (a ``(z0, y0, x0, z1, y1, x1)`` voxel
+    box, a ``(D, H, W)`` mask, an :class:`encoders.roi.Roi` or ``None`` = propose one);
+    the box of ``card.region.size`` voxels around its centre is embedded. Runs in eval
+    mode under ``torch.inference_mode`` (the encoder is moved to ``device``; its
+    train/eval mode is restored afterwards); on CUDA with ``amp``, in bfloat16 autocast
+    and channels-last.
     """
     if not isinstance(volumes, np.ndarray):
         raise EncoderError(f"volumes must be a numpy array, got {type(volumes).__name__}")
@@ -373,18 +524,31 @@ def embed(
     dev = resolve_device(device)
     n = volumes.shape[0]
     out = np.empty((n, encoder.embedding_dim), dtype=np.float32)
+    if n == 0:
+        return out
+    inputs = encoder.regions(volumes, rois)
     was_training = encoder.training
     encoder.to(dev).eval()
+    cuda = dev.type == "cuda"
+    if cuda:
+        encoder.to(memory_format=torch.channels_last)
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if cuda and amp
+        else contextlib.nullcontext()
+    )
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             for start in range(0, n, batch_size):
-                chunk = np.ascontiguousarray(volumes[start : start + batch_size])
+                chunk = np.ascontiguousarray(inputs[start : start + batch_size])
                 x = torch.from_numpy(chunk).to(dev, dtype=torch.float32)
                 z = encoder(x).float()
                 z = torch.nn.functional.normalize(z, dim=1, eps=1e-12)
                 out[start : start + len(chunk)] = z.cpu().numpy()
     finally:
         encoder.train(was_training)
+        if cuda:
+            encoder.to(memory_format=torch.contiguous_format)
     return out
 
 
@@ -407,6 +571,8 @@ def _check_card_matches(encoder: StudyEncoder, card: EncoderCard) -> None:
             ("backbone", card.backbone, encoder.backbone_name),
             ("embedding_dim", card.embedding_dim, encoder.embedding_dim),
             ("pooling", card.pooling, encoder.pooling),
+            ("region", card.region, encoder.region),
+            ("calibration", card.calibration, encoder.calibration),
             ("input", card.input, encoder.spec),
         )
         if a != b
@@ -441,7 +607,12 @@ def save_encoder(encoder: StudyEncoder, card: EncoderCard, out_dir: Path | str) 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
     weights = out / WEIGHTS_FILE
-    _write_atomic(weights, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    # the architecture (region and input spec included) is stored inside the weights file,
+    # so it is covered by the content id and a card edited afterwards is caught on load
+    # (one key only: safetensors does not keep the order of metadata keys, and the file
+    # must be byte-identical for identical weights)
+    meta = {"cohortsim_config": json.dumps(encoder.config, sort_keys=True)}
+    _write_atomic(weights, lambda p: save_file(tensors, str(p), metadata=meta))
     version = weights_version(weights)
     if not card.version:
         card.version = version
@@ -501,16 +672,27 @@ def load_encoder(
             spec=card.input,
             embedding_dim=card.embedding_dim,
             pooling=card.pooling,
+            region=card.region,
+            calibration=card.calibration,
         )
     except EncoderError as exc:
         raise EncoderError(f"{card_path}: {exc}") from exc
     try:
         state = load_file(str(weights_path))
+        with safe_open(str(weights_path), framework="pt") as f:
+            stored = (f.metadata() or {}).get("cohortsim_config")
     except (SafetensorError, OSError, ValueError) as exc:
         raise EncoderError(
             f"{weights_path} is not a readable safetensors file ({exc}); re-copy or "
             "re-save the encoder"
         ) from exc
+    if stored is not None and json.loads(stored) != json.loads(
+        json.dumps(encoder.config, sort_keys=True)
+    ):
+        raise EncoderError(
+            f"{card_path} does not fit the architecture stored with the weights ({stored}); "
+            "the card was edited or belongs to other weights: re-save the encoder"
+        )
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -8,6 +8,12 @@ the study embedding.
 Speed: each view encodes a random subset of ``train_slices`` slices (the mean over
 slices is defined for any subset), which halves the cost at the default 8 of 16.
 ``torch.set_num_threads`` is left to the caller.
+
+Lesion region (``region="lesion"``): the lesion centre of every training study is found
+once (:func:`encoders.roi.propose_lesion`, or given ``rois``); the two views of a study
+are two boxes around it, each shifted by up to ``roi_jitter`` voxels per axis (which
+also teaches tolerance to an imprecise centre), randomly rotated / reflected, then passed
+through the scanner augmentations of :meth:`AugmentConfig.for_lesion`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +32,17 @@ import torch
 from torch import Tensor, nn
 
 from encoders.augment import AugmentConfig, two_views
+from encoders.augment import augment as augment_fn
 from encoders.errors import EncoderError
 from encoders.heads import ProjectionHead
 from encoders.losses import NTXentLoss, VICRegLoss
-from encoders.model import EncoderCard, StudyEncoder, create_encoder, resolve_device
+from encoders.model import (
+    EncoderCard,
+    RegionSpec,
+    StudyEncoder,
+    create_encoder,
+    resolve_device,
+)
 from encoders.spec import DEFAULT_SPEC, InputSpec
 
 __all__ = ["CHECKPOINT_FILE", "METHODS", "resolve_device", "train_ssl"]
@@ -50,11 +63,17 @@ def _make_loss(method: str) -> nn.Module:
     return NTXentLoss(temperature=0.1) if method == "simclr" else VICRegLoss()
 
 
-def _lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
-    """Linear warm-up for ``warmup`` steps, then cosine decay to 1% of ``base_lr``."""
+def _lr_at(
+    step: int, total: int, base_lr: float, warmup: int, time_fraction: float = 0.0
+) -> float:
+    """Linear warm-up for ``warmup`` steps, then cosine decay to 1% of ``base_lr``.
+
+    ``time_fraction`` (elapsed / time budget) advances the decay when a time budget will
+    end the run before ``total`` steps, so a budget-limited run still anneals.
+    """
     if step < warmup:
         return base_lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
+    t = max((step - warmup) / max(1, total - warmup), time_fraction)
     return base_lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t))))
 
 
@@ -129,6 +148,33 @@ def _slice_subset(depth: int, k: int | None, gen: torch.Generator) -> Tensor | N
     return torch.randperm(depth, generator=gen)[:k].sort().values
 
 
+def _lesion_boxes(
+    volumes: np.ndarray, spec: InputSpec, region: RegionSpec, rois: Sequence[Any] | None,
+    margin: int,
+) -> tuple[np.ndarray, str]:
+    """``(n, D+2m, H+2m, W+2m)`` boxes around each study's lesion centre, and a digest
+    of the centres (part of the checkpoint's run identity)."""
+    from encoders.roi import crop_around, rois_for
+
+    centres = rois_for(volumes, rois, spacing_mm=spec.spacing_mm)
+    size = tuple(int(v) + 2 * margin for v in region.size)
+    boxes = np.stack([crop_around(v, r.centre, size, pad_value=spec.pad_value_hu)
+                      for v, r in zip(volumes, centres, strict=True)])
+    digest = hashlib.sha256(repr([r.centre for r in centres]).encode()).hexdigest()[:16]
+    return boxes, digest
+
+
+def _jittered(boxes: Tensor, size: tuple[int, ...], margin: int, gen: torch.Generator) -> Tensor:
+    """One box of ``size`` per sample of ``boxes`` ``(b, D+2m, H+2m, W+2m)``, shifted by a
+    random offset in ``[-m, m]`` voxels per axis."""
+    b = boxes.shape[0]
+    off = torch.randint(0, 2 * margin + 1, (b, 3), generator=gen).tolist()
+    d, h, w = size
+    return torch.stack(
+        [boxes[i, o[0] : o[0] + d, o[1] : o[1] + h, o[2] : o[2] + w] for i, o in enumerate(off)]
+    )
+
+
 def train_ssl(
     volumes: np.ndarray,
     *,
@@ -149,6 +195,10 @@ def train_ssl(
     pooling: str = "mean",
     train_slices: int | None = 8,
     augment: AugmentConfig | None = None,
+    region: str | RegionSpec | None = None,
+    rois: Sequence[Any] | None = None,
+    roi_jitter: int = 2,
+    calibration: str = "none",
 ) -> tuple[StudyEncoder, EncoderCard]:
     """Train an encoder on ``volumes`` ``(n, D, H, W)`` int16 HU without labels.
 
@@ -159,10 +209,24 @@ def train_ssl(
     resumable checkpoint is written after each epoch and training resumes from it. Each
     view encodes ``train_slices`` random slices (``None``: all).
 
+    ``region`` ``"whole"`` (default) or ``"lesion"`` (or a :class:`RegionSpec`): what the
+    encoder embeds; with ``"lesion"``, ``rois`` optionally gives one region per study
+    (box, mask, :class:`encoders.roi.Roi` or ``None`` = propose), and views are boxes
+    shifted by up to ``roi_jitter`` voxels (``augment`` defaults to
+    :meth:`AugmentConfig.for_lesion`). ``calibration="tissue"`` calibrates each study's HU
+    on its air and soft tissue first (:func:`encoders.harmonize.calibrate_hu`), so the HU
+    augmentation only has to cover the residual (lesion views use narrow HU ranges then).
+
     Returns the encoder (eval mode, on the training device) and its card (``version`` is
     set when the encoder is saved).
     """
     _validate(volumes, spec, method, epochs, batch_size, lr, train_slices)
+    if roi_jitter < 0:
+        raise EncoderError(f"roi_jitter must be >= 0 voxels, got {roi_jitter}")
+    reg = region if isinstance(region, RegionSpec) else RegionSpec(mode=region or "whole")
+    lesion = reg.mode == "lesion"
+    if lesion and augment is None:
+        augment = AugmentConfig.for_lesion(calibrated=calibration == "tissue")
     dev = resolve_device(device)
     use_cuda = dev.type == "cuda"
     n = volumes.shape[0]
@@ -174,7 +238,14 @@ def train_ssl(
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = create_encoder(backbone, spec=spec, embedding_dim=embedding_dim, pooling=pooling)
+        encoder = create_encoder(
+            backbone,
+            spec=spec,
+            embedding_dim=embedding_dim,
+            pooling=pooling,
+            region=reg,
+            calibration=calibration,
+        )
         head = _make_head(method, embedding_dim)
     criterion = _make_loss(method)
     encoder.to(dev)
@@ -189,6 +260,8 @@ def train_ssl(
         "spec": spec.to_dict(),
         "embedding_dim": int(embedding_dim),
         "pooling": pooling,
+        "region": reg.to_dict(),
+        "calibration": calibration,
         "method": method,
         "seed": int(seed),
         "batch_size": int(bs),
@@ -200,6 +273,16 @@ def train_ssl(
         raw = np.ascontiguousarray(volumes)
         run["volumes_sha256"] = hashlib.sha256(raw.tobytes()).hexdigest()
     start_epoch = 0
+    if calibration == "tissue":
+        from encoders.harmonize import calibrate_hu
+
+        volumes = calibrate_hu(volumes, pad_value=spec.pad_value_hu)
+    if lesion:
+        boxes, centres_digest = _lesion_boxes(volumes, spec, reg, rois, roi_jitter)
+        run["roi_centres"] = centres_digest
+        data = torch.from_numpy(boxes)
+    else:
+        data = torch.from_numpy(np.ascontiguousarray(volumes))  # stays on the CPU
     if ckpt_path is not None and (state := _load_checkpoint(ckpt_path, run)) is not None:
         try:
             encoder.load_state_dict(state["encoder"])
@@ -212,8 +295,6 @@ def train_ssl(
                 f"training checkpoint {ckpt_path} does not fit this model ({exc}); delete it "
                 "to start from scratch"
             ) from exc
-
-    data = torch.from_numpy(np.ascontiguousarray(volumes))  # stays on the CPU, cast per batch
     amp = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         if use_cuda
@@ -234,14 +315,24 @@ def train_ssl(
             batches.pop()
         done_in_epoch = 0
         for idx in batches:
-            x = data[idx].to(dev, non_blocking=True).float()
-            v1, v2 = two_views(x, gen, augment)
-            s1 = _slice_subset(x.shape[1], train_slices, gen)
-            s2 = _slice_subset(x.shape[1], train_slices, gen)
+            if lesion:
+                x = data[idx]
+                v1 = augment_fn(_jittered(x, reg.size, roi_jitter, gen).to(dev).float(), gen,
+                                augment)
+                v2 = augment_fn(_jittered(x, reg.size, roi_jitter, gen).to(dev).float(), gen,
+                                augment)
+            else:
+                x = data[idx].to(dev, non_blocking=True).float()
+                v1, v2 = two_views(x, gen, augment)
+            s1 = _slice_subset(v1.shape[1], train_slices, gen)
+            s2 = _slice_subset(v2.shape[1], train_slices, gen)
             if s1 is not None and s2 is not None:
                 v1, v2 = v1[:, s1.to(dev)], v2[:, s2.to(dev)]
+            time_fraction = (
+                (time.monotonic() - started) / time_budget_s if time_budget_s else 0.0
+            )
             for g in optimizer.param_groups:
-                g["lr"] = _lr_at(step, total_steps, lr, warmup)
+                g["lr"] = _lr_at(step, total_steps, lr, warmup, time_fraction)
             with amp:
                 z1 = head(encoder(v1))
                 z2 = head(encoder(v2))
@@ -293,7 +384,11 @@ def train_ssl(
     if use_cuda:
         encoder.to(memory_format=torch.contiguous_format)
     notes = [f"{method}, {steps_per_epoch} steps/epoch, batch {bs}, lr {lr:g}"]
-    if train_slices is not None and train_slices < spec.shape[0]:
+    if calibration != "none":
+        notes.append(f"HU calibration {calibration}")
+    if lesion:
+        notes.append(f"lesion boxes {'x'.join(map(str, reg.size))} voxels, jitter {roi_jitter}")
+    if train_slices is not None and train_slices < encoder.input_shape[0]:
         notes.append(f"{train_slices} of {spec.shape[0]} slices per view")
     if start_epoch:
         notes.append(f"resumed at epoch {start_epoch}")

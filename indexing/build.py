@@ -1,20 +1,42 @@
-"""Index build jobs: store + encoder -> snapshot, or precomputed embeddings -> snapshot."""
+"""Index build jobs: store + encoder -> snapshot, or precomputed embeddings -> snapshot.
+
+Also the jobs that change a published index without re-embedding: outcome updates
+(:func:`update_outcomes`, a new version sharing the vectors) and compaction after
+deletions (:func:`compact_index`, a rebuild from the snapshot's own vectors).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import fcntl
+import hashlib
+import logging
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from encoders.model import embed, load_encoder
+from encoders.errors import EncoderError
+from encoders.model import EncoderCard, embed, load_encoder
 from encoders.spec import InputSpec
 from encoders.train import resolve_device
 from indexing.errors import ModelVersionError, StoreError
-from indexing.snapshot import build_snapshot
-from indexing.store import ACQUISITION_COLUMNS, CohortStore
+from indexing.evaluation import EVALUATION_KEY, evaluate_prognosis
+from indexing.snapshot import (
+    BUILD_MANIFEST_KEYS,
+    build_snapshot,
+    load_snapshot,
+    republish_metadata,
+)
+from indexing.store import ACQUISITION_COLUMNS, CohortStore, write_parquet_atomic
+from indexing.thumbnails import COLUMN as THUMBNAIL_COLUMN
+from indexing.thumbnails import thumbnail_png
+
+log = logging.getLogger(__name__)
 
 # Columns of an --embeddings file that are not outcomes.
 _EMBEDDING_KEY_COLUMNS = {
@@ -30,6 +52,46 @@ _EMBEDDING_KEY_COLUMNS = {
 }
 
 
+DEFAULT_SHARD_SIZE = 512
+BUILD_DIR = ".build"  # INDEX_DIR/.build/embed-<key>/: checkpoints of a running rebuild
+
+
+def checkpoint_dir_for(index_dir: Path, model_version: str, spec: str) -> Path:
+    """Where a rebuild of ``index_dir`` with this encoder keeps its embedded shards."""
+    key = hashlib.sha256(f"{model_version}\n{spec}".encode()).hexdigest()[:16]
+    return Path(index_dir) / BUILD_DIR / f"embed-{key}"
+
+
+@contextlib.contextmanager
+def _job_lock(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(
+                f"another index build is embedding into {folder.parent.parent}; wait for it "
+                "to finish (or stop it) before starting a second one"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _read_shard(path: Path, uids: list[str]) -> pa.Table | None:
+    """A finished shard's table when it exists and holds exactly ``uids``; else None."""
+    if not path.exists():
+        return None
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        return None  # a damaged checkpoint is simply embedded again
+    if table.column("study_uid").to_pylist() != uids:
+        return None
+    return table
+
+
 def embed_store(
     store: CohortStore,
     model_dir: Path,
@@ -37,37 +99,82 @@ def embed_store(
     device: str = "auto",
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> tuple[np.ndarray, pa.Table, str]:
     """Embed every study of ``store`` with the encoder in ``model_dir``.
 
-    Returns ``(embeddings (n, d) float32, cohort table (row i = embedding i), model_version)``.
+    Returns ``(embeddings (n, d) float32, cohort table (row i = embedding i), model_version)``;
+    the table carries a ``thumbnail`` column (PNG of each study's central slice,
+    :mod:`indexing.thumbnails`). Volumes are streamed ``shard_size`` studies at a time
+    (memory stays at one shard); with ``checkpoint_dir`` each finished shard is saved
+    there (atomically) and a later run with the same encoder reuses every shard whose
+    studies are unchanged, so a killed job resumes where it stopped. The encoder runs
+    on the GPU when ``device`` is "auto" and one is visible.
     """
     dev = resolve_device(device)
     encoder, card = load_encoder(model_dir, device=str(dev))
-    uids, volumes = store.load_volumes()
-    if not uids:
+    specs = store.studies(columns=["spec"])["spec"]
+    if len(specs) == 0:
         raise StoreError(f"the store at {store.root} holds no studies; run cohortsim ingest first")
-    stored_spec = store.studies(columns=["spec"])["spec"][0].as_py()
+    stored_spec = specs[0].as_py()
     if stored_spec and InputSpec.from_dict(_json(stored_spec)) != card.input:
         raise ModelVersionError(
             f"the encoder in {model_dir} expects input {card.input.to_dict()} but the store was "
             "preprocessed differently; train on this store or re-ingest with the encoder's spec"
         )
-    chunks = []
-    n = len(uids)
-    for start in range(0, n, batch_size):
-        chunks.append(
-            embed(encoder, volumes[start : start + batch_size], batch_size=batch_size, device=str(dev))
-        )
-        if progress is not None:
-            progress(min(start + batch_size, n), n)
-    vectors = np.concatenate(chunks, axis=0).astype(np.float32)
+    if shard_size < 1:
+        raise StoreError(f"shard_size must be >= 1, got {shard_size}")
+    n = len(specs)
+    done = reused = 0
+    shards: list[pa.Table] = []
+    lock = _job_lock(checkpoint_dir) if checkpoint_dir is not None else contextlib.nullcontext()
+    with lock:
+        for i, (uids, volumes) in enumerate(store.iter_volumes(batch_size=shard_size)):
+            path = checkpoint_dir / f"shard-{i:06d}.parquet" if checkpoint_dir else None
+            table = _read_shard(path, uids) if path is not None else None
+            if table is None:
+                chunks = []
+                for start in range(0, len(uids), batch_size):
+                    chunks.append(
+                        embed(encoder, volumes[start : start + batch_size], batch_size=batch_size, device=str(dev))
+                    )
+                    if progress is not None:
+                        progress(min(done + start + batch_size, done + len(uids)), n)
+                vecs = np.concatenate(chunks, axis=0).astype(np.float32)
+                d = vecs.shape[1]
+                table = pa.table(
+                    {
+                        "study_uid": pa.array(uids, pa.string()),
+                        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), d),
+                        THUMBNAIL_COLUMN: pa.array([thumbnail_png(v) for v in volumes], pa.binary()),
+                    }
+                )
+                if path is not None:
+                    write_parquet_atomic(table, path)
+            else:
+                reused += len(uids)
+            shards.append(table)
+            done += len(uids)
+            if progress is not None:
+                progress(done, n)
+    if reused:
+        log.info("build: %d of %d studies taken from checkpoints", reused, done)
+    embedded = pa.concat_tables(shards).combine_chunks()
+    uids_all = embedded.column("study_uid").to_pylist()
+    emb = embedded.column("embedding").combine_chunks()
+    vectors = np.asarray(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(
+        len(uids_all), -1
+    )
     table = store.cohort_table()
     order = {u: i for i, u in enumerate(table["study_uid"].to_pylist())}
-    missing = [u for u in uids if u not in order]
+    missing = [u for u in uids_all if u not in order]
     if missing:
         raise StoreError(f"{len(missing)} stored volumes have no study row; the store is inconsistent")
-    table = table.take(pa.array([order[u] for u in uids], pa.int64()))
+    table = table.take(pa.array([order[u] for u in uids_all], pa.int64()))
+    if THUMBNAIL_COLUMN in table.column_names:
+        table = table.drop_columns([THUMBNAIL_COLUMN])
+    table = table.append_column(THUMBNAIL_COLUMN, embedded.column(THUMBNAIL_COLUMN))
     return vectors, table, card.version
 
 
@@ -85,18 +192,33 @@ def build_from_store(
     kind: str = "Flat",
     device: str = "auto",
     batch_size: int = 16,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    search_params: dict[str, float] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> str:
-    """Embed the store with the model and publish a snapshot; returns the version id."""
+    """Embed the store with the model and publish a snapshot; returns the version id.
+
+    Embedding is checkpointed per shard under ``INDEX_DIR/.build/`` (removed once the
+    version is published), so re-running a killed build resumes it. Safe while a server
+    reads ``index_dir``: nothing is visible to it before the atomic publish.
+    ``progress(stage, done, total)``: stages ``embed``, then the snapshot's ``train``,
+    ``add``, ``ood``, ``checksum``, ``publish``.
+    """
     store = CohortStore(store_dir)
+    _enc, card = _card_of(model_dir)
+    spec = store.studies(columns=["spec"])["spec"]
+    ckpt = checkpoint_dir_for(index_dir, card.version, spec[0].as_py() if len(spec) else "")
     vectors, table, model_version = embed_store(
         store,
         model_dir,
         device=device,
         batch_size=batch_size,
         progress=(lambda d, t: progress("embed", d, t)) if progress else None,
+        checkpoint_dir=ckpt,
+        shard_size=shard_size,
     )
-    return build_snapshot(
+    evaluation = evaluate_prognosis(vectors, table)
+    version = build_snapshot(
         index_dir,
         vectors,
         table,
@@ -104,7 +226,22 @@ def build_from_store(
         kind=kind,
         encoder_dir=Path(model_dir),
         store_version=store.store_version(),
+        search_params=search_params,
+        progress=progress,
+        extra_manifest={EVALUATION_KEY: evaluation},
     )
+    shutil.rmtree(ckpt, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (Path(index_dir) / BUILD_DIR).rmdir()  # only when no other job's checkpoints remain
+    return version
+
+
+def _card_of(model_dir: Path) -> tuple[None, EncoderCard]:
+    """The encoder card alone (no weights loaded)."""
+    path = Path(model_dir) / "card.json"
+    if not path.is_file():
+        raise EncoderError(f"{model_dir} holds no card.json; pass a folder made by cohortsim train")
+    return None, EncoderCard.from_json(path.read_text())
 
 
 def read_embeddings(path: Path) -> tuple[np.ndarray, pa.Table, str]:
@@ -184,4 +321,78 @@ def pc_list_lengths(arr: pa.Array) -> list[int]:
 def build_from_embeddings(path: Path, index_dir: Path, *, kind: str = "Flat") -> str:
     """Publish a snapshot from a precomputed-embeddings Parquet file; returns the version id."""
     vectors, table, model_version = read_embeddings(path)
-    return build_snapshot(index_dir, vectors, table, model_version=model_version, kind=kind)
+    evaluation = evaluate_prognosis(vectors, table)
+    return build_snapshot(
+        index_dir,
+        vectors,
+        table,
+        model_version=model_version,
+        kind=kind,
+        extra_manifest={EVALUATION_KEY: evaluation},
+    )
+
+
+def _outcome_columns(metadata: pa.Table, outcomes: pa.Table) -> pa.Table:
+    """``metadata`` with its outcome columns replaced by ``outcomes`` joined on patient_id."""
+    position = {pid: i for i, pid in enumerate(outcomes.column("patient_id").to_pylist())}
+    idx = pa.array(
+        [position.get(pid) for pid in metadata.column("patient_id").to_pylist()], pa.int64()
+    )
+    joined = outcomes.drop_columns(["patient_id"]).take(idx)
+    for name in joined.column_names:
+        field = joined.schema.field(name)
+        if name in metadata.column_names:
+            metadata = metadata.set_column(metadata.column_names.index(name), field, joined.column(name))
+        else:
+            metadata = metadata.append_column(field, joined.column(name))
+    return metadata
+
+
+def update_outcomes(index_dir: Path, store: CohortStore) -> str:
+    """Publish a version of the current index with the store's outcomes, without re-embedding.
+
+    The index and vectors are shared with the current version (hard links); only the
+    metadata's ``time``, ``event``, ``labels`` and ``values`` (and the prognostic
+    evaluation that depends on them) change. Returns the new version id.
+    """
+    snap = load_snapshot(index_dir, device="cpu")
+    metadata = _outcome_columns(snap.metadata, store.outcomes())
+    updates: dict[str, Any] = {"store_version": store.store_version()}
+    if EVALUATION_KEY in snap.manifest:
+        updates[EVALUATION_KEY] = evaluate_prognosis(np.asarray(snap.vectors, np.float32), metadata)
+    return republish_metadata(index_dir, metadata, base_version=snap.version, manifest_updates=updates)
+
+
+def compact_index(index_dir: Path, *, progress: Callable[[str, int, int], None] | None = None) -> str | None:
+    """Rebuild the current version from its own vectors without withdrawn patients.
+
+    Tombstoned rows are hidden from answers at once; this removes them physically (no
+    re-embedding: the vectors come from the snapshot). Returns the new version id, or
+    None when no row of the current version is tombstoned.
+    """
+    snap = load_snapshot(index_dir, device="cpu")
+    deleted = snap.deleted_rows()
+    if not deleted:
+        return None
+    # build_snapshot itself leaves out the tombstoned rows (and counts them)
+    vectors = np.asarray(snap.vectors, dtype=np.float32)
+    metadata = snap.metadata.drop_columns(["row_id"])
+    m = snap.manifest
+    extra = {k: v for k, v in m.items() if k not in BUILD_MANIFEST_KEYS}
+    if EVALUATION_KEY in extra:
+        keep = np.ones(snap.num_studies, dtype=bool)
+        keep[list(deleted)] = False
+        extra[EVALUATION_KEY] = evaluate_prognosis(vectors[keep], metadata.filter(pa.array(keep)))
+    return build_snapshot(
+        index_dir,
+        vectors,
+        metadata,
+        model_version=snap.model_version,
+        kind=str(m["index_kind"]),
+        encoder_dir=snap.encoder_dir,
+        store_version=m.get("store_version"),
+        search_params=m.get("search_params") or None,
+        k_ood=snap.k_ood,
+        progress=progress,
+        extra_manifest=extra,
+    )

@@ -4,35 +4,66 @@ One bad file or study never sinks the batch: it is reported with a reason and sk
 Studies already in the store are skipped (re-running an ingest adds nothing twice), and
 accepted studies are written in small atomic batches so an interrupted ingest keeps what
 it had finished and resumes where it stopped.
+
+Work is spread over a process pool (``workers``, default all cores): workers read
+headers (the folder scan, in chunks) and then read + preprocess whole studies; the
+parent pseudonymises, computes day offsets and writes the store, in a fixed order so
+the store does not depend on scheduling. A worker that dies inside a native decoder
+(a crash, not an exception) costs only the study it was reading: the studies in flight
+are re-run one by one in fresh processes and the one that crashes again is rejected.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from encoders.deid import Pseudonymizer
-from encoders.dicom import Rejection, preprocess, read_study, scan_folder
+from encoders.dicom import (
+    DEFAULT_SERIES_RULE,
+    FileHeader,
+    Rejection,
+    SeriesRule,
+    find_files,
+    preprocess,
+    read_file_header,
+    read_study,
+)
 from encoders.errors import DicomError
 from encoders.spec import DEFAULT_SPEC, InputSpec
 from indexing.errors import StoreError
-from indexing.store import CohortStore, StudyRecord
+from indexing.store import ACQUISITION_COLUMNS, CohortStore, StudyRecord
+
+log = logging.getLogger(__name__)
 
 # Columns of an outcomes file that are not outcomes.
 _KEY_COLUMNS = {"patient_id"}
+_SCAN_CHUNK = 32  # files per scan task
+_T = TypeVar("_T")
 
 
 @dataclass
 class IngestReport:
-    """What an ingest did; ``to_dict()`` is the CLI's ``--json`` output."""
+    """What an ingest did; ``to_dict()`` is the CLI's ``--json`` output.
+
+    ``studies`` lists each study ingested in this run: its pseudonym, modality and why
+    its series was chosen (``series_reason``: series numbers, counts and notes only).
+    """
 
     studies_found: int = 0
     studies_ingested: int = 0
@@ -41,31 +72,237 @@ class IngestReport:
     files_rejected: list[dict[str, str]] = field(default_factory=list)
     studies_rejected: list[dict[str, str]] = field(default_factory=list)
     outcomes_rows: int = 0
+    studies: list[dict[str, str]] = field(default_factory=list)
+    workers: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _first_study_dates(groups: dict[str, list[Path]]) -> dict[str, date]:
-    """Earliest StudyDate per raw patient id, read from one header per study."""
-    import pydicom
+# ------------------------------------------------------------------------ worker side
 
-    first: dict[str, date] = {}
-    for paths in groups.values():
-        try:
-            ds = pydicom.dcmread(
-                paths[0], stop_before_pixels=True, specific_tags=["PatientID", "StudyDate"]
+
+@dataclass
+class _Prepared:
+    """One study as a worker hands it back (raw ids: in memory only, never logged)."""
+
+    error: tuple[str, str] | None = None  # (reason, message)
+    patient_id: str = ""
+    modality: str = ""
+    study_date: date | None = None
+    acquisition: dict[str, str] = field(default_factory=dict)
+    series_reason: str = ""
+    volume: np.ndarray | None = None
+
+
+def _prepare_study(paths: list[Path], spec: InputSpec, rule: SeriesRule) -> _Prepared:
+    """Read and preprocess one study (runs in a worker); never raises."""
+    try:
+        study = read_study(paths, series_rule=rule)
+        volume = preprocess(study, spec)
+    except DicomError as exc:
+        return _Prepared(error=(exc.reason, str(exc)))
+    except MemoryError:
+        return _Prepared(error=("too_large", f"{paths[0]}: not enough memory for this study"))
+    except Exception as exc:  # a bug: report it, do not sink the batch
+        log.warning("unexpected %s while preparing a study", type(exc).__name__)
+        return _Prepared(
+            error=(
+                "internal_error",
+                f"{paths[0]}: unexpected {type(exc).__name__} while reading this study; "
+                "please report it",
             )
-            pid = str(ds.get("PatientID", ""))
-            raw = str(ds.get("StudyDate", ""))
-            if not pid or len(raw) != 8:
+        )
+    return _Prepared(
+        patient_id=study.patient_id,
+        modality=study.modality,
+        study_date=study.study_date,
+        acquisition=study.acquisition,
+        series_reason=study.series_reason,
+        volume=volume,
+    )
+
+
+def _scan_chunk(paths: list[Path]) -> list[FileHeader | Rejection]:
+    """Read the headers of some files (runs in a worker); never raises."""
+    out: list[FileHeader | Rejection] = []
+    for path in paths:
+        try:
+            out.append(read_file_header(path))
+        except DicomError as exc:
+            out.append(Rejection(str(path), str(exc)))
+    return out
+
+
+# ------------------------------------------------------------------------ the pool
+
+
+class _Crashed:
+    """Result of a task whose worker process died (e.g. a crash in a native decoder)."""
+
+
+_CRASHED = _Crashed()
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """forkserver: workers start from a clean, small server process (no inherited
+    threads or locks from the parent), with the reader preloaded."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "encoders.dicom"])
+    return ctx
+
+
+def _ping() -> bool:
+    return True
+
+
+def _start_pool(workers: int) -> ProcessPoolExecutor | None:
+    """A started pool, or None when worker processes cannot run at all (e.g. the main
+    module cannot be re-imported, as for a script read from stdin)."""
+    ex = ProcessPoolExecutor(workers, mp_context=_context())
+    try:
+        if ex.submit(_ping).result(timeout=120):
+            return ex
+    except Exception as exc:
+        log.warning("worker processes cannot start (%s)", type(exc).__name__)
+    ex.shutdown(wait=False, cancel_futures=True)
+    return None
+
+
+def _isolated(fn: Callable[..., _T], args: tuple[Any, ...]) -> _T | _Crashed:
+    """``fn(*args)`` alone in a fresh process; :data:`_CRASHED` if that process dies."""
+    ex = _start_pool(1)
+    if ex is None:
+        return _CRASHED
+    try:
+        return ex.submit(fn, *args).result()
+    except BrokenProcessPool:
+        return _CRASHED
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+class _Workers:
+    """The ingest's process pool: started once (on first use) and shared by the scan and
+    the study phases, restarted after a worker dies; None when it cannot run."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._ex: ProcessPoolExecutor | None = None
+        self._failed = workers <= 1
+
+    def get(self) -> ProcessPoolExecutor | None:
+        if self._ex is None and not self._failed:
+            self._ex = _start_pool(self.workers)
+            if self._ex is None:
+                self._failed = True
+                log.warning("running in this process instead of %d workers", self.workers)
+        return self._ex
+
+    def reset(self) -> None:
+        if self._ex is not None:
+            self._ex.shutdown(wait=True, cancel_futures=True)
+        self._ex = None
+
+    def close(self) -> None:
+        self.reset()
+        self._failed = True
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _map_ordered(
+    fn: Callable[..., _T], items: Iterable[tuple[Any, ...]], pool: _Workers
+) -> Iterator[_T | _Crashed]:
+    """``fn(*args)`` for each item, in item order, on the pool's processes.
+
+    In this process when the pool has one worker or cannot start (logged). At most
+    ``2 * workers`` tasks are in flight (bounded memory). If a worker dies, the tasks in
+    flight are re-run one at a time in fresh processes; one that kills its process
+    again yields :data:`_CRASHED`, the others their results.
+    """
+    source = iter(items)
+    pending: deque[tuple[tuple[Any, ...], Future[_T] | None]] = deque()
+    try:
+        exhausted = False
+        while True:
+            ex = pool.get()
+            if ex is None and not pending:
+                for args in source:  # no pool: the rest in this process
+                    yield fn(*args)
+                return
+            while ex is not None and not exhausted and len(pending) < 2 * pool.workers:
+                try:
+                    args = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                try:
+                    pending.append((args, ex.submit(fn, *args)))
+                except BrokenProcessPool:
+                    pending.append((args, None))
+                    break
+            if not pending:
+                return
+            args, fut = pending.popleft()
+            try:
+                if fut is None:
+                    raise BrokenProcessPool("submit failed")
+                result = fut.result()
+            except BrokenProcessPool:
+                redo = [args, *(a for a, _ in pending)]
+                log.warning("a worker process died; re-running %d tasks one by one", len(redo))
+                pending.clear()
+                pool.reset()
+                for a in redo:
+                    yield _isolated(fn, a)
                 continue
-            d = date(int(raw[:4]), int(raw[4:6]), int(raw[6:8]))
-        except Exception:  # an unreadable date only costs the day offset
-            continue
-        if pid not in first or d < first[pid]:
-            first[pid] = d
-    return first
+            yield result
+    finally:
+        for _, fut in pending:
+            if fut is not None:
+                fut.cancel()
+
+
+def default_workers() -> int:
+    """All cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------ ingest
+
+
+def _scan(files: list[Path], pool: _Workers) -> tuple[list[FileHeader], list[Rejection]]:
+    chunks = [files[i : i + _SCAN_CHUNK] for i in range(0, len(files), _SCAN_CHUNK)]
+    headers: list[FileHeader] = []
+    rejected: list[Rejection] = []
+    for chunk, result in zip(
+        chunks, _map_ordered(_scan_chunk, ((c,) for c in chunks), pool), strict=True
+    ):
+        if isinstance(result, _Crashed):  # retry file by file; a file that crashes is refused
+            result = []
+            for path in chunk:
+                one = _isolated(_scan_chunk, ([path],))
+                result.extend(
+                    one
+                    if not isinstance(one, _Crashed)
+                    else [
+                        Rejection(
+                            str(path),
+                            f"{path}: reading its header crashed the reader process; the file is hostile or badly damaged",
+                        )
+                    ]
+                )
+        for item in result:
+            (headers if isinstance(item, FileHeader) else rejected).append(item)  # type: ignore[arg-type]
+    return headers, rejected
 
 
 def ingest_folder(
@@ -75,72 +312,137 @@ def ingest_folder(
     pseudonymizer: Pseudonymizer,
     site: str = "local",
     spec: InputSpec = DEFAULT_SPEC,
+    series_rule: SeriesRule = DEFAULT_SERIES_RULE,
+    workers: int | None = None,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
     """Read every study under ``dicom_dir`` into ``store``; never raises for one bad file.
 
+    ``workers``: processes reading and preprocessing (default :func:`default_workers`,
+    all cores; 1 = in this process, no pool). ``series_rule`` picks each study's series
+    (e.g. ``SeriesRule(allow_burned_in=True)``). ``study_day`` is days since the
+    patient's first study among the files of this folder (dates are never stored).
     ``progress(done, total)`` is called after each study.
     """
     dicom_dir = Path(dicom_dir)
     if not dicom_dir.is_dir():
         raise StoreError(f"{dicom_dir} is not a folder; give the folder that holds the DICOM files")
-    groups, rejected = scan_folder(dicom_dir)
+    n_workers = default_workers() if workers is None else int(workers)
+    if n_workers < 1:
+        raise StoreError(f"workers must be >= 1, got {workers}")
+    files = find_files(dicom_dir)
+    with _Workers(n_workers) as pool:
+        return _ingest(
+            files, store, pool, pseudonymizer, site, spec, series_rule, batch_size, progress
+        )
+
+
+def _ingest(
+    files: list[Path],
+    store: CohortStore,
+    pool: _Workers,
+    pseudonymizer: Pseudonymizer,
+    site: str,
+    spec: InputSpec,
+    series_rule: SeriesRule,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> IngestReport:
+    headers, rejected = _scan(files, pool)
+    groups: dict[str, list[Path]] = {}
+    first_dates: dict[str, date] = {}
+    for h in headers:
+        groups.setdefault(h.study_uid, []).append(h.path)
+        if h.study_date is not None:
+            known = first_dates.get(h.patient_id)
+            if known is None or h.study_date < known:
+                first_dates[h.patient_id] = h.study_date
+    for paths in groups.values():
+        paths.sort()
     report = IngestReport(
         studies_found=len(groups),
-        files_seen=sum(len(p) for p in groups.values()) + len(rejected),
+        files_seen=len(files),
         files_rejected=[_rejection(r) for r in rejected],
+        workers=pool.workers,
     )
     present = store.study_uids()
-    first_dates = _first_study_dates(groups)
-    pending: list[StudyRecord] = []
-    total = len(groups)
-    for done, (raw_uid, paths) in enumerate(sorted(groups.items()), start=1):
-        study_uid = pseudonymizer.study(raw_uid)
-        if study_uid in present:
+    todo: list[tuple[str, list[Path]]] = []
+    for raw_uid, paths in sorted(groups.items()):
+        if pseudonymizer.study(raw_uid) in present:
             report.studies_already_present += 1
         else:
-            try:
-                study = read_study(paths)
-                volume = preprocess(study, spec)
-            except DicomError as exc:
-                report.studies_rejected.append(
-                    {"study": study_uid, "reason": exc.reason, "message": str(exc)}
+            todo.append((raw_uid, paths))
+    total = len(groups)
+    done = report.studies_already_present
+    if progress is not None and done:
+        progress(done, total)
+    pending: list[StudyRecord] = []
+    results = _map_ordered(_prepare_study, ((paths, spec, series_rule) for _, paths in todo), pool)
+    for (raw_uid, paths), prepared in zip(todo, results, strict=True):
+        study_uid = pseudonymizer.study(raw_uid)
+        if isinstance(prepared, _Crashed):
+            prepared = _Prepared(
+                error=(
+                    "decoder_crashed",
+                    f"{paths[0]}: decoding this study crashed the reader process; a file of it "
+                    "is hostile or badly damaged",
                 )
-            else:
-                first = first_dates.get(study.patient_id)
-                day = (
-                    (study.study_date - first).days
-                    if (first is not None and study.study_date is not None)
-                    else None
+            )
+        if prepared.error is not None or prepared.volume is None:
+            reason, message = prepared.error or ("internal_error", "no volume")
+            report.studies_rejected.append(
+                {"study": study_uid, "reason": reason, "message": message}
+            )
+        else:
+            first = first_dates.get(prepared.patient_id)
+            day = (
+                (prepared.study_date - first).days
+                if (first is not None and prepared.study_date is not None)
+                else None
+            )
+            acq = prepared.acquisition
+            pending.append(
+                StudyRecord(
+                    patient_id=pseudonymizer.patient(prepared.patient_id),
+                    study_uid=study_uid,
+                    site=site,
+                    modality=prepared.modality,
+                    study_day=day,
+                    volume=prepared.volume,
+                    spec=spec,
+                    **_acquisition_fields(acq),
                 )
-                acq = study.acquisition
-                pending.append(
-                    StudyRecord(
-                        patient_id=pseudonymizer.patient(study.patient_id),
-                        study_uid=study_uid,
-                        site=site,
-                        modality=study.modality,
-                        study_day=day,
-                        volume=volume,
-                        spec=spec,
-                        manufacturer=acq.get("manufacturer"),
-                        model=acq.get("model"),
-                        kernel=acq.get("kernel"),
-                        kvp=acq.get("kvp"),
-                        slice_thickness=acq.get("slice_thickness"),
-                        pixel_spacing=acq.get("pixel_spacing"),
-                    )
-                )
-                present.add(study_uid)
+            )
+            report.studies.append(
+                {
+                    "study": study_uid,
+                    "modality": prepared.modality,
+                    "series_reason": prepared.series_reason,
+                }
+            )
         if len(pending) >= batch_size:
             report.studies_ingested += store.add_studies(pending)
             pending = []
+        done += 1
         if progress is not None:
             progress(done, total)
     if pending:
         report.studies_ingested += store.add_studies(pending)
+    log.info(
+        "ingest: %d studies found, %d ingested, %d already present, %d rejected, %d files rejected",
+        report.studies_found,
+        report.studies_ingested,
+        report.studies_already_present,
+        len(report.studies_rejected),
+        len(report.files_rejected),
+    )
     return report
+
+
+def _acquisition_fields(acq: dict[str, str]) -> dict[str, Any]:
+    """The acquisition values the store has columns for (StudyRecord keyword arguments)."""
+    return {name: acq.get(name) for name in ACQUISITION_COLUMNS}
 
 
 def _rejection(r: Rejection) -> dict[str, str]:
@@ -211,9 +513,15 @@ def read_outcomes(path: Path, pseudonymizer: Pseudonymizer | None) -> pa.Table:
     else:
         events = [None] * table.num_rows
     other = [c for c in table.column_names if c not in _KEY_COLUMNS | {"time", "event"}]
-    label_cols = [c for c in other if pa.types.is_string(table[c].type) or pa.types.is_large_string(table[c].type)]
+    label_cols = [
+        c
+        for c in other
+        if pa.types.is_string(table[c].type) or pa.types.is_large_string(table[c].type)
+    ]
     value_cols = [
-        c for c in other if pa.types.is_integer(table[c].type) or pa.types.is_floating(table[c].type)
+        c
+        for c in other
+        if pa.types.is_integer(table[c].type) or pa.types.is_floating(table[c].type)
     ]
     ids = [str(x) if x is not None else None for x in table["patient_id"].to_pylist()]
     labels_rows: list[list[tuple[str, str]]] = []

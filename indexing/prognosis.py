@@ -17,8 +17,18 @@ w~_i = w_i * n_eff / sum w, so they sum to n_eff. At each distinct time t_j,
     c(t) = z * sqrt(V(t)) / |log S(t)|
     lower = S^exp(+c),  upper = S^exp(-c)
 
-(bounds are 1 where S == 1 and 0 where S == 0). With unit weights n_eff = n and this is
-exactly lifelines' default ``KaplanMeierFitter`` curve and band (the tests check both).
+(bounds are 0 where S == 0). Where S == 1 (no event yet, time 0 included) Greenwood's
+variance is 0 and the log(-log) band collapses to [1, 1], although the true curve lies
+below 1 for any t > 0; there the lower bound is the Wilson score bound for a proportion
+observed as 1 on the weighted number still under observation after t_j (Rothman 1978):
+
+    lower = A_j / (A_j + z^2),   A_j = sum_{i: T_i > t_j} w~_i (Y_j if that is 0),  upper = 1.
+
+With unit weights n_eff = n and, wherever S < 1, this is exactly lifelines' default
+``KaplanMeierFitter`` curve and band (the tests check both; lifelines gives [1, 1] where
+S == 1). Coverage of the pointwise 95 % band, measured by simulation
+(``benchmarks/bench_band_coverage.py``, results in ``benchmarks/RESULTS.md``), is at
+least ~0.9 for k >= 10 neighbours, with unit and with similarity weights.
 S(t) does not depend on the rescaling. Everything is computed here rather than by
 lifelines because, with fractional weights, lifelines (0.30) (a) computes the variance on
 weights truncated to integers and (b) gets the number at risk by subtraction
@@ -26,9 +36,27 @@ weights truncated to integers and (b) gets the number at risk by subtraction
 it forward-fills, so a curve that should drop to 0 stays flat. At-risk sums here are
 suffix sums over sorted times, so the last step is exact.
 
+Similarity kernel. Neighbour j with cosine similarity s_j gets the weight
+
+    w_j = exp(s_j / T) / sum_l exp(s_l / T)
+
+(a softmax with temperature T > 0; T -> infinity gives equal weights, small T puts the
+weight on the closest neighbours). T is chosen on the cohort at index build by
+leave-one-out (:mod:`indexing.evaluation`) and stored in the snapshot manifest; 0.1 is
+the default where no evaluation was stored.
+
 Labels: weighted share per class with a Wilson score interval on n_eff. Numeric values:
 weighted mean with a normal interval, standard error sqrt(s^2 / n_eff) where s^2 is the
 weighted variance times n_eff / (n_eff - 1).
+
+Several readers. A label key ``name@reader`` (for example ``response@reader1``,
+``response@reader2``; the text after the last ``@`` names the reader) is one reader's
+reading of outcome ``name``. Besides each reader's own distribution, ``name`` then gets a
+pooled distribution (each neighbour's weight is split equally over its readers' labels)
+and a :class:`ReaderAgreement` over the neighbours read by two or more readers:
+observed pairwise agreement P = mean_i sum_c n_ic (n_ic - 1) / (n_i (n_i - 1)) and
+Fleiss' kappa (P - P_e) / (1 - P_e) with P_e = sum_c p_c^2, p_c the share of all
+readings in category c (unweighted by similarity: agreement is about the readers).
 """
 
 from __future__ import annotations
@@ -43,6 +71,9 @@ import numpy as np
 
 MIN_EFFECTIVE_N = 5.0
 DEFAULT_HORIZONS: tuple[float, ...] = (12.0, 24.0, 60.0)
+DEFAULT_TEMPERATURE = 0.1
+READER_SEPARATOR = "@"
+LOW_READER_KAPPA = 0.4  # below this (Landis & Koch: "fair" or worse) a warning is given
 
 
 @dataclass
@@ -88,8 +119,28 @@ class ValueSummary:
 
 
 @dataclass
+class ReaderAgreement:
+    """Agreement of several readers on one categorical outcome among the neighbours.
+
+    ``readers``: the reader names seen; ``rated_neighbors``: neighbours read by at least
+    two readers (the subjects of the agreement figures); ``percent_agreement``: observed
+    pairwise agreement in [0, 1]; ``fleiss_kappa``: chance-corrected agreement (None when
+    every reading falls in one category, or no neighbour has two readings).
+    """
+
+    readers: list[str]
+    rated_neighbors: int
+    percent_agreement: float | None
+    fleiss_kappa: float | None
+
+
+@dataclass
 class Prognosis:
-    """What the neighbours' outcomes say. ``effective_n`` is the Kish n of the survival rows."""
+    """What the neighbours' outcomes say. ``effective_n`` is the Kish n of the survival rows.
+
+    ``cohort_*``: the whole cohort's (unweighted) curve, median and horizons, to compare
+    with; filled by :mod:`indexing.query`. ``temperature``: the kernel's temperature.
+    """
 
     survival: list[SurvivalPoint]
     median: float | None
@@ -102,6 +153,11 @@ class Prognosis:
     label_distributions: dict[str, list[LabelShare]] = field(default_factory=dict)
     value_summaries: dict[str, ValueSummary] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    reader_agreement: dict[str, ReaderAgreement] = field(default_factory=dict)
+    cohort_survival: list[SurvivalPoint] = field(default_factory=list)
+    cohort_median: float | None = None
+    cohort_at_horizons: list[HorizonEstimate] = field(default_factory=list)
+    temperature: float | None = None
 
 
 # --------------------------------------------------------------------- basics
@@ -110,18 +166,23 @@ def _z(alpha: float) -> float:
 
 
 def similarity_weights(
-    sims: Sequence[float] | np.ndarray, *, temperature: float = 0.1
+    sims: Sequence[float] | np.ndarray, *, temperature: float = DEFAULT_TEMPERATURE
 ) -> np.ndarray:
-    """``(k,)`` similarities -> ``(k,)`` float64 softmax(sims / temperature), summing to 1."""
+    """``(k,)`` similarities -> ``(k,)`` float64 softmax(sims / temperature), summing to 1.
+
+    ``sims`` may be ``(m, k)``: each row is normalised on its own (same shape out).
+    """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    x = np.asarray(sims, dtype=np.float64).ravel()
+    x = np.asarray(sims, dtype=np.float64)
+    if x.ndim != 2:
+        x = x.ravel()
     if x.size == 0:
         return x
     if not np.isfinite(x).all():
         raise ValueError("similarities must be finite")
-    e = np.exp((x - x.max()) / temperature)
-    return e / e.sum()
+    e = np.exp((x - x.max(axis=-1, keepdims=True)) / temperature)
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def effective_sample_size(weights: Sequence[float] | np.ndarray) -> float:
@@ -183,7 +244,7 @@ def kaplan_meier(
     """Weighted KM with a log(-log) Greenwood band on the Kish n_eff (module docstring).
 
     One point at time 0 and at every distinct observed time; ``at_risk`` is the number of
-    neighbours (not weights) with ``T >= time``.
+    neighbours (not weights) with ``T >= time``. Each point's band holds until the next.
     """
     t, e, w = _check_survival_inputs(times, events, weights)
     if t.size == 0:
@@ -216,7 +277,12 @@ def kaplan_meier(
     dead = s <= 0.0
     lower[dead] = upper[dead] = 0.0
     mid = ~dead & (s < 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # no event yet: Wilson bound for an observed proportion of 1 (module docstring)
+    flat = s >= 1.0
+    after = np.append(at_risk_w[1:], 0.0)  # weight with T > t_j
+    observed = np.where(after > 0, after, at_risk_w)[flat]
+    lower[flat] = observed / (observed + z * z)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         log_s = np.log(s[mid])
         c = z * np.sqrt(var[mid]) / np.abs(log_s)
         lower[mid] = np.exp(-np.exp(np.log(-log_s) + c))
@@ -250,26 +316,136 @@ def _at_horizon(curve: list[SurvivalPoint], horizon: float) -> HorizonEstimate:
     return HorizonEstimate(float(horizon), chosen.survival, chosen.lower, chosen.upper)
 
 
+def thin_curve(curve: Sequence[SurvivalPoint], max_points: int = 400) -> list[SurvivalPoint]:
+    """At most ``max_points`` points of a long curve (evenly spaced steps, first and last kept)."""
+    if len(curve) <= max_points:
+        return list(curve)
+    idx = np.unique(np.linspace(0, len(curve) - 1, max(2, max_points)).round().astype(int))
+    return [curve[int(i)] for i in idx]
+
+
+def cohort_curve(
+    times: Sequence[float | None] | np.ndarray,
+    events: Sequence[bool | None] | np.ndarray,
+    *,
+    horizons: Sequence[float] = DEFAULT_HORIZONS,
+    alpha: float = 0.05,
+    max_points: int = 400,
+) -> tuple[list[SurvivalPoint], float | None, list[HorizonEstimate]]:
+    """The whole cohort's unweighted KM: ``(curve (thinned), median, at_horizons)``.
+
+    Rows with a missing time or event are left out; empty results when none is left.
+    """
+    t = np.asarray(times, dtype=np.float64).ravel()  # None -> NaN
+    ev = np.asarray(events, dtype=object).ravel()
+    known = np.isfinite(t) & np.array([v is not None for v in ev.tolist()], dtype=bool)
+    if not known.any():
+        return [], None, [HorizonEstimate(float(h), None, None, None) for h in horizons]
+    e = ev[known].astype(bool)
+    t = t[known]
+    curve = kaplan_meier(t, e, np.ones_like(t), alpha=alpha)
+    median = _first_at_or_below(curve, "survival")
+    return thin_curve(curve, max_points), median, [_at_horizon(curve, h) for h in horizons]
+
+
+# --------------------------------------------------------------------- readers
+def split_reader_key(key: str) -> tuple[str, str] | None:
+    """``"response@reader1"`` -> ``("response", "reader1")``; None for a plain key."""
+    base, sep, reader = key.rpartition(READER_SEPARATOR)
+    if not sep or not base.strip() or not reader.strip():
+        return None
+    return base, reader
+
+
+def fleiss_kappa(
+    counts: Sequence[Sequence[float]] | np.ndarray,
+) -> tuple[float | None, float | None, int]:
+    """Agreement of several readers: ``counts`` ``(subjects, categories)`` readings per category.
+
+    Subjects with fewer than two readings are left out; the number of readings may differ
+    between subjects. Returns ``(percent_agreement, kappa, subjects)``: the mean pairwise
+    agreement P, Fleiss' kappa (P - P_e) / (1 - P_e) (None when P_e == 1, i.e. every
+    reading is in one category) and the number of subjects used; ``(None, None, 0)`` when
+    no subject has two readings.
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    if c.ndim != 2:
+        raise ValueError(f"counts must be a (subjects, categories) table, got shape {c.shape}")
+    if c.size and (not np.isfinite(c).all() or np.any(c < 0)):
+        raise ValueError("counts must be finite and >= 0")
+    n_i = c.sum(axis=1) if c.size else np.zeros(c.shape[0])
+    keep = n_i >= 2
+    c, n_i = c[keep], n_i[keep]
+    if c.shape[0] == 0:
+        return None, None, 0
+    p_i = (c * (c - 1.0)).sum(axis=1) / (n_i * (n_i - 1.0))
+    agreement = float(p_i.mean())
+    p_c = c.sum(axis=0) / c.sum()
+    p_e = float(np.sum(p_c * p_c))
+    kappa = None if p_e >= 1.0 - 1e-12 else (agreement - p_e) / (1.0 - p_e)
+    return agreement, (None if kappa is None else float(kappa)), int(c.shape[0])
+
+
+def _reader_groups(keys: Sequence[str]) -> dict[str, list[str]]:
+    """Base outcome name -> its ``name@reader`` keys (only names with a reader suffix)."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        split = split_reader_key(key)
+        if split is not None:
+            groups.setdefault(split[0], []).append(key)
+    return groups
+
+
+def reader_agreement(labels: Sequence[dict[str, Any] | None]) -> dict[str, ReaderAgreement]:
+    """Agreement per outcome among the readers' labels of the neighbours (module docstring)."""
+    keys = sorted({k for d in labels if d for k, v in d.items() if v is not None})
+    out: dict[str, ReaderAgreement] = {}
+    for base, reader_keys in sorted(_reader_groups(keys).items()):
+        readings = [[str(d[k]) for k in reader_keys if d and d.get(k) is not None] for d in labels]
+        cats = sorted({lab for r in readings for lab in r})
+        table = np.array([[r.count(cat) for cat in cats] for r in readings], dtype=np.float64)
+        agreement, kappa, rated = fleiss_kappa(table.reshape(len(readings), len(cats)))
+        readers = [split_reader_key(k)[1] for k in reader_keys]  # type: ignore[index]
+        out[base] = ReaderAgreement(readers, rated, agreement, kappa)
+    return out
+
+
 # --------------------------------------------------------------------- summary
+def _shares(rows: list[tuple[list[str], float]], alpha: float) -> list[LabelShare]:
+    """Weighted shares of ``rows`` = (labels of one neighbour, its weight); a neighbour's
+    weight is split equally over its labels (one label: the plain case)."""
+    total = sum(wi for labs, wi in rows if labs)
+    n_eff = effective_sample_size([wi for labs, wi in rows if labs])
+    shares: list[LabelShare] = []
+    for label in sorted({lab for labs, _ in rows for lab in labs}):
+        mass = sum(wi * labs.count(label) / len(labs) for labs, wi in rows if labs)
+        share = float(mass / total) if total > 0 else 0.0
+        lo, hi = wilson_interval(share, n_eff, alpha=alpha)
+        count = sum(1 for labs, _ in rows if label in labs)
+        shares.append(LabelShare(label, share, lo, hi, count))
+    shares.sort(key=lambda s: (-s.share, s.label))
+    return shares
+
+
 def _label_distributions(
     labels: Sequence[dict[str, Any] | None], w: np.ndarray, alpha: float
 ) -> dict[str, list[LabelShare]]:
     keys = sorted({k for d in labels if d for k, v in d.items() if v is not None})
     out: dict[str, list[LabelShare]] = {}
     for key in keys:
-        rows = [(str(d[key]), w[i]) for i, d in enumerate(labels) if d and d.get(key) is not None]
-        total = sum(wi for _, wi in rows)
-        n_eff = effective_sample_size([wi for _, wi in rows])
-        shares: list[LabelShare] = []
-        for label in sorted({lab for lab, _ in rows}):
-            mass = sum(wi for lab, wi in rows if lab == label)
-            share = float(mass / total) if total > 0 else 0.0
-            lo, hi = wilson_interval(share, n_eff, alpha=alpha)
-            count = sum(1 for lab, _ in rows if lab == label)
-            shares.append(LabelShare(label, share, lo, hi, count))
-        shares.sort(key=lambda s: (-s.share, s.label))
-        out[key] = shares
-    return out
+        rows = [([str(d[key])], w[i]) for i, d in enumerate(labels) if d and d.get(key) is not None]
+        out[key] = _shares(rows, alpha)
+    # several readers: a pooled distribution under the outcome's own name (if it is free)
+    for base, reader_keys in _reader_groups(keys).items():
+        if base in out:
+            continue
+        pooled = [
+            ([str(d[k]) for k in reader_keys if d.get(k) is not None], w[i])
+            for i, d in enumerate(labels)
+            if d
+        ]
+        out[base] = _shares(pooled, alpha)
+    return dict(sorted(out.items()))
 
 
 def _value_summaries(
@@ -331,6 +507,14 @@ def summarize(
     e = np.array([bool(events[i]) for i in keep], dtype=bool)
     ws = w[keep] if keep else np.zeros(0)
     notes: list[str] = []
+    agreement = reader_agreement(labels)
+    for name, ra in agreement.items():
+        if ra.fleiss_kappa is not None and ra.fleiss_kappa < LOW_READER_KAPPA:
+            notes.append(
+                f"readers disagree on {name} among these neighbours (Fleiss' kappa "
+                f"{ra.fleiss_kappa:.2f} over {ra.rated_neighbors} neighbours); read its "
+                "distribution with care"
+            )
 
     curve: list[SurvivalPoint] = []
     n_eff = 0.0
@@ -377,4 +561,5 @@ def summarize(
         label_distributions=_label_distributions(labels, w, alpha),
         value_summaries=_value_summaries(values, w, alpha),
         warnings=notes,
+        reader_agreement=agreement,
     )

@@ -4,25 +4,54 @@
 vectors, runs one batched FAISS search for all queries, attaches each neighbour's
 metadata and outcome, weights the neighbours, summarises their outcomes
 (:mod:`indexing.prognosis`) and says how far the query lies from the cohort.
+
+Diagnostics (:class:`Diagnostics`):
+
+* ``ood_percentile``: where the query's mean similarity to its ``k_ood`` nearest studies
+  falls among the cohort's own leave-one-out values (stored in the snapshot).
+* acquisition checks (when the query's acquisition is known, i.e. DICOM queries): for the
+  scanner (manufacturer + model), the reconstruction kernel and the slice thickness, the
+  share of neighbours that share the query's value beside the cohort's share. A warning
+  when the scanner or kernel does not occur in the cohort, when the slice thickness lies
+  outside the cohort's range, or when neighbours share the query's scanner / kernel far
+  above its base rate (excess > ``SCANNER_EXCESS_WARN`` and a binomial tail probability
+  at the base rate below ``SCANNER_P_WARN``): similarity may then reflect the scanner.
+* stability (:func:`attach_stability`): the neighbours found for re-embedded,
+  scanner-augmented copies of the query (test-time augmentation, done by the server for
+  DICOM queries) compared with the query's own: overlap of the neighbour sets and the
+  spread of the median survival.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.stats import binom
 
 from indexing.errors import DimensionError, QueryError
-from indexing.prognosis import Prognosis, ood_percentile, similarity_weights, summarize
-from indexing.snapshot import Snapshot
+from indexing.evaluation import EVALUATION_KEY
+from indexing.prognosis import (
+    DEFAULT_TEMPERATURE,
+    Prognosis,
+    cohort_curve,
+    ood_percentile,
+    similarity_weights,
+    summarize,
+)
+from indexing.snapshot import SearchParams, Snapshot
 from indexing.store import ACQUISITION_COLUMNS
+from indexing.thumbnails import COLUMN as THUMBNAIL_COLUMN
 
 DEFAULT_MAX_K = 1000
 OOD_WARN_PERCENTILE = 0.99
 SCANNER_EXCESS_WARN = 0.3
+SCANNER_P_WARN = 0.01
+STABILITY_WARN_OVERLAP = 0.5
 OOD_WARNING = (
     "the cohort holds no one like this patient; treat neighbours and prognosis with caution"
 )
@@ -43,6 +72,41 @@ class NeighborResult:
     labels: dict[str, str]
     values: dict[str, float]
     weight: float
+    thumbnail: bytes | None = None  # PNG, set by the caller when asked (see thumbnails())
+
+
+@dataclass
+class AcquisitionCheck:
+    """One acquisition attribute of the query against its neighbours and the cohort.
+
+    ``attribute``: "scanner" (manufacturer + model), "kernel" or "slice_thickness";
+    ``neighbor_share`` / ``cohort_share``: share of neighbours / of the cohort with the
+    query's value; ``seen``: whether the value occurs in the cohort at all.
+    """
+
+    attribute: str
+    query_value: str
+    neighbor_share: float
+    cohort_share: float
+    seen: bool
+
+
+@dataclass
+class Stability:
+    """Neighbours of scanner-augmented copies of the query against the query's own.
+
+    ``views``: augmented copies; ``mean_overlap`` / ``min_overlap``: share of the query's
+    neighbours that a copy also finds (1 = the same set); ``median_min`` /
+    ``median_max``: range of the median survival over the copies whose curve reaches
+    0.5 (``medians_reached`` of them; None when none does).
+    """
+
+    views: int
+    mean_overlap: float
+    min_overlap: float
+    median_min: float | None
+    median_max: float | None
+    medians_reached: int
 
 
 @dataclass
@@ -60,6 +124,8 @@ class Diagnostics:
     same_scanner_share: float | None = None
     cohort_scanner_share: float | None = None
     warnings: list[str] = field(default_factory=list)
+    acquisition_checks: list[AcquisitionCheck] = field(default_factory=list)
+    stability: Stability | None = None
 
 
 @dataclass
@@ -69,6 +135,7 @@ class QueryResult:
     diagnostics: Diagnostics
     index_version: str
     model_version: str
+    query_thumbnail: bytes | None = None  # PNG, set by the caller when asked
 
 
 def _validate_vectors(vectors: Any, dimension: int) -> np.ndarray:
@@ -125,7 +192,9 @@ def search_similar(
     exclude_patients: Sequence[str | None] | None = None,
     horizons: Sequence[float] = (12, 24, 60),
     query_acquisition: Sequence[dict[str, Any] | None] | None = None,
-    temperature: float = 0.1,
+    temperature: float | None = None,
+    where: str = "",
+    search_params: SearchParams | None = None,
 ) -> list[QueryResult]:
     """The k nearest cohort studies of each of ``m`` query vectors ``(m, d)`` (or ``(d,)``).
 
@@ -134,6 +203,14 @@ def search_similar(
     pseudonym (so a patient's own follow-up scans do not predict their outcome).
     ``k`` must lie in [1, max_k]; it is clamped to the studies available.
     ``query_acquisition[i]`` (manufacturer, model, ...) enables the scanner check.
+    ``temperature``: the similarity kernel's; None takes the one chosen at build
+    (manifest ``prognosis_evaluation``), else 0.1. Each prognosis carries the whole
+    cohort's curve beside the neighbours'.
+    ``where``: a filter over the cohort metadata (:mod:`indexing.filter`; FilterError on
+    bad syntax or unknown columns) restricting the neighbours; the OOD percentile still
+    ranks the query against the whole cohort. ``search_params``: per-query nprobe /
+    efSearch of approximate indexes. Withdrawn patients never appear (the snapshot
+    drops tombstoned rows).
     Raises :class:`DimensionError` / :class:`QueryError` on bad input.
     """
     q = _validate_vectors(vectors, snapshot.dimension)
@@ -157,7 +234,7 @@ def search_similar(
     n = snapshot.num_studies
     k_ood = snapshot.k_ood
     k_search = min(n, max(int(k), k_ood) + max(len(s) for s in excluded))
-    sims, rows = snapshot.search(q, k_search)
+    sims, rows = snapshot.search(q, k_search, where=where, params=search_params)
 
     per_query: list[tuple[np.ndarray, np.ndarray]] = []
     for i in range(m):
@@ -165,6 +242,15 @@ def search_similar(
         if excluded[i]:
             ok &= ~np.isin(rows[i], list(excluded[i]))
         per_query.append((sims[i][ok], rows[i][ok]))
+    ood_sims = [qs for qs, _ in per_query]
+    if where.strip():  # OOD is about the whole cohort: search it again without the filter
+        k_all = min(n, k_ood + max(len(s) for s in excluded))
+        all_sims, all_rows = snapshot.search(q, k_all, params=search_params)
+        for i in range(m):
+            ok = all_rows[i] >= 0
+            if excluded[i]:
+                ok &= ~np.isin(all_rows[i], list(excluded[i]))
+            ood_sims[i] = all_sims[i][ok]
 
     # one metadata gather for every neighbour of every query
     wanted = np.concatenate([r[: int(k)] for _, r in per_query]) if m else np.zeros(0, np.int64)
@@ -186,6 +272,9 @@ def search_similar(
 
     reference = snapshot.ood_reference
     shares = snapshot.scanner_shares() if query_acquisition is not None else {}
+    if temperature is None:
+        temperature = snapshot_temperature(snapshot)
+    cohort = _cohort_summary(snapshot, tuple(float(h) for h in horizons))
     results: list[QueryResult] = []
     offset = 0
     for i in range(m):
@@ -227,13 +316,18 @@ def search_similar(
             [nb.values for nb in neighbors],
             horizons=horizons,
         )
+        prognosis.cohort_survival, prognosis.cohort_median, prognosis.cohort_at_horizons = cohort
+        prognosis.temperature = float(temperature)
         diagnostics = _diagnostics(
-            qs[:k_ood],
+            ood_sims[i][:k_ood],
             reference,
             neighbors,
             None if query_acquisition is None else query_acquisition[i],
             shares,
         )
+        query_acq = None if query_acquisition is None else query_acquisition[i]
+        if query_acq:
+            _acquisition_checks(diagnostics, snapshot, neighbors, query_acq)
         results.append(
             QueryResult(neighbors, prognosis, diagnostics, snapshot.version, snapshot.model_version)
         )
@@ -273,10 +367,197 @@ def _diagnostics(
                 f"the query's scanner ({label}) does not occur in the cohort; similarities "
                 "may be lower and neighbours chosen partly by scanner differences"
             )
-        elif same_share - cohort_share > SCANNER_EXCESS_WARN:
+        elif same_share - cohort_share > SCANNER_EXCESS_WARN and _far_above(
+            same, len(neighbors), cohort_share
+        ):
             notes.append(
                 f"{same_share:.0%} of neighbours come from the query's scanner ({label}) "
                 f"against {cohort_share:.0%} of the cohort; similarity may reflect the "
                 "scanner rather than the anatomy"
             )
     return Diagnostics(pct, mean_sim, same_share, cohort_share, notes)
+
+
+def _far_above(same: int, n: int, base_rate: float) -> bool:
+    """Binomial tail: P(X >= same | n, base_rate) < SCANNER_P_WARN."""
+    return bool(binom.sf(same - 1, n, min(max(base_rate, 0.0), 1.0)) < SCANNER_P_WARN)
+
+
+# --------------------------------------------------------------------- per-snapshot caches
+_CACHE: weakref.WeakKeyDictionary[Snapshot, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _cached(snapshot: Snapshot, key: Any, make: Any) -> Any:
+    slot = _CACHE.setdefault(snapshot, {})
+    if key not in slot:
+        slot[key] = make()
+    return slot[key]
+
+
+def snapshot_temperature(snapshot: Snapshot) -> float:
+    """The kernel temperature chosen at build (manifest), else the default 0.1."""
+    evaluation = snapshot.manifest.get(EVALUATION_KEY) or {}
+    t = evaluation.get("temperature")
+    return float(t) if isinstance(t, int | float) and t > 0 else DEFAULT_TEMPERATURE
+
+
+def _cohort_summary(snapshot: Snapshot, horizons: tuple[float, ...]) -> Any:
+    def make() -> Any:
+        meta = snapshot.metadata
+        if "time" not in meta.column_names or "event" not in meta.column_names:
+            return [], None, []
+        return cohort_curve(
+            meta.column("time").to_numpy(zero_copy_only=False),  # nulls -> NaN
+            meta.column("event").to_numpy(zero_copy_only=False),  # nulls -> None
+            horizons=horizons,
+        )
+
+    return _cached(snapshot, ("cohort_curve", horizons), make)
+
+
+def _thickness(v: Any) -> str:
+    first = str(v).split("\\")[0]  # DICOM multi-values are backslash-separated
+    try:
+        return f"{float(first):g}"
+    except ValueError:
+        return _norm(v)
+
+
+_ATTRIBUTES: dict[str, tuple[str, Any]] = {
+    # attribute -> (words for the warning, key of an acquisition dict)
+    "scanner": ("scanner", lambda a: _scanner_key(a)),
+    "kernel": ("reconstruction kernel", lambda a: _norm(a.get("kernel")) or None),
+    "slice_thickness": (
+        "slice thickness",
+        lambda a: _thickness(a["slice_thickness"]) if a.get("slice_thickness") else None,
+    ),
+}
+
+
+_ATTRIBUTE_COLUMNS = {
+    "scanner": ("manufacturer", "model"),
+    "kernel": ("kernel",),
+    "slice_thickness": ("slice_thickness",),
+}
+
+
+def _acquisition_profile(snapshot: Snapshot) -> dict[str, dict[Any, float]]:
+    """Cohort share of each value of each attribute (normalised values; None = unknown)."""
+
+    def make() -> dict[str, dict[Any, float]]:
+        meta = snapshot.metadata
+        n = max(meta.num_rows, 1)
+        out: dict[str, dict[Any, float]] = {}
+        for attr, (_, key) in _ATTRIBUTES.items():
+            cols = [c for c in _ATTRIBUTE_COLUMNS[attr] if c in meta.column_names]
+            counts: dict[Any, float] = {}
+            if cols:  # count distinct raw values in Arrow, normalise only those
+                grouped = meta.select(cols).group_by(cols).aggregate([([], "count_all")])
+                for r in grouped.to_pylist():
+                    v = key(r)
+                    counts[v] = counts.get(v, 0.0) + r["count_all"] / n
+            out[attr] = counts
+        return out
+
+    return _cached(snapshot, "acquisition_profile", make)
+
+
+def _acquisition_checks(
+    diagnostics: Diagnostics,
+    snapshot: Snapshot,
+    neighbors: list[NeighborResult],
+    acquisition: dict[str, Any],
+) -> None:
+    """Add kernel and slice-thickness checks (and the scanner's) to ``diagnostics``."""
+    profile = _acquisition_profile(snapshot)
+    for attr, (words, key) in _ATTRIBUTES.items():
+        value = key(acquisition)
+        if value is None or not neighbors:
+            continue
+        shares = profile.get(attr, {})
+        cohort_share = float(shares.get(value, 0.0))
+        same = sum(1 for nb in neighbors if key(nb.acquisition) == value)
+        shown = (
+            " ".join(str(acquisition.get(c)) for c in ("manufacturer", "model") if acquisition.get(c))
+            if attr == "scanner"
+            else str(acquisition.get(attr))
+        )
+        diagnostics.acquisition_checks.append(
+            AcquisitionCheck(attr, shown, same / len(neighbors), cohort_share, cohort_share > 0)
+        )
+        if attr == "scanner":
+            continue  # warned about in _diagnostics
+        known = {v for v in shares if v is not None}
+        if attr == "kernel":
+            if known and cohort_share == 0:
+                diagnostics.warnings.append(
+                    f"the query's {words} ({shown}) does not occur in the cohort; "
+                    "neighbours may be chosen partly by protocol differences"
+                )
+            elif same / len(neighbors) - cohort_share > SCANNER_EXCESS_WARN and _far_above(
+                same, len(neighbors), cohort_share
+            ):
+                diagnostics.warnings.append(
+                    f"{same / len(neighbors):.0%} of neighbours share the query's {words} "
+                    f"({shown}) against {cohort_share:.0%} of the cohort; similarity may "
+                    "reflect the protocol rather than the anatomy"
+                )
+        else:  # slice thickness: warn when outside the cohort's range
+            numbers = sorted(float(v) for v in known if _is_number(v))
+            if numbers and _is_number(value):
+                lo, hi = numbers[0], numbers[-1]
+                if not lo <= float(value) <= hi:
+                    diagnostics.warnings.append(
+                        f"the query's {words} ({float(value):g} mm) lies outside the cohort's "
+                        f"range ({lo:g}-{hi:g} mm); neighbours may be chosen partly by protocol"
+                    )
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------- stability, thumbnails
+def _overlap(a: list[NeighborResult], b: list[NeighborResult]) -> float:
+    rows = {nb.row for nb in a}
+    return len(rows & {nb.row for nb in b}) / len(rows) if rows else 1.0
+
+
+def stability(base: QueryResult, views: Sequence[QueryResult]) -> Stability | None:
+    """Compare a query's result with those of augmented copies of it (same k, same
+    exclusions); None without copies. Also used for several regions of one query."""
+    if not views:
+        return None
+    overlaps = [_overlap(base.neighbors, v.neighbors) for v in views]
+    medians = [v.prognosis.median for v in views if v.prognosis.median is not None]
+    return Stability(
+        views=len(views),
+        mean_overlap=float(np.mean(overlaps)),
+        min_overlap=float(np.min(overlaps)),
+        median_min=min(medians) if medians else None,
+        median_max=max(medians) if medians else None,
+        medians_reached=len(medians),
+    )
+
+
+def attach_stability(result: QueryResult, views: Sequence[QueryResult]) -> QueryResult:
+    """Set ``result.diagnostics.stability`` from ``views`` (and warn when it is low)."""
+    st = stability(result, views)
+    result.diagnostics.stability = st
+    if st is not None and st.mean_overlap < STABILITY_WARN_OVERLAP:
+        result.diagnostics.warnings.append(
+            f"under scanner-like perturbations of the query only {st.mean_overlap:.0%} of its "
+            "neighbours stay on average; neighbours and prognosis are unstable"
+        )
+    return result
+
+
+def thumbnails(snapshot: Snapshot, rows: Sequence[int]) -> list[bytes | None]:
+    """The stored PNG thumbnails of ``rows`` (None where the snapshot has none)."""
+    if THUMBNAIL_COLUMN not in snapshot.metadata.column_names or not rows:
+        return [None] * len(rows)
+    col = snapshot.metadata.column(THUMBNAIL_COLUMN).take(np.asarray(rows, dtype=np.int64))
+    return [None if v is None else bytes(v) for v in col.to_pylist()]

@@ -4,6 +4,8 @@ Layout of a store folder ``STORE/``::
 
     STORE/studies/part-<uuid>.parquet   one row per study (STUDY_SCHEMA), append-only
     STORE/outcomes.parquet              one row per patient (OUTCOME_SCHEMA), rewritten on upsert
+    STORE/tombstones.parquet            withdrawn patients (pseudonyms): every read skips
+                                        them at once; compact() removes their rows
     STORE/.lock                         advisory lock held while writing
 
 Every write goes to a temporary file in the same folder, is flushed and fsynced, then
@@ -33,9 +35,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from indexing.errors import StoreError
+from indexing.tombstones import TOMBSTONE_FILE, TombstoneWatch, add_tombstones
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,14 @@ ACQUISITION_COLUMNS: tuple[str, ...] = (
     "kvp",
     "slice_thickness",
     "pixel_spacing",
+    # added for issue #3 (harmonisation metadata; part files without them read as null)
+    "software",
+    "exposure",
+    "field_strength",
+    "sequence",
+    "protocol",
+    "recon_diameter",
+    "intensity",  # what the stored volume holds: HU, SUVbw_x100 or percentile_norm
 )
 VOLUME_COLUMNS: tuple[str, ...] = ("volume", "volume_shape")
 
@@ -103,6 +115,13 @@ class StudyRecord:
     kvp: str | None = None
     slice_thickness: str | None = None
     pixel_spacing: str | None = None
+    software: str | None = None
+    exposure: str | None = None
+    field_strength: str | None = None
+    sequence: str | None = None
+    protocol: str | None = None
+    recon_diameter: str | None = None
+    intensity: str | None = None
     ingested_at: datetime | None = field(default=None)
 
     def spec_json(self) -> str:
@@ -166,6 +185,7 @@ class CohortStore:
                 )
             self._studies_dir.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.root)
+        self._tombstones = TombstoneWatch(self.root / TOMBSTONE_FILE)
 
     def __repr__(self) -> str:
         return f"CohortStore({str(self.root)!r})"
@@ -183,36 +203,106 @@ class CohortStore:
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-    def _read_parts(self, columns: Sequence[str] | None) -> pa.Table:
+    def _read_part(self, path: Path, names: Sequence[str]) -> pa.Table:
+        try:
+            return pq.read_table(path, columns=list(names), schema=STUDY_SCHEMA)
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreError(
+                f"cannot read store part file {path.name}: {exc}; "
+                "restore it from backup or re-ingest"
+            ) from exc
+
+    def _read_parts(
+        self, columns: Sequence[str] | None, *, include_deleted: bool = False
+    ) -> pa.Table:
         schema = STUDY_SCHEMA if columns is None else _select_schema(STUDY_SCHEMA, columns)
+        deleted = frozenset() if include_deleted else self.deleted_patients()
+        names = list(schema.names)
+        if deleted and "patient_id" not in names:
+            names.append("patient_id")
         tables = []
         for path in self._part_files():
-            try:
-                tables.append(pq.read_table(path, columns=schema.names, schema=STUDY_SCHEMA))
-            except (OSError, pa.ArrowException) as exc:
-                raise StoreError(
-                    f"cannot read store part file {path.name}: {exc}; "
-                    "restore it from backup or re-ingest"
-                ) from exc
+            part = self._read_part(path, names)
+            if deleted:
+                part = _drop_deleted(part, deleted).select(schema.names)
+            tables.append(part)
         if not tables:
             return schema.empty_table()
         return pa.concat_tables(tables).combine_chunks()
+
+    # ---------------------------------------------------------------- deletions
+    def deleted_patients(self) -> frozenset[str]:
+        """Pseudonyms of withdrawn patients (``STORE/tombstones.parquet``)."""
+        return self._tombstones.current()[1]
+
+    def delete_patients(self, patient_ids: Sequence[str]) -> int:
+        """Withdraw patients: from now on every read skips their studies and outcomes, and
+        re-ingesting their studies adds nothing. The rows go physically at :meth:`compact`.
+        Returns how many pseudonyms were newly tombstoned."""
+        added = add_tombstones(self.root / TOMBSTONE_FILE, patient_ids)
+        if added:
+            log.info("store: %d patients withdrawn (tombstoned)", added)
+        return added
+
+    def compact(self) -> dict[str, int]:
+        """Rewrite the files that still hold withdrawn patients' rows, without them.
+
+        Each part file is replaced in place (same name, atomic rename), so readers see
+        either the old or the new file. Tombstones stay, so a re-ingest cannot bring the
+        patients back. Returns ``{"studies_removed", "outcomes_removed", "parts_rewritten"}``.
+        """
+        deleted = self.deleted_patients()
+        report = {"studies_removed": 0, "outcomes_removed": 0, "parts_rewritten": 0}
+        if not deleted:
+            return report
+        with self._locked():
+            for path in self._part_files():
+                ids = self._read_part(path, ["patient_id"]).column("patient_id")
+                hit = pc.is_in(ids, value_set=pa.array(sorted(deleted), pa.string()))
+                gone = int(pc.sum(hit).as_py() or 0)
+                if not gone:
+                    continue
+                part = _drop_deleted(self._read_part(path, STUDY_SCHEMA.names), deleted)
+                if part.num_rows == 0:
+                    path.unlink()
+                    fsync_dir(path.parent)
+                else:
+                    write_parquet_atomic(part, path)
+                report["studies_removed"] += gone
+                report["parts_rewritten"] += 1
+            path = self.root / _OUTCOMES_FILE
+            if path.exists():
+                old = self.outcomes(include_deleted=True)
+                kept = _drop_deleted(old, deleted)
+                if kept.num_rows != old.num_rows:
+                    write_parquet_atomic(kept, path)
+                    report["outcomes_removed"] = old.num_rows - kept.num_rows
+        log.info(
+            "store: compacted (%d studies, %d outcome rows removed)",
+            report["studies_removed"],
+            report["outcomes_removed"],
+        )
+        return report
 
     # ---------------------------------------------------------------- studies
     def add_studies(self, records: Sequence[StudyRecord]) -> int:
         """Append studies as one new part file; returns how many were added.
 
         Studies whose ``study_uid`` is already stored (or repeated within ``records``) are
-        skipped, so re-ingesting a folder is idempotent.
+        skipped, so re-ingesting a folder is idempotent; so are studies of withdrawn
+        patients (:meth:`delete_patients`).
         """
         with self._locked():
-            seen = self.study_uids()
+            seen = set(
+                self._read_parts(["study_uid"], include_deleted=True).column("study_uid").to_pylist()
+            )
+            withdrawn = self.deleted_patients()
             now = datetime.now(UTC)
             columns: dict[str, list[Any]] = {name: [] for name in STUDY_SCHEMA.names}
             for i, rec in enumerate(records):
                 if not rec.patient_id or not rec.study_uid:
                     raise StoreError(f"record {i} has an empty patient_id or study_uid")
-                if rec.study_uid in seen:
+                if rec.study_uid in seen or rec.patient_id in withdrawn:
                     continue
                 seen.add(rec.study_uid)
                 vol = np.asarray(rec.volume)
@@ -271,23 +361,71 @@ class CohortStore:
         shape = next(iter(shapes))
         out = np.empty((table.num_rows, *shape), dtype=np.int16)
         row = 0
-        for path in self._part_files():  # one part at a time keeps peak memory low
-            part = pq.read_table(path, columns=["volume"], schema=STUDY_SCHEMA)
-            for buf in part.column("volume").to_pylist():
-                out[row] = np.frombuffer(buf, dtype="<i2").reshape(shape)
-                row += 1
+        for _uids, vols in self.iter_volumes(batch_size=256):  # bounded extra memory
+            out[row : row + len(vols)] = vols
+            row += len(vols)
         return table.column("study_uid").to_pylist(), out
 
+    def iter_volumes(self, batch_size: int = 64) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Stream ``(study_uids, (b, D, H, W) int16)`` batches in ingestion order.
+
+        Only one part file's row group and one batch are in memory at a time, so a
+        rebuild over millions of studies needs no more memory than a batch. Withdrawn
+        patients are skipped. Raises :class:`StoreError` on mixed volume shapes.
+        """
+        if batch_size < 1:
+            raise StoreError(f"batch_size must be >= 1, got {batch_size}")
+        deleted = self.deleted_patients()
+        uids: list[str] = []
+        vols: list[np.ndarray] = []
+        shape: tuple[int, ...] | None = None
+        for path in self._part_files():
+            try:
+                pf = pq.ParquetFile(path)
+                batches = pf.iter_batches(
+                    batch_size=batch_size, columns=["patient_id", "study_uid", "volume", "volume_shape"]
+                )
+                for batch in batches:
+                    cols = batch.to_pydict()
+                    for pid, uid, buf, shp in zip(
+                        cols["patient_id"], cols["study_uid"], cols["volume"], cols["volume_shape"],
+                        strict=True,
+                    ):
+                        if pid in deleted:
+                            continue
+                        shp = tuple(int(s) for s in shp)
+                        if shape is None:
+                            shape = shp
+                        elif shp != shape:
+                            raise StoreError(
+                                f"stored volumes differ in shape ({shape} and {shp}); "
+                                "re-ingest every study with one InputSpec"
+                            )
+                        uids.append(uid)
+                        vols.append(np.frombuffer(buf, dtype="<i2").reshape(shp))
+                        if len(uids) == batch_size:
+                            yield uids, np.stack(vols)
+                            uids, vols = [], []
+            except (OSError, pa.ArrowException) as exc:
+                raise StoreError(
+                    f"cannot read store part file {path.name}: {exc}; "
+                    "restore it from backup or re-ingest"
+                ) from exc
+        if uids:
+            yield uids, np.stack(vols)
+
     # ---------------------------------------------------------------- outcomes
-    def outcomes(self) -> pa.Table:
+    def outcomes(self, *, include_deleted: bool = False) -> pa.Table:
         """The outcomes table (OUTCOME_SCHEMA); empty when none were set."""
         path = self.root / _OUTCOMES_FILE
         if not path.exists():
             return OUTCOME_SCHEMA.empty_table()
         try:
-            return pq.read_table(path, schema=OUTCOME_SCHEMA)
+            table = pq.read_table(path, schema=OUTCOME_SCHEMA)
         except (OSError, pa.ArrowException) as exc:
             raise StoreError(f"cannot read {path.name}: {exc}; set the outcomes again") from exc
+        deleted = frozenset() if include_deleted else self.deleted_patients()
+        return _drop_deleted(table, deleted) if deleted else table
 
     def set_outcomes(self, table: pa.Table) -> int:
         """Upsert outcomes by ``patient_id``; returns the number of rows written.
@@ -299,7 +437,7 @@ class CohortStore:
         """
         new = normalize_outcomes(table)
         with self._locked():
-            old = self.outcomes()
+            old = self.outcomes(include_deleted=True)
             new_ids = set(new.column("patient_id").to_pylist())
             keep = [pid not in new_ids for pid in old.column("patient_id").to_pylist()]
             merged = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())), new])
@@ -333,11 +471,20 @@ class CohortStore:
         h = hashlib.sha256()
         for path in self._part_files():
             h.update(path.name.encode() + b"\n")
-        outcomes = self.root / _OUTCOMES_FILE
-        if outcomes.exists():
-            st = outcomes.stat()
-            h.update(f"outcomes:{st.st_mtime_ns}:{st.st_size}".encode())
+        for name in (_OUTCOMES_FILE, TOMBSTONE_FILE):
+            path = self.root / name
+            if path.exists():
+                st = path.stat()
+                h.update(f"{name}:{st.st_mtime_ns}:{st.st_size}".encode())
         return h.hexdigest()[:12]
+
+
+def _drop_deleted(table: pa.Table, deleted: frozenset[str]) -> pa.Table:
+    """``table`` without the rows whose ``patient_id`` is in ``deleted``."""
+    if not deleted or table.num_rows == 0:
+        return table
+    hit = pc.is_in(table.column("patient_id"), value_set=pa.array(sorted(deleted), pa.string()))
+    return table.filter(pc.invert(hit))
 
 
 def _select_schema(schema: pa.Schema, columns: Sequence[str]) -> pa.Schema:

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -45,6 +46,10 @@ app = typer.Typer(
 )
 index_app = typer.Typer(help="Build and inspect index snapshots.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+audit_app = typer.Typer(help="Check the record of access (audit log).", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+auth_app = typer.Typer(help="Make credentials for cohortsim serve --auth-tokens.", no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
 
 # Non-terminal output (pipes, logs) gets a wide console so tables do not fold.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -81,6 +86,7 @@ def cli_errors(fn: F) -> F:
             StoreError,
             UnknownStudyError,
         )
+        from service.auth import AuthConfigError
         from service.client import CohortsimClientError
 
         try:
@@ -100,6 +106,7 @@ def cli_errors(fn: F) -> F:
             FilterError,
             ModelVersionError,
             QueryError,
+            AuthConfigError,
             FileNotFoundError,
             NotADirectoryError,
             PermissionError,
@@ -171,9 +178,17 @@ def ingest(
         typer.Option(help="Site secret for pseudonyms (default $COHORTSIM_SITE_SECRET or ~/.config/cohortsim/site-secret)."),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")] = False,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Processes reading and preprocessing (default: all cores; 1 = no pool).")
+    ] = None,
+    allow_burned_in: Annotated[
+        bool,
+        typer.Option(help="Accept series flagged BurnedInAnnotation YES (text in the pixels may identify the patient)."),
+    ] = False,
 ) -> None:
     """Read DICOM studies into the cohort store (pseudonymised, preprocessed, with acquisition metadata)."""
     from encoders.deid import Pseudonymizer
+    from encoders.dicom import SeriesRule
     from indexing.ingest import ingest_folder, read_outcomes
     from indexing.store import CohortStore
 
@@ -182,7 +197,15 @@ def ingest(
     pseudo = Pseudonymizer.from_env_or_file(secret_file)
     cohort = CohortStore(store, create=True)
     with progress_bar("ingest") as update:
-        report = ingest_folder(dicom_dir, cohort, pseudonymizer=pseudo, site=site, progress=lambda d, t: update(d, t))
+        report = ingest_folder(
+            dicom_dir,
+            cohort,
+            pseudonymizer=pseudo,
+            site=site,
+            series_rule=SeriesRule(allow_burned_in=allow_burned_in),
+            workers=workers,
+            progress=lambda d, t: update(d, t),
+        )
     if outcomes is not None:
         table = read_outcomes(outcomes, pseudo)
         report.outcomes_rows = cohort.set_outcomes(table)
@@ -216,12 +239,21 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
     time_budget: Annotated[float | None, typer.Option(help="Stop training after this many seconds.")] = None,
+    region: Annotated[str, typer.Option(help="lesion (embed a box around the lung lesion; see encoders/roi.py) or whole (the whole volume).")] = "lesion",
+    pooling: Annotated[str, typer.Option(help="Pooling over slices: attention or mean.")] = "attention",
+    calibration: Annotated[str, typer.Option(help="tissue (calibrate each study's HU on its air and soft tissue) or none.")] = "tissue",
 ) -> None:
     """Train a self-supervised study encoder on the store's volumes (resumable)."""
     from indexing.store import CohortStore
 
     if method not in ("simclr", "vicreg"):
         raise CliError(f"--method must be simclr or vicreg, not {method!r}")
+    if region not in ("lesion", "whole"):
+        raise CliError(f"--region must be lesion or whole, not {region!r}")
+    if pooling not in ("attention", "mean"):
+        raise CliError(f"--pooling must be attention or mean, not {pooling!r}")
+    if calibration not in ("tissue", "none"):
+        raise CliError(f"--calibration must be tissue or none, not {calibration!r}")
     cohort = CohortStore(store)
     out_dir.mkdir(parents=True, exist_ok=True)
     card = _train_on_store(
@@ -236,6 +268,9 @@ def train(
         device=device,
         seed=seed,
         time_budget_s=time_budget,
+        region=region,
+        pooling=pooling,
+        calibration=calibration,
     )
     _say(f"saved encoder {card.version} ({card.backbone}, {card.method}, {card.epochs} epochs, dim {card.embedding_dim}) to {out_dir}")
 
@@ -273,7 +308,104 @@ def _train_on_store(cohort: Any, out_dir: Path, *, batch_size: int, **kw: Any) -
     return card
 
 
+# --------------------------------------------------------------------------- eval
+@app.command("eval")
+@cli_errors
+def eval_retrieval(
+    store: Annotated[Path, typer.Option(help="Cohort store with outcomes (ingested with --outcomes).")],
+    label: Annotated[str, typer.Option(help="Categorical outcome label that neighbours should share (P@k), e.g. phenotype.")],
+    model: Annotated[Path | None, typer.Option(help="Also score this trained encoder (it may have seen the queries, unlabelled).")] = None,
+    k: Annotated[int, typer.Option(min=1, max=1000)] = 10,
+    query_fraction: Annotated[float, typer.Option(min=0.01, max=0.9, help="Share of patients held out as queries.")] = 0.25,
+    seed: Annotated[int, typer.Option(help="Seed of the query split and of training.")] = 0,
+    backbone: Annotated[str, typer.Option()] = "resnet10t",
+    method: Annotated[str, typer.Option(help="simclr or vicreg.")] = "simclr",
+    regions: Annotated[str, typer.Option(help="Encoders to train on the reference studies: comma list of lesion, whole; empty for none.")] = "lesion,whole",
+    pooling: Annotated[str, typer.Option(help="attention or mean.")] = "attention",
+    calibration: Annotated[str, typer.Option(help="tissue or none (HU calibration of the trained encoders).")] = "tissue",
+    epochs: Annotated[int, typer.Option(min=1, max=10_000)] = 200,
+    batch_size: Annotated[int, typer.Option(min=2, max=4096)] = 32,
+    train_seconds: Annotated[float, typer.Option(min=1, help="Training budget per encoder.")] = 120.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
+) -> None:
+    """Score retrieval on held-out patients: P@k of a label, scanner excess, kNN C-index (24 months).
+
+    Holds out a seeded share of the patients as queries, trains the encoder(s) on the
+    other studies only (self-supervised, labels unused), and reports cohortsim beside
+    baselines from the same run: random vectors, HU-histogram kNN, a randomly
+    initialised backbone (each trained row also after ComBat harmonisation).
+    """
+    from encoders.evaluate import EvalConfig, check_targets, cohort_columns, run_retrieval_eval
+    from encoders.model import load_encoder
+    from encoders.spec import InputSpec
+    from indexing.store import CohortStore
+
+    if method not in ("simclr", "vicreg"):
+        raise CliError(f"--method must be simclr or vicreg, not {method!r}")
+    if calibration not in ("tissue", "none"):
+        raise CliError(f"--calibration must be tissue or none, not {calibration!r}")
+    region_list = tuple(r.strip() for r in regions.split(",") if r.strip())
+    bad = [r for r in region_list if r not in ("lesion", "whole")]
+    if bad:
+        raise CliError(f"--regions takes lesion and/or whole, not {', '.join(bad)}")
+    cohort = CohortStore(store)
+    uids, volumes = cohort.load_volumes()
+    if len(uids) < 2 * k:
+        raise CliError(f"the store at {store} holds {len(uids)} studies; the evaluation needs at least {2 * k}")
+    table = {r["study_uid"]: r for r in cohort.cohort_table().to_pylist()}
+    try:
+        cols = cohort_columns([table[u] for u in uids], label=label)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    spec = InputSpec.from_dict(json.loads(cohort.studies(columns=["spec"])["spec"][0].as_py()))
+    given = []
+    if model is not None:
+        enc, card = load_encoder(model, device="cpu")
+        given.append((f"given encoder {card.version} ({card.region.mode})", enc))
+    cfg = EvalConfig(
+        k=k, query_fraction=query_fraction, seed=seed, backbone=backbone, method=method,
+        regions=region_list, pooling=pooling, calibration=calibration, epochs=epochs, time_budget_s=train_seconds,
+        device=device, train_kw={"batch_size": batch_size},
+    )
+    try:
+        rows = run_retrieval_eval(
+            volumes, patient_ids=cols["patient_ids"], labels=cols["labels"], scanners=cols["scanners"],
+            times=cols["times"], events=cols["events"], spec=spec, config=cfg, encoders=given,
+            progress=lambda m: _say(f"eval: {m}"),
+        )
+    except ValueError as exc:  # EvalError / HarmonizeError: bad cohort for this protocol
+        raise CliError(str(exc)) from exc
+    if json_out:
+        out.print_json(json.dumps([r.to_dict() for r in rows]))
+        return
+    m0 = rows[0].metrics
+    table_out = Table(
+        title=f"retrieval on {m0.n_queries} held-out query studies vs {m0.n_reference} reference studies (k={k}, label {label!r})",
+        title_justify="left",
+    )
+    for col in ("method", f"P@{k}", "scanner excess", "kNN C-index", "s"):
+        table_out.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        m = r.metrics
+        table_out.add_row(r.method, f"{m.precision_at_k:.3f}", f"{m.scanner_excess:+.3f}", f"{m.c_index:.3f}", f"{r.seconds:.0f}")
+    out.print(table_out)
+    for r in rows:
+        if r.method.startswith(("cohortsim", "given")) and not r.method.endswith("ComBat"):
+            met = check_targets(rows, r.method)
+            out.print(f"{r.method}: " + ", ".join(f"{n} {'met' if ok else 'NOT met'}" for n, ok in met.items()))
+
+
 # --------------------------------------------------------------------------- index
+_DEVICE_HELP = "auto (a GPU when one is visible), cpu or gpu."
+
+
+def _device(device: str) -> str:
+    if device not in ("auto", "cpu", "gpu", "cuda"):
+        raise CliError(f"--device must be auto, cpu or gpu, not {device!r}")
+    return "cuda" if device == "gpu" else device
+
+
 @index_app.command("build")
 @cli_errors
 def index_build(
@@ -284,44 +416,219 @@ def index_build(
         Path | None,
         typer.Option(help="Precomputed, already de-identified embeddings (Parquet) instead of --store/--model."),
     ] = None,
-    kind: Annotated[str, typer.Option(help="FAISS factory string: Flat (exact, default), HNSW32, IVF256,Flat, IVF256,PQ32...")] = "Flat",
-    device: Annotated[str, typer.Option(help="Device for embedding: auto, cpu or cuda.")] = "auto",
+    kind: Annotated[str, typer.Option(help="FAISS factory string: Flat (exact, default), HNSW32, IVF256,Flat, IVF256,PQ32, SQfp16...")] = "Flat",
+    fp16: Annotated[bool, typer.Option("--fp16", help="Store vectors in half precision (Flat -> SQfp16, IVFn,Flat -> IVFn,SQfp16, HNSWm -> HNSWm,SQfp16).")] = False,
+    device: Annotated[str, typer.Option(help="Device for embedding: " + _DEVICE_HELP)] = "auto",
+    shard_size: Annotated[int, typer.Option(min=1, help="Studies per checkpointed shard; a killed build resumes from the last one.")] = 512,
+    keep: Annotated[int | None, typer.Option(min=1, help="After publishing, delete all but the newest N versions (the served one stays).")] = None,
 ) -> None:
-    """Embed the cohort and publish a new index snapshot atomically."""
+    """Embed the cohort and publish a new index snapshot atomically (safe while a server reads it)."""
     from indexing.build import build_from_embeddings, build_from_store
-    from indexing.snapshot import load_snapshot
+    from indexing.snapshot import fp16_kind, load_snapshot, prune_versions
 
     if embeddings is not None and (store is not None or model is not None):
         raise CliError("give either --embeddings or --store with --model, not both")
     if embeddings is None and (store is None or model is None):
         raise CliError("give --store and --model (or --embeddings FILE.parquet)")
+    if fp16:
+        kind = fp16_kind(kind)
+    dev = _device(device)
     if embeddings is not None:
         version = build_from_embeddings(embeddings, out_dir, kind=kind)
     else:
         assert store is not None and model is not None  # for the type checker; checked above
-        with progress_bar("embed") as update:
+        with progress_bar("build") as update:
             version = build_from_store(
-                store, model, out_dir, kind=kind, device=device, progress=lambda _s, d, t: update(d, t)
+                store,
+                model,
+                out_dir,
+                kind=kind,
+                device=dev,
+                shard_size=shard_size,
+                progress=lambda stage, d, t: update(d, t, extra=stage),
             )
-    info = load_snapshot(out_dir, version=version, device="cpu").info()
+    snap = load_snapshot(out_dir, version=version, device="cpu")
+    info = snap.info()
     _say(
         f"published index {version}: {info['num_studies']} studies, dim {info['dimension']}, "
         f"{info['index_kind']}, model {info['model_version']} -> {out_dir}"
     )
+    _print_manifest_quality(snap.manifest)
+    if keep is not None:
+        removed = prune_versions(out_dir, keep=keep)
+        if removed:
+            _say(f"pruned {len(removed)} old version(s): {', '.join(removed)}")
 
 
 @index_app.command("list")
 @cli_errors
-def index_list(index_dir: Annotated[Path, typer.Argument(metavar="INDEX_DIR")]) -> None:
-    """List the snapshots in an index folder (the served one is marked)."""
-    from indexing.snapshot import list_versions
+def index_list(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX_DIR")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON list on stdout.")] = False,
+) -> None:
+    """List the snapshots in an index folder (the served one is marked with *)."""
+    from indexing.snapshot import current_version, list_versions, read_manifest
 
     versions = list_versions(index_dir)
     if not versions:
         raise CliError(f"{index_dir} holds no snapshots; run cohortsim index build")
-    current = (index_dir / "CURRENT").read_text().strip() if (index_dir / "CURRENT").exists() else ""
+    current = current_version(index_dir)
+    rows = []
     for v in versions:
-        out.print(f"{'*' if v == current else ' '} {v}")
+        try:
+            m = read_manifest(index_dir, v)
+        except Exception as exc:  # a damaged version is listed, not fatal
+            rows.append({"version": v, "current": v == current, "error": str(exc)})
+            continue
+        rows.append(
+            {
+                "version": v,
+                "current": v == current,
+                "created_at": m.get("created_at"),
+                "kind": m.get("index_kind"),
+                "studies": m.get("num_studies"),
+                "dimension": m.get("dimension"),
+                "model_version": m.get("model_version"),
+                "derived_from": m.get("derived_from"),
+            }
+        )
+    if json_out:
+        out.print_json(json.dumps(rows))
+        return
+    for r in rows:
+        mark = "*" if r["current"] else " "
+        if "error" in r:
+            out.print(f"{mark} {r['version']}  (unreadable: {r['error']})", markup=False)
+        else:
+            out.print(
+                f"{mark} {r['version']}  {r['created_at']}  {r['kind']}  {r['studies']} studies  "
+                f"dim {r['dimension']}  model {r['model_version']}",
+                markup=False,
+            )
+
+
+@index_app.command("rollback")
+@cli_errors
+def index_rollback(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX_DIR")],
+    version: Annotated[str, typer.Argument(metavar="VERSION", help="A version id from cohortsim index list.")],
+) -> None:
+    """Serve an earlier version again (checksums verified first; servers follow within seconds)."""
+    from indexing.snapshot import rollback
+
+    rollback(index_dir, version)
+    _say(f"{index_dir}: CURRENT -> {version}")
+
+
+@index_app.command("prune")
+@cli_errors
+def index_prune(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX_DIR")],
+    keep: Annotated[int, typer.Option(min=1, help="How many of the newest versions to keep (the served one always stays).")] = 3,
+) -> None:
+    """Delete old snapshot versions."""
+    from indexing.snapshot import prune_versions
+
+    removed = prune_versions(index_dir, keep=keep)
+    _say(f"removed {len(removed)} version(s)" + (f": {', '.join(removed)}" if removed else ""))
+
+
+@index_app.command("compact")
+@cli_errors
+def index_compact(index_dir: Annotated[Path, typer.Argument(metavar="INDEX_DIR")]) -> None:
+    """Remove deleted patients' rows physically: rebuild the served version from its own vectors."""
+    from indexing.build import compact_index
+
+    with progress_bar("compact") as update:
+        version = compact_index(index_dir, progress=lambda stage, d, t: update(d, t, extra=stage))
+    _say("nothing to compact: no deleted patient in the served version" if version is None else f"published compacted index {version}")
+
+
+# --------------------------------------------------------------------------- delete, outcomes, compact
+_PSEUDONYM = re.compile(r"^P-[0-9a-f]{16}$")
+
+
+@app.command()
+@cli_errors
+def delete(
+    patient: Annotated[list[str], typer.Option("--patient", help="Patient to withdraw: its pseudonym (P-...) or raw id (hashed with the site secret). Repeatable.")],
+    store: Annotated[Path | None, typer.Option(help="Cohort store: its reads skip the patient at once; rows go at cohortsim compact.")] = None,
+    index: Annotated[Path | None, typer.Option(help="Index folder: servers stop returning the patient on their next call; rows go at the next rebuild.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Treat every --patient as a raw id, even if it looks like a pseudonym.")] = False,
+    secret_file: Annotated[Path | None, typer.Option(help="Site secret for hashing raw ids (default $COHORTSIM_SITE_SECRET or ~/.config/cohortsim/site-secret).")] = None,
+) -> None:
+    """Withdraw patients (consent revoked): hidden everywhere at once, removed at the next compaction."""
+    from indexing.store import CohortStore
+    from indexing.tombstones import TOMBSTONE_FILE, add_tombstones
+
+    if store is None and index is None:
+        raise CliError("give --store and/or --index to delete from")
+    if index is not None and not (index / "versions").is_dir():
+        raise CliError(f"{index} is not an index folder (no versions/); check --index")
+    ids = [p.strip() for p in patient if p.strip()]
+    if not ids:
+        raise CliError("--patient is empty")
+    pseudonyms = []
+    pseudo = None
+    for pid in ids:
+        if not raw and _PSEUDONYM.match(pid):
+            pseudonyms.append(pid)
+            continue
+        if pseudo is None:
+            from encoders.deid import Pseudonymizer
+
+            pseudo = Pseudonymizer.from_env_or_file(secret_file)
+        pseudonyms.append(pseudo.patient(pid))
+    if store is not None:
+        added = CohortStore(store).delete_patients(pseudonyms)
+        _say(f"store {store}: {added} patient(s) withdrawn; their rows go at `cohortsim compact --store`")
+    if index is not None:
+        added = add_tombstones(index / TOMBSTONE_FILE, pseudonyms)
+        _say(f"index {index}: {added} patient(s) hidden from answers now; rows go at the next build or `cohortsim index compact`")
+    for p in pseudonyms:
+        out.print(p)
+
+
+@app.command()
+@cli_errors
+def outcomes(
+    table: Annotated[Path, typer.Argument(metavar="CSV", help="Outcomes CSV/Parquet: patient_id,time,event,<labels...> (raw ids, hashed with the site secret).")],
+    store: Annotated[Path, typer.Option(help="Cohort store to update.")],
+    index: Annotated[Path | None, typer.Option(help="Also publish a new index version with these outcomes (no re-embedding).")] = None,
+    secret_file: Annotated[Path | None, typer.Option(help="Site secret (default $COHORTSIM_SITE_SECRET or ~/.config/cohortsim/site-secret).")] = None,
+) -> None:
+    """Update outcomes (follow-up, events, labels) without re-embedding anything."""
+    from encoders.deid import Pseudonymizer
+    from indexing.build import update_outcomes
+    from indexing.ingest import read_outcomes
+    from indexing.store import CohortStore
+
+    cohort = CohortStore(store)
+    rows = cohort.set_outcomes(read_outcomes(table, Pseudonymizer.from_env_or_file(secret_file)))
+    _say(f"store {store}: outcomes of {rows} patient(s) updated")
+    if index is not None:
+        version = update_outcomes(index, cohort)
+        _say(f"published index {version} with the new outcomes (vectors shared with the previous version)")
+
+
+@app.command()
+@cli_errors
+def compact(
+    store: Annotated[Path | None, typer.Option(help="Cohort store: rewrite part files without withdrawn patients.")] = None,
+    index: Annotated[Path | None, typer.Option(help="Index folder: rebuild the served version without withdrawn patients.")] = None,
+) -> None:
+    """Physically remove withdrawn patients' rows (they are already hidden)."""
+    from indexing.build import compact_index
+    from indexing.store import CohortStore
+
+    if store is None and index is None:
+        raise CliError("give --store and/or --index")
+    if store is not None:
+        r = CohortStore(store).compact()
+        _say(f"store {store}: {r['studies_removed']} studies and {r['outcomes_removed']} outcome rows removed ({r['parts_rewritten']} files rewritten)")
+    if index is not None:
+        version = compact_index(index)
+        _say(f"index {index}: " + ("nothing to compact" if version is None else f"published compacted version {version}"))
 
 
 # --------------------------------------------------------------------------- serve
@@ -331,16 +638,128 @@ def serve(
     index: Annotated[Path, typer.Option(help="Index folder from cohortsim index build.")],
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="0 picks a free port.")] = 50051,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM); with --tls-key the port speaks TLS only.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM; owner-only, mode 0600).")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="CA (PEM) of client certificates: mutual TLS, clients without a valid one are refused.")
+    ] = None,
+    auth_tokens: Annotated[
+        Path | None, typer.Option(help="JSON file mapping tokens (or sha256$salt$hash) to roles; mode 0600. Health stays open.")
+    ] = None,
+    audit_log: Annotated[
+        Path | None, typer.Option(help="Append one SHA-256-chained JSON line per call; a call fails if its line cannot be written.")
+    ] = None,
+    min_cell: Annotated[
+        int, typer.Option(min=2, help="Researchers: smallest group a released count may describe; smaller counts are withheld.")
+    ] = 11,
+    reid_similarity: Annotated[
+        float, typer.Option(min=0.5, max=1.0, help="Researchers: a neighbour this similar to the query counts as the same patient and is left out.")
+    ] = 0.95,
+    rate_limit: Annotated[float | None, typer.Option(min=0.001, help="Calls per second per principal (bursts of twice that).")] = None,
+    max_concurrent_per_principal: Annotated[int | None, typer.Option(min=1, help="Calls one principal may have in flight.")] = None,
+    device: Annotated[str, typer.Option(help="Where the index is searched: " + _DEVICE_HELP)] = "auto",
+    config: Annotated[Path | None, typer.Option(help="TOML file of settings ([serve] table); environment COHORTSIM_<NAME> and flags override it.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(min=0, max=65535, help="Serve Prometheus /metrics on this port (0: a free one).")] = None,
+    batch_window_ms: Annotated[float | None, typer.Option(min=0.0, max=2.0, help="Micro-batching window for concurrent searches, 0..2 ms (default 1).")] = None,
+    max_batch: Annotated[int | None, typer.Option(min=1, help="Searches per batched index call (default 64).")] = None,
+    max_queue: Annotated[int | None, typer.Option(min=1, help="Searches waiting before RESOURCE_EXHAUSTED (default 1024).")] = None,
+    max_concurrent_rpcs: Annotated[int | None, typer.Option(min=1, help="Calls in progress before RESOURCE_EXHAUSTED (default unlimited).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker threads for searches and DICOM embedding (default 2).")] = None,
+    store: Annotated[Path | None, typer.Option(help="Cohort store that IngestStudies adds to and DeletePatient withdraws from.")] = None,
+    log_format: Annotated[str | None, typer.Option(help="Log lines as 'text' or 'json' (structured, with request ids).")] = None,
 ) -> None:
-    """Serve the index over gRPC (health and reflection included) until SIGTERM/Ctrl-C."""
+    """Serve the index over gRPC (health and reflection included) until SIGTERM/Ctrl-C.
+
+    A newer version published into the index folder (or a rollback) is picked up within
+    seconds, without a restart and without failing a call."""
     import asyncio
 
     from indexing.snapshot import load_snapshot
+    from service import logs
+    from service.audit import AuditLog
+    from service.auth import TokenStore
+    from service.config import ConfigError, load_config
+    from service.governance import DisclosurePolicy
     from service.server import serve as serve_async
+    from service.tls import TlsConfig
 
+    if (tls_cert is None) != (tls_key is None):
+        raise CliError("give both --tls-cert and --tls-key (or neither)")
+    if tls_client_ca is not None and tls_cert is None:
+        raise CliError("--tls-client-ca needs --tls-cert and --tls-key")
+    dev = _device(device)
+    try:
+        settings = load_config(
+            config,
+            flags={
+                "metrics_port": metrics_port,
+                "batch_window_ms": batch_window_ms,
+                "max_batch": max_batch,
+                "max_queue": max_queue,
+                "max_concurrent_rpcs": max_concurrent_rpcs,
+                "max_workers": workers,
+                "store": store,
+                "log_format": log_format,
+            },
+        )
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
     load_snapshot(index, device="cpu")  # fail fast with a clear reason before binding the port
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve_async(index, host=host, port=port, ready=lambda p: _say(f"serving {index} on {host}:{p}")))
+    logs.configure(settings.log_format, settings.log_level, replace=True)
+    tls = None
+    if tls_cert is not None and tls_key is not None:
+        tls = TlsConfig(tls_cert, tls_key, tls_client_ca)
+        tls.server_credentials()  # checks the files (and the key's permissions) now
+    security: dict[str, Any] = {
+        "tls": tls,
+        "auth_tokens": TokenStore.load(auth_tokens) if auth_tokens is not None else None,
+        "policy": DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity),
+        "rate_limit": rate_limit,
+        "max_concurrent_per_principal": max_concurrent_per_principal,
+    }
+    if audit_log is not None:
+        security["audit_log"] = AuditLog(audit_log)
+    asyncio.run(
+        serve_async(
+            index, host=host, port=port, device=dev, ready=lambda p: _say(f"serving {index} on {host}:{p}"),
+            metrics_port=settings.metrics_port, metrics_host=settings.metrics_host,
+            **settings.server_kwargs(), **security,
+        )
+    )
+
+
+# --------------------------------------------------------------------------- audit, auth
+@audit_app.command("verify")
+@cli_errors
+def audit_verify(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="An audit log written by cohortsim serve --audit-log.")],
+    expect_head: Annotated[
+        str | None, typer.Option(help="The hash the log must end with (kept elsewhere), to catch lines cut from its end.")
+    ] = None,
+) -> None:
+    """Check the SHA-256 chain of an audit log; names the first edited, removed or reordered record."""
+    from service.audit import verify
+
+    if not path.is_file():
+        raise CliError(f"{path} is not a file")
+    result = verify(path, expect_head=expect_head)
+    if not result.ok:
+        _fail(result.describe(path), 1)
+    out.print(result.describe(path), highlight=False)
+
+
+@auth_app.command("token")
+@cli_errors
+def auth_token(
+    role: Annotated[str, typer.Option(help="clinician, researcher, admin or service.")],
+    id: Annotated[str | None, typer.Option("--id", help="Name of the holder in the audit record.")] = None,
+) -> None:
+    """Make a random bearer token; prints it and its salted-hash entry for the --auth-tokens file."""
+    from service.auth import new_token, token_file_entry
+
+    token = new_token()
+    entry = token_file_entry(token, role, id)
+    out.print_json(json.dumps({"token": token, "entry": entry}))
 
 
 # --------------------------------------------------------------------------- query
@@ -362,23 +781,84 @@ def query(
     dicom: Annotated[Path | None, typer.Option(help="A DICOM file or a folder holding one study.")] = None,
     study_uid: Annotated[str | None, typer.Option(help="Pseudonymous study id already in the index.")] = None,
     k: Annotated[int, typer.Option(min=1, max=1000, help="Number of neighbours.")] = 10,
+    where: Annotated[
+        str, typer.Option(help="Only neighbours matching this SQL condition, e.g. \"site = 'north' AND manufacturer IN ('GE')\".")
+    ] = "",
     json_out: Annotated[bool, typer.Option("--json", help="Print the answer as JSON on stdout.")] = False,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds before giving up.")] = 60.0,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write a PNG: the neighbours' weighted Kaplan–Meier with its band vs the whole cohort's, numbers at risk."),
+    ] = None,
+    thumbnails: Annotated[
+        Path | None,
+        typer.Option("--thumbnails", help="Write a PNG strip of the query's and the neighbours' central slices."),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="COHORTSIM_TOKEN", help="Bearer token (prefer --token-file or $COHORTSIM_TOKEN).")
+    ] = None,
+    token_file: Annotated[Path | None, typer.Option(help="File holding the bearer token (owner-only, mode 0600).")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA (PEM) that signed the server's certificate: connect with TLS.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Client certificate (PEM) for mutual TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Client private key (PEM, mode 0600) for mutual TLS.")] = None,
 ) -> None:
     """Ask a server for the patients most similar to a study, with their outcomes and a prognosis."""
-    from service.client import CohortsimClient
+    from service.client import CohortsimClient, CohortsimClientError
 
     if (dicom is None) == (study_uid is None):
         raise CliError("give exactly one of --dicom PATH or --study-uid UID")
-    with CohortsimClient(server, timeout=timeout) as client:
+    credentials, bearer = _client_security(token, token_file, tls_ca, tls_cert, tls_key)
+    for target in (plot, thumbnails):
+        if target is not None and not target.parent.is_dir():
+            raise CliError(f"cannot write {target}: folder {target.parent} does not exist")
+    quality = None
+    with CohortsimClient(server, timeout=timeout, credentials=credentials, token=bearer) as client:
+        want = thumbnails is not None
         if dicom is not None:
-            result = client.search(dicom_paths=_dicom_files(dicom), k=k)
+            result = client.search(dicom_paths=_dicom_files(dicom), k=k, where=where, include_thumbnails=want)
         else:
-            result = client.search(study_uid=study_uid, k=k)
+            result = client.search(study_uid=study_uid, k=k, where=where, include_thumbnails=want)
+        if not json_out:
+            try:
+                quality = client.index_info().prognostic_quality
+            except CohortsimClientError:
+                quality = None  # the report works without it
     if json_out:
         out.print_json(json.dumps(result.to_dict()))
     else:
         print_result(result)
+        if quality is not None:
+            print_quality(quality)
+    if plot is not None or thumbnails is not None:
+        from service.plots import plot_survival, plot_thumbnails
+
+        if plot is not None:
+            _say(f"wrote {plot_survival(result, plot)}")
+        if thumbnails is not None:
+            try:
+                _say(f"wrote {plot_thumbnails(result, thumbnails)}")
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
+
+
+def _client_security(
+    token: str | None, token_file: Path | None, ca: Path | None, cert: Path | None, key: Path | None
+) -> tuple[Any, str | None]:
+    """``(channel credentials or None, bearer token or None)`` from the query options."""
+    from service.auth import read_secret_file
+    from service.tls import channel_credentials
+
+    if token is not None and token_file is not None:
+        raise CliError("give --token or --token-file, not both")
+    if token_file is not None:
+        token = read_secret_file(token_file, "token file").decode("utf-8").strip()
+        if not token:
+            raise CliError(f"the token file {token_file} is empty")
+    if (cert is None) != (key is None):
+        raise CliError("give both --tls-cert and --tls-key for mutual TLS (or neither)")
+    if ca is None and cert is None:
+        return None, token
+    return channel_credentials(ca, cert, key), token
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:
@@ -407,7 +887,8 @@ def print_result(result: Any, console: Console | None = None) -> None:
     unit = getattr(p, "time_unit", "") or "months"
     c.print("[bold]Prognosis from these neighbours[/bold] (similarity-weighted Kaplan–Meier)")
     med = "not reached" if p.median_survival is None else f"{p.median_survival:.1f} {unit}"
-    c.print(f"  median survival: {med} (95% CI {_fmt(p.median_lower, '.1f')}–{_fmt(p.median_upper, '.1f')})")
+    med_hi = "not reached" if p.median_upper is None else f"{p.median_upper:.1f}"
+    c.print(f"  median survival: {med} (95% CI {_fmt(p.median_lower, '.1f')} to {med_hi})")
     for h in p.at_horizons:
         c.print(
             f"  survival at {h.time:g} {unit}: {_fmt(h.survival)} (95% CI {_fmt(h.lower)}–{_fmt(h.upper)})"
@@ -417,11 +898,100 @@ def print_result(result: Any, console: Console | None = None) -> None:
         f"  effective sample size {p.effective_sample_size:.1f} of {p.neighbors_with_outcome} neighbours "
         f"with outcomes, {p.events} events"
     )
+    if getattr(p, "temperature", None):
+        c.print(f"  weights: softmax of similarity / {p.temperature:g} (temperature chosen on the cohort)")
+    if getattr(p, "cohort_survival", None):
+        cmed = "not reached" if p.cohort_median_survival is None else f"{p.cohort_median_survival:.1f} {unit}"
+        at = ", ".join(f"{h.time:g}: {_fmt(h.survival)}" for h in p.cohort_at_horizons)
+        c.print(f"  whole cohort, for comparison: median {cmed}; survival at {at}")
+    for dist in getattr(p, "label_distributions", []):
+        shares = ", ".join(f"{s.label} {s.share:.2f} ({s.lower:.2f}–{s.upper:.2f})" for s in dist.shares[:5])
+        more = f", +{len(dist.shares) - 5} more" if len(dist.shares) > 5 else ""
+        c.print(f"  {dist.name}: {shares}{more}", highlight=False)
+        if dist.readers:
+            agree = "–" if dist.reader_agreement is None else f"{dist.reader_agreement:.0%}"
+            kappa = "–" if dist.reader_kappa is None else f"{dist.reader_kappa:.2f}"
+            c.print(
+                f"    readers {', '.join(dist.readers)}: agreement {agree}, Fleiss' kappa {kappa} "
+                f"over {dist.multi_reader_neighbor_count} neighbours read twice or more",
+                highlight=False,
+            )
+    for v in getattr(p, "value_summaries", []):
+        c.print(
+            f"  {v.name}: mean {v.mean:.3g} (95% CI {_fmt(v.lower, '.3g')}–{_fmt(v.upper, '.3g')}), "
+            f"{v.count} neighbours",
+            highlight=False,
+        )
     d = result.diagnostics
     c.print(f"[bold]Diagnostics[/bold]: out-of-distribution percentile {d.ood_percentile:.2f}")
+    for chk in getattr(d, "acquisition_checks", []):
+        seen = "" if chk.seen_in_cohort else " (not in the cohort)"
+        c.print(
+            f"  {chk.attribute.replace('_', ' ')} {chk.query_value}{seen}: {chk.neighbor_share:.0%} of "
+            f"neighbours vs {chk.cohort_share:.0%} of the cohort",
+            highlight=False,
+        )
+    st = getattr(d, "stability", None)
+    if st is not None:
+        med = (
+            "median not reached in any"
+            if st.median_survival_min is None
+            else f"median {st.median_survival_min:.1f}–{st.median_survival_max:.1f} {unit} "
+            f"({st.median_reached_count} of {st.view_count} reach one)"
+        )
+        c.print(
+            f"  stability under {st.view_count} scanner-like perturbations: "
+            f"{st.mean_neighbor_overlap:.0%} of neighbours kept on average "
+            f"(min {st.min_neighbor_overlap:.0%}); {med}",
+            highlight=False,
+        )
     for w in [*p.warnings, *d.warnings]:
         c.print(f"  [yellow]warning:[/yellow] {w}")
+    dc = getattr(result, "disclosure", None)
+    if dc is not None:
+        c.print(
+            f"aggregates only, over {dc.aggregated_patients} patients with equal weights; counts "
+            f"below {dc.min_cell_count} withheld ({len(dc.withheld_fields)} values)",
+            highlight=False,
+        )
     c.print(f"index {result.index_version}, model {result.model_version}", style="dim")
+
+
+def print_quality(q: Any, console: Console | None = None, *, unit: str = "months") -> None:
+    """Print the leave-one-out prognostic quality of an index (``PrognosticQuality``)."""
+    c = console or out
+    if not q.evaluated_study_count:
+        c.print(f"[bold]Prognostic quality[/bold]: not evaluated ({q.temperature_source})", highlight=False, soft_wrap=True)
+        return
+    c.print(
+        f"[bold]How good such prognoses have been on this cohort[/bold] (leave-one-out, k={q.k}, "
+        f"{q.evaluated_study_count} studies, {q.evaluated_event_count} events)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    c_txt = "–" if q.c_index is None else f"{q.c_index:.2f}"
+    c.print(
+        f"  C-index {c_txt} (0.5 = chance, 1 = perfect ranking; restricted mean survival to "
+        f"{q.restricted_mean_time:g} {unit})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    cal = ", ".join(
+        f"{h.time:g} {unit} {_fmt(h.mean_absolute_error)}" for h in q.calibration
+    )
+    if cal:
+        c.print(f"  calibration, mean |predicted − observed survival| over deciles: {cal}", highlight=False, soft_wrap=True)
+    c.print(f"  kernel temperature {q.temperature:g} ({q.temperature_source})", highlight=False, soft_wrap=True)
+
+
+def _print_manifest_quality(manifest: dict[str, Any]) -> None:
+    from service.client import prognostic_quality_from_proto
+    from service.convert import prognostic_quality_to_proto
+
+    ev = manifest.get("prognosis_evaluation")
+    if ev:
+        quality = prognostic_quality_from_proto(prognostic_quality_to_proto(ev))
+        print_quality(quality, err, unit=str(manifest.get("time_unit") or "months"))
 
 
 # --------------------------------------------------------------------------- demo
@@ -493,13 +1063,17 @@ def _demo(root: Path, *, patients: int, train_seconds: float, epochs: int, backb
     _say(f"[3/6] training a self-supervised {backbone} encoder on the CPU (≤ {train_seconds:.0f} s)")
     card = _train_on_store(
         cohort, model_dir, backbone=backbone, epochs=epochs, batch_size=16, device="auto",
-        seed=seed, time_budget_s=train_seconds,
+        seed=seed, time_budget_s=train_seconds, region="lesion", pooling="attention",
+        calibration="tissue",
     )
     _say(f"      encoder {card.version}: {card.epochs} epochs")
 
     _say("[4/6] building the FAISS index (exact, cosine)")
     version = build_from_store(store_dir, model_dir, index_dir, kind="Flat", device="auto")
     _say(f"      published snapshot {version}")
+    from indexing.snapshot import load_snapshot
+
+    _print_manifest_quality(load_snapshot(index_dir, version=version, device="cpu").manifest)
 
     _say("[5/6] starting the gRPC server on a free local port")
     with BackgroundServer(index_dir) as server:

@@ -12,9 +12,10 @@ server's message and, when the server sent one, the machine-readable ``ErrorInfo
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,6 +93,7 @@ class Neighbor:
     event: bool | None = None
     labels: dict[str, str] = field(default_factory=dict)
     values: dict[str, float] = field(default_factory=dict)
+    thumbnail_png: bytes | None = None
 
 
 @dataclass
@@ -128,10 +130,15 @@ class LabelShare:
 
 @dataclass
 class LabelDistribution:
-    """Distribution of one categorical outcome among the neighbours."""
+    """Distribution of one categorical outcome among the neighbours (pooled over readers
+    for an outcome read by several, with their agreement)."""
 
     name: str
     shares: list[LabelShare] = field(default_factory=list)
+    readers: list[str] = field(default_factory=list)
+    multi_reader_neighbor_count: int = 0
+    reader_agreement: float | None = None
+    reader_kappa: float | None = None
 
 
 @dataclass
@@ -161,6 +168,33 @@ class Prognosis:
     value_summaries: list[ValueSummary] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     time_unit: str = ""
+    cohort_survival: list[SurvivalPoint] = field(default_factory=list)
+    cohort_median_survival: float | None = None
+    cohort_at_horizons: list[HorizonEstimate] = field(default_factory=list)
+    temperature: float | None = None
+
+
+@dataclass
+class AcquisitionCheck:
+    """The query's value of one acquisition attribute vs its neighbours and the cohort."""
+
+    attribute: str
+    query_value: str
+    neighbor_share: float
+    cohort_share: float
+    seen_in_cohort: bool
+
+
+@dataclass
+class PredictionStability:
+    """Neighbours of scanner-augmented copies of the query vs the query's own."""
+
+    view_count: int
+    mean_neighbor_overlap: float
+    min_neighbor_overlap: float
+    median_survival_min: float | None = None
+    median_survival_max: float | None = None
+    median_reached_count: int = 0
 
 
 @dataclass
@@ -172,6 +206,17 @@ class Diagnostics:
     same_scanner_share: float | None = None
     cohort_scanner_share: float | None = None
     warnings: list[str] = field(default_factory=list)
+    acquisition_checks: list[AcquisitionCheck] = field(default_factory=list)
+    stability: PredictionStability | None = None
+
+
+@dataclass
+class DisclosureControl:
+    """How an aggregates-only answer was protected (small-cell threshold, what was withheld)."""
+
+    min_cell_count: int
+    aggregated_patients: int
+    withheld_fields: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -183,10 +228,48 @@ class SearchResult:
     diagnostics: Diagnostics
     index_version: str
     model_version: str
+    query_thumbnail_png: bytes | None = None
+    #: set when the caller's role gets aggregates only (researchers): how it was protected
+    disclosure: DisclosureControl | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict (``None`` for unknown values, never NaN)."""
+        """Plain JSON-serialisable dict (``None`` for unknown values, never NaN; thumbnails
+        as base64 text)."""
         return _json_safe(dataclasses.asdict(self))
+
+
+@dataclass
+class CalibrationGroup:
+    """Predicted vs observed survival of one group of evaluated studies at a horizon."""
+
+    predicted: float
+    observed: float | None
+    observed_lower: float | None
+    observed_upper: float | None
+    study_count: int
+
+
+@dataclass
+class HorizonCalibration:
+    """Calibration at one horizon (groups from lowest to highest predicted survival)."""
+
+    time: float
+    groups: list[CalibrationGroup] = field(default_factory=list)
+    mean_absolute_error: float | None = None
+
+
+@dataclass
+class PrognosticQuality:
+    """Leave-one-out quality of neighbour-based prognosis on the served cohort."""
+
+    k: int
+    temperature: float
+    temperature_source: str
+    c_index: float | None
+    restricted_mean_time: float
+    evaluated_study_count: int
+    evaluated_event_count: int
+    calibration: list[HorizonCalibration] = field(default_factory=list)
 
 
 @dataclass
@@ -203,16 +286,19 @@ class IndexInfo:
     create_time: datetime | None = None
     max_k: int = 0
     dicom_supported: bool = False
+    prognostic_quality: PrognosticQuality | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["create_time"] = self.create_time.isoformat() if self.create_time else None
-        return d
+        return _json_safe(d)
 
 
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
+    if isinstance(obj, bytes):
+        return base64.b64encode(obj).decode("ascii")
     if isinstance(obj, dict):
         return {k: _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
@@ -225,6 +311,17 @@ def _json_safe(obj: Any) -> Any:
 
 def _opt(msg: Any, name: str) -> Any:
     return getattr(msg, name) if msg.HasField(name) else None
+
+
+def _curve(points: Any) -> list[SurvivalPoint]:
+    return [SurvivalPoint(s.time, s.survival, s.lower, s.upper, int(s.at_risk)) for s in points]
+
+
+def _horizons(items: Any) -> list[HorizonEstimate]:
+    return [
+        HorizonEstimate(h.time, _opt(h, "survival"), _opt(h, "lower"), _opt(h, "upper"))
+        for h in items
+    ]
 
 
 def search_result_from_proto(resp: cohortsim_pb2.SearchSimilarResponse) -> SearchResult:
@@ -240,21 +337,17 @@ def search_result_from_proto(resp: cohortsim_pb2.SearchSimilarResponse) -> Searc
             event=_opt(n.outcome, "event"),
             labels=dict(n.outcome.labels),
             values=dict(n.outcome.values),
+            thumbnail_png=n.thumbnail_png or None,
         )
         for n in resp.neighbors
     ]
     p = resp.prognosis
     prognosis = Prognosis(
-        survival=[
-            SurvivalPoint(s.time, s.survival, s.lower, s.upper, int(s.at_risk)) for s in p.survival
-        ],
+        survival=_curve(p.survival),
         median_survival=_opt(p, "median_survival"),
         median_lower=_opt(p, "median_lower"),
         median_upper=_opt(p, "median_upper"),
-        at_horizons=[
-            HorizonEstimate(h.time, _opt(h, "survival"), _opt(h, "lower"), _opt(h, "upper"))
-            for h in p.at_horizons
-        ],
+        at_horizons=_horizons(p.at_horizons),
         effective_sample_size=p.effective_sample_size,
         neighbors_with_outcome=int(p.neighbors_with_outcome),
         events=int(p.events),
@@ -262,6 +355,10 @@ def search_result_from_proto(resp: cohortsim_pb2.SearchSimilarResponse) -> Searc
             LabelDistribution(
                 d.name,
                 [LabelShare(s.label, s.share, s.lower, s.upper, int(s.count)) for s in d.shares],
+                readers=list(d.readers),
+                multi_reader_neighbor_count=int(d.multi_reader_neighbor_count),
+                reader_agreement=_opt(d, "reader_agreement"),
+                reader_kappa=_opt(d, "reader_kappa"),
             )
             for d in p.label_distributions
         ],
@@ -271,16 +368,83 @@ def search_result_from_proto(resp: cohortsim_pb2.SearchSimilarResponse) -> Searc
         ],
         warnings=list(p.warnings),
         time_unit=p.time_unit,
+        cohort_survival=_curve(p.cohort_survival),
+        cohort_median_survival=_opt(p, "cohort_median_survival"),
+        cohort_at_horizons=_horizons(p.cohort_at_horizons),
+        temperature=p.temperature if p.temperature > 0 else None,
     )
     d = resp.diagnostics
+    st = d.stability if d.HasField("stability") else None
     diagnostics = Diagnostics(
         ood_percentile=d.ood_percentile,
         mean_similarity=d.mean_similarity,
         same_scanner_share=_opt(d, "same_scanner_share"),
         cohort_scanner_share=_opt(d, "cohort_scanner_share"),
         warnings=list(d.warnings),
+        acquisition_checks=[
+            AcquisitionCheck(
+                c.attribute, c.query_value, c.neighbor_share, c.cohort_share, c.seen_in_cohort
+            )
+            for c in d.acquisition_checks
+        ],
+        stability=None
+        if st is None
+        else PredictionStability(
+            int(st.view_count),
+            st.mean_neighbor_overlap,
+            st.min_neighbor_overlap,
+            _opt(st, "median_survival_min"),
+            _opt(st, "median_survival_max"),
+            int(st.median_reached_count),
+        ),
     )
-    return SearchResult(neighbors, prognosis, diagnostics, resp.index_version, resp.model_version)
+    return SearchResult(
+        neighbors,
+        prognosis,
+        diagnostics,
+        resp.index_version,
+        resp.model_version,
+        query_thumbnail_png=resp.query_thumbnail_png or None,
+        disclosure=_disclosure(resp),
+    )
+
+
+def _disclosure(resp: cohortsim_pb2.SearchSimilarResponse) -> DisclosureControl | None:
+    if not resp.HasField("disclosure_control"):
+        return None
+    dc = resp.disclosure_control
+    return DisclosureControl(
+        int(dc.min_cell_count), int(dc.aggregated_patients), list(dc.withheld_fields)
+    )
+
+
+def prognostic_quality_from_proto(q: cohortsim_pb2.PrognosticQuality) -> PrognosticQuality:
+    return PrognosticQuality(
+        k=int(q.k),
+        temperature=q.temperature,
+        temperature_source=q.temperature_source,
+        c_index=_opt(q, "c_index"),
+        restricted_mean_time=q.restricted_mean_time,
+        evaluated_study_count=int(q.evaluated_study_count),
+        evaluated_event_count=int(q.evaluated_event_count),
+        calibration=[
+            HorizonCalibration(
+                c.time,
+                [
+                    CalibrationGroup(
+                        g.predicted,
+                        _opt(g, "observed"),
+                        _opt(g, "observed_lower"),
+                        _opt(g, "observed_upper"),
+                        int(g.study_count),
+                    )
+                    for g in c.groups
+                ],
+                _opt(c, "mean_absolute_error"),
+            )
+            for c in q.calibration
+        ],
+    )
 
 
 def index_info_from_proto(resp: cohortsim_pb2.GetIndexInfoResponse) -> IndexInfo:
@@ -296,6 +460,9 @@ def index_info_from_proto(resp: cohortsim_pb2.GetIndexInfoResponse) -> IndexInfo
         create_time=created,
         max_k=int(resp.max_k),
         dicom_supported=resp.dicom_supported,
+        prognostic_quality=prognostic_quality_from_proto(resp.prognostic_quality)
+        if resp.HasField("prognostic_quality")
+        else None,
     )
 
 
@@ -321,12 +488,17 @@ def build_search_request(
     dicom_paths: Sequence[Path | str | bytes] | None = None,
     k: int = 10,
     where: str = "",
+    include_thumbnails: bool = False,
 ) -> cohortsim_pb2.SearchSimilarRequest:
     """The request for exactly one of ``embedding``, ``study_uid``, ``dicom_paths``."""
     given = [x is not None for x in (embedding, study_uid, dicom_paths)]
     if sum(given) != 1:
         raise ValueError("give exactly one of embedding, study_uid, dicom_paths")
-    req = cohortsim_pb2.SearchSimilarRequest(k=int(k), filter=cohortsim_pb2.Filter(where=where))
+    req = cohortsim_pb2.SearchSimilarRequest(
+        k=int(k),
+        filter=cohortsim_pb2.Filter(where=where),
+        include_thumbnails=bool(include_thumbnails),
+    )
     if embedding is not None:
         values = np.asarray(embedding, dtype=np.float32).reshape(-1)
         req.embedding.values.extend(values.tolist())
@@ -342,7 +514,140 @@ def _channel_options(max_message_mb: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
 
 
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    if token is None:
+        return None
+    token = token.strip()
+    if not token or any(c in token for c in "\r\n"):
+        raise ValueError("the token is empty or holds line breaks; check the token file")
+    return (("authorization", f"Bearer {token}"),)
+
+
 _HEALTH_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
+
+
+# --------------------------------------------------------------------------- more answers
+
+
+@dataclass
+class StudySummary:
+    """One study of the index, without its embedding (ListStudies, GetPatient)."""
+
+    study_uid: str
+    patient_id: str
+    site: str
+    modality: str
+    study_day: int
+    acquisition: dict[str, str]
+
+
+@dataclass
+class PatientRecord:
+    """GetPatient: a patient's studies and outcome."""
+
+    patient_id: str
+    studies: list[StudySummary]
+    time: float | None
+    event: bool | None
+    labels: dict[str, str]
+    values: dict[str, float]
+    index_version: str
+
+
+@dataclass
+class StudyPage:
+    """One ListStudies page; pass ``next_page_token`` back for the next one ("" = last)."""
+
+    studies: list[StudySummary]
+    next_page_token: str
+    total_size: int
+
+
+@dataclass
+class CategoryCount:
+    value: str
+    study_count: int
+    patient_count: int
+
+
+@dataclass
+class CohortStats:
+    """GetCohortStats; ``labels`` maps (name, value) to a patient count. Researchers see
+    withheld counts as 0 and their paths in ``withheld_fields``."""
+
+    study_count: int
+    patient_count: int
+    sites: list[CategoryCount]
+    scanners: list[CategoryCount]
+    labels: dict[tuple[str, str], int]
+    index_version: str
+    withheld_fields: list[str] = field(default_factory=list)
+
+
+def _study(msg: Any) -> StudySummary:
+    return StudySummary(
+        msg.study_uid, msg.patient_id, msg.site, msg.modality, int(msg.study_day),
+        dict(msg.acquisition),
+    )
+
+
+def _patient(resp: Any) -> PatientRecord:
+    o = resp.outcome
+    return PatientRecord(
+        patient_id=resp.patient_id,
+        studies=[_study(s) for s in resp.studies],
+        time=o.time if o.HasField("time") else None,
+        event=o.event if o.HasField("event") else None,
+        labels=dict(o.labels),
+        values=dict(o.values),
+        index_version=resp.index_version,
+    )
+
+
+def _page(resp: Any) -> StudyPage:
+    return StudyPage([_study(s) for s in resp.studies], resp.next_page_token, int(resp.total_size))
+
+
+def _stats(resp: Any) -> CohortStats:
+    def cats(items: Any) -> list[CategoryCount]:
+        return [CategoryCount(c.value, int(c.study_count), int(c.patient_count)) for c in items]
+
+    return CohortStats(
+        study_count=int(resp.study_count),
+        patient_count=int(resp.patient_count),
+        sites=cats(resp.sites),
+        scanners=cats(resp.scanners),
+        labels={(x.name, x.value): int(x.patient_count) for x in resp.labels},
+        index_version=resp.index_version,
+        withheld_fields=list(resp.disclosure_control.withheld_fields),
+    )
+
+
+STREAM_CHUNK_BYTES = 1 << 20  # SearchSimilarStream chunk size (well under any message cap)
+
+
+def stream_search_requests(
+    dicom_paths: Sequence[Path | str | bytes], request: cohortsim_pb2.SearchSimilarRequest,
+    chunk_bytes: int = STREAM_CHUNK_BYTES,
+) -> Iterator[cohortsim_pb2.SearchSimilarStreamRequest]:
+    """The messages of a SearchSimilarStream call: ``request``, then each file in chunks
+    (read one file at a time)."""
+    yield cohortsim_pb2.SearchSimilarStreamRequest(request=request)
+    for item in dicom_paths:
+        data = item if isinstance(item, bytes) else Path(item).read_bytes()
+        for start in range(0, max(len(data), 1), chunk_bytes):
+            part = data[start : start + chunk_bytes]
+            yield cohortsim_pb2.SearchSimilarStreamRequest(
+                chunk=cohortsim_pb2.DicomFileChunk(
+                    data=part, last=start + chunk_bytes >= len(data)
+                )
+            )
+
+
+def _list_request(page_size: int, page_token: str, where: str) -> Any:
+    return cohortsim_pb2.ListStudiesRequest(
+        page_size=page_size, page_token=page_token, filter=cohortsim_pb2.Filter(where=where)
+    )
 
 
 # --------------------------------------------------------------------------- sync client
@@ -352,7 +657,8 @@ class CohortsimClient:
     """Blocking client; use as a context manager (or call :meth:`close`).
 
     ``target`` is ``host:port``; ``timeout`` (seconds) applies to every call;
-    ``credentials`` switches to a TLS channel.
+    ``credentials`` switches to a TLS channel (:func:`service.tls.channel_credentials`);
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call.
     """
 
     def __init__(
@@ -362,9 +668,11 @@ class CohortsimClient:
         timeout: float = 30.0,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self._metadata = _auth_metadata(token)
         options = _channel_options(max_message_mb)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
@@ -389,7 +697,7 @@ class CohortsimClient:
 
     def _call(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise CohortsimClientError.from_rpc_error(exc) from None
 
@@ -401,10 +709,17 @@ class CohortsimClient:
         dicom_paths: Sequence[Path | str | bytes] | None = None,
         k: int = 10,
         where: str = "",
+        include_thumbnails: bool = False,
     ) -> SearchResult:
-        """The ``k`` most similar studies to one query (exactly one of the three kinds)."""
+        """The ``k`` most similar studies to one query (exactly one of the three kinds);
+        ``include_thumbnails`` asks for the query's and neighbours' PNG thumbnails."""
         req = build_search_request(
-            embedding=embedding, study_uid=study_uid, dicom_paths=dicom_paths, k=k, where=where
+            embedding=embedding,
+            study_uid=study_uid,
+            dicom_paths=dicom_paths,
+            k=k,
+            where=where,
+            include_thumbnails=include_thumbnails,
         )
         return search_result_from_proto(self._call(self._stub.SearchSimilar, req))
 
@@ -426,6 +741,58 @@ class CohortsimClient:
         resp = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
         return _HEALTH_NAMES.get(resp.status, "UNKNOWN")
 
+    def search_stream(
+        self, dicom_paths: Sequence[Path | str | bytes], *, k: int = 10, where: str = "",
+        include_thumbnails: bool = False, chunk_bytes: int = STREAM_CHUNK_BYTES,
+    ) -> SearchResult:
+        """:meth:`search` for a DICOM study of any size (SearchSimilarStream, chunked)."""
+        req = cohortsim_pb2.SearchSimilarRequest(
+            k=int(k), filter=cohortsim_pb2.Filter(where=where),
+            include_thumbnails=bool(include_thumbnails),
+        )
+        resp = self._call(
+            self._stub.SearchSimilarStream, stream_search_requests(dicom_paths, req, chunk_bytes)
+        )
+        return search_result_from_proto(resp.response)
+
+    def get_patient(self, patient_id: str) -> PatientRecord:
+        """A patient's studies and outcome (pseudonym ``P-...``)."""
+        req = cohortsim_pb2.GetPatientRequest(patient_id=patient_id)
+        return _patient(self._call(self._stub.GetPatient, req))
+
+    def list_studies(self, *, page_size: int = 0, page_token: str = "", where: str = "") -> StudyPage:
+        """One page of the index's studies (``where``: a filter)."""
+        return _page(self._call(self._stub.ListStudies, _list_request(page_size, page_token, where)))
+
+    def cohort_stats(self, *, where: str = "") -> CohortStats:
+        """Counts by site, scanner and label (researchers: small cells withheld)."""
+        req = cohortsim_pb2.GetCohortStatsRequest(filter=cohortsim_pb2.Filter(where=where))
+        return _stats(self._call(self._stub.GetCohortStats, req))
+
+    def ingest(self, studies: Sequence[Sequence[Path | str | bytes]]) -> dict[str, Any]:
+        """Admin: add studies (each a list of DICOM files) to the server's store."""
+        msgs = (
+            cohortsim_pb2.IngestStudiesRequest(study=cohortsim_pb2.DicomStudy(files=_read_files(s)))
+            for s in studies
+        )
+        resp = self._call(self._stub.IngestStudies, msgs)
+        return {
+            "received": resp.received_count, "ingested": resp.ingested_count,
+            "already_present": resp.already_present_count, "rejections": list(resp.rejections),
+        }
+
+    def delete_patient(self, patient_id: str) -> tuple[bool, int]:
+        """Admin: withdraw a patient; ``(newly_deleted, hidden_study_count)``."""
+        resp = self._call(
+            self._stub.DeletePatient, cohortsim_pb2.DeletePatientRequest(patient_id=patient_id)
+        )
+        return bool(resp.newly_deleted), int(resp.hidden_study_count)
+
+    def reload_index(self) -> tuple[str, bool]:
+        """Admin: serve what ``CURRENT`` names now; ``(index_version, reloaded)``."""
+        resp = self._call(self._stub.ReloadIndex, cohortsim_pb2.ReloadIndexRequest())
+        return resp.index_version, bool(resp.reloaded)
+
 
 # --------------------------------------------------------------------------- asyncio client
 
@@ -443,9 +810,11 @@ class AsyncCohortsimClient:
         timeout: float = 30.0,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self._metadata = _auth_metadata(token)
         options = _channel_options(max_message_mb)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
@@ -470,7 +839,7 @@ class AsyncCohortsimClient:
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
-            return await method(request, timeout=self.timeout)
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise CohortsimClientError.from_rpc_error(exc) from None
 
@@ -482,10 +851,16 @@ class AsyncCohortsimClient:
         dicom_paths: Sequence[Path | str | bytes] | None = None,
         k: int = 10,
         where: str = "",
+        include_thumbnails: bool = False,
     ) -> SearchResult:
         """See :meth:`CohortsimClient.search`."""
         req = build_search_request(
-            embedding=embedding, study_uid=study_uid, dicom_paths=dicom_paths, k=k, where=where
+            embedding=embedding,
+            study_uid=study_uid,
+            dicom_paths=dicom_paths,
+            k=k,
+            where=where,
+            include_thumbnails=include_thumbnails,
         )
         return search_result_from_proto(await self._call(self._stub.SearchSimilar, req))
 
@@ -507,22 +882,62 @@ class AsyncCohortsimClient:
         resp = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
         return _HEALTH_NAMES.get(resp.status, "UNKNOWN")
 
+    async def search_stream(
+        self, dicom_paths: Sequence[Path | str | bytes], *, k: int = 10, where: str = "",
+        chunk_bytes: int = STREAM_CHUNK_BYTES,
+    ) -> SearchResult:
+        """See :meth:`CohortsimClient.search_stream`."""
+        req = cohortsim_pb2.SearchSimilarRequest(k=int(k), filter=cohortsim_pb2.Filter(where=where))
+        resp = await self._call(
+            self._stub.SearchSimilarStream, stream_search_requests(dicom_paths, req, chunk_bytes)
+        )
+        return search_result_from_proto(resp.response)
+
+    async def get_patient(self, patient_id: str) -> PatientRecord:
+        """See :meth:`CohortsimClient.get_patient`."""
+        req = cohortsim_pb2.GetPatientRequest(patient_id=patient_id)
+        return _patient(await self._call(self._stub.GetPatient, req))
+
+    async def list_studies(
+        self, *, page_size: int = 0, page_token: str = "", where: str = ""
+    ) -> StudyPage:
+        """See :meth:`CohortsimClient.list_studies`."""
+        req = _list_request(page_size, page_token, where)
+        return _page(await self._call(self._stub.ListStudies, req))
+
+    async def cohort_stats(self, *, where: str = "") -> CohortStats:
+        """See :meth:`CohortsimClient.cohort_stats`."""
+        req = cohortsim_pb2.GetCohortStatsRequest(filter=cohortsim_pb2.Filter(where=where))
+        return _stats(await self._call(self._stub.GetCohortStats, req))
+
 
 __all__ = [
+    "AcquisitionCheck",
     "AsyncCohortsimClient",
+    "CalibrationGroup",
+    "CategoryCount",
+    "CohortStats",
     "CohortsimClient",
     "CohortsimClientError",
     "Diagnostics",
+    "DisclosureControl",
+    "HorizonCalibration",
     "HorizonEstimate",
     "IndexInfo",
     "LabelDistribution",
     "LabelShare",
     "Neighbor",
+    "PatientRecord",
+    "PredictionStability",
     "Prognosis",
+    "PrognosticQuality",
     "SearchResult",
+    "StudyPage",
+    "StudySummary",
     "SurvivalPoint",
     "ValueSummary",
     "build_search_request",
     "index_info_from_proto",
     "search_result_from_proto",
+    "stream_search_requests",
 ]

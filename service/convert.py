@@ -42,6 +42,9 @@ class SearchQuery:
     embedding: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     study_uid: str = ""
     dicom_files: list[bytes] = field(default_factory=list)
+    include_thumbnails: bool = False
+    nprobe: int | None = None  # SearchParameters (approximate indexes); None = index default
+    ef_search: int | None = None
 
 
 # --------------------------------------------------------------------------- requests
@@ -115,9 +118,13 @@ def parse_search_request(
         raise invalid_argument("EMPTY_QUERY", "set one of embedding, study_uid, dicom")
     k = parse_k(request.k, default_k=default_k, max_k=max_k)
     where = request.filter.where.strip() if request.HasField("filter") else ""
+    thumbs = bool(request.include_thumbnails)
+    nprobe, ef_search = parse_search_parameters(request)
     if kind == "embedding":
         vec = parse_embedding(request.embedding, dimension=dimension)
-        return SearchQuery("embedding", k, where, embedding=vec)
+        return SearchQuery(
+            "embedding", k, where, embedding=vec, include_thumbnails=thumbs, nprobe=nprobe, ef_search=ef_search
+        )
     if kind == "study_uid":
         uid = request.study_uid.strip()
         if not uid or len(uid) > MAX_STUDY_UID_LENGTH:
@@ -125,9 +132,25 @@ def parse_search_request(
                 "INVALID_STUDY_UID",
                 "study_uid must be a study pseudonym of the index (as returned in neighbors)",
             )
-        return SearchQuery("study_uid", k, where, study_uid=uid)
+        return SearchQuery(
+            "study_uid", k, where, study_uid=uid, include_thumbnails=thumbs, nprobe=nprobe, ef_search=ef_search
+        )
     files = parse_dicom(request.dicom, max_files=max_files)
-    return SearchQuery("dicom", k, where, dicom_files=files)
+    return SearchQuery(
+        "dicom", k, where, dicom_files=files, include_thumbnails=thumbs, nprobe=nprobe, ef_search=ef_search
+    )
+
+
+def parse_search_parameters(request: pb.SearchSimilarRequest) -> tuple[int | None, int | None]:
+    """``search_parameters`` -> ``(nprobe, ef_search)`` (None when unset); the ranges are
+    checked against the index by ``indexing.snapshot`` (QueryError -> INVALID_ARGUMENT)."""
+    if not request.HasField("search_parameters"):
+        return None, None
+    p = request.search_parameters
+    return (
+        int(p.nprobe) if p.HasField("nprobe") else None,
+        int(p.ef_search) if p.HasField("ef_search") else None,
+    )
 
 
 # --------------------------------------------------------------------------- responses
@@ -177,21 +200,36 @@ def neighbor_to_proto(n: NeighborResult) -> pb.Neighbor:
         acquisition=_str_map(n.acquisition),
         outcome=outcome,
         weight=float(n.weight),
+        thumbnail_png=n.thumbnail or b"",
     )
+
+
+def _survival_points(curve: Any) -> list[pb.SurvivalPoint]:
+    return [
+        pb.SurvivalPoint(
+            time=float(s.time),
+            survival=float(s.survival),
+            lower=float(s.lower),
+            upper=float(s.upper),
+            at_risk=int(s.at_risk),
+        )
+        for s in curve
+    ]
+
+
+def _add_horizons(target: Any, horizons: Any) -> None:
+    for h in horizons:
+        he = target.add(time=float(h.time))
+        _set_optional(he, "survival", h.survival)
+        _set_optional(he, "lower", h.lower)
+        _set_optional(he, "upper", h.upper)
 
 
 def prognosis_to_proto(p: Prognosis, *, time_unit: str) -> pb.Prognosis:
     msg = pb.Prognosis(
-        survival=[
-            pb.SurvivalPoint(
-                time=float(s.time),
-                survival=float(s.survival),
-                lower=float(s.lower),
-                upper=float(s.upper),
-                at_risk=int(s.at_risk),
-            )
-            for s in p.survival
-        ],
+        survival=_survival_points(p.survival),
+        cohort_survival=_survival_points(p.cohort_survival),
+        temperature=_float(p.temperature),
         effective_sample_size=float(p.effective_n),
         neighbors_with_outcome=int(p.n_with_outcome),
         events=int(p.n_events),
@@ -201,13 +239,11 @@ def prognosis_to_proto(p: Prognosis, *, time_unit: str) -> pb.Prognosis:
     _set_optional(msg, "median_survival", p.median)
     _set_optional(msg, "median_lower", p.median_lower)
     _set_optional(msg, "median_upper", p.median_upper)
-    for h in p.at_horizons:
-        he = msg.at_horizons.add(time=float(h.time))
-        _set_optional(he, "survival", h.survival)
-        _set_optional(he, "lower", h.lower)
-        _set_optional(he, "upper", h.upper)
+    _set_optional(msg, "cohort_median_survival", p.cohort_median)
+    _add_horizons(msg.at_horizons, p.at_horizons)
+    _add_horizons(msg.cohort_at_horizons, p.cohort_at_horizons)
     for name, shares in p.label_distributions.items():
-        msg.label_distributions.add(
+        dist = msg.label_distributions.add(
             name=str(name),
             shares=[
                 pb.LabelShare(
@@ -220,6 +256,12 @@ def prognosis_to_proto(p: Prognosis, *, time_unit: str) -> pb.Prognosis:
                 for s in shares
             ],
         )
+        ra = p.reader_agreement.get(name)
+        if ra is not None:
+            dist.readers.extend(str(r) for r in ra.readers)
+            dist.multi_reader_neighbor_count = int(ra.rated_neighbors)
+            _set_optional(dist, "reader_agreement", ra.percent_agreement)
+            _set_optional(dist, "reader_kappa", ra.fleiss_kappa)
     for name, v in p.value_summaries.items():
         vs = msg.value_summaries.add(name=str(name), mean=_float(v.mean), count=int(v.n))
         _set_optional(vs, "lower", v.lower)
@@ -235,6 +277,22 @@ def diagnostics_to_proto(d: Diagnostics) -> pb.QueryDiagnostics:
     )
     _set_optional(msg, "same_scanner_share", d.same_scanner_share)
     _set_optional(msg, "cohort_scanner_share", d.cohort_scanner_share)
+    for c in d.acquisition_checks:
+        msg.acquisition_checks.add(
+            attribute=c.attribute,
+            query_value=str(c.query_value),
+            neighbor_share=float(c.neighbor_share),
+            cohort_share=float(c.cohort_share),
+            seen_in_cohort=bool(c.seen),
+        )
+    st = d.stability
+    if st is not None:
+        msg.stability.view_count = int(st.views)
+        msg.stability.mean_neighbor_overlap = float(st.mean_overlap)
+        msg.stability.min_neighbor_overlap = float(st.min_overlap)
+        msg.stability.median_reached_count = int(st.medians_reached)
+        _set_optional(msg.stability, "median_survival_min", st.median_min)
+        _set_optional(msg.stability, "median_survival_max", st.median_max)
     return msg
 
 
@@ -248,6 +306,7 @@ def search_response(
         diagnostics=diagnostics_to_proto(result.diagnostics),
         index_version=str(result.index_version),
         model_version=str(result.model_version),
+        query_thumbnail_png=result.query_thumbnail or b"",
     )
 
 
@@ -263,10 +322,36 @@ def _timestamp(value: Any) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
+def prognostic_quality_to_proto(ev: Mapping[str, Any]) -> pb.PrognosticQuality:
+    """The manifest's ``prognosis_evaluation`` dict -> ``PrognosticQuality``."""
+    msg = pb.PrognosticQuality(
+        k=int(ev.get("k") or 0),
+        temperature=_float(ev.get("temperature")),
+        temperature_source=str(ev.get("temperature_source") or ""),
+        restricted_mean_time=_float(ev.get("tau")),
+        evaluated_study_count=int(ev.get("evaluated_studies") or 0),
+        evaluated_event_count=int(ev.get("evaluated_events") or 0),
+    )
+    _set_optional(msg, "c_index", ev.get("c_index"))
+    for cal in ev.get("calibration") or []:
+        hc = msg.calibration.add(time=float(cal["time"]))
+        _set_optional(hc, "mean_absolute_error", cal.get("mean_absolute_error"))
+        for g in cal.get("groups") or []:
+            cg = hc.groups.add(predicted=float(g["predicted"]), study_count=int(g["study_count"]))
+            _set_optional(cg, "observed", g.get("observed"))
+            _set_optional(cg, "observed_lower", g.get("observed_lower"))
+            _set_optional(cg, "observed_upper", g.get("observed_upper"))
+    return msg
+
+
 def index_info_response(
-    info: Mapping[str, Any], *, max_k: int, dicom_supported: bool
+    info: Mapping[str, Any],
+    *,
+    max_k: int,
+    dicom_supported: bool,
+    prognostic_quality: Mapping[str, Any] | None = None,
 ) -> pb.GetIndexInfoResponse:
-    """``Snapshot.info()`` -> ``GetIndexInfoResponse``."""
+    """``Snapshot.info()`` (+ the manifest's ``prognosis_evaluation``) -> ``GetIndexInfoResponse``."""
     msg = pb.GetIndexInfoResponse(
         num_studies=int(info["num_studies"]),
         dimension=int(info["dimension"]),
@@ -281,6 +366,8 @@ def index_info_response(
     ts = _timestamp(info.get("created_at"))
     if ts is not None:
         msg.create_time.CopyFrom(ts)
+    if prognostic_quality:
+        msg.prognostic_quality.CopyFrom(prognostic_quality_to_proto(prognostic_quality))
     return msg
 
 
@@ -308,5 +395,6 @@ __all__ = [
     "parse_k",
     "parse_search_request",
     "prognosis_to_proto",
+    "prognostic_quality_to_proto",
     "search_response",
 ]

@@ -22,18 +22,23 @@ import numpy as np
 
 from encoders.errors import EncoderError
 from indexing.errors import ModelVersionError
-from indexing.query import QueryResult, search_similar
-from indexing.snapshot import Snapshot, load_snapshot
+from indexing.query import QueryResult, attach_stability, search_similar, thumbnails
+from indexing.snapshot import SearchParams, Snapshot, current_version, load_snapshot
 from service import convert
 from service.api import cohortsim_pb2, cohortsim_pb2_grpc
+from service.batching import SearchBatcher
 from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
+from service.governance import Governance, ResearcherAnswer
+from service.interceptors.call import add_facts, current_principal
+from service.rpcs import CohortRpcs
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Until the indexing package evaluates Filter.where, every non-empty filter is refused here.
-FILTERS_SUPPORTED = False
+# Filter.where is evaluated by indexing.filter (a parsed SQL subset over the metadata).
+FILTERS_SUPPORTED = True
+WATCH_INTERVAL_S = 2.0  # how often a server looks at INDEX_DIR/CURRENT for a new version
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,42 @@ class Limits:
 
 @dataclass(frozen=True)
 class EmbeddedStudy:
-    """A DICOM study embedded by the server's encoder."""
+    """A DICOM study embedded by the server's encoder.
+
+    ``views``: ``(a, d)`` embeddings of ``a`` scanner-augmented copies (test-time
+    augmentation; None when not asked for); ``thumbnail``: PNG of the central slice.
+    """
 
     vector: np.ndarray  # (d,) float32, L2-normalised
     model_version: str
     acquisition: dict[str, str]
+    views: np.ndarray | None = None
+    thumbnail: bytes | None = None
+
+
+TTA_VIEWS = 4  # scanner-augmented copies of a DICOM query (stability diagnostics); 0 = off
+TTA_SEED = 0  # fixed: the same study gets the same copies, hence the same diagnostics
+
+
+def scanner_views(volume: np.ndarray, n: int, *, seed: int = TTA_SEED) -> np.ndarray:
+    """``n`` scanner-like copies ``(n, D, H, W)`` float32 of one ``(D, H, W)`` HU volume:
+    noise, reconstruction kernel, HU calibration and slice thickness from
+    ``encoders.augment`` (no crop, zoom or shift: anatomy and position stay)."""
+    import torch
+
+    from encoders.augment import AugmentConfig, augment
+
+    cfg = AugmentConfig(slice_min_fraction=1.0, zoom=(1.0, 1.0), max_shift_px=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(np.asarray(volume, dtype=np.float32)).expand(n, *volume.shape)
+    return augment(x.contiguous(), gen, cfg).numpy()
+
+
+def _current_or_none(index_dir: Path) -> str | None:
+    try:
+        return current_version(index_dir)
+    except OSError:
+        return None
 
 
 def _torch_device(device: str) -> str:
@@ -65,6 +101,12 @@ class ServiceState:
     ``snapshot`` is None when loading failed (``load_error`` says why, for the log); every
     call then fails with UNAVAILABLE. The encoder is loaded once, under a lock, on a worker
     thread, and only if a DICOM query arrives.
+
+    Live pickup: :meth:`refresh` (run every ``WATCH_INTERVAL_S`` by :meth:`start_watching`)
+    loads the version ``INDEX_DIR/CURRENT`` names when it differs from the served one
+    (a rebuild, or a rollback), verifies it, and swaps ``snapshot`` in one assignment:
+    calls in flight finish on the snapshot they started with, new calls get the new one,
+    none fails. A version that fails to load is logged and skipped, the old one stays.
     """
 
     def __init__(
@@ -73,25 +115,108 @@ class ServiceState:
         *,
         load_error: str | None = None,
         device: str = "cpu",
+        tta_views: int = TTA_VIEWS,
+        index_dir: Path | None = None,
+        load_device: str = "auto",
     ) -> None:
         self.snapshot = snapshot
         self.load_error = load_error
         self.device = device
-        self._encoder: tuple[Any, Any] | None = None
-        self._encoder_error: BaseException | None = None
+        self.tta_views = tta_views
+        self.index_dir = index_dir
+        self._load_device = load_device
+        self._encoders: dict[str, tuple[Any, Any]] = {}  # model version -> (encoder, card)
+        self._encoder_errors: dict[str, BaseException] = {}
         self._encoder_lock = threading.Lock()
         self._embed_lock = threading.Lock()
+        self._swap_lock = threading.Lock()
+        self._skipped_version: str | None = None
+        self._listeners: list[Callable[[Snapshot], None]] = []
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @classmethod
     def load(cls, index_dir: Path, *, device: str = "auto") -> ServiceState:
         """Load the current snapshot of ``index_dir``; a failure is kept, not raised."""
+        kw: dict[str, Any] = {
+            "device": _torch_device(device),
+            "index_dir": Path(index_dir),
+            "load_device": device,
+        }
         try:
             snapshot = load_snapshot(index_dir, device=device)
         except Exception as exc:
             log.error("no index loaded (%s); health is NOT_SERVING", type(exc).__name__)
             log.error("load error: %s", exc)  # paths and versions only, never patient data
-            return cls(None, load_error=str(exc), device=_torch_device(device))
-        return cls(snapshot, device=_torch_device(device))
+            state = cls(None, load_error=str(exc), **kw)
+            state._skipped_version = _current_or_none(Path(index_dir))
+            return state
+        return cls(snapshot, **kw)
+
+    # live pickup of new versions ---------------------------------------------
+    def add_listener(self, callback: Callable[[Snapshot], None]) -> None:
+        """Call ``callback(snapshot)`` (on the watcher thread) after each swap."""
+        self._listeners.append(callback)
+
+    def refresh(self) -> bool:
+        """Serve the version ``CURRENT`` names if it is not the served one; True if swapped.
+
+        Blocking (loads and verifies the new version). Never raises: a broken version is
+        logged and remembered, and the served snapshot stays until ``CURRENT`` changes again.
+        """
+        if self.index_dir is None:
+            return False
+        with self._swap_lock:
+            target = _current_or_none(self.index_dir)
+            if target is None or target == self.index_version or target == self._skipped_version:
+                return False
+            try:
+                snapshot = load_snapshot(self.index_dir, version=target, device=self._load_device)
+                snapshot.deleted_rows()  # map tombstones to rows now, not in the first call
+            except Exception as exc:
+                self._skipped_version = target
+                log.error(
+                    "index version %s is unusable (%s); still serving %s",
+                    target,
+                    type(exc).__name__,
+                    self.index_version or "nothing",
+                )
+                log.error("load error: %s", exc)
+                return False
+            old = self.index_version
+            self.snapshot = snapshot  # one reference swap: in-flight calls keep the old one
+            self.load_error = None
+            self._skipped_version = None
+            with self._encoder_lock:  # keep only the encoder of the served model
+                for version in [v for v in self._encoders if v != snapshot.model_version]:
+                    del self._encoders[version]
+                self._encoder_errors.clear()
+        log.info("now serving index version %s (was %s)", snapshot.version, old or "none")
+        for callback in list(self._listeners):
+            try:
+                callback(snapshot)
+            except Exception:  # a listener must not stop the swap
+                log.exception("index swap listener failed")
+        return True
+
+    def start_watching(self, interval: float = WATCH_INTERVAL_S) -> None:
+        """Check ``CURRENT`` every ``interval`` seconds on a daemon thread."""
+        if self.index_dir is None or self._watcher is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                self.refresh()
+
+        self._watcher = threading.Thread(target=loop, name="cohortsim-index-watch", daemon=True)
+        self._watcher.start()
+
+    def close(self) -> None:
+        """Stop watching ``CURRENT``."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+            self._watcher = None
 
     @property
     def ready(self) -> bool:
@@ -106,7 +231,7 @@ class ServiceState:
             raise unavailable(
                 "INDEX_UNAVAILABLE",
                 "the server has no usable index snapshot (see its log); build one with "
-                "`cohortsim index build` and restart the server",
+                "`cohortsim index build` (the server picks it up within seconds)",
             )
         return self.snapshot
 
@@ -114,52 +239,72 @@ class ServiceState:
     def dicom_supported(self) -> bool:
         return self.snapshot is not None and self.snapshot.encoder_dir is not None
 
-    def encoder(self) -> tuple[Any, Any]:
-        """``(StudyEncoder, EncoderCard)`` of the snapshot; blocking (call on a worker)."""
-        snapshot = self.require_snapshot()
+    def encoder(self, snapshot: Snapshot | None = None) -> tuple[Any, Any]:
+        """``(StudyEncoder, EncoderCard)`` of ``snapshot`` (default: the served one);
+        blocking (call on a worker)."""
+        snapshot = snapshot or self.require_snapshot()
         encoder_dir = snapshot.encoder_dir
         if encoder_dir is None:
             raise failed_precondition(
                 "NO_ENCODER",
                 "this index was built from precomputed embeddings; send an embedding",
             )
+        key = snapshot.model_version
         with self._encoder_lock:
-            if self._encoder is None and self._encoder_error is None:
+            if key not in self._encoders and key not in self._encoder_errors:
                 from encoders.model import load_encoder  # torch: imported on first DICOM query
 
                 try:
                     encoder, card = load_encoder(encoder_dir, device=self.device)
                 except EncoderError as exc:
                     log.error("encoder of index %s unusable: %s", snapshot.version, exc)
-                    self._encoder_error = exc
+                    self._encoder_errors[key] = exc
                 else:
                     if card.version != snapshot.model_version:
-                        self._encoder_error = ModelVersionError(
+                        self._encoder_errors[key] = ModelVersionError(
                             f"the index holds embeddings of model {snapshot.model_version} but "
                             f"its encoder is {card.version}; rebuild the index with one encoder"
                         )
                     else:
-                        self._encoder = (encoder, card)
+                        self._encoders[key] = (encoder, card)
                         log.info("encoder %s loaded", card.version)
-            if self._encoder_error is not None:
-                raise self._encoder_error
-            assert self._encoder is not None
-            return self._encoder
+            if key in self._encoder_errors:
+                raise self._encoder_errors[key]
+            return self._encoders[key]
 
-    def embed_dicom(self, files: list[bytes]) -> EmbeddedStudy:
-        """Decode, preprocess and embed one study's DICOM files; blocking."""
+    def embed_dicom(
+        self,
+        files: list[bytes],
+        *,
+        views: int = 0,
+        thumbnail: bool = False,
+        snapshot: Snapshot | None = None,
+    ) -> EmbeddedStudy:
+        """Decode, preprocess and embed one study's DICOM files; blocking.
+
+        ``views`` > 0 also embeds that many scanner-augmented copies (:func:`scanner_views`);
+        ``thumbnail`` makes the PNG of the preprocessed volume's central slice.
+        """
         from encoders.dicom import preprocess, read_study
         from encoders.model import embed
 
-        encoder, card = self.encoder()
+        encoder, card = self.encoder(snapshot)  # the encoder of the snapshot searched
         study = read_study(files)
         volume = preprocess(study, card.input)
+        extra = None
         with self._embed_lock:  # one inference at a time: the cores are shared with FAISS
             vector = embed(encoder, volume[None], device=self.device)[0]
+            if views > 0:
+                extra = embed(encoder, scanner_views(volume, views), device=self.device)
         acquisition = {
             str(k): str(v) for k, v in (study.acquisition or {}).items() if v is not None
         }
-        return EmbeddedStudy(vector.astype(np.float32), card.version, acquisition)
+        png = None
+        if thumbnail:
+            from indexing.thumbnails import thumbnail_png
+
+            png = thumbnail_png(volume)
+        return EmbeddedStudy(vector.astype(np.float32), card.version, acquisition, extra, png)
 
 
 def search(
@@ -169,8 +314,15 @@ def search(
 
     A ``study_uid`` query excludes the study itself and every other study of the same
     patient (their outcome is the query patient's own, so it must not predict it).
+    A DICOM query is also re-embedded under ``state.tta_views`` scanner-like augmentations,
+    searched the same way, and the result's ``diagnostics.stability`` compares the two.
+    Thumbnails are attached when the query asks for them.
     """
     kwargs: dict[str, Any] = {}
+    views = None
+    query_thumbnail = None
+    if query.where:
+        snapshot.filter_mask(query.where)  # a bad filter fails before any DICOM is decoded
     if query.kind == "embedding":
         vector = query.embedding
     elif query.kind == "study_uid":
@@ -179,15 +331,39 @@ def search(
         kwargs["exclude_rows"] = [row]
         patient = snapshot.metadata.column("patient_id")[row].as_py()
         kwargs["exclude_patients"] = [patient]
+        if query.include_thumbnails:
+            query_thumbnail = thumbnails(snapshot, [row])[0]
     else:
-        embedded = state.embed_dicom(query.dicom_files)
+        embedded = state.embed_dicom(
+            query.dicom_files,
+            views=state.tta_views,
+            thumbnail=query.include_thumbnails,
+            snapshot=snapshot,
+        )
         vector = embedded.vector
+        views = embedded.views
+        query_thumbnail = embedded.thumbnail
         kwargs["query_acquisition"] = [embedded.acquisition]
+    kwargs["where"] = query.where
+    if query.nprobe is not None or query.ef_search is not None:
+        kwargs["search_params"] = SearchParams(nprobe=query.nprobe, ef_search=query.ef_search)
     results = search_similar(snapshot, vector[None, :], query.k, max_k=max_k, **kwargs)
-    return results[0]
+    result = results[0]
+    if views is not None and len(views):
+        same: dict[str, Any] = {
+            key: v * len(views) if isinstance(v, list) else v for key, v in kwargs.items()
+        }
+        attach_stability(result, search_similar(snapshot, views, query.k, max_k=max_k, **same))
+    if query.include_thumbnails:
+        result.query_thumbnail = query_thumbnail
+        for nb, png in zip(
+            result.neighbors, thumbnails(snapshot, [nb.row for nb in result.neighbors]), strict=True
+        ):
+            nb.thumbnail = png
+    return result
 
 
-class PatientSimilarityServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
+class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
     """Thin asyncio servicer over a :class:`ServiceState`."""
 
     def __init__(
@@ -196,10 +372,16 @@ class PatientSimilarityServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServi
         *,
         executor: Executor | None = None,
         limits: Limits | None = None,
+        governance: Governance | None = None,
+        batcher: SearchBatcher | None = None,
     ) -> None:
         self.state = state
         self.limits = limits or Limits()
         self._executor = executor
+        # micro-batching of concurrent embedding / study_uid searches (service.batching)
+        self.batcher = batcher
+        # the researcher view (issue #8): applied to callers without the "identities" right
+        self.governance = governance or Governance()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -229,12 +411,29 @@ class PatientSimilarityServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServi
         )
         self._check_filter(query.where)
         if query.kind == "dicom" and snapshot.encoder_dir is None:
-            self.state.encoder()  # raises the FAILED_PRECONDITION without touching the files
-        result = await self._run(
-            functools.partial(search, max_k=self.limits.max_k), self.state, snapshot, query
-        )
+            self.state.encoder(snapshot)  # raises FAILED_PRECONDITION without touching the files
         time_unit = str(snapshot.manifest.get("time_unit") or convert.DEFAULT_TIME_UNIT)
+        if self.governance.restricts(current_principal()):  # aggregates only, governed
+            answer = await self._run(self._governed_search, snapshot, query, time_unit)
+            add_facts(**answer.facts)
+            return answer.response
+        if self.batcher is not None and query.kind != "dicom":
+            result = await self.batcher.search(snapshot, query)
+        else:
+            result = await self._run(
+                functools.partial(search, max_k=self.limits.max_k), self.state, snapshot, query
+            )
         return convert.search_response(result, time_unit=time_unit)
+
+    def _governed_search(
+        self, snapshot: Snapshot, query: convert.SearchQuery, time_unit: str
+    ) -> ResearcherAnswer:
+        def run(q: convert.SearchQuery) -> QueryResult:
+            return search(self.state, snapshot, q, max_k=max(q.k, self.limits.max_k))
+
+        return self.governance.researcher_search(
+            snapshot, query, run=run, embed=self.state.embed_dicom, time_unit=time_unit
+        )
 
     @grpc_errors
     async def EmbedStudy(
@@ -252,9 +451,15 @@ class PatientSimilarityServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServi
         self, request: cohortsim_pb2.GetIndexInfoRequest, context: grpc.aio.ServicerContext
     ) -> cohortsim_pb2.GetIndexInfoResponse:
         snapshot = self.state.require_snapshot()
-        return convert.index_info_response(
-            snapshot.info(), max_k=self.limits.max_k, dicom_supported=self.state.dicom_supported
+        response = convert.index_info_response(
+            snapshot.info(),
+            max_k=self.limits.max_k,
+            dicom_supported=self.state.dicom_supported,
+            prognostic_quality=snapshot.manifest.get("prognosis_evaluation"),
         )
+        if self.governance.restricts(current_principal()):
+            return self.governance.index_info(response)
+        return response
 
 
 __all__ = [
@@ -263,5 +468,6 @@ __all__ = [
     "Limits",
     "PatientSimilarityServicer",
     "ServiceState",
+    "scanner_views",
     "search",
 ]

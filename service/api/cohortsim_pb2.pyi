@@ -29,35 +29,61 @@ class Filter(_message.Message):
     def __init__(self, where: _Optional[str] = ...) -> None: ...
 
 class SearchSimilarRequest(_message.Message):
-    __slots__ = ("embedding", "study_uid", "dicom", "k", "filter")
+    __slots__ = ("embedding", "study_uid", "dicom", "k", "filter", "include_thumbnails", "search_parameters")
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     STUDY_UID_FIELD_NUMBER: _ClassVar[int]
     DICOM_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_THUMBNAILS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     embedding: Vector
     study_uid: str
     dicom: DicomStudy
     k: int
     filter: Filter
-    def __init__(self, embedding: _Optional[_Union[Vector, _Mapping]] = ..., study_uid: _Optional[str] = ..., dicom: _Optional[_Union[DicomStudy, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+    include_thumbnails: bool
+    search_parameters: SearchParameters
+    def __init__(self, embedding: _Optional[_Union[Vector, _Mapping]] = ..., study_uid: _Optional[str] = ..., dicom: _Optional[_Union[DicomStudy, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., include_thumbnails: _Optional[bool] = ..., search_parameters: _Optional[_Union[SearchParameters, _Mapping]] = ...) -> None: ...
+
+class SearchParameters(_message.Message):
+    __slots__ = ("nprobe", "ef_search")
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    nprobe: int
+    ef_search: int
+    def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
 
 class SearchSimilarResponse(_message.Message):
-    __slots__ = ("neighbors", "prognosis", "diagnostics", "index_version", "model_version")
+    __slots__ = ("neighbors", "prognosis", "diagnostics", "index_version", "model_version", "query_thumbnail_png", "disclosure_control")
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     PROGNOSIS_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_THUMBNAIL_PNG_FIELD_NUMBER: _ClassVar[int]
+    DISCLOSURE_CONTROL_FIELD_NUMBER: _ClassVar[int]
     neighbors: _containers.RepeatedCompositeFieldContainer[Neighbor]
     prognosis: Prognosis
     diagnostics: QueryDiagnostics
     index_version: str
     model_version: str
-    def __init__(self, neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., prognosis: _Optional[_Union[Prognosis, _Mapping]] = ..., diagnostics: _Optional[_Union[QueryDiagnostics, _Mapping]] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    query_thumbnail_png: bytes
+    disclosure_control: DisclosureControl
+    def __init__(self, neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., prognosis: _Optional[_Union[Prognosis, _Mapping]] = ..., diagnostics: _Optional[_Union[QueryDiagnostics, _Mapping]] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., query_thumbnail_png: _Optional[bytes] = ..., disclosure_control: _Optional[_Union[DisclosureControl, _Mapping]] = ...) -> None: ...
+
+class DisclosureControl(_message.Message):
+    __slots__ = ("min_cell_count", "aggregated_patients", "withheld_fields")
+    MIN_CELL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATED_PATIENTS_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    min_cell_count: int
+    aggregated_patients: int
+    withheld_fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, min_cell_count: _Optional[int] = ..., aggregated_patients: _Optional[int] = ..., withheld_fields: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Neighbor(_message.Message):
-    __slots__ = ("patient_id", "study_uid", "similarity", "site", "acquisition", "outcome", "weight")
+    __slots__ = ("patient_id", "study_uid", "similarity", "site", "acquisition", "outcome", "weight", "thumbnail_png")
     class AcquisitionEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +98,7 @@ class Neighbor(_message.Message):
     ACQUISITION_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    THUMBNAIL_PNG_FIELD_NUMBER: _ClassVar[int]
     patient_id: str
     study_uid: str
     similarity: float
@@ -79,7 +106,8 @@ class Neighbor(_message.Message):
     acquisition: _containers.ScalarMap[str, str]
     outcome: Outcome
     weight: float
-    def __init__(self, patient_id: _Optional[str] = ..., study_uid: _Optional[str] = ..., similarity: _Optional[float] = ..., site: _Optional[str] = ..., acquisition: _Optional[_Mapping[str, str]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ..., weight: _Optional[float] = ...) -> None: ...
+    thumbnail_png: bytes
+    def __init__(self, patient_id: _Optional[str] = ..., study_uid: _Optional[str] = ..., similarity: _Optional[float] = ..., site: _Optional[str] = ..., acquisition: _Optional[_Mapping[str, str]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ..., weight: _Optional[float] = ..., thumbnail_png: _Optional[bytes] = ...) -> None: ...
 
 class Outcome(_message.Message):
     __slots__ = ("time", "event", "labels", "values")
@@ -148,12 +176,20 @@ class LabelShare(_message.Message):
     def __init__(self, label: _Optional[str] = ..., share: _Optional[float] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class LabelDistribution(_message.Message):
-    __slots__ = ("name", "shares")
+    __slots__ = ("name", "shares", "readers", "multi_reader_neighbor_count", "reader_agreement", "reader_kappa")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    READERS_FIELD_NUMBER: _ClassVar[int]
+    MULTI_READER_NEIGHBOR_COUNT_FIELD_NUMBER: _ClassVar[int]
+    READER_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    READER_KAPPA_FIELD_NUMBER: _ClassVar[int]
     name: str
     shares: _containers.RepeatedCompositeFieldContainer[LabelShare]
-    def __init__(self, name: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[LabelShare, _Mapping]]] = ...) -> None: ...
+    readers: _containers.RepeatedScalarFieldContainer[str]
+    multi_reader_neighbor_count: int
+    reader_agreement: float
+    reader_kappa: float
+    def __init__(self, name: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[LabelShare, _Mapping]]] = ..., readers: _Optional[_Iterable[str]] = ..., multi_reader_neighbor_count: _Optional[int] = ..., reader_agreement: _Optional[float] = ..., reader_kappa: _Optional[float] = ...) -> None: ...
 
 class ValueSummary(_message.Message):
     __slots__ = ("name", "mean", "lower", "upper", "count")
@@ -170,7 +206,7 @@ class ValueSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., mean: _Optional[float] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Prognosis(_message.Message):
-    __slots__ = ("survival", "median_survival", "median_lower", "median_upper", "at_horizons", "effective_sample_size", "neighbors_with_outcome", "events", "label_distributions", "value_summaries", "warnings", "time_unit")
+    __slots__ = ("survival", "median_survival", "median_lower", "median_upper", "at_horizons", "effective_sample_size", "neighbors_with_outcome", "events", "label_distributions", "value_summaries", "warnings", "time_unit", "cohort_survival", "cohort_median_survival", "cohort_at_horizons", "temperature")
     SURVIVAL_FIELD_NUMBER: _ClassVar[int]
     MEDIAN_SURVIVAL_FIELD_NUMBER: _ClassVar[int]
     MEDIAN_LOWER_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +219,10 @@ class Prognosis(_message.Message):
     VALUE_SUMMARIES_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIT_FIELD_NUMBER: _ClassVar[int]
+    COHORT_SURVIVAL_FIELD_NUMBER: _ClassVar[int]
+    COHORT_MEDIAN_SURVIVAL_FIELD_NUMBER: _ClassVar[int]
+    COHORT_AT_HORIZONS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     survival: _containers.RepeatedCompositeFieldContainer[SurvivalPoint]
     median_survival: float
     median_lower: float
@@ -195,21 +235,59 @@ class Prognosis(_message.Message):
     value_summaries: _containers.RepeatedCompositeFieldContainer[ValueSummary]
     warnings: _containers.RepeatedScalarFieldContainer[str]
     time_unit: str
-    def __init__(self, survival: _Optional[_Iterable[_Union[SurvivalPoint, _Mapping]]] = ..., median_survival: _Optional[float] = ..., median_lower: _Optional[float] = ..., median_upper: _Optional[float] = ..., at_horizons: _Optional[_Iterable[_Union[HorizonEstimate, _Mapping]]] = ..., effective_sample_size: _Optional[float] = ..., neighbors_with_outcome: _Optional[int] = ..., events: _Optional[int] = ..., label_distributions: _Optional[_Iterable[_Union[LabelDistribution, _Mapping]]] = ..., value_summaries: _Optional[_Iterable[_Union[ValueSummary, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., time_unit: _Optional[str] = ...) -> None: ...
+    cohort_survival: _containers.RepeatedCompositeFieldContainer[SurvivalPoint]
+    cohort_median_survival: float
+    cohort_at_horizons: _containers.RepeatedCompositeFieldContainer[HorizonEstimate]
+    temperature: float
+    def __init__(self, survival: _Optional[_Iterable[_Union[SurvivalPoint, _Mapping]]] = ..., median_survival: _Optional[float] = ..., median_lower: _Optional[float] = ..., median_upper: _Optional[float] = ..., at_horizons: _Optional[_Iterable[_Union[HorizonEstimate, _Mapping]]] = ..., effective_sample_size: _Optional[float] = ..., neighbors_with_outcome: _Optional[int] = ..., events: _Optional[int] = ..., label_distributions: _Optional[_Iterable[_Union[LabelDistribution, _Mapping]]] = ..., value_summaries: _Optional[_Iterable[_Union[ValueSummary, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., time_unit: _Optional[str] = ..., cohort_survival: _Optional[_Iterable[_Union[SurvivalPoint, _Mapping]]] = ..., cohort_median_survival: _Optional[float] = ..., cohort_at_horizons: _Optional[_Iterable[_Union[HorizonEstimate, _Mapping]]] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class QueryDiagnostics(_message.Message):
-    __slots__ = ("ood_percentile", "mean_similarity", "same_scanner_share", "cohort_scanner_share", "warnings")
+    __slots__ = ("ood_percentile", "mean_similarity", "same_scanner_share", "cohort_scanner_share", "warnings", "acquisition_checks", "stability")
     OOD_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     SAME_SCANNER_SHARE_FIELD_NUMBER: _ClassVar[int]
     COHORT_SCANNER_SHARE_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    ACQUISITION_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    STABILITY_FIELD_NUMBER: _ClassVar[int]
     ood_percentile: float
     mean_similarity: float
     same_scanner_share: float
     cohort_scanner_share: float
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ood_percentile: _Optional[float] = ..., mean_similarity: _Optional[float] = ..., same_scanner_share: _Optional[float] = ..., cohort_scanner_share: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    acquisition_checks: _containers.RepeatedCompositeFieldContainer[AcquisitionCheck]
+    stability: PredictionStability
+    def __init__(self, ood_percentile: _Optional[float] = ..., mean_similarity: _Optional[float] = ..., same_scanner_share: _Optional[float] = ..., cohort_scanner_share: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., acquisition_checks: _Optional[_Iterable[_Union[AcquisitionCheck, _Mapping]]] = ..., stability: _Optional[_Union[PredictionStability, _Mapping]] = ...) -> None: ...
+
+class AcquisitionCheck(_message.Message):
+    __slots__ = ("attribute", "query_value", "neighbor_share", "cohort_share", "seen_in_cohort")
+    ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VALUE_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOR_SHARE_FIELD_NUMBER: _ClassVar[int]
+    COHORT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    SEEN_IN_COHORT_FIELD_NUMBER: _ClassVar[int]
+    attribute: str
+    query_value: str
+    neighbor_share: float
+    cohort_share: float
+    seen_in_cohort: bool
+    def __init__(self, attribute: _Optional[str] = ..., query_value: _Optional[str] = ..., neighbor_share: _Optional[float] = ..., cohort_share: _Optional[float] = ..., seen_in_cohort: _Optional[bool] = ...) -> None: ...
+
+class PredictionStability(_message.Message):
+    __slots__ = ("view_count", "mean_neighbor_overlap", "min_neighbor_overlap", "median_survival_min", "median_survival_max", "median_reached_count")
+    VIEW_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_NEIGHBOR_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEIGHBOR_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_SURVIVAL_MIN_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_SURVIVAL_MAX_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_REACHED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    view_count: int
+    mean_neighbor_overlap: float
+    min_neighbor_overlap: float
+    median_survival_min: float
+    median_survival_max: float
+    median_reached_count: int
+    def __init__(self, view_count: _Optional[int] = ..., mean_neighbor_overlap: _Optional[float] = ..., min_neighbor_overlap: _Optional[float] = ..., median_survival_min: _Optional[float] = ..., median_survival_max: _Optional[float] = ..., median_reached_count: _Optional[int] = ...) -> None: ...
 
 class EmbedStudyRequest(_message.Message):
     __slots__ = ("dicom",)
@@ -239,7 +317,7 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("num_studies", "dimension", "metric", "index_kind", "model_version", "index_version", "gpu", "create_time", "max_k", "dicom_supported")
+    __slots__ = ("num_studies", "dimension", "metric", "index_kind", "model_version", "index_version", "gpu", "create_time", "max_k", "dicom_supported", "prognostic_quality")
     NUM_STUDIES_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +328,7 @@ class GetIndexInfoResponse(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     DICOM_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    PROGNOSTIC_QUALITY_FIELD_NUMBER: _ClassVar[int]
     num_studies: int
     dimension: int
     metric: str
@@ -260,4 +339,220 @@ class GetIndexInfoResponse(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     max_k: int
     dicom_supported: bool
-    def __init__(self, num_studies: _Optional[int] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., index_kind: _Optional[str] = ..., model_version: _Optional[str] = ..., index_version: _Optional[str] = ..., gpu: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_k: _Optional[int] = ..., dicom_supported: _Optional[bool] = ...) -> None: ...
+    prognostic_quality: PrognosticQuality
+    def __init__(self, num_studies: _Optional[int] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., index_kind: _Optional[str] = ..., model_version: _Optional[str] = ..., index_version: _Optional[str] = ..., gpu: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_k: _Optional[int] = ..., dicom_supported: _Optional[bool] = ..., prognostic_quality: _Optional[_Union[PrognosticQuality, _Mapping]] = ...) -> None: ...
+
+class PrognosticQuality(_message.Message):
+    __slots__ = ("k", "temperature", "temperature_source", "c_index", "restricted_mean_time", "evaluated_study_count", "evaluated_event_count", "calibration")
+    K_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    C_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RESTRICTED_MEAN_TIME_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_STUDY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    temperature: float
+    temperature_source: str
+    c_index: float
+    restricted_mean_time: float
+    evaluated_study_count: int
+    evaluated_event_count: int
+    calibration: _containers.RepeatedCompositeFieldContainer[HorizonCalibration]
+    def __init__(self, k: _Optional[int] = ..., temperature: _Optional[float] = ..., temperature_source: _Optional[str] = ..., c_index: _Optional[float] = ..., restricted_mean_time: _Optional[float] = ..., evaluated_study_count: _Optional[int] = ..., evaluated_event_count: _Optional[int] = ..., calibration: _Optional[_Iterable[_Union[HorizonCalibration, _Mapping]]] = ...) -> None: ...
+
+class HorizonCalibration(_message.Message):
+    __slots__ = ("time", "groups", "mean_absolute_error")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABSOLUTE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    groups: _containers.RepeatedCompositeFieldContainer[CalibrationGroup]
+    mean_absolute_error: float
+    def __init__(self, time: _Optional[float] = ..., groups: _Optional[_Iterable[_Union[CalibrationGroup, _Mapping]]] = ..., mean_absolute_error: _Optional[float] = ...) -> None: ...
+
+class CalibrationGroup(_message.Message):
+    __slots__ = ("predicted", "observed", "observed_lower", "observed_upper", "study_count")
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_LOWER_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_UPPER_FIELD_NUMBER: _ClassVar[int]
+    STUDY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    predicted: float
+    observed: float
+    observed_lower: float
+    observed_upper: float
+    study_count: int
+    def __init__(self, predicted: _Optional[float] = ..., observed: _Optional[float] = ..., observed_lower: _Optional[float] = ..., observed_upper: _Optional[float] = ..., study_count: _Optional[int] = ...) -> None: ...
+
+class SearchSimilarStreamRequest(_message.Message):
+    __slots__ = ("request", "chunk")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    request: SearchSimilarRequest
+    chunk: DicomFileChunk
+    def __init__(self, request: _Optional[_Union[SearchSimilarRequest, _Mapping]] = ..., chunk: _Optional[_Union[DicomFileChunk, _Mapping]] = ...) -> None: ...
+
+class DicomFileChunk(_message.Message):
+    __slots__ = ("data", "last")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    last: bool
+    def __init__(self, data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class SearchSimilarStreamResponse(_message.Message):
+    __slots__ = ("response",)
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    response: SearchSimilarResponse
+    def __init__(self, response: _Optional[_Union[SearchSimilarResponse, _Mapping]] = ...) -> None: ...
+
+class GetPatientRequest(_message.Message):
+    __slots__ = ("patient_id",)
+    PATIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    patient_id: str
+    def __init__(self, patient_id: _Optional[str] = ...) -> None: ...
+
+class GetPatientResponse(_message.Message):
+    __slots__ = ("patient_id", "studies", "outcome", "index_version")
+    PATIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STUDIES_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    patient_id: str
+    studies: _containers.RepeatedCompositeFieldContainer[StudySummary]
+    outcome: Outcome
+    index_version: str
+    def __init__(self, patient_id: _Optional[str] = ..., studies: _Optional[_Iterable[_Union[StudySummary, _Mapping]]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ..., index_version: _Optional[str] = ...) -> None: ...
+
+class StudySummary(_message.Message):
+    __slots__ = ("study_uid", "patient_id", "site", "modality", "study_day", "acquisition")
+    class AcquisitionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    STUDY_UID_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    STUDY_DAY_FIELD_NUMBER: _ClassVar[int]
+    ACQUISITION_FIELD_NUMBER: _ClassVar[int]
+    study_uid: str
+    patient_id: str
+    site: str
+    modality: str
+    study_day: int
+    acquisition: _containers.ScalarMap[str, str]
+    def __init__(self, study_uid: _Optional[str] = ..., patient_id: _Optional[str] = ..., site: _Optional[str] = ..., modality: _Optional[str] = ..., study_day: _Optional[int] = ..., acquisition: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ListStudiesRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "filter")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    filter: Filter
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+
+class ListStudiesResponse(_message.Message):
+    __slots__ = ("studies", "next_page_token", "total_size")
+    STUDIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    studies: _containers.RepeatedCompositeFieldContainer[StudySummary]
+    next_page_token: str
+    total_size: int
+    def __init__(self, studies: _Optional[_Iterable[_Union[StudySummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class GetCohortStatsRequest(_message.Message):
+    __slots__ = ("filter",)
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    filter: Filter
+    def __init__(self, filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+
+class GetCohortStatsResponse(_message.Message):
+    __slots__ = ("study_count", "patient_count", "sites", "scanners", "labels", "index_version", "disclosure_control")
+    STUDY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    SCANNERS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DISCLOSURE_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    study_count: int
+    patient_count: int
+    sites: _containers.RepeatedCompositeFieldContainer[CategoryCount]
+    scanners: _containers.RepeatedCompositeFieldContainer[CategoryCount]
+    labels: _containers.RepeatedCompositeFieldContainer[LabelCount]
+    index_version: str
+    disclosure_control: DisclosureControl
+    def __init__(self, study_count: _Optional[int] = ..., patient_count: _Optional[int] = ..., sites: _Optional[_Iterable[_Union[CategoryCount, _Mapping]]] = ..., scanners: _Optional[_Iterable[_Union[CategoryCount, _Mapping]]] = ..., labels: _Optional[_Iterable[_Union[LabelCount, _Mapping]]] = ..., index_version: _Optional[str] = ..., disclosure_control: _Optional[_Union[DisclosureControl, _Mapping]] = ...) -> None: ...
+
+class CategoryCount(_message.Message):
+    __slots__ = ("value", "study_count", "patient_count")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    STUDY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    value: str
+    study_count: int
+    patient_count: int
+    def __init__(self, value: _Optional[str] = ..., study_count: _Optional[int] = ..., patient_count: _Optional[int] = ...) -> None: ...
+
+class LabelCount(_message.Message):
+    __slots__ = ("name", "value", "patient_count")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    patient_count: int
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ..., patient_count: _Optional[int] = ...) -> None: ...
+
+class IngestStudiesRequest(_message.Message):
+    __slots__ = ("study",)
+    STUDY_FIELD_NUMBER: _ClassVar[int]
+    study: DicomStudy
+    def __init__(self, study: _Optional[_Union[DicomStudy, _Mapping]] = ...) -> None: ...
+
+class IngestStudiesResponse(_message.Message):
+    __slots__ = ("received_count", "ingested_count", "already_present_count", "rejections")
+    RECEIVED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INGESTED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_PRESENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    received_count: int
+    ingested_count: int
+    already_present_count: int
+    rejections: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, received_count: _Optional[int] = ..., ingested_count: _Optional[int] = ..., already_present_count: _Optional[int] = ..., rejections: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeletePatientRequest(_message.Message):
+    __slots__ = ("patient_id",)
+    PATIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    patient_id: str
+    def __init__(self, patient_id: _Optional[str] = ...) -> None: ...
+
+class DeletePatientResponse(_message.Message):
+    __slots__ = ("newly_deleted", "hidden_study_count")
+    NEWLY_DELETED_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STUDY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    newly_deleted: bool
+    hidden_study_count: int
+    def __init__(self, newly_deleted: _Optional[bool] = ..., hidden_study_count: _Optional[int] = ...) -> None: ...
+
+class ReloadIndexRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadIndexResponse(_message.Message):
+    __slots__ = ("index_version", "reloaded")
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RELOADED_FIELD_NUMBER: _ClassVar[int]
+    index_version: str
+    reloaded: bool
+    def __init__(self, index_version: _Optional[str] = ..., reloaded: _Optional[bool] = ...) -> None: ...

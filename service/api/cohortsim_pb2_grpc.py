@@ -56,6 +56,41 @@ class PatientSimilarityServiceStub:
                 request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.GetIndexInfoRequest.SerializeToString,
                 response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.GetIndexInfoResponse.FromString,
                 _registered_method=True)
+        self.SearchSimilarStream = channel.stream_unary(
+                '/cohortsim.v1.PatientSimilarityService/SearchSimilarStream',
+                request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSimilarStreamRequest.SerializeToString,
+                response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSimilarStreamResponse.FromString,
+                _registered_method=True)
+        self.GetPatient = channel.unary_unary(
+                '/cohortsim.v1.PatientSimilarityService/GetPatient',
+                request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.GetPatientRequest.SerializeToString,
+                response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.GetPatientResponse.FromString,
+                _registered_method=True)
+        self.ListStudies = channel.unary_unary(
+                '/cohortsim.v1.PatientSimilarityService/ListStudies',
+                request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.ListStudiesRequest.SerializeToString,
+                response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.ListStudiesResponse.FromString,
+                _registered_method=True)
+        self.GetCohortStats = channel.unary_unary(
+                '/cohortsim.v1.PatientSimilarityService/GetCohortStats',
+                request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.GetCohortStatsRequest.SerializeToString,
+                response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.GetCohortStatsResponse.FromString,
+                _registered_method=True)
+        self.IngestStudies = channel.stream_unary(
+                '/cohortsim.v1.PatientSimilarityService/IngestStudies',
+                request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.IngestStudiesRequest.SerializeToString,
+                response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.IngestStudiesResponse.FromString,
+                _registered_method=True)
+        self.DeletePatient = channel.unary_unary(
+                '/cohortsim.v1.PatientSimilarityService/DeletePatient',
+                request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.DeletePatientRequest.SerializeToString,
+                response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.DeletePatientResponse.FromString,
+                _registered_method=True)
+        self.ReloadIndex = channel.unary_unary(
+                '/cohortsim.v1.PatientSimilarityService/ReloadIndex',
+                request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexRequest.SerializeToString,
+                response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexResponse.FromString,
+                _registered_method=True)
 
 
 class PatientSimilarityServiceServicer:
@@ -89,6 +124,61 @@ class PatientSimilarityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchSimilarStream(self, request_iterator, context):
+        """SearchSimilar for DICOM studies larger than one message: the first message carries
+        the request (without files), the following ones the files in chunks. The total is
+        capped by the server (default 512 MiB; more: RESOURCE_EXHAUSTED STUDY_TOO_LARGE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPatient(self, request, context):
+        """Returns one patient's studies and outcome (clinicians: the identities right).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStudies(self, request, context):
+        """Lists the served index's studies, in index order, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCohortStats(self, request, context):
+        """Counts of the served cohort by site, scanner and outcome label; researchers get
+        counts below the small-cell threshold withheld (reported as 0).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IngestStudies(self, request_iterator, context):
+        """Admin: adds DICOM studies to the server's cohort store (one study per message);
+        they are searchable after the next index build.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePatient(self, request, context):
+        """Admin: withdraws a patient (consent revoked); answers stop returning the patient at
+        once, the rows go at the next index build.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadIndex(self, request, context):
+        """Admin: serves the index version INDEX_DIR/CURRENT names now, without waiting for the
+        server's periodic check.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PatientSimilarityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +196,41 @@ def add_PatientSimilarityServiceServicer_to_server(servicer, server):
                     servicer.GetIndexInfo,
                     request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.GetIndexInfoRequest.FromString,
                     response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.GetIndexInfoResponse.SerializeToString,
+            ),
+            'SearchSimilarStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.SearchSimilarStream,
+                    request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSimilarStreamRequest.FromString,
+                    response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSimilarStreamResponse.SerializeToString,
+            ),
+            'GetPatient': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPatient,
+                    request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.GetPatientRequest.FromString,
+                    response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.GetPatientResponse.SerializeToString,
+            ),
+            'ListStudies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStudies,
+                    request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.ListStudiesRequest.FromString,
+                    response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.ListStudiesResponse.SerializeToString,
+            ),
+            'GetCohortStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCohortStats,
+                    request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.GetCohortStatsRequest.FromString,
+                    response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.GetCohortStatsResponse.SerializeToString,
+            ),
+            'IngestStudies': grpc.stream_unary_rpc_method_handler(
+                    servicer.IngestStudies,
+                    request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.IngestStudiesRequest.FromString,
+                    response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.IngestStudiesResponse.SerializeToString,
+            ),
+            'DeletePatient': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePatient,
+                    request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.DeletePatientRequest.FromString,
+                    response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.DeletePatientResponse.SerializeToString,
+            ),
+            'ReloadIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadIndex,
+                    request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexRequest.FromString,
+                    response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -195,6 +320,195 @@ class PatientSimilarityService:
             '/cohortsim.v1.PatientSimilarityService/GetIndexInfo',
             cohortsim_dot_v1_dot_cohortsim__pb2.GetIndexInfoRequest.SerializeToString,
             cohortsim_dot_v1_dot_cohortsim__pb2.GetIndexInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchSimilarStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cohortsim.v1.PatientSimilarityService/SearchSimilarStream',
+            cohortsim_dot_v1_dot_cohortsim__pb2.SearchSimilarStreamRequest.SerializeToString,
+            cohortsim_dot_v1_dot_cohortsim__pb2.SearchSimilarStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPatient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohortsim.v1.PatientSimilarityService/GetPatient',
+            cohortsim_dot_v1_dot_cohortsim__pb2.GetPatientRequest.SerializeToString,
+            cohortsim_dot_v1_dot_cohortsim__pb2.GetPatientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStudies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohortsim.v1.PatientSimilarityService/ListStudies',
+            cohortsim_dot_v1_dot_cohortsim__pb2.ListStudiesRequest.SerializeToString,
+            cohortsim_dot_v1_dot_cohortsim__pb2.ListStudiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCohortStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohortsim.v1.PatientSimilarityService/GetCohortStats',
+            cohortsim_dot_v1_dot_cohortsim__pb2.GetCohortStatsRequest.SerializeToString,
+            cohortsim_dot_v1_dot_cohortsim__pb2.GetCohortStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestStudies(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cohortsim.v1.PatientSimilarityService/IngestStudies',
+            cohortsim_dot_v1_dot_cohortsim__pb2.IngestStudiesRequest.SerializeToString,
+            cohortsim_dot_v1_dot_cohortsim__pb2.IngestStudiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePatient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohortsim.v1.PatientSimilarityService/DeletePatient',
+            cohortsim_dot_v1_dot_cohortsim__pb2.DeletePatientRequest.SerializeToString,
+            cohortsim_dot_v1_dot_cohortsim__pb2.DeletePatientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohortsim.v1.PatientSimilarityService/ReloadIndex',
+            cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexRequest.SerializeToString,
+            cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,8 @@ def built(workdir: Path) -> Path:
         "--out", str(workdir / "index"), "--device", "cpu",
     )
     assert code == 0, err
+    # 12 studies are too few to evaluate prognoses; the build says so
+    assert "Prognostic quality: not evaluated" in " ".join(err.split())
     return workdir
 
 
@@ -130,6 +132,18 @@ def test_serve_and_query(built: Path) -> None:
         code, stdout, err = cli("query", "--server", target, "--study-uid", first, "--k", "3")
         assert code == 0, err
         assert "median survival" in stdout
+
+        # figures: the KM plot and the thumbnail strip (query thumbnail from its DICOM)
+        km, strip = built / "km.png", built / "strip.png"
+        code, stdout, err = cli(
+            "query", "--server", target, "--dicom", str(built / "query"), "--k", "5",
+            "--plot", str(km), "--thumbnails", str(strip),
+        )
+        assert code == 0, err
+        assert "stability under 4 scanner-like perturbations" in " ".join(stdout.split())
+        assert "whole cohort, for comparison" in stdout
+        for png in (km, strip):
+            assert png.read_bytes()[:4] == b"\x89PNG" and f"wrote {png}" in " ".join(err.split())
 
         # bad input: a clear one-line reason and a non-zero exit
         code, _, err = cli("query", "--server", target, "--study-uid", "S-does-not-exist")

@@ -113,3 +113,48 @@ def test_day_offset() -> None:
     assert day_offset(first, first) == 0
     assert day_offset(dt.date(2019, 12, 31), first) == -1
     assert day_offset(dt.datetime(2020, 1, 2, 23, 0), first) == 1
+
+
+# ------------------------------------------------------------------ PS3.15 Basic Profile
+
+
+def test_basic_profile_keywords_are_real_and_cover_the_issue_list() -> None:
+    from pydicom.datadict import tag_for_keyword
+
+    from encoders.deid import BASIC_PROFILE_KEYWORDS, is_basic_profile_tag
+
+    assert all(tag_for_keyword(k) is not None for k in BASIC_PROFILE_KEYWORDS)
+    for kw in (
+        "PatientName", "PatientID", "PatientBirthDate", "PatientAddress", "AccessionNumber",
+        "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
+        "OperatorsName", "DeviceSerialNumber", "StationName", "ImageComments", "StudyDescription",
+        "SeriesDescription", "StudyInstanceUID", "StudyDate", "OtherPatientIDs", "PatientWeight",
+    ):  # fmt: skip
+        assert kw in BASIC_PROFILE_KEYWORDS, kw
+    assert is_basic_profile_tag(0x00091010)  # private
+    assert is_basic_profile_tag(0x60003000)  # overlay data
+    assert not is_basic_profile_tag(0x00080070)  # Manufacturer
+    assert not is_basic_profile_tag(0x00180060)  # KVP
+
+
+def test_clean_descriptor() -> None:
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    from encoders.deid import clean_descriptor, identifying_values
+
+    ds = Dataset()
+    ds.PatientName = "Doe^Jonathan"
+    ds.InstitutionName = "Faketown General"
+    ds.ProtocolName = "ignored itself"
+    ds.KVP = "120"
+    ids = identifying_values(ds, exclude=frozenset({"ProtocolName"}))
+    assert {"doe", "jonathan", "faketown general"} <= ids and "ignored itself" not in ids
+    assert clean_descriptor("Chest  CT 1.0 B30f", ids) == "Chest CT 1.0 B30f"
+    assert clean_descriptor("DOE chest", ids) is None  # a name component
+    assert clean_descriptor("Faketown General protocol", ids) is None
+    assert clean_descriptor("chest 20190304", ids) is None  # a date
+    assert clean_descriptor("acc 123456", ids) is None  # an id
+    assert clean_descriptor("x" * 65, ids) is None
+    assert clean_descriptor("Thorax <script>", ids) is None
+    assert isinstance(pydicom.__version__, str)

@@ -467,8 +467,9 @@ def test_pydicom_ct_small_reads() -> None:
     assert set(study.acquisition) <= {
         "manufacturer", "model", "software", "kernel", "kvp", "exposure", "slice_thickness",
         "pixel_spacing", "rows", "columns", "field_strength", "sequence", "protocol",
-        "recon_diameter", "modality",
+        "recon_diameter", "modality", "intensity",
     }  # fmt: skip
+    assert study.acquisition["intensity"] == "HU"
     assert -1024 <= study.volume.min() < study.volume.max() < 3000
     out = preprocess(study, InputSpec())
     assert out.shape == (16, 64, 64) and out.dtype == np.int16

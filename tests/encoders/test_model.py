@@ -257,3 +257,70 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(EncoderError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_lesion_region_card_and_inputs(tmp_path: Path) -> None:
+    from encoders.model import RegionSpec
+
+    region = RegionSpec(mode="lesion", size=(2, 8, 8), px=32)
+    model = create_encoder("test_resnet", spec=SMALL, embedding_dim=8, region=region)
+    assert model.input_shape == (2, 8, 8)
+    v = _volumes(2)
+    boxes = [(0, 0, 0, 2, 8, 8), (2, 24, 24, 4, 32, 32)]
+    crops = model.regions(v, boxes)
+    assert crops.shape == (2, 2, 8, 8) and crops.dtype == v.dtype
+    # a box of the region's size is cropped exactly
+    np.testing.assert_array_equal(crops[0], v[0, :2, :8, :8])
+    np.testing.assert_array_equal(crops[1], v[1, 2:4, 24:32, 24:32])
+    z = embed(model, v, rois=boxes)
+    assert z.shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    card = save_encoder(model, EncoderCard.for_encoder(model), tmp_path)
+    assert json.loads((tmp_path / CARD_FILE).read_text())["region"] == {
+        "mode": "lesion", "size": [2, 8, 8], "px": 32, "proposal": "lung-dot-li2003"
+    }
+    loaded, card2 = load_encoder(tmp_path)
+    assert card2.region == region == card.region
+    np.testing.assert_array_equal(z, embed(loaded, v, rois=boxes))
+
+
+def test_region_errors(saved: Path, enc: StudyEncoder) -> None:
+    with pytest.raises(EncoderError, match="region"):
+        create_encoder("test_resnet", region="liver")
+    with pytest.raises(EncoderError, match="region='lesion'"):
+        embed(enc, _volumes(1), rois=[(0, 0, 0, 1, 1, 1)])
+    d = json.loads((saved / CARD_FILE).read_text())
+    assert d["region"] == {"mode": "whole"}
+    d["region"] = {"mode": "lesion"}
+    (saved / CARD_FILE).write_text(json.dumps(d))
+    with pytest.raises(EncoderError, match="does not fit the architecture|region"):
+        load_encoder(saved)
+
+
+def test_card_without_region_is_whole_volume() -> None:
+    d = json.loads(EncoderCard(backbone="test_resnet").to_json())
+    del d["region"]
+    assert EncoderCard.from_dict(d).region.mode == "whole"  # cards written before regions
+
+
+def test_calibration_in_card_and_weights(tmp_path: Path) -> None:
+    model = create_encoder("test_resnet", spec=SMALL, embedding_dim=8, calibration="tissue")
+    rng = np.random.default_rng(0)
+    v = np.full((2, *SMALL.shape), -1000.0)
+    v[:, :, 6:26, 4:28] = 45.0  # body
+    v[:, :, 10:20, 8:14] = -850.0  # lung
+    v = (v + rng.normal(0, 10, v.shape)).astype(np.int16)
+    scanner_b = (v * 1.03 + 25).astype(np.int16)  # another calibration
+    # both "scanners" give (almost) the same encoder input after calibration
+    a, b = model.regions(v), model.regions(scanner_b)
+    assert np.abs(a.astype(float) - b).mean() < 3.0 < np.abs(v.astype(float) - scanner_b).mean()
+    card = save_encoder(model, EncoderCard.for_encoder(model), tmp_path)
+    assert card.calibration == "tissue"
+    assert load_encoder(tmp_path)[1].calibration == "tissue"
+    d = json.loads((tmp_path / CARD_FILE).read_text())
+    d["calibration"] = "none"  # an edited card no longer matches the weights' architecture
+    (tmp_path / CARD_FILE).write_text(json.dumps(d))
+    with pytest.raises(EncoderError, match="architecture"):
+        load_encoder(tmp_path)
+    with pytest.raises(EncoderError, match="calibration"):
+        create_encoder("test_resnet", calibration="zscore")

@@ -5,13 +5,20 @@ import pytest
 from lifelines import KaplanMeierFitter
 
 from indexing.prognosis import (
+    cohort_curve,
     effective_sample_size,
+    fleiss_kappa,
     kaplan_meier,
     ood_percentile,
+    reader_agreement,
     similarity_weights,
+    split_reader_key,
     summarize,
+    thin_curve,
     wilson_interval,
 )
+
+Z95 = 1.959963984540054
 
 HAND_T = [3.0, 5.0, 5.0, 8.0, 10.0, 12.0]
 HAND_E = [True, False, True, True, False, True]
@@ -31,8 +38,11 @@ def curve_arrays(points) -> dict[str, np.ndarray]:
     }
 
 
-def test_unit_weights_match_lifelines() -> None:
-    t, e = random_cohort()
+@pytest.mark.parametrize("seed", [0, 11])
+def test_unit_weights_match_lifelines(seed: int) -> None:
+    t, e = random_cohort(seed=seed)
+    t = t + 1.0  # no time 0, and the first three censored: the curve starts flat at 1
+    e[np.argsort(t, kind="stable")[:3]] = False
     kmf = KaplanMeierFitter().fit(t, e)  # default band: exponential Greenwood (log(-log))
     got = curve_arrays(kaplan_meier(t, e, np.ones_like(t)))
     np.testing.assert_array_equal(got["time"], kmf.survival_function_.index.to_numpy())
@@ -40,9 +50,89 @@ def test_unit_weights_match_lifelines() -> None:
         got["survival"], kmf.survival_function_.to_numpy()[:, 0], rtol=0, atol=1e-9
     )
     ci = kmf.confidence_interval_.to_numpy()
-    np.testing.assert_allclose(got["lower"], ci[:, 0], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(got["upper"], ci[:, 1], rtol=0, atol=1e-6)
+    below = got["survival"] < 1.0  # where S < 1 the band is lifelines' own
+    assert below.sum() > 10
+    np.testing.assert_allclose(got["lower"][below], ci[below, 0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["upper"][below], ci[below, 1], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(got["at_risk"], kmf.event_table["at_risk"].to_numpy())
+    # before the first event lifelines gives [1, 1]; here the Wilson bound on those still
+    # observed after each time: n / (n + z^2)
+    flat = ~below
+    assert flat.sum() >= 2 and np.all(ci[flat, 0] == 1.0)
+    still = np.array([(t > x).sum() for x in got["time"][flat]], dtype=float)
+    np.testing.assert_allclose(got["lower"][flat], still / (still + Z95**2), atol=1e-12)
+    np.testing.assert_array_equal(got["upper"][flat], 1.0)
+
+
+def greenwood_reference(t, e, w, alpha: float = 0.05) -> dict[str, np.ndarray]:
+    """The module docstring's formulas, one time at a time (an independent reference)."""
+    t, e, w = np.asarray(t, float), np.asarray(e, bool), np.asarray(w, float)
+    n_eff = w.sum() ** 2 / (w * w).sum()
+    ws = w * n_eff / w.sum()
+    z = Z95
+    times = np.unique(np.concatenate([[0.0], t]))
+    s, var, out = 1.0, 0.0, {k: [] for k in ("survival", "lower", "upper")}
+    for x in times:
+        y = ws[t >= x].sum()
+        d = ws[(t == x) & e].sum()
+        if y > 0:
+            s *= 1 - d / y
+            if y - d > 1e-12:
+                var += d / (y * (y - d))
+        if s <= 1e-15:
+            lo = hi = 0.0
+        elif s >= 1.0:
+            a = ws[t > x].sum() or ws[t >= x].sum()
+            lo, hi = a / (a + z * z), 1.0
+        else:
+            c = z * np.sqrt(var) / abs(np.log(s))
+            lo, hi = s ** np.exp(c), s ** np.exp(-c)
+        out["survival"].append(max(s, 0.0))
+        out["lower"].append(lo)
+        out["upper"].append(hi)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_weighted_band_matches_the_reference(seed: int) -> None:
+    t, e = random_cohort(25, seed=seed)
+    sims = np.random.default_rng(seed + 10).uniform(0.4, 0.95, t.size)
+    w = similarity_weights(sims, temperature=0.1)
+    got = curve_arrays(kaplan_meier(t, e, w))
+    ref = greenwood_reference(t, e, w)
+    for key in ("survival", "lower", "upper"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-9)
+
+
+def band_coverage(k: int, weighted: bool, reps: int, seed: int) -> np.ndarray:
+    """Share of simulated cohorts whose pointwise 95% band covers the true S(t)."""
+    rng = np.random.default_rng(seed)
+    checks = np.array([3.0, 6.0, 12.0, 24.0])
+    covered, estimable = np.zeros(checks.size), np.zeros(checks.size)
+    for _ in range(reps):
+        sims = rng.uniform(0.5, 0.9, k)
+        w = similarity_weights(sims, temperature=0.1) if weighted else np.ones(k)
+        rate = np.full(k, 1 / 20.0) * np.exp(2.0 * (sims - 0.7))  # closer -> other risk
+        death = rng.exponential(1 / rate)
+        censor = np.minimum(rng.uniform(10, 60, k), rng.exponential(80, k))
+        time, event = np.minimum(death, censor), death <= censor
+        curve = curve_arrays(kaplan_meier(time, event, w))
+        truth = [(w / w.sum() * np.exp(-rate * x)).sum() for x in checks]  # weighted mixture
+        for j, x in enumerate(checks):
+            if x > time.max():
+                continue
+            i = np.searchsorted(curve["time"], x, side="right") - 1
+            estimable[j] += 1
+            covered[j] += curve["lower"][i] <= truth[j] <= curve["upper"][i]
+    return covered / estimable
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_band_coverage_by_simulation(weighted: bool) -> None:
+    # nominal 95%: covered in >= 90% of simulated cohorts at each time (benchmarks/
+    # bench_band_coverage.py runs this with more cohorts and sizes)
+    cov = band_coverage(k=15, weighted=weighted, reps=1000, seed=7)
+    assert np.all(cov >= 0.90), cov
 
 
 def test_hand_example_median_and_horizons() -> None:
@@ -184,3 +274,92 @@ def test_ood_percentile() -> None:
     assert ood_percentile(0.4, ref) == 0.0  # strictly greater
     assert ood_percentile(0.3, ref) == 0.25
     assert ood_percentile(0.3, []) == 0.0
+
+
+def test_similarity_weights_rowwise() -> None:
+    sims = np.array([[0.9, 0.8, 0.1], [0.5, 0.5, 0.5]])
+    w = similarity_weights(sims, temperature=0.2)
+    assert w.shape == (2, 3)
+    np.testing.assert_allclose(w[0], similarity_weights(sims[0], temperature=0.2), atol=1e-15)
+    np.testing.assert_allclose(w[1], 1 / 3, atol=1e-15)
+
+
+def test_fleiss_kappa_textbook_example() -> None:
+    # Fleiss (1971) as worked on Wikipedia: 10 subjects, 14 raters, 5 categories
+    table = [
+        [0, 0, 0, 0, 14],
+        [0, 2, 6, 4, 2],
+        [0, 0, 3, 5, 6],
+        [0, 3, 9, 2, 0],
+        [2, 2, 8, 1, 1],
+        [7, 7, 0, 0, 0],
+        [3, 2, 6, 3, 0],
+        [2, 5, 3, 2, 2],
+        [6, 5, 2, 1, 0],
+        [0, 2, 2, 3, 7],
+    ]
+    agreement, kappa, n = fleiss_kappa(table)
+    assert n == 10
+    assert agreement == pytest.approx(0.378022, abs=1e-6)
+    assert kappa == pytest.approx(0.209931, abs=1e-6)
+    assert fleiss_kappa([[2, 0], [1, 0]]) == (1.0, None, 1)  # one category: kappa undefined
+    assert fleiss_kappa(np.zeros((0, 3))) == (None, None, 0)
+    with pytest.raises(ValueError):
+        fleiss_kappa([1, 2, 3])
+
+
+def test_reader_agreement_hand_example() -> None:
+    # two readers on four neighbours: agree on 3 of 4 (CR/CR, PD/PD, PR/PR; PR/CR differ)
+    # P = 3/4; category shares CR 3/8, PR 3/8, PD 2/8 -> P_e = 22/64; kappa = 13/21
+    labels = [
+        {"response@reader1": "CR", "response@reader2": "CR", "grade": "G1"},
+        {"response@reader1": "PR", "response@reader2": "CR"},
+        {"response@reader1": "PD", "response@reader2": "PD"},
+        {"response@reader1": "PR", "response@reader2": "PR"},
+        {"response@reader1": "PR"},  # one reading: pooled, but not an agreement subject
+    ]
+    ra = reader_agreement(labels)
+    assert list(ra) == ["response"]
+    r = ra["response"]
+    assert r.readers == ["reader1", "reader2"] and r.rated_neighbors == 4
+    assert r.percent_agreement == pytest.approx(0.75, abs=1e-12)
+    assert r.fleiss_kappa == pytest.approx(13 / 21, abs=1e-12)
+    assert split_reader_key("response@reader1") == ("response", "reader1")
+    assert split_reader_key("response") is None and split_reader_key("@x") is None
+
+    w = np.array([0.3, 0.2, 0.2, 0.2, 0.1])
+    p = summarize([None] * 5, [None] * 5, w, labels, [{}] * 5)
+    assert set(p.label_distributions) == {"grade", "response", "response@reader1", "response@reader2"}
+    pooled = {s.label: s for s in p.label_distributions["response"]}
+    # each neighbour's weight split over its readers' labels
+    assert pooled["CR"].share == pytest.approx(0.3 + 0.1)
+    assert pooled["PR"].share == pytest.approx(0.1 + 0.2 + 0.1)
+    assert pooled["PD"].share == pytest.approx(0.2)
+    assert pooled["PR"].count == 3 and pooled["CR"].count == 2
+    lo, hi = wilson_interval(0.4, effective_sample_size(w))
+    assert (pooled["CR"].lower, pooled["CR"].upper) == pytest.approx((lo, hi))
+    assert p.reader_agreement["response"].fleiss_kappa == pytest.approx(13 / 21)
+    assert not any("readers disagree" in m for m in p.warnings)
+
+
+def test_low_reader_agreement_warns() -> None:
+    labels = [{"r@a": x, "r@b": y} for x, y in [("A", "B"), ("B", "A"), ("A", "A"), ("B", "B")]]
+    p = summarize([None] * 4, [None] * 4, [0.25] * 4, labels, [{}] * 4)
+    assert p.reader_agreement["r"].fleiss_kappa == pytest.approx(0.0)
+    assert any("readers disagree on r" in m for m in p.warnings)
+
+
+def test_cohort_curve_and_thinning() -> None:
+    t, e = random_cohort(300, seed=9)
+    t = t + np.arange(t.size) * 1e-3  # all distinct: a long curve
+    times = [*t.tolist(), None]
+    events = [*e.tolist(), True]
+    curve, median, horizons = cohort_curve(times, events, horizons=(12, 24), max_points=50)
+    full = kaplan_meier(t, e, np.ones_like(t))
+    assert len(full) > 50 and len(curve) <= 50
+    assert curve[0] == full[0] and curve[-1] == full[-1]
+    assert median == next(p.time for p in full if p.survival <= 0.5)
+    kmf = KaplanMeierFitter().fit(t, e)
+    assert horizons[0].survival == pytest.approx(float(kmf.predict(12.0)), abs=1e-9)
+    assert thin_curve(full, 10_000) == full
+    assert cohort_curve([None], [None]) == ([], None, cohort_curve([None], [None])[2])

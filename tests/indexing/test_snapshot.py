@@ -67,12 +67,14 @@ def test_build_and_load(flat: tuple[Path, np.ndarray, str]) -> None:
         "index_version",
         "gpu",
         "created_at",
+        "search_backend",
     }
+    assert info["search_backend"] == "blas"
     m = snap.manifest
     assert m["store_version"] == "abc" and m["faiss_version"]
-    assert {"index.faiss", "metadata.parquet", "embeddings.npy", "ood_reference.npy"} <= set(
-        m["files"]
-    )
+    assert {"index.faiss", "metadata.parquet", "ood_reference.npy"} <= set(m["files"])
+    # Flat keeps its vectors only inside index.faiss: no second copy on disk or in memory
+    assert "embeddings.npy" not in m["files"] and m["vectors"] == "index"
     assert snap.metadata.column("row_id").to_pylist() == list(range(N))
     assert snap.encoder_dir is None
     assert version.startswith("v") and len(version) == len("v20250101000000-abcdef")

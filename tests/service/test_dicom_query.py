@@ -121,3 +121,17 @@ def test_encoder_of_another_model_version(dicom_setup: dict) -> None:
         client.search(dicom_paths=dicom_setup["studies"][0], k=3)
     assert info.value.code == "FAILED_PRECONDITION"
     assert info.value.reason == "MODEL_VERSION_MISMATCH"
+
+
+def test_dicom_query_reports_stability_and_thumbnail(
+    dicom_server: BackgroundServer, dicom_setup: dict
+) -> None:
+    with CohortsimClient(dicom_server.target, timeout=60) as client:
+        result = client.search(dicom_paths=dicom_setup["studies"][0], k=5, include_thumbnails=True)
+    st = result.diagnostics.stability
+    assert st is not None and st.view_count == 4  # test-time augmentation on DICOM queries
+    assert 0.0 <= st.min_neighbor_overlap <= st.mean_neighbor_overlap <= 1.0
+    assert {c.attribute for c in result.diagnostics.acquisition_checks} >= {"scanner"}
+    # the query's thumbnail is made from its preprocessed volume; this index stores none
+    assert result.query_thumbnail_png is not None and result.query_thumbnail_png[:4] == b"\x89PNG"
+    assert all(n.thumbnail_png is None for n in result.neighbors)

@@ -35,7 +35,7 @@ def test_check_detects_a_modified_proto(tmp_path: Path) -> None:
     text = proto.read_text()
     proto.write_text(
         text.replace(
-            "  double weight = 7;\n", "  double weight = 7;\n  // new.\n  int32 rank = 8;\n"
+            "  double weight = 7;\n", "  double weight = 7;\n  // new.\n  int32 rank = 999;\n"
         )
     )
     res = run_generate("--check", "--proto-root", str(protos))
@@ -67,4 +67,15 @@ def test_service_full_name_matches_the_descriptor() -> None:
 
     service = cohortsim_pb2.DESCRIPTOR.services_by_name["PatientSimilarityService"]
     assert service.full_name == SERVICE_FULL_NAME == "cohortsim.v1.PatientSimilarityService"
-    assert set(service.methods_by_name) == {"SearchSimilar", "EmbedStudy", "GetIndexInfo"}
+    assert set(service.methods_by_name) == {
+        "SearchSimilar",
+        "EmbedStudy",
+        "GetIndexInfo",
+        "SearchSimilarStream",
+        "GetPatient",
+        "ListStudies",
+        "GetCohortStats",
+        "IngestStudies",
+        "DeletePatient",
+        "ReloadIndex",
+    }

@@ -217,11 +217,33 @@ def test_empty_request(stub) -> None:
     assert message == "set one of embedding, study_uid, dicom"
 
 
-def test_filter_not_supported_yet(stub) -> None:
+def test_filter_restricts_neighbours(stub) -> None:
+    req = vector_request([0.1] * DIM, k=15)
+    req.filter.where = "site = 'north' AND manufacturer IN ('GE', 'SIEMENS')"
+    resp = stub.SearchSimilar(req, timeout=20)
+    assert len(resp.neighbors) == 15
+    assert {n.site for n in resp.neighbors} == {"north"}
+    assert {n.acquisition["manufacturer"] for n in resp.neighbors} <= {"GE", "SIEMENS"}
+
+
+def test_bad_filter_is_invalid_argument_with_columns(stub) -> None:
     req = vector_request([0.1] * DIM)
-    req.filter.where = "site = 'north'"
-    code, _, reason = error_of(stub.SearchSimilar, req)
-    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "FILTER_UNSUPPORTED")
+    req.filter.where = "scanner_brand = 'GE'"
+    code, message, reason = error_of(stub.SearchSimilar, req)
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FILTER")
+    assert "scanner_brand" in message and "manufacturer" in message and "site" in message
+    req.filter.where = "site = 'north' AND"
+    code, message, reason = error_of(stub.SearchSimilar, req)
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FILTER")
+    assert "position" in message
+
+
+def test_search_parameters_on_exact_index_are_refused(stub) -> None:
+    req = vector_request([0.1] * DIM)
+    req.search_parameters.nprobe = 4
+    code, message, reason = error_of(stub.SearchSimilar, req)
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_QUERY")
+    assert "exact" in message
 
 
 def test_dicom_query_on_embeddings_only_index(stub) -> None:

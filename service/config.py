@@ -1,0 +1,177 @@
+"""Server settings from defaults, a TOML file, the environment and flags (later wins).
+
+    [serve]                      # cohortsim.toml (the [serve] table, or top-level keys)
+    batch_window_ms = 1.0
+    metrics_port = 9464
+    log_format = "json"
+
+Environment: ``COHORTSIM_<NAME>`` (``COHORTSIM_BATCH_WINDOW_MS=0.5``,
+``COHORTSIM_METRICS_PORT=9464``; an empty value unsets an optional setting). Flags:
+``cohortsim serve --batch-window-ms ...``; a flag left out keeps the lower layers' value.
+Unknown names, wrong types and out-of-range values raise :class:`ConfigError` naming the
+setting and where it came from. Security settings (TLS, tokens, audit log) stay flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "COHORTSIM_"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it and its source."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Operational settings of ``cohortsim serve`` (see :func:`service.server.create_server`)."""
+
+    batch_window_ms: float = 1.0  # micro-batching window, [0, 2] ms
+    batching: bool = True  # false: every search runs on its own
+    max_batch: int = 64  # searches per batched index call
+    max_queue: int = 1024  # searches waiting before RESOURCE_EXHAUSTED
+    batch_inflight: int = 1  # batches searched at once (<= max_workers)
+    max_concurrent_rpcs: int | None = None  # calls in progress before RESOURCE_EXHAUSTED
+    max_workers: int = 2  # worker threads (searches, DICOM decoding and embedding)
+    max_receive_mb: int = 64  # largest request message
+    max_stream_mb: int = 512  # largest SearchSimilarStream study
+    metrics_port: int | None = None  # Prometheus /metrics port (None: off; 0: any free)
+    metrics_host: str = "127.0.0.1"
+    store: Path | None = None  # cohort store for IngestStudies / DeletePatient
+    log_format: str = "text"  # "text" or "json"
+    log_level: str = "INFO"
+
+    def validate(self) -> ServeConfig:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"setting {name}={getattr(self, name)!r}: {why}")
+
+        if not 0.0 <= self.batch_window_ms <= 2.0:
+            raise bad("batch_window_ms", "must lie in [0, 2] ms")
+        for name in ("max_batch", "max_queue", "batch_inflight", "max_workers", "max_receive_mb", "max_stream_mb"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise bad("max_concurrent_rpcs", "must be >= 1 (or unset)")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise bad("metrics_port", "must lie in [0, 65535]")
+        if self.log_format not in ("text", "json"):
+            raise bad("log_format", "must be 'text' or 'json'")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise bad("log_level", "must be DEBUG, INFO, WARNING or ERROR")
+        return self
+
+    def server_kwargs(self) -> dict[str, Any]:
+        """The :func:`service.server.create_server` keyword arguments these settings set."""
+        return {
+            "batch_window_ms": self.batch_window_ms if self.batching else None,
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            "batch_inflight": self.batch_inflight,
+            "max_concurrent_rpcs": self.max_concurrent_rpcs,
+            "max_workers": self.max_workers,
+            "max_receive_mb": self.max_receive_mb,
+            "max_stream_mb": self.max_stream_mb,
+            "store_dir": self.store,
+        }
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    """``value`` (TOML value or environment string) as the type of setting ``name``."""
+    default = getattr(ServeConfig(), name)
+    annotation = str(_FIELDS[name].type)
+    optional = "None" in annotation
+    try:
+        if isinstance(value, str) and value.strip() == "" and optional:
+            return None
+        if "bool" in annotation:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if "float" in annotation:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if "int" in annotation:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(value)
+        if "Path" in annotation:
+            return Path(str(value)).expanduser()
+        if isinstance(default, str) or "str" in annotation:
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name} from {source}: {value!r} is not valid ({exc})") from None
+    return value
+
+
+def read_toml(path: Path | str) -> dict[str, Any]:
+    """The settings of a TOML file (its ``[serve]`` table, else its top-level keys)."""
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {file}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the config file {file} is not valid TOML: {exc}") from None
+    table = data.get("serve", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"the config file {file}: [serve] must be a table")
+    out = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            raise ConfigError(
+                f"the config file {file}: unknown setting {key!r}; known: {', '.join(sorted(_FIELDS))}"
+            )
+        out[name] = _convert(name, value, str(file))
+    return out
+
+
+def read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """The settings named ``COHORTSIM_<NAME>`` in ``env`` (other variables are ignored)."""
+    out = {}
+    for name in _FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            out[name] = _convert(name, env[key], f"${key}")
+    return out
+
+
+def load_config(
+    file: Path | str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> ServeConfig:
+    """Defaults < ``file`` < ``env`` (default ``os.environ``) < ``flags`` (None values are
+    "not given"); validated."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        values.update(read_toml(file))
+    values.update(read_env(os.environ if env is None else env))
+    for name, value in (flags or {}).items():
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        if value is not None:
+            values[name] = value
+    return ServeConfig(**values).validate()
+
+
+__all__ = ["ConfigError", "ServeConfig", "load_config", "read_env", "read_toml"]

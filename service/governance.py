@@ -1,0 +1,890 @@
+"""The researcher view: aggregates only, no small groups, no differencing, no re-identification.
+
+A caller whose role lacks the ``identities`` right (``researcher``, see
+:mod:`service.auth`) gets no neighbour list, no ``patient_id`` / ``study_uid`` anywhere,
+and aggregates over at least ``min_cell`` patients (default 11) in which every count
+below ``min_cell`` is withheld. This module builds that answer; the servicer calls it in
+one place.
+
+Design
+------
+An aggregate released to a researcher is a function of a **set of patients** only:
+
+1. **One study per patient, equal weights.** The k nearest *distinct* patients are taken
+   (each patient's most similar study). Their outcomes are summarised with equal weights,
+   so the answer depends on which patients are in the set and on nothing else (not on
+   the query's exact position, which similarity weights would leak).
+2. **k on a grid of min_cell.** The requested k is rounded up to a multiple of
+   ``min_cell`` (``DisclosureControl.aggregated_patients`` says how many were used). Two
+   answers to one query with different k then differ by at least ``min_cell`` patients.
+3. **Cell rule.** A count ``c`` out of a shown total ``T`` is released only when
+   ``c == 0``, ``c == T``, or ``min_cell <= c <= T - min_cell``: neither the cell nor its
+   complement (``T - c``, which the reader could compute) may hold 1..min_cell-1 patients.
+   Values computed from a withheld count (a label's share and interval, a numeric mean,
+   a share of scanners) are withheld with it. Counts of patients who *have* a record
+   (with a survival outcome, with a label, with a value) need only be 0 or at least
+   ``min_cell``: their complement, patients without the record, reveals no outcome. Label distributions get secondary
+   suppression: when the withheld labels together hold fewer than ``min_cell`` patients,
+   the next smallest labels are withheld too, so the gap left in the shares never
+   isolates a small group. ``DisclosureControl.withheld_fields`` lists what was withheld.
+4. **Survival curves on a coarse grid.** Kaplan–Meier step times are individual event
+   times, and the drop between two steps reveals how many died in between. The
+   researcher curve is reported only at multiples of ``time_grid`` (default 3 time
+   units), with at least ``min_cell`` events between consecutive reported points, and
+   only while at least ``min_cell`` patients remain at risk. Horizons (12, 24, 60) are
+   preferred reporting points; a horizon that cannot be reported under these rules is
+   left unset. The median is read off the reported points. The whole cohort's curve is
+   coarsened the same way.
+5. **Differencing across answers.** Every patient set released to any researcher is
+   remembered (:class:`ReleaseRegistry`). A new answer whose set differs from an earlier
+   one by 1..min_cell-1 patients in either direction is refused (PERMISSION_DENIED,
+   ``ANSWER_DIFFERENCING``): subtracting the two would describe a small group. The same
+   set again is allowed (the same answer). This covers k stepping, query perturbation,
+   filter pairs and before/after-ingest pairs alike, because it is checked on what is
+   released, not on how it was asked. The registry is shared by all researchers
+   (collusion) and rebuilt from the audit log at start when one is configured.
+6. **Filters.** A researcher's filter may read site and acquisition columns only
+   (:data:`RESEARCHER_FILTER_COLUMNS`), never identifiers or outcomes: with
+   ``event = false OR patient_id <> X`` the mere acceptance or refusal of a filter would
+   reveal X's outcome. Its sub-cohort (distinct patients matching ``Filter.where``) must
+   hold at least ``min_cell`` patients, and must differ from the whole cohort and from
+   every sub-cohort already answered by 0 or at least ``min_cell`` patients
+   (``FILTER_BELOW_MIN_CELL``, ``FILTER_DIFFERENCING``), so that ``A AND NOT x`` next to
+   ``A`` is refused before any search runs.
+7. **Re-identification guard.** A neighbour whose similarity to the uploaded study is at
+   least ``reid_similarity`` (default 0.95) is taken to be the same patient: all of that
+   patient's studies are removed from the aggregate, and the next patients fill the set,
+   so the answer looks as if the patient were not in the cohort. The number removed goes
+   to the audit record only, never to the researcher. Queries by ``study_uid`` are
+   refused for researchers (``STUDY_QUERY_NOT_ALLOWED``): they would confirm that a study
+   is in the cohort.
+8. **Fail closed.** The answer is built from scratch and then checked against
+   :data:`SEARCH_RULES`, a rule for every field of ``SearchSimilarResponse`` (by path).
+   A field without a rule is cleared, and a test fails when the proto gains a field
+   (e.g. a new count) that has no rule here. Free-text warnings that contain digits are
+   dropped (they may quote counts). ``GetIndexInfo`` is treated the same way
+   (:data:`INDEX_INFO_RULES`).
+
+What this does not stop (see SECURITY.md): combinations of three or more answers whose
+pairwise differences are all large but whose inclusion–exclusion isolates a small group;
+differencing across server replicas or after the audit log is replaced (the registry is
+per process); a re-identification match below ``reid_similarity``. Counts of
+censored patients between two reported curve points are not suppressed (censoring is not
+an outcome).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import Message
+
+from indexing.prognosis import ood_percentile, summarize
+from indexing.query import OOD_WARN_PERCENTILE, OOD_WARNING, NeighborResult, QueryResult
+from service import convert
+from service.api import cohortsim_pb2 as pb
+from service.auth import Principal
+from service.disclosure import (
+    CoarseCurve,
+    DisclosurePolicy,
+    ReleaseRegistry,
+    available,
+    coarse_curve,
+    releasable,
+)
+from service.errors import ServiceError
+
+# Rules for response fields, by path (field names joined by ".", repeated indices left out).
+KEEP = "keep"  # released as built (aggregate-level, or computed from released counts)
+DROP = "drop"  # never released to researchers (individual-level or not needed)
+COUNT = "count"  # a number of patients/studies: cell rule; the final pass zeroes 1..m-1
+DERIVED = "derived"  # computed from a count; the builder withholds it with its count
+TEXT = "text"  # free text; the builder drops entries that contain digits
+
+_POINT = {"time": KEEP, "survival": KEEP, "lower": KEEP, "upper": KEEP, "at_risk": COUNT}
+_HORIZON = {"time": KEEP, "survival": KEEP, "lower": KEEP, "upper": KEEP}
+
+
+def _nest(prefix: str, rules: dict[str, str]) -> dict[str, str]:
+    return {f"{prefix}.{k}": v for k, v in rules.items()}
+
+
+#: What the researcher view does with every field of SearchSimilarResponse.
+SEARCH_RULES: dict[str, str] = {
+    "neighbors": DROP,
+    "index_version": KEEP,
+    "model_version": KEEP,
+    "query_thumbnail_png": DROP,
+    "prognosis": KEEP,
+    "prognosis.survival": KEEP,
+    **_nest("prognosis.survival", _POINT),
+    "prognosis.median_survival": KEEP,
+    "prognosis.median_lower": KEEP,
+    "prognosis.median_upper": KEEP,
+    "prognosis.at_horizons": KEEP,
+    **_nest("prognosis.at_horizons", _HORIZON),
+    "prognosis.effective_sample_size": DERIVED,  # equal weights: = neighbors_with_outcome
+    "prognosis.neighbors_with_outcome": COUNT,
+    "prognosis.events": COUNT,
+    "prognosis.label_distributions": KEEP,
+    "prognosis.label_distributions.name": KEEP,
+    "prognosis.label_distributions.shares": KEEP,
+    "prognosis.label_distributions.shares.label": DERIVED,
+    "prognosis.label_distributions.shares.share": DERIVED,
+    "prognosis.label_distributions.shares.lower": DERIVED,
+    "prognosis.label_distributions.shares.upper": DERIVED,
+    "prognosis.label_distributions.shares.count": COUNT,
+    "prognosis.label_distributions.readers": KEEP,
+    "prognosis.label_distributions.multi_reader_neighbor_count": COUNT,
+    "prognosis.label_distributions.reader_agreement": DERIVED,
+    "prognosis.label_distributions.reader_kappa": DERIVED,
+    "prognosis.value_summaries": KEEP,
+    "prognosis.value_summaries.name": KEEP,
+    "prognosis.value_summaries.mean": DERIVED,
+    "prognosis.value_summaries.lower": DERIVED,
+    "prognosis.value_summaries.upper": DERIVED,
+    "prognosis.value_summaries.count": COUNT,
+    "prognosis.warnings": TEXT,
+    "prognosis.time_unit": KEEP,
+    "prognosis.cohort_survival": KEEP,
+    **_nest("prognosis.cohort_survival", _POINT),
+    "prognosis.cohort_median_survival": KEEP,
+    "prognosis.cohort_at_horizons": KEEP,
+    **_nest("prognosis.cohort_at_horizons", _HORIZON),
+    "prognosis.temperature": DROP,  # researcher aggregates are unweighted
+    "diagnostics": KEEP,
+    "diagnostics.ood_percentile": KEEP,
+    "diagnostics.mean_similarity": KEEP,
+    "diagnostics.same_scanner_share": DERIVED,
+    "diagnostics.cohort_scanner_share": DERIVED,
+    "diagnostics.warnings": TEXT,
+    "diagnostics.acquisition_checks": DROP,  # shares over the unfiltered neighbours
+    "diagnostics.stability": DROP,  # overlaps of neighbour sets
+    "disclosure_control": KEEP,
+    "disclosure_control.min_cell_count": KEEP,
+    "disclosure_control.aggregated_patients": COUNT,
+    "disclosure_control.withheld_fields": KEEP,
+}
+
+#: What the researcher view does with every field of GetIndexInfoResponse.
+INDEX_INFO_RULES: dict[str, str] = {
+    "num_studies": COUNT,
+    "dimension": KEEP,
+    "metric": KEEP,
+    "index_kind": KEEP,
+    "model_version": KEEP,
+    "index_version": KEEP,
+    "gpu": KEEP,
+    "create_time": KEEP,
+    "create_time.seconds": KEEP,
+    "create_time.nanos": KEEP,
+    "max_k": KEEP,
+    "dicom_supported": KEEP,
+    "prognostic_quality": KEEP,
+    "prognostic_quality.k": KEEP,
+    "prognostic_quality.temperature": KEEP,
+    "prognostic_quality.temperature_source": KEEP,
+    "prognostic_quality.c_index": KEEP,
+    "prognostic_quality.restricted_mean_time": KEEP,
+    "prognostic_quality.evaluated_study_count": COUNT,
+    "prognostic_quality.evaluated_event_count": COUNT,
+    "prognostic_quality.calibration": KEEP,
+    "prognostic_quality.calibration.time": KEEP,
+    "prognostic_quality.calibration.mean_absolute_error": KEEP,
+    "prognostic_quality.calibration.groups": KEEP,
+    "prognostic_quality.calibration.groups.predicted": DERIVED,
+    "prognostic_quality.calibration.groups.observed": DERIVED,
+    "prognostic_quality.calibration.groups.observed_lower": DERIVED,
+    "prognostic_quality.calibration.groups.observed_upper": DERIVED,
+    "prognostic_quality.calibration.groups.study_count": COUNT,
+}
+
+_CATEGORY = {"value": KEEP, "study_count": COUNT, "patient_count": COUNT}
+
+#: What the researcher view does with every field of GetCohortStatsResponse: counts by
+#: the cell rule (a category's count, and its complement in the cohort, >= min_cell or 0).
+COHORT_STATS_RULES: dict[str, str] = {
+    "study_count": COUNT,
+    "patient_count": COUNT,
+    "sites": KEEP,
+    **_nest("sites", _CATEGORY),
+    "scanners": KEEP,
+    **_nest("scanners", _CATEGORY),
+    "labels": KEEP,
+    "labels.name": KEEP,
+    "labels.value": KEEP,
+    "labels.patient_count": COUNT,
+    "index_version": KEEP,
+    "disclosure_control": KEEP,
+    "disclosure_control.min_cell_count": KEEP,
+    "disclosure_control.aggregated_patients": COUNT,
+    "disclosure_control.withheld_fields": KEEP,
+}
+
+#: Integer fields that are not counts of people (settings, sizes, timestamps).
+NOT_COUNTS: frozenset[str] = frozenset(
+    {
+        "disclosure_control.min_cell_count",
+        "dimension",
+        "max_k",
+        "create_time.seconds",
+        "create_time.nanos",
+        "prognostic_quality.k",
+    }
+)
+
+_DIGIT = re.compile(r"\d")
+
+#: Columns a researcher's Filter.where may read: site and acquisition, never identifiers
+#: or outcomes (selecting on an outcome would let an answer's refusal reveal it).
+RESEARCHER_FILTER_COLUMNS: frozenset[str] = frozenset(
+    {
+        "site",
+        "modality",
+        "study_day",
+        "manufacturer",
+        "model",
+        "kernel",
+        "kvp",
+        "slice_thickness",
+        "pixel_spacing",
+    }
+)
+
+
+def permission_denied(reason: str, message: str, **metadata: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.PERMISSION_DENIED, reason, message, metadata)
+
+
+# --------------------------------------------------------------------------- rules pass
+
+
+def _is_map(fd: Any) -> bool:
+    mt = fd.message_type
+    return mt is not None and mt.GetOptions().map_entry
+
+
+def field_paths(descriptor: Any, prefix: str = "", stop: Iterable[str] = ()) -> list[str]:
+    """Every field path of a message type (not descending into maps or ``stop`` paths)."""
+    stop = set(stop)
+    out: list[str] = []
+    for fd in descriptor.fields:
+        path = prefix + fd.name
+        out.append(path)
+        if path in stop:
+            continue
+        if fd.message_type is not None and not _is_map(fd):
+            out.extend(field_paths(fd.message_type, path + ".", stop))
+    return out
+
+
+def enforce(msg: Message, rules: dict[str, str], min_cell: int, prefix: str = "") -> list[str]:
+    """The last line of defence: clear fields without a rule or ruled DROP, and zero any
+    count in 1..min_cell-1. Returns the paths it withheld."""
+    withheld: list[str] = []
+    for fd, value in msg.ListFields():
+        path = prefix + fd.name
+        rule = rules.get(path)
+        if rule is None or rule == DROP:
+            msg.ClearField(fd.name)
+            withheld.append(path)
+            continue
+        if fd.message_type is not None and not _is_map(fd):
+            items = value if fd.is_repeated else [value]
+            for item in items:
+                withheld.extend(enforce(item, rules, min_cell, path + "."))
+        elif rule == COUNT and not fd.is_repeated and isinstance(value, int) and 0 < value < min_cell:
+            setattr(msg, fd.name, 0)
+            withheld.append(path)
+    return withheld
+
+
+# --------------------------------------------------------------------------- the view
+
+
+@dataclass
+class ResearcherAnswer:
+    """The governed response and the facts for the audit record (never sent)."""
+
+    response: pb.SearchSimilarResponse
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def _scanner(acq: dict[str, Any] | None) -> tuple[str, str] | None:
+    if not acq:
+        return None
+    mf, md = acq.get("manufacturer"), acq.get("model")
+    if not mf and not md:
+        return None
+    return (str(mf or "").strip().casefold(), str(md or "").strip().casefold())
+
+
+def _has(msg: Any, name: str) -> bool:
+    return name in msg.DESCRIPTOR.fields_by_name
+
+
+class Governance:
+    """Applies a :class:`DisclosurePolicy` to callers without the ``identities`` right."""
+
+    def __init__(self, policy: DisclosurePolicy | None = None) -> None:
+        self.policy = policy or DisclosurePolicy()
+        m, limit = self.policy.min_cell, self.policy.registry_limit
+        self.answers = ReleaseRegistry(m, limit=limit)
+        self.cohorts = ReleaseRegistry(m, limit=limit)
+        self._cohort_seeded: set[str] = set()
+        self._cache: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def restricts(principal: Principal | None) -> bool:
+        """True for a caller that gets the researcher view (None: no authentication)."""
+        return principal is not None and not principal.has("identities")
+
+    # ----------------------------------------------------------------- replay
+    def replay(self, records: Iterable[dict[str, Any]], snapshot: Any = None) -> int:
+        """Re-register what earlier researcher answers released (from audit records).
+
+        Patient sets come from ``aggregated_patients``; filters are evaluated again on
+        ``snapshot`` (when given) to register their sub-cohorts. Returns the answers replayed.
+        """
+        from indexing.errors import FilterError
+
+        n = 0
+        for rec in records:
+            if rec.get("status") != "OK" or not rec.get("aggregated_patients"):
+                continue
+            patients = rec["aggregated_patients"]
+            if isinstance(patients, list):
+                self.answers.add(str(p) for p in patients)
+                n += 1
+            where = rec.get("filter")
+            if snapshot is not None and isinstance(where, str) and where.strip():
+                # a filter the current index cannot evaluate selects nothing now
+                with contextlib.suppress(FilterError):
+                    self.cohorts.add(self._filter_patients(snapshot, where))
+        return n
+
+    # ----------------------------------------------------------------- helpers
+    def _cached(self, snapshot: Any, key: str, make: Callable[[], Any]) -> Any:
+        k = (str(snapshot.version), key)
+        with self._lock:
+            if k in self._cache:
+                return self._cache[k]
+        value = make()
+        with self._lock:
+            if len(self._cache) > 16:
+                self._cache.clear()
+            self._cache[k] = value
+        return value
+
+    def _patient_ids(self, snapshot: Any) -> np.ndarray:
+        return self._cached(
+            snapshot,
+            "patients",
+            lambda: np.asarray(snapshot.metadata.column("patient_id").to_pylist(), dtype=object),
+        )
+
+    def _live(self, snapshot: Any, mask: np.ndarray | None = None) -> np.ndarray:
+        """``mask`` (default: every row) without the rows of withdrawn patients."""
+        n = len(self._patient_ids(snapshot))
+        live = np.ones(n, dtype=bool) if mask is None else np.asarray(mask, dtype=bool).copy()
+        deleted = getattr(snapshot, "deleted_rows", None)
+        if deleted is not None:
+            rows = np.fromiter(deleted(), dtype=np.int64)
+            live[rows[rows < n]] = False
+        return live
+
+    def _filter_patients(self, snapshot: Any, where: str) -> list[str]:
+        """The distinct (not withdrawn) patients of the rows ``where`` selects."""
+        if hasattr(snapshot, "filter_mask"):
+            mask = snapshot.filter_mask(where)  # cached per snapshot
+        else:
+            from indexing.filter import compile_where
+
+            mask = compile_where(where, snapshot.metadata)
+        rows = self._live(snapshot, mask)
+        return sorted({str(p) for p in self._patient_ids(snapshot)[rows].tolist()})
+
+    def check_filter(self, snapshot: Any, where: str) -> list[str]:
+        """Refuse a filter on other than site/acquisition columns, or whose sub-cohort is
+        small or differs slightly from the cohort or an earlier filter's."""
+        from indexing.filter import parse_where
+
+        m = self.policy.min_cell
+        used = sorted({c.casefold() for c in _filter_columns(parse_where(where))})
+        refused = [c for c in used if c not in RESEARCHER_FILTER_COLUMNS]
+        if refused:
+            raise permission_denied(
+                "FILTER_COLUMN_NOT_ALLOWED",
+                f"researchers may filter on {', '.join(sorted(RESEARCHER_FILTER_COLUMNS))} "
+                f"only, not on {', '.join(refused)}: a filter on outcomes or identifiers could "
+                "make the answer (or its refusal) reveal one patient's data",
+            )
+        if snapshot.version not in self._cohort_seeded:
+            everyone = self._patient_ids(snapshot)[self._live(snapshot)]
+            self.cohorts.add(str(p) for p in set(everyone.tolist()))
+            self._cohort_seeded.add(snapshot.version)
+        chosen = self._filter_patients(snapshot, where)
+        if len(chosen) < m:
+            raise permission_denied(
+                "FILTER_BELOW_MIN_CELL",
+                f"the filter selects fewer than {m} patients; researchers receive aggregates "
+                f"over at least {m} patients only, so widen the filter",
+                min_cell=str(m),
+            )
+        if not self.cohorts.check_and_add(chosen):
+            raise permission_denied(
+                "FILTER_DIFFERENCING",
+                f"the filter's patients differ from the whole cohort or from an earlier "
+                f"filter's by fewer than {m}; comparing the two answers would describe a "
+                "small group, so this filter is refused",
+                min_cell=str(m),
+            )
+        return chosen
+
+    def _select(
+        self, neighbors: Sequence[NeighborResult], k: int
+    ) -> tuple[list[NeighborResult], int]:
+        """The first ``k`` distinct patients, without near-exact matches (and their patients)."""
+        threshold = self.policy.reid_similarity
+        matched = {nb.patient_id for nb in neighbors if nb.similarity >= threshold}
+        seen: set[str] = set()
+        kept: list[NeighborResult] = []
+        for nb in neighbors:
+            if nb.patient_id in matched or nb.patient_id in seen:
+                continue
+            seen.add(nb.patient_id)
+            kept.append(nb)
+            if len(kept) == k:
+                break
+        return kept, len(matched)
+
+    # ----------------------------------------------------------------- search
+    def researcher_search(
+        self,
+        snapshot: Any,
+        query: convert.SearchQuery,
+        *,
+        run: Callable[[convert.SearchQuery], QueryResult],
+        embed: Callable[[list[bytes]], Any] | None = None,
+        time_unit: str = convert.DEFAULT_TIME_UNIT,
+    ) -> ResearcherAnswer:
+        """The governed answer to a search (blocking: call it on a worker thread).
+
+        ``run(query)`` searches the snapshot (with the query's k and filter); ``embed``
+        embeds DICOM files once (the searches then use the vector).
+        """
+        m = self.policy.min_cell
+        if query.kind == "study_uid":
+            raise permission_denied(
+                "STUDY_QUERY_NOT_ALLOWED",
+                "researchers query with an embedding or DICOM files, not with a study id "
+                "of the cohort",
+            )
+        facts: dict[str, Any] = {}
+        if query.where:
+            facts["filter_patient_count"] = len(self.check_filter(snapshot, query.where))
+        acquisition: dict[str, Any] | None = None
+        if query.kind == "dicom":
+            if embed is None:
+                raise permission_denied("DICOM_NOT_ALLOWED", "send an embedding")
+            embedded = embed(query.dicom_files)
+            acquisition = dict(embedded.acquisition or {})
+            query = dataclasses.replace(
+                query, kind="embedding", embedding=embedded.vector, dicom_files=[]
+            )
+        if _has_field(query, "include_thumbnails"):
+            query = dataclasses.replace(query, include_thumbnails=False)
+        target = self.policy.aggregate_size(query.k)
+        n = int(snapshot.num_studies)
+        fetch = min(n, 2 * target + 16)
+        while True:
+            result = run(dataclasses.replace(query, k=fetch))
+            kept, removed = self._select(result.neighbors, target)
+            if len(kept) >= target or fetch >= n or len(result.neighbors) < fetch:
+                break
+            fetch = min(n, fetch * 2)
+        size = (len(kept) // m) * m
+        if size < m:
+            raise permission_denied(
+                "TOO_FEW_PATIENTS",
+                f"fewer than {m} patients are available"
+                + (" under this filter" if query.where else "")
+                + f"; researchers receive aggregates over at least {m} patients",
+                min_cell=str(m),
+            )
+        kept = kept[:size]
+        patients = sorted(nb.patient_id for nb in kept)
+        if self.policy.answer_differencing and not self.answers.check_and_add(patients):
+            raise permission_denied(
+                "ANSWER_DIFFERENCING",
+                f"this answer would cover a set of patients that differs from an earlier "
+                f"researcher answer by fewer than {m}; the two could be subtracted to "
+                "describe a small group, so it is refused. Ask for a larger k (a multiple "
+                f"of {m}) or a different query",
+                min_cell=str(m),
+            )
+        horizons = [h.time for h in result.prognosis.at_horizons] or [12.0, 24.0, 60.0]
+        response, withheld = self._build(snapshot, result, kept, acquisition, horizons, time_unit)
+        facts.update(
+            aggregated_patients=patients,
+            reid_matches_removed=removed,
+            withheld_fields=len(withheld),
+        )
+        return ResearcherAnswer(response, facts)
+
+    def _build(
+        self,
+        snapshot: Any,
+        result: QueryResult,
+        kept: list[NeighborResult],
+        acquisition: dict[str, Any] | None,
+        horizons: Sequence[float],
+        time_unit: str,
+    ) -> tuple[pb.SearchSimilarResponse, list[str]]:
+        m, size = self.policy.min_cell, len(kept)
+        withheld: list[str] = []
+        p = summarize(
+            [nb.time for nb in kept],
+            [nb.event for nb in kept],
+            np.ones(size),
+            [nb.labels for nb in kept],
+            [nb.values for nb in kept],
+            horizons=horizons,
+        )
+        prog = convert.prognosis_to_proto(p, time_unit=time_unit)
+        if _has(prog, "temperature"):
+            prog.ClearField("temperature")
+
+        # survival: counts, coarse curve, median, horizons
+        rows = [(nb.time, nb.event) for nb in kept if nb.time is not None and nb.event is not None]
+        n_out = len(rows)
+        n_ev = sum(1 for _, ev in rows if ev)
+        show_out = available(n_out, m)
+        if not show_out:
+            prog.neighbors_with_outcome = 0
+            prog.effective_sample_size = 0.0
+            withheld += ["prognosis.neighbors_with_outcome", "prognosis.effective_sample_size"]
+        else:
+            prog.effective_sample_size = float(n_out)
+        if not (show_out and releasable(n_ev, n_out, m)):
+            prog.events = 0
+            withheld.append("prognosis.events")
+        curve = None
+        if show_out and n_out:
+            curve = coarse_curve(
+                [r[0] for r in rows],
+                [bool(r[1]) for r in rows],
+                min_cell=m,
+                grid=self.policy.time_grid,
+                horizons=horizons,
+            )
+        withheld += self._set_curve(prog, "", curve, horizons)
+        if _has(prog, "cohort_survival"):
+            withheld += self._set_curve(
+                prog, "cohort_", self._cohort_curve(snapshot, horizons), horizons
+            )
+
+        withheld += self._labels(prog, kept)
+        withheld += self._values(prog, size)
+        withheld += _filter_text(prog.warnings, "prognosis.warnings")
+
+        diag = self._diagnostics(snapshot, kept, acquisition, withheld)
+        response = pb.SearchSimilarResponse(
+            prognosis=prog,
+            diagnostics=diag,
+            index_version=str(result.index_version),
+            model_version=str(result.model_version),
+        )
+        withheld += enforce(response, SEARCH_RULES, m)
+        dc = response.disclosure_control
+        dc.min_cell_count = m
+        dc.aggregated_patients = size
+        dc.withheld_fields.extend(dict.fromkeys(withheld))
+        return response, withheld
+
+    def _set_curve(
+        self, prog: Any, prefix: str, curve: CoarseCurve | None, horizons: Sequence[float]
+    ) -> list[str]:
+        survival, horizons_field = prefix + "survival", prefix + "at_horizons"
+        median_field = "cohort_median_survival" if prefix else "median_survival"
+        del getattr(prog, survival)[:]
+        del getattr(prog, horizons_field)[:]
+        for name in (median_field, *(() if prefix else ("median_lower", "median_upper"))):
+            prog.ClearField(name)
+        withheld: list[str] = []
+        if curve is None:
+            withheld.append(f"prognosis.{survival}")
+        else:
+            for t, s, lo, hi, r in curve.points:
+                getattr(prog, survival).add(time=t, survival=s, lower=lo, upper=hi, at_risk=r)
+            for name, index in ((median_field, 1), ("median_lower", 2), ("median_upper", 3)):
+                if prefix and name != median_field:
+                    continue
+                # the lower band crosses 0.5 first: it bounds the median from below
+                value = curve.first_at_or_below(index)
+                if value is not None:
+                    setattr(prog, name, value)
+        for i, h in enumerate(horizons):
+            he = getattr(prog, horizons_field).add(time=float(h))
+            got = curve.horizons.get(float(h)) if curve is not None else None
+            if got is None:
+                withheld.append(f"prognosis.{horizons_field}[{i}]")
+                continue
+            he.survival, he.lower, he.upper = got
+        return withheld
+
+    def _cohort_curve(self, snapshot: Any, horizons: Sequence[float]) -> CoarseCurve | None:
+        def make() -> CoarseCurve | None:
+            meta = snapshot.metadata
+            if not all(c in meta.column_names for c in ("patient_id", "time", "event")):
+                return None
+            seen: set[str] = set()
+            t: list[float] = []
+            e: list[bool] = []
+            cols = meta.select(["patient_id", "time", "event"]).to_pydict()
+            for pid, ti, ev in zip(cols["patient_id"], cols["time"], cols["event"], strict=True):
+                if pid in seen or ti is None or ev is None or not math.isfinite(ti):
+                    continue
+                seen.add(pid)
+                t.append(float(ti))
+                e.append(bool(ev))
+            if len(t) < self.policy.min_cell:
+                return None
+            return coarse_curve(
+                t, e, min_cell=self.policy.min_cell, grid=self.policy.time_grid, horizons=horizons
+            )
+
+        curve: CoarseCurve | None = self._cached(snapshot, f"cohort-curve-{tuple(horizons)}", make)
+        return curve
+
+    def _labels(self, prog: Any, kept: list[NeighborResult]) -> list[str]:
+        m = self.policy.min_cell
+        withheld: list[str] = []
+        dists = [_copy(d) for d in prog.label_distributions]
+        del prog.label_distributions[:]
+        for dist in dists:
+            name = dist.name
+            total = sum(
+                1
+                for nb in kept
+                if any(k == name or k.startswith(name + "@") for k in (nb.labels or {}))
+            )
+            where = f"prognosis.label_distributions[{name}]"
+            if not available(total, m) or total == 0:
+                withheld.append(where)
+                continue
+            counts = {s.label: int(s.count) for s in dist.shares}
+            hidden = {lab for lab, c in counts.items() if not releasable(c, total, m)}
+            if hidden and sum(counts[lab] for lab in hidden) < m:
+                for lab in sorted(set(counts) - hidden, key=lambda x: (counts[x], x)):
+                    hidden.add(lab)
+                    if sum(counts[x] for x in hidden) >= m:
+                        break
+            if hidden == set(counts):
+                withheld.append(where)
+                continue
+            shown = [s for s in dist.shares if s.label not in hidden]
+            if hidden:
+                withheld.append(f"{where}.shares")
+            out = prog.label_distributions.add(name=name, shares=shown)
+            if _has(dist, "readers"):
+                out.readers.extend(dist.readers)
+                rated = int(dist.multi_reader_neighbor_count)
+                if available(rated, m):
+                    out.multi_reader_neighbor_count = rated
+                    for f in ("reader_agreement", "reader_kappa"):
+                        if dist.HasField(f):
+                            setattr(out, f, getattr(dist, f))
+                else:
+                    withheld.append(f"{where}.multi_reader_neighbor_count")
+        return withheld
+
+    def _values(self, prog: Any, size: int) -> list[str]:
+        m = self.policy.min_cell
+        withheld: list[str] = []
+        keep = []
+        for v in prog.value_summaries:
+            if available(int(v.count), m) and v.count > 0:
+                keep.append(v)
+            else:
+                withheld.append(f"prognosis.value_summaries[{v.name}]")
+        copies = [_copy(v) for v in keep]
+        del prog.value_summaries[:]
+        prog.value_summaries.extend(copies)
+        return withheld
+
+    def _diagnostics(
+        self,
+        snapshot: Any,
+        kept: list[NeighborResult],
+        acquisition: dict[str, Any] | None,
+        withheld: list[str],
+    ) -> pb.QueryDiagnostics:
+        m, size = self.policy.min_cell, len(kept)
+        k_ood = max(1, min(int(getattr(snapshot, "k_ood", 10)), size))
+        sims = np.array([nb.similarity for nb in kept[:k_ood]], dtype=np.float64)
+        mean_sim = float(sims.mean()) if sims.size else float("nan")
+        reference = np.asarray(getattr(snapshot, "ood_reference", np.zeros(0)))
+        pct = ood_percentile(mean_sim, reference) if reference.size else 0.0
+        diag = pb.QueryDiagnostics(ood_percentile=pct, mean_similarity=mean_sim)
+        if pct >= OOD_WARN_PERCENTILE:
+            diag.warnings.append(OOD_WARNING)
+        key = _scanner(acquisition)
+        if key is not None:
+            same = sum(1 for nb in kept if _scanner(nb.acquisition) == key)
+            if releasable(same, size, m):
+                diag.same_scanner_share = same / size
+            else:
+                withheld.append("diagnostics.same_scanner_share")
+            total, count = self._cohort_scanner_count(snapshot, key)
+            if total and releasable(count, total, m):
+                diag.cohort_scanner_share = count / total
+            else:
+                withheld.append("diagnostics.cohort_scanner_share")
+        return diag
+
+    def _cohort_scanner_count(self, snapshot: Any, key: tuple[str, str]) -> tuple[int, int]:
+        def make() -> Counter[tuple[str, str] | None]:
+            meta = snapshot.metadata
+            if not all(c in meta.column_names for c in ("manufacturer", "model")):
+                return Counter()
+            cols = meta.select(["manufacturer", "model"]).to_pydict()
+            return Counter(
+                _scanner({"manufacturer": a, "model": b})
+                for a, b in zip(cols["manufacturer"], cols["model"], strict=True)
+            )
+
+        counts: Counter[tuple[str, str] | None] = self._cached(snapshot, "scanners", make)
+        return sum(counts.values()), counts.get(key, 0)
+
+    # ----------------------------------------------------------------- index info
+    def index_info(self, response: pb.GetIndexInfoResponse) -> pb.GetIndexInfoResponse:
+        """The researcher view of GetIndexInfo: counts by the cell rule, unknown fields cleared."""
+        m = self.policy.min_cell
+        out = pb.GetIndexInfoResponse()
+        out.CopyFrom(response)
+        if _has(out, "prognostic_quality") and out.HasField("prognostic_quality"):
+            q = out.prognostic_quality
+            total = int(q.evaluated_study_count)
+            if not releasable(int(q.evaluated_event_count), total, m):
+                q.evaluated_event_count = 0
+            for cal in q.calibration:
+                for g in cal.groups:
+                    if not releasable(int(g.study_count), total, m) or g.study_count < m:
+                        for f in ("predicted", "observed", "observed_lower", "observed_upper"):
+                            g.ClearField(f)
+                        g.study_count = 0
+        enforce(out, INDEX_INFO_RULES, m)
+        return out
+
+    # ----------------------------------------------------------------- cohort stats
+    def cohort_stats(self, response: pb.GetCohortStatsResponse) -> pb.GetCohortStatsResponse:
+        """The researcher view of GetCohortStats (:data:`COHORT_STATS_RULES`)."""
+        return _cohort_stats_view(response, self.policy.min_cell)
+
+
+def _cohort_stats_view(
+    response: pb.GetCohortStatsResponse, m: int
+) -> pb.GetCohortStatsResponse:
+    """GetCohortStats for researchers: every category and label count held to the cell
+    rule against its whole (the cohort's patients, or the patients with that label), a
+    withheld category's study count withheld with it, then :func:`enforce`."""
+    out = pb.GetCohortStatsResponse()
+    out.CopyFrom(response)
+    withheld: list[str] = []
+    total = int(out.patient_count)
+    for name in ("sites", "scanners"):
+        for c in getattr(out, name):
+            if not releasable(int(c.patient_count), total, m) or 0 < c.study_count < m:
+                c.patient_count = 0
+                c.study_count = 0
+                withheld.append(f"{name}[{c.value}]")
+    by_name: dict[str, int] = {}
+    for lab in out.labels:
+        by_name[lab.name] = by_name.get(lab.name, 0) + int(lab.patient_count)
+    for lab in out.labels:
+        if not releasable(int(lab.patient_count), by_name[lab.name], m):
+            lab.patient_count = 0
+            withheld.append(f"labels[{lab.name}={lab.value}]")
+    if 0 < total < m:
+        withheld.append("patient_count")
+    withheld += enforce(out, COHORT_STATS_RULES, m)
+    dc = out.disclosure_control
+    dc.min_cell_count = m
+    dc.aggregated_patients = total if total >= m else 0
+    dc.withheld_fields[:] = sorted(set(withheld))
+    return out
+
+
+def _filter_columns(expr: Any) -> list[str]:
+    """The column names a parsed ``Filter.where`` expression reads (any node type)."""
+    from indexing.filter import Column
+
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Column):
+            found.append(node.name)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                walk(getattr(node, f.name))
+        elif isinstance(node, tuple | list):
+            for item in node:
+                walk(item)
+
+    walk(expr)
+    return found
+
+
+def _copy(msg: Any) -> Any:
+    out = type(msg)()
+    out.CopyFrom(msg)
+    return out
+
+
+def _has_field(obj: Any, name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(obj))
+
+
+def _filter_text(items: Any, path: str) -> list[str]:
+    """Drop free-text entries that contain digits (they may quote counts)."""
+    kept = [s for s in items if not _DIGIT.search(s)]
+    dropped = len(items) - len(kept)
+    del items[:]
+    items.extend(kept)
+    return [path] if dropped else []
+
+
+__all__ = [
+    "COHORT_STATS_RULES",
+    "COUNT",
+    "DERIVED",
+    "DROP",
+    "INDEX_INFO_RULES",
+    "KEEP",
+    "NOT_COUNTS",
+    "RESEARCHER_FILTER_COLUMNS",
+    "SEARCH_RULES",
+    "TEXT",
+    "CoarseCurve",
+    "DisclosurePolicy",
+    "Governance",
+    "ReleaseRegistry",
+    "ResearcherAnswer",
+    "coarse_curve",
+    "enforce",
+    "field_paths",
+    "permission_denied",
+    "releasable",
+]

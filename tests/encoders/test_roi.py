@@ -1,0 +1,114 @@
+"""Lesion regions: lung mask, blob proposal, boxes/masks, cropping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from encoders.errors import EncoderError
+from encoders.roi import (
+    Roi,
+    blob_score,
+    crop_around,
+    lung_region,
+    propose_lesion,
+    roi_from_box,
+    roi_from_mask,
+    rois_for,
+)
+
+SHAPE = (16, 64, 64)
+
+
+def _chest(nodule: tuple[int, int, int] | None = (8, 30, 20), radius: float = 2.5,
+           seed: int = 0) -> np.ndarray:
+    """Air, a soft-tissue body, two lungs, a bright vessel (tube along z), a nodule."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]].astype(float)
+    v = np.full(SHAPE, -1000.0)
+    body = ((y - 32) / 26) ** 2 + ((x - 32) / 30) ** 2 < 1
+    v[body] = 40.0
+    for cx in (20, 44):
+        v[body & (((y - 30) / 16) ** 2 + ((x - cx) / 9) ** 2 < 1)] = -850.0
+    # a vessel: thin (radius 1 voxel), much denser than the nodule, crossing all slices
+    v[(y - 34) ** 2 + (x - 46) ** 2 <= 1.0] = 60.0
+    if nodule is not None:
+        nz, ny, nx = nodule
+        v[(z - nz) ** 2 + (y - ny) ** 2 + (x - nx) ** 2 <= radius**2] = 30.0
+    return (v + rng.normal(0, 10, SHAPE)).astype(np.int16)
+
+
+def test_lung_region_excludes_outside_air_and_includes_nodule() -> None:
+    v = _chest()
+    lung = lung_region(v)
+    assert not lung[:, 0, 0].any()  # outside air touches the border
+    assert lung[8, 30, 20]  # the nodule is inside the filled lung
+    assert lung[8, 30, 44]
+    assert not lung[8, 55, 32]  # soft tissue below the lungs
+
+
+def test_propose_finds_the_nodule_not_the_vessel() -> None:
+    for seed, nod in ((0, (8, 30, 20)), (1, (5, 25, 40)), (2, (11, 36, 18))):
+        roi = propose_lesion(_chest(nod, seed=seed))
+        assert roi.source == "proposal" and roi.score > 0
+        assert max(abs(a - b) for a, b in zip(roi.centre, nod, strict=True)) <= 1, (seed, roi)
+
+
+def test_blob_score_prefers_blobs_over_tubes() -> None:
+    v = _chest()
+    s = blob_score(v, mask=lung_region(v))
+    assert s[8, 30, 20] > 3 * s[8, 34, 46]
+    assert s.min() >= 0
+
+
+def test_blob_score_is_grid_independent() -> None:
+    """The same nodule on a 2 mm grid scores about like on the 4 mm grid."""
+    v4 = _chest()
+    v2 = np.repeat(np.repeat(np.repeat(v4, 2, 0), 2, 1), 2, 2)
+    s4 = blob_score(v4, spacing_mm=(4, 4, 4)).max()
+    s2 = blob_score(v2, spacing_mm=(2, 2, 2)).max()
+    assert s2 == pytest.approx(s4, rel=0.35)
+
+
+def test_no_lung_falls_back_to_centre() -> None:
+    v = np.full(SHAPE, 40, np.int16)
+    roi = propose_lesion(v)
+    assert roi.source == "centre" and roi.centre == (8, 32, 32)
+
+
+def test_box_and_mask() -> None:
+    assert roi_from_box((4, 10, 20, 8, 20, 30), SHAPE).centre == (6, 15, 25)
+    with pytest.raises(EncoderError, match="empty"):
+        roi_from_box((4, 10, 20, 4, 20, 30), SHAPE)
+    with pytest.raises(EncoderError, match="outside"):
+        roi_from_box((40, 10, 20, 44, 20, 30), SHAPE)
+    with pytest.raises(EncoderError, match="z0, y0, x0"):
+        roi_from_box((1, 2, 3), SHAPE)
+    m = np.zeros(SHAPE, bool)
+    m[3:6, 10:13, 40:43] = True
+    assert roi_from_mask(m).centre == (4, 11, 41)
+    with pytest.raises(EncoderError, match="empty"):
+        roi_from_mask(np.zeros(SHAPE))
+
+
+def test_rois_for_mixes_given_and_proposed() -> None:
+    vols = np.stack([_chest(), _chest((5, 25, 40), seed=1)])
+    m = np.zeros(SHAPE, bool)
+    m[2, 2, 2] = True
+    out = rois_for(vols, [m, None])
+    assert out[0] == Roi(centre=(2, 2, 2), source="mask")
+    assert out[1].source == "proposal"
+    with pytest.raises(EncoderError, match="one entry per volume"):
+        rois_for(vols, [None])
+    with pytest.raises(EncoderError, match="mask shape"):
+        rois_for(vols, [np.zeros((2, 2, 2)), None])
+
+
+def test_crop_around_pads_outside() -> None:
+    v = np.arange(4 * 6 * 6, dtype=np.int16).reshape(4, 6, 6)
+    c = crop_around(v, (0, 0, 0), (2, 4, 4), pad_value=-7)
+    assert c.shape == (2, 4, 4)
+    assert c[1, 2, 2] == v[0, 0, 0]  # the centre voxel sits at size // 2
+    assert (c[0] == -7).all() and (c[1, :2] == -7).all()
+    inside = crop_around(v, (2, 3, 3), (2, 2, 2))
+    np.testing.assert_array_equal(inside, v[1:3, 2:4, 2:4])
