@@ -107,7 +107,7 @@ def main() -> None:
     for region in [r.strip() for r in args.regions.split(",") if r.strip()]:
         torch.manual_seed(0)
         enc = create_encoder(args.backbone, region=region, pooling="attention").to(dev).eval()
-        d, h, w = enc.input_shape
+        d, h, _w = enc.input_shape
         px = enc.region.px if region == "lesion" else h
         n_slices = args.studies * d
 

@@ -293,7 +293,7 @@ def test_region_errors(saved: Path, enc: StudyEncoder) -> None:
     assert d["region"] == {"mode": "whole"}
     d["region"] = {"mode": "lesion"}
     (saved / CARD_FILE).write_text(json.dumps(d))
-    with pytest.raises(EncoderError, match="does not fit the architecture|region"):
+    with pytest.raises(EncoderError, match=r"does not fit the architecture|region"):
         load_encoder(saved)
 
 
