@@ -8,7 +8,7 @@ the phenotype, scanner excess and the kNN C-index for cohortsim and for the base
 computed in the same run (random vectors, HU-histogram kNN, randomly initialised
 backbone), each also after ComBat harmonisation where it applies. Nothing is asserted.
 
-    python benchmarks/eval_retrieval.py                      # 240 patients, ~8 min on cpu2
+    python benchmarks/eval_retrieval.py                      # 240 patients, ~7 min on cpu2
     python benchmarks/eval_retrieval.py --preset small       # 120 patients, fast look
     python benchmarks/eval_retrieval.py --workdir /tmp/ev    # keep (and reuse) cohort + store
     python benchmarks/eval_retrieval.py --json out.json
@@ -43,9 +43,9 @@ from encoders.evaluate import (  # noqa: E402
 )
 
 PRESETS = {
-    "small": {"patients": 120, "train_seconds": 60.0},
-    "default": {"patients": 240, "train_seconds": 120.0},
-    "large": {"patients": 400, "train_seconds": 180.0},
+    "small": {"patients": 120, "epochs": 40},
+    "default": {"patients": 240, "epochs": 60},
+    "large": {"patients": 400, "epochs": 60},
 }
 
 
@@ -111,10 +111,12 @@ def main() -> None:
     g.add_argument("--method", default="simclr", choices=("simclr", "vicreg"))
     g.add_argument("--regions", default="lesion,whole", help="comma list: lesion, whole")
     g.add_argument("--pooling", default="attention", choices=("mean", "attention"))
-    g.add_argument("--epochs", type=int, default=200)
+    g.add_argument("--epochs", type=int, help="lesion encoder epochs (overrides the preset)")
+    g.add_argument("--whole-epochs", type=int, default=8, help="whole-volume encoder epochs")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--train-seconds", type=float, help="training budget per encoder")
+    g.add_argument("--train-seconds", type=float,
+                   help="also stop training after this many seconds (figures then depend on load)")
     g.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     g.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -122,7 +124,8 @@ def main() -> None:
 
     preset = PRESETS[args.preset]
     patients = args.patients or int(preset["patients"])
-    budget = args.train_seconds if args.train_seconds is not None else preset["train_seconds"]
+    epochs = args.epochs or int(preset["epochs"])
+    budget = args.train_seconds
     torch.set_num_threads(args.threads)
     tmp = None
     if args.workdir is None:
@@ -141,7 +144,8 @@ def main() -> None:
             method=args.method,
             regions=tuple(r.strip() for r in args.regions.split(",") if r.strip()),
             pooling=args.pooling,
-            epochs=args.epochs,
+            epochs=epochs,
+            whole_epochs=args.whole_epochs,
             time_budget_s=budget,
             device=args.device,
             train_kw={"batch_size": args.batch_size, "lr": args.lr},
@@ -162,7 +166,8 @@ def main() -> None:
         print(
             f"# {patients} patients (seed {args.seed}): {m0.n_reference} reference, "
             f"{m0.n_queries} held-out queries; k={args.k}; {args.backbone} {args.method}, "
-            f"{budget:g} s training budget per encoder, {torch.get_num_threads()} threads; "
+            f"{epochs} lesion / {args.whole_epochs} whole-volume epochs"
+            f"{f', budget {budget:g} s' if budget else ''}, {torch.get_num_threads()} threads; "
             f"eval {time.monotonic() - t0:.0f} s"
         )
         print_rows(rows, args.k)

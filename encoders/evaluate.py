@@ -333,7 +333,10 @@ def split_queries(patient_ids: Values, query_fraction: float, *, seed: int = 0) 
 @dataclass
 class EvalConfig:
     """Options of :func:`run_retrieval_eval`. ``regions`` lists the encoder variants to
-    train (``"lesion"``, ``"whole"``); ``train_kw`` goes to ``train_ssl`` as is."""
+    train (``"lesion"``, ``"whole"``); a lesion encoder trains ``epochs`` epochs, a
+    whole-volume one ``whole_epochs`` (each epoch costs ~10x more), both stopped early by
+    ``time_budget_s`` if set (then the figures depend on the machine's speed and load);
+    ``train_kw`` goes to ``train_ssl`` as is."""
 
     k: int = 10
     horizon: float = 24.0
@@ -346,7 +349,8 @@ class EvalConfig:
     calibration: str = "tissue"
     harmonize: bool = True
     epochs: int = 60
-    time_budget_s: float | None = 120.0
+    whole_epochs: int = 8
+    time_budget_s: float | None = None
     device: str = "auto"
     train_kw: dict[str, Any] = field(default_factory=dict)
 
@@ -475,7 +479,7 @@ def run_retrieval_eval(
             backbone=cfg.backbone,
             spec=spec,
             method=cfg.method,
-            epochs=cfg.epochs,
+            epochs=cfg.whole_epochs if region == "whole" else cfg.epochs,
             seed=cfg.seed,
             device=cfg.device,
             time_budget_s=cfg.time_budget_s,

@@ -323,9 +323,10 @@ def eval_retrieval(
     regions: Annotated[str, typer.Option(help="Encoders to train on the reference studies: comma list of lesion, whole; empty for none.")] = "lesion,whole",
     pooling: Annotated[str, typer.Option(help="attention or mean.")] = "attention",
     calibration: Annotated[str, typer.Option(help="tissue or none (HU calibration of the trained encoders).")] = "tissue",
-    epochs: Annotated[int, typer.Option(min=1, max=10_000)] = 200,
+    epochs: Annotated[int, typer.Option(min=1, max=10_000, help="Epochs of the lesion encoder.")] = 60,
+    whole_epochs: Annotated[int, typer.Option(min=1, max=10_000, help="Epochs of the whole-volume encoder.")] = 8,
     batch_size: Annotated[int, typer.Option(min=2, max=4096)] = 32,
-    train_seconds: Annotated[float, typer.Option(min=1, help="Training budget per encoder.")] = 120.0,
+    train_seconds: Annotated[float | None, typer.Option(min=1, help="Also stop each training after this many seconds.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
 ) -> None:
@@ -365,7 +366,8 @@ def eval_retrieval(
         given.append((f"given encoder {card.version} ({card.region.mode})", enc))
     cfg = EvalConfig(
         k=k, query_fraction=query_fraction, seed=seed, backbone=backbone, method=method,
-        regions=region_list, pooling=pooling, calibration=calibration, epochs=epochs, time_budget_s=train_seconds,
+        regions=region_list, pooling=pooling, calibration=calibration, epochs=epochs,
+        whole_epochs=whole_epochs, time_budget_s=train_seconds,
         device=device, train_kw={"batch_size": batch_size},
     )
     try:
