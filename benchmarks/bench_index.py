@@ -102,7 +102,8 @@ def rss():
 import faiss, pyarrow.parquet as pq
 from indexing.snapshot import current_version
 version = current_version(sys.argv[1])
-pq.read_table(f"{sys.argv[1]}/versions/{version}/metadata.parquet")
+# kept alive, so that load_snapshot cannot reuse its memory and hide the metadata's cost
+warm = pq.read_table(f"{sys.argv[1]}/versions/{version}/metadata.parquet")
 faiss.IndexFlatIP(8).search(np.zeros((64, 8), np.float32), 1)
 before = rss()
 snap = load_snapshot(sys.argv[1], device="cpu")
@@ -376,8 +377,35 @@ def section_kinds(
                 snap.search(queries[i : i + 1], K, where=where)
                 flat.append(time.perf_counter() - t)
             filt[label] = (recall_at_k(filtered_truth[label], frows), float(np.median(flat) * 1e3))
+        rerank = {}
+        if snap.rerank:  # lossy kinds: the exact re-scoring's depth against recall and time
+            from indexing.snapshot import SearchParams
+
+            for depth in (0, snap.rerank, 16):
+                p = SearchParams(rerank=depth)
+                _, rrows = snap.search(queries, K, params=p)
+                one = timeit(lambda p=p, s=snap: s.search(queries[:1], K, params=p), min_time=0.5)
+                rerank[depth] = (recall_at_k(truth, rrows), one * 1e3)
+            print(f"  {kind}: rerank depth -> (recall@10, 1-query ms): {rerank}")
+        sweep = {}  # per-query nprobe / efSearch against recall and time
+        if snap._ivf is not None or snap._hnsw is not None:
+            from indexing.snapshot import SearchParams
+
+            if snap._ivf is not None:
+                nlist = snap._ivf.nlist
+                grid = [("nprobe", v) for v in (8, 32, 128, 512) if v <= nlist]
+            else:
+                grid = [("ef_search", v) for v in (32, 64, 128, 256, 512)]
+            for name, value in grid:
+                p = SearchParams(**{name: value})
+                _, srows = snap.search(queries, K, params=p)
+                one = timeit(lambda p=p, s=snap: s.search(queries[:1], K, params=p), min_time=0.5)
+                sweep[f"{name}={value}"] = (recall_at_k(truth, srows), one * 1e3)
+            print(f"  {kind}: per-query setting -> (recall@10, 1-query ms): {sweep}")
         r = {
             "kind": kind,
+            "rerank": rerank,
+            "sweep": sweep,
             "backend": snap.backend,
             "build_s": build_s,
             "train_s": stages.get("train", 0.0),

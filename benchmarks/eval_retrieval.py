@@ -44,8 +44,8 @@ from encoders.evaluate import (  # noqa: E402
 
 PRESETS = {
     "small": {"patients": 120, "epochs": 40},
-    "default": {"patients": 240, "epochs": 60},
-    "large": {"patients": 400, "epochs": 60},
+    "default": {"patients": 240, "epochs": 100},
+    "large": {"patients": 400, "epochs": 100},
 }
 
 

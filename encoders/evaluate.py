@@ -348,7 +348,7 @@ class EvalConfig:
     pooling: str = "attention"
     calibration: str = "tissue"
     harmonize: bool = True
-    epochs: int = 60
+    epochs: int = 100
     whole_epochs: int = 8
     time_budget_s: float | None = None
     device: str = "auto"

@@ -323,7 +323,7 @@ def eval_retrieval(
     regions: Annotated[str, typer.Option(help="Encoders to train on the reference studies: comma list of lesion, whole; empty for none.")] = "lesion,whole",
     pooling: Annotated[str, typer.Option(help="attention or mean.")] = "attention",
     calibration: Annotated[str, typer.Option(help="tissue or none (HU calibration of the trained encoders).")] = "tissue",
-    epochs: Annotated[int, typer.Option(min=1, max=10_000, help="Epochs of the lesion encoder.")] = 60,
+    epochs: Annotated[int, typer.Option(min=1, max=10_000, help="Epochs of the lesion encoder.")] = 100,
     whole_epochs: Annotated[int, typer.Option(min=1, max=10_000, help="Epochs of the whole-volume encoder.")] = 8,
     batch_size: Annotated[int, typer.Option(min=2, max=4096)] = 32,
     train_seconds: Annotated[float | None, typer.Option(min=1, help="Also stop each training after this many seconds.")] = None,
