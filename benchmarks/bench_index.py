@@ -49,7 +49,7 @@ PRESETS: dict[str, list[tuple[int, int]]] = {
     "quick": [(100_000, 256)],
     "full": [(100_000, 256), (100_000, 512), (1_000_000, 256), (1_000_000, 512)],
 }
-EXACT_BATCHES = (1, 8, 32, 64, 128, 256, 512, 1024)
+EXACT_BATCHES = (1, 8, 16, 32, 64, 128, 256, 512, 1024)
 K = 10
 
 
@@ -108,13 +108,16 @@ faiss.IndexFlatIP(8).search(np.zeros((64, 8), np.float32), 1)
 before = rss()
 snap = load_snapshot(sys.argv[1], device="cpu")
 snap.search(np.asarray(snap.vectors[:1], dtype=np.float32), 10)
-print(json.dumps({"rss": rss() - before, "metadata": snap.metadata.nbytes}))
+loaded = rss()
+# the FAISS index alone: a second copy read on top (nothing freed in between to reuse)
+again = faiss.read_index(f"{sys.argv[1]}/versions/{version}/index.faiss")
+print(json.dumps({"rss": loaded - before, "metadata": snap.metadata.nbytes, "index": rss() - loaded}))
 """
 
 
-def load_memory(root: Path) -> tuple[int, int]:
-    """``(RSS growth, metadata bytes)`` of loading a snapshot + one search, in a fresh process
-    (so memory freed by the build cannot be reused and hide the cost)."""
+def load_memory(root: Path) -> tuple[int, int, int]:
+    """``(RSS growth, metadata bytes, RSS of the FAISS index alone)`` of loading a snapshot +
+    one search, in a fresh process (so memory freed by the build cannot hide the cost)."""
     import subprocess
     import sys
 
@@ -126,7 +129,7 @@ def load_memory(root: Path) -> tuple[int, int]:
         cwd=Path(__file__).resolve().parent.parent,
     ).stdout
     res = json.loads(out.strip().splitlines()[-1])
-    return int(res["rss"]), int(res["metadata"])
+    return int(res["rss"]), int(res["metadata"]), int(res["index"])
 
 
 def embedding_like(n: int, d: int, rng: np.random.Generator, kind: str, *, chunk: int = 100_000) -> np.ndarray:
@@ -308,6 +311,39 @@ def section_exact(x: np.ndarray, queries: np.ndarray, limits: dict[str, float], 
     return out
 
 
+def section_threads(x: np.ndarray, queries: np.ndarray, *, reps: int = 60) -> dict[str, float]:
+    """One query at a time on an fp16 flat index (the fp16 kinds' small-batch path):
+    FAISS with all its OpenMP threads against ``faiss_threads_for(1)``, in alternation.
+
+    ``IndexScalarQuantizer.search`` opens an OpenMP region on every thread even for one
+    query; on busy cores the idle thread's wake-up costs a scheduler slice."""
+    import faiss
+
+    from indexing.exact import faiss_threads_for
+
+    d = x.shape[1]
+    index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    index.add(x)
+    times: dict[str, list[float]] = {"all threads": [], "faiss_threads_for(1)": []}
+    for i in range(reps):
+        q = np.ascontiguousarray(queries[i : i + 1])
+        for name in times:
+            t = time.perf_counter()
+            if name == "all threads":
+                index.search(q, K)
+            else:
+                with faiss_threads_for(1):
+                    index.search(q, K)
+            times[name].append(time.perf_counter() - t)
+    out = {}
+    for name, v in times.items():
+        ms = np.asarray(v[1:]) * 1e3
+        out[f"{name} p50_ms"] = float(np.median(ms))
+        out[f"{name} p90_ms"] = float(np.percentile(ms, 90))
+        print(f"  fp16 flat, 1 query, {name}: p50 {out[f'{name} p50_ms']:.2f} ms, p90 {out[f'{name} p90_ms']:.2f} ms")
+    return out
+
+
 def section_kinds(
     x: np.ndarray,
     queries: np.ndarray,
@@ -356,7 +392,7 @@ def section_kinds(
         vdir = root / "versions" / version
         disk_index = sum(p.stat().st_size for p in vdir.iterdir() if p.name in ("index.faiss", "embeddings.npy"))
         gc.collect()
-        mem, meta_bytes = load_memory(root)
+        mem, meta_bytes, mem_faiss = load_memory(root)
         mem_index = max(mem - meta_bytes, 0)
         snap = load_snapshot(root, device="cpu")
         _, rows = snap.search(queries, K)
@@ -412,13 +448,17 @@ def section_kinds(
             "add_s": stages.get("add", 0.0),
             "mem_bytes_per_vector": mem_index / n,
             "mem_vs_raw": mem_index / x.nbytes,
+            "faiss_index_bytes_per_vector": mem_faiss / n,
             "disk_bytes_per_vector": disk_index / n,
             "disk_vs_raw": disk_index / x.nbytes,
             "vectors_file": snap.manifest.get("vectors"),
             "recall": rec,
             "p50_ms": float(np.percentile(lat_ms, 50)),
             "p99_ms": float(np.percentile(lat_ms, 99)),
-            "single_qps": float(1e3 / np.mean(lat_ms)),
+            # one query at a time: 1 / median latency (robust when the cores are shared),
+            # and 1 / mean latency (what a lone client sees, outliers included)
+            "single_qps": float(1e3 / np.median(lat_ms)),
+            "single_qps_mean": float(1e3 / np.mean(lat_ms)),
             "batch_qps": thr,
             "filtered": filt,
         }
@@ -428,16 +468,19 @@ def section_kinds(
         snap = None
         gc.collect()
         shutil.rmtree(root, ignore_errors=True)
-    flat_qps = {r["kind"]: r["single_qps"] for r in results}.get("Flat")
-    headers = ["kind", "build s", "mem B/vec (x raw)", "disk B/vec (x raw)", "recall@10", "1-query p50 ms",
-               "1-query q/s (x Flat)", *[f"batch {b} q/s" for b in batches],
+    flat = {r["kind"]: r for r in results}.get("Flat")
+    headers = ["kind", "build s", "mem B/vec (x raw)", "FAISS index alone B/vec (x raw)", "disk B/vec (x raw)", "recall@10", "1-query p50 ms",
+               "1-query q/s, 1/p50 (x Flat)", "1-query q/s, 1/mean (x Flat)", *[f"batch {b} q/s" for b in batches],
                *[f"filter {lab}: recall / p50 ms" for lab in wheres]]
     rows = []
     for r in results:
         rows.append([
             r["kind"], r["build_s"], f"{r['mem_bytes_per_vector']:,.0f} ({r['mem_vs_raw']:.2f})",
+            f"{r['faiss_index_bytes_per_vector']:,.0f} ({r['faiss_index_bytes_per_vector'] / raw:.2f})",
             f"{r['disk_bytes_per_vector']:,.0f} ({r['disk_vs_raw']:.2f})", f"{r['recall']:.4f}",
-            r["p50_ms"], f"{r['single_qps']:,.0f} ({r['single_qps'] / flat_qps:.1f}x)" if flat_qps else r["single_qps"],
+            r["p50_ms"],
+            *[f"{r[key]:,.0f} ({r[key] / flat[key]:.1f}x)" if flat else f"{r[key]:,.0f}"
+              for key in ("single_qps", "single_qps_mean")],
             *[r["batch_qps"][b] for b in batches],
             *[f"{r['filtered'][lab][0]:.3f} / {r['filtered'][lab][1]:.2f}" for lab in wheres],
         ])
@@ -496,6 +539,8 @@ def main() -> None:
             if "exact" in sections:
                 print("-- exact search (top-10), queries/s by batch size")
                 entry["exact"] = section_exact(x, queries, limits, [int(b) for b in args.exact_batches.split(",")])
+                print("-- one query on an fp16 flat index: OpenMP threads")
+                entry["threads"] = section_threads(x, queries)
             if "kinds" in sections:
                 print("-- index kinds")
                 kinds = args.kinds.split(";") if args.kinds else default_kinds(n, d)

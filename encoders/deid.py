@@ -7,22 +7,30 @@ recomputed without the site secret, and a patient id can never collide with a st
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import hmac
+import json
 import os
 import re
 import secrets
-import stat
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from encoders.owner_only import read_owner_only
+
 __all__ = [
+    "ANCHORS_ENV_VAR",
+    "ANCHORS_FILE_NAME",
     "BASIC_PROFILE_KEYWORDS",
     "DEFAULT_SECRET_PATH",
     "ENV_VAR",
     "MIN_SECRET_LEN",
     "RETAINED_WITH_OPTIONS",
+    "DateAnchors",
     "Pseudonymizer",
     "clean_descriptor",
     "day_offset",
@@ -33,6 +41,11 @@ __all__ = [
 ENV_VAR = "COHORTSIM_SITE_SECRET"
 DEFAULT_SECRET_PATH = Path("~/.config/cohortsim/site-secret")
 MIN_SECRET_LEN = 16
+ANCHORS_ENV_VAR = "COHORTSIM_DATE_ANCHORS"
+ANCHORS_FILE_NAME = "date-anchors.json"
+"""The site-side file of per-patient date anchors (see :class:`DateAnchors`): at
+``$COHORTSIM_DATE_ANCHORS`` if set, else beside the site secret file (for a secret from
+the environment: beside the default secret path)."""
 
 
 class Pseudonymizer:
@@ -43,7 +56,7 @@ class Pseudonymizer:
     map to the same pseudonym.
     """
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, *, anchors_path: Path | None = None) -> None:
         if not isinstance(secret, bytes | bytearray):
             raise TypeError(f"Pseudonymizer secret must be bytes, got {type(secret).__name__}")
         if len(secret) < MIN_SECRET_LEN:
@@ -52,9 +65,19 @@ class Pseudonymizer:
                 "(e.g. 32 random bytes)"
             )
         self._secret = bytes(secret)
+        self.anchors_path = Path(anchors_path).expanduser() if anchors_path is not None else None
+        self._anchors: DateAnchors | None = None
 
     def __repr__(self) -> str:  # never show the secret
         return "Pseudonymizer(<secret>)"
+
+    @property
+    def date_anchors(self) -> DateAnchors:
+        """This site's :class:`DateAnchors`: in ``anchors_path`` when set (as
+        :meth:`from_env_or_file` does), else in memory for the life of this object."""
+        if self._anchors is None:
+            self._anchors = DateAnchors(self, self.anchors_path)
+        return self._anchors
 
     def _digest(self, domain: bytes, raw: str) -> str:
         if not isinstance(raw, str):
@@ -86,17 +109,23 @@ class Pseudonymizer:
         ``$COHORTSIM_SITE_SECRET`` gives the same pseudonyms.
         """
         env = os.environ.get(ENV_VAR)
+        file = Path(path if path is not None else DEFAULT_SECRET_PATH).expanduser()
+        anchors = os.environ.get(ANCHORS_ENV_VAR)
+        anchors_path = Path(anchors) if anchors else None
         if env:
             if len(env) < MIN_SECRET_LEN:
                 raise ValueError(
                     f"${ENV_VAR} is {len(env)} characters; use at least {MIN_SECRET_LEN} "
                     "(e.g. the output of `openssl rand -hex 32`)"
                 )
-            return cls(env.encode("utf-8"))
-        file = Path(path if path is not None else DEFAULT_SECRET_PATH).expanduser()
+            default = DEFAULT_SECRET_PATH.expanduser().with_name(ANCHORS_FILE_NAME)
+            return cls(env.encode("utf-8"), anchors_path=anchors_path or default)
         if not file.exists():
             _create_secret_file(file)
-        return cls(_read_secret_file(file).encode("utf-8"))
+        return cls(
+            _read_secret_file(file).encode("utf-8"),
+            anchors_path=anchors_path or file.with_name(ANCHORS_FILE_NAME),
+        )
 
 
 def _create_secret_file(file: Path) -> None:
@@ -119,24 +148,125 @@ def _create_secret_file(file: Path) -> None:
 
 
 def _read_secret_file(file: Path) -> str:
+    raw = read_owner_only(file, "site secret")
     try:
-        st = file.stat()
-    except OSError as e:
-        raise PermissionError(f"cannot read the site secret {file}: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise PermissionError(f"site secret {file} is not a regular file")
-    if st.st_mode & 0o077:
-        raise PermissionError(
-            f"site secret {file} is accessible by group/others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {file}` and retry"
-        )
-    text = file.read_text(encoding="utf-8").strip()
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"site secret {file} is not UTF-8 text") from None
     if len(text) < MIN_SECRET_LEN:
         raise ValueError(
             f"site secret {file} holds {len(text)} characters; use at least {MIN_SECRET_LEN} "
             "(delete it to have a new one generated, which changes every pseudonym)"
         )
     return text
+
+
+class DateAnchors:
+    """Each patient's anchor date, kept site-side, so day offsets agree across ingests.
+
+    The store keeps ``study_day`` = days from the patient's anchor: the date of the
+    earliest study of that patient in the first ingest that saw the patient. The
+    anchor never moves: a study found later that is older than the anchor gets a
+    negative offset (re-anchoring would change offsets already stored and released).
+
+    Privacy: no date enters the store, only whole-day differences within one patient.
+    The anchors live in a JSON file beside the site secret (mode 0600, folder 0700,
+    refused when group/others may access it), never in the store, and even that file
+    holds no date or id in the clear: each entry is keyed by an HMAC of the patient id
+    (a different domain than the ``P-`` pseudonym, so the file cannot be joined to the
+    store without the secret) and its value is the date's day number plus a keyed
+    48-bit per-patient mask (a one-time pad: each mask hides exactly one value, and
+    2**48 is far wider than any range of dates, so without the secret the values are
+    indistinguishable from random numbers). Reading and updating the file happen under
+    an exclusive lock, and writes are atomic (temp file + rename), so concurrent ingests
+    agree on one anchor per patient. With ``path`` None the anchors live in memory.
+    """
+
+    _FORMAT = "cohortsim-date-anchors"
+    _MASK_BITS = 48
+
+    def __init__(self, pseudonymizer: Pseudonymizer, path: Path | None = None) -> None:
+        self._p = pseudonymizer
+        self.path = Path(path).expanduser() if path is not None else None
+        self._memory: dict[str, int] = {}
+
+    def _key(self, raw_id: str) -> str:
+        return self._p._digest(b"date-anchor-key", raw_id)[:32]
+
+    def _mask(self, raw_id: str) -> int:
+        digest = self._p._digest(b"date-anchor-mask", raw_id)
+        return int(digest[: self._MASK_BITS // 4], 16)
+
+    def resolve(self, earliest: Mapping[str, _dt.date]) -> dict[str, _dt.date]:
+        """The anchor of each raw patient id in ``earliest``: the recorded one, else
+        ``earliest[id]`` (the patient's earliest study date now), which is recorded."""
+        if not earliest:
+            return {}
+        with self._locked() as table:
+            out: dict[str, _dt.date] = {}
+            for raw_id, first in earliest.items():
+                key, mask = self._key(raw_id), self._mask(raw_id)
+                if key not in table:
+                    table[key] = first.toordinal() + mask
+                out[raw_id] = self._unmask(table[key], mask)
+            return out
+
+    def _unmask(self, value: Any, mask: int) -> _dt.date:
+        ordinal = value - mask if isinstance(value, int) else 0
+        if not 1 <= ordinal <= _dt.date.max.toordinal():
+            raise ValueError(
+                f"date anchors file {self.path or '<memory>'} holds an entry that does not "
+                "decode with this site secret (was the secret changed?); keep the file "
+                "that belongs to this secret"
+            )
+        return _dt.date.fromordinal(ordinal)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, int]]:
+        """The anchor table, read under an exclusive lock and written back atomically
+        if it changed."""
+        if self.path is None:
+            yield self._memory
+            return
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            table = self._read(path)
+            before = dict(table)
+            yield table
+            if table != before:
+                self._write(path, table)
+        finally:
+            os.close(lock_fd)  # releases the lock
+
+    def _read(self, path: Path) -> dict[str, int]:
+        if not path.exists():
+            return {}
+        raw = read_owner_only(path, "date anchors file")
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except ValueError as e:
+            raise ValueError(
+                f"date anchors file {path} cannot be read ({type(e).__name__}); restore it "
+                "from a backup (deleting it restarts every patient's day offsets)"
+            ) from None
+        table = doc.get("anchors") if isinstance(doc, dict) else None
+        if not isinstance(table, dict) or doc.get("format") != self._FORMAT:
+            raise ValueError(f"{path} is not a cohortsim date anchors file")
+        return {str(k): v for k, v in table.items() if isinstance(v, int)}
+
+    def _write(self, path: Path, table: dict[str, int]) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        doc = {"format": self._FORMAT, "version": 1, "anchors": dict(sorted(table.items()))}
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, (json.dumps(doc, indent=0) + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
 
 
 def day_offset(date: _dt.date, first_date: _dt.date) -> int:

@@ -30,8 +30,12 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import data_element_generator
+from pydicom.tag import BaseTag
 from scipy import ndimage
 
 from encoders.deid import RETAINED_WITH_OPTIONS, clean_descriptor, identifying_values
@@ -41,6 +45,7 @@ from encoders.spec import InputSpec
 __all__ = [
     "ACQUISITION_NUMBERS",
     "ACQUISITION_TEXT",
+    "COLOUR_PHOTOMETRIC",
     "DEFAULT_SERIES_RULE",
     "MAX_PIXELS_PER_SLICE_SIDE",
     "MAX_SLICES",
@@ -223,13 +228,39 @@ def _int(value: Any) -> int | None:
 
 
 def _get(ds: Dataset, keyword: str) -> Any:
-    """``ds.keyword`` or None; never raises (bad values read as None)."""
+    """``ds.keyword`` or None; never raises (bad values read as None). DS / IS values may
+    come back as their raw text (``"0.5\\0.5"``): pass them through :func:`_float`,
+    :func:`_floats`, :func:`_int` or :func:`_text`."""
     try:
-        if keyword not in ds:
+        # A cached keyword -> tag and one dict look-up: 'keyword in ds' / ds.get(keyword)
+        # parse the keyword each time, and a missing one costs an exception (~9 us
+        # against ~0.4 us; a file takes ~50 look-ups, many of absent elements).
+        tag = _TAGS.get(keyword)
+        if tag is None:
+            number = tag_for_keyword(keyword)
+            if number is None:
+                return None
+            tag = _TAGS.setdefault(keyword, BaseTag(number))
+            if dictionary_VR(number) in ("DS", "IS"):
+                _NUMBER_TEXT.add(tag)
+        if tag not in ds:
             return None
-        return ds[keyword].value
+        if tag in _NUMBER_TEXT:
+            # Decimal / integer strings: the raw text, as every caller parses numbers
+            # itself (_float / _floats); pydicom's DSfloat conversion and validation
+            # cost more than the rest of reading such an element.
+            elem = ds.get_item(tag)
+            raw = getattr(elem, "value", None)
+            if isinstance(raw, bytes) and not isinstance(elem, DataElement):
+                return raw.decode("ascii", "replace")
+        return ds[tag].value
     except Exception:  # pydicom may fail converting a malformed raw element
         return None
+
+
+_TAGS: dict[str, BaseTag] = {}
+_NUMBER_TEXT: set[BaseTag] = set()
+"""Tags of DS / IS elements, which :func:`_get` returns as raw text when unconverted."""
 
 
 def _text(value: Any, limit: int = 64) -> str | None:
@@ -324,8 +355,14 @@ class _BoundedReader:
       refused when it would inflate beyond :data:`MAX_INFLATED_BYTES` (a zip bomb).
     """
 
-    def __init__(self, source: Path | bytes, size: int, *, headers_only: bool) -> None:
-        self._fh: Any = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    def __init__(
+        self, source: Path | bytes, size: int, *, headers_only: bool, fh: Any = None
+    ) -> None:
+        self._owns = fh is None  # close only a handle opened here
+        if fh is None:
+            fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+        self._fh: Any = fh
+        self._pos = int(fh.seek(0))  # tracked here: pydicom asks tell() for every element
         self._size = size
         self._headers_only = headers_only
         self._reads = 0
@@ -340,7 +377,7 @@ class _BoundedReader:
                 f"header holds more than ~{MAX_HEADER_READS // 2} elements; the file is "
                 "malformed (an element bomb) or far outside what this reader accepts",
             )
-        pos = self._fh.tell()
+        pos = self._pos
         remaining = max(0, self._size - pos)
         whole = n is None or n < 0
         n = remaining if n is None or n < 0 or n > remaining else n
@@ -350,18 +387,21 @@ class _BoundedReader:
                 f"header (the elements before the pixel data) exceeds {MAX_HEADER_BYTES >> 20} MiB",
             )
         data: bytes = self._fh.read(n)
+        self._pos = pos + len(data)
         if whole and data:
             _check_inflated_size(data)
         return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        return int(self._fh.seek(offset, whence))
+        self._pos = int(self._fh.seek(offset, whence))
+        return self._pos
 
     def tell(self) -> int:
-        return int(self._fh.tell())
+        return self._pos
 
     def close(self) -> None:
-        self._fh.close()
+        if self._owns:
+            self._fh.close()
 
     def __enter__(self) -> _BoundedReader:
         return self
@@ -392,16 +432,32 @@ def _check_inflated_size(data: bytes) -> None:
 _EXECUTABLE_MAGIC = ((b"MZ", "a Windows executable (MZ/PE)"), (b"\x7fELF", "an ELF executable"), (b"#!", "a script"))
 
 
-def _dcmread(source: Path | bytes, label: str, *, headers_only: bool) -> Dataset:
-    """Read one file with pydicom, mapping every failure to a DicomError."""
+def _dcmread(
+    source: Path | bytes, label: str, *, headers_only: bool
+) -> tuple[Dataset, int | None, int]:
+    """Read one file with pydicom, mapping every failure to a DicomError.
+
+    Returns the dataset; for a headers-only read, the offset of the element where
+    reading stopped (the pixel data, read later by :func:`_read_rest` without parsing
+    the header again), None for a full read or a deflated file (whose offsets refer to
+    the inflated stream); and the size of the source in bytes.
+    """
+    with contextlib.ExitStack() as stack:
+        return _dcmread_open(source, label, headers_only, stack)
+
+
+def _dcmread_open(
+    source: Path | bytes, label: str, headers_only: bool, stack: contextlib.ExitStack
+) -> tuple[Dataset, int | None, int]:
+    fh: Any = None
     try:
         if isinstance(source, bytes):
             size = len(source)
             head = source[:132]
         else:
-            size = source.stat().st_size
-            with open(source, "rb") as fh:
-                head = fh.read(132)
+            fh = stack.enter_context(open(source, "rb"))  # noqa: SIM115 (one open per read)
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(132)
     except IsADirectoryError:
         raise DicomError("not_dicom", f"{label}: is a folder, not a DICOM file") from None
     except OSError as e:
@@ -421,41 +477,21 @@ def _dcmread(source: Path | bytes, label: str, *, headers_only: bool) -> Dataset
                     "preamble and re-import",
                 )
 
-    def _read(force: bool) -> Dataset:
-        with _BoundedReader(source, size, headers_only=headers_only) as fp, _quiet():
-            return pydicom.dcmread(fp, stop_before_pixels=headers_only, force=force)
+    def _read(force: bool) -> tuple[Dataset, int]:
+        with _BoundedReader(source, size, headers_only=headers_only, fh=fh) as fp, _quiet():
+            ds = pydicom.dcmread(fp, stop_before_pixels=headers_only, force=force)
+            return ds, fp.tell()
 
-    try:
+    with _parse_errors(label):
         try:
-            ds = _read(force=False)
+            ds, stop = _read(force=False)
         except InvalidDicomError:
             if not _looks_like_raw_dataset(head):
                 raise DicomError(
                     "not_dicom",
                     f"{label}: not a DICOM file (no 'DICM' marker and no DICOM dataset at the start)",
                 ) from None
-            ds = _read(force=True)
-    except DicomError:
-        raise
-    except _ReadBudgetExceeded as e:
-        raise DicomError(e.reason, f"{label}: {e.message}; refusing the file") from None
-    except RecursionError:
-        raise DicomError(
-            "too_deep",
-            f"{label}: sequences are nested too deeply to parse (hundreds of levels); "
-            "the file is malformed or hostile, refusing it",
-        ) from None
-    except OSError as e:
-        raise DicomError(
-            "unreadable",
-            f"{label}: cannot be read ({e.strerror or e}); check the path and permissions",
-        ) from None
-    except Exception as e:  # pydicom raises many kinds on a damaged file
-        kind = "truncated" if isinstance(e, EOFError) else "corrupt"
-        raise DicomError(
-            kind,
-            f"{label}: DICOM file is damaged and cannot be parsed ({type(e).__name__}); re-export it",
-        ) from None
+            ds, stop = _read(force=True)
     meta = getattr(ds, "file_meta", None)
     group_length = _int(_get(meta, "FileMetaInformationGroupLength")) if meta is not None else None
     if head[128:132] == b"DICM" and group_length is not None and size < 144 + group_length:
@@ -465,7 +501,95 @@ def _dcmread(source: Path | bytes, label: str, *, headers_only: bool) -> Dataset
             f"declares {144 + group_length}); re-copy or re-export it",
         )
     _check_not_truncated(ds, label)
-    return ds
+    deflated = (
+        _text(_get(meta, "TransferSyntaxUID")) == pydicom.uid.DeflatedExplicitVRLittleEndian
+        if meta is not None
+        else False
+    )
+    return ds, (stop if headers_only and not deflated else None), size
+
+
+@contextlib.contextmanager
+def _parse_errors(label: str) -> Iterator[None]:
+    """Map what pydicom (or :class:`_BoundedReader`) raises on a damaged file to a
+    DicomError naming the file."""
+    try:
+        yield
+    except DicomError:
+        raise
+    except Exception as exc:
+        # pydicom turns any failure inside some reads into a generic OSError ("No tag to
+        # read at ..."): what happened first (deep nesting, a read limit) is the reason.
+        e = _first_cause(exc)
+        if isinstance(e, _ReadBudgetExceeded):
+            raise DicomError(e.reason, f"{label}: {e.message}; refusing the file") from None
+        if isinstance(e, RecursionError):
+            raise DicomError(
+                "too_deep",
+                f"{label}: sequences are nested too deeply to parse (hundreds of levels); "
+                "the file is malformed or hostile, refusing it",
+            ) from None
+        if isinstance(e, OSError):
+            raise DicomError(
+                "unreadable",
+                f"{label}: cannot be read ({e.strerror or e}); check the path and permissions",
+            ) from None
+        # pydicom raises many kinds on a damaged file
+        kind = "truncated" if isinstance(e, EOFError) else "corrupt"
+        raise DicomError(
+            kind,
+            f"{label}: DICOM file is damaged and cannot be parsed ({type(e).__name__}); re-export it",
+        ) from None
+
+
+def _first_cause(e: BaseException) -> BaseException:
+    """A RecursionError or read-limit error in ``e``'s context chain, else ``e``."""
+    seen: BaseException | None = e
+    for _ in range(32):
+        if seen is None:
+            break
+        if isinstance(seen, RecursionError | _ReadBudgetExceeded):
+            return seen
+        seen = seen.__context__
+    return e
+
+
+def _read_rest(h: _Header, offset: int) -> list[int]:
+    """Read the elements of ``h``'s file from ``offset`` (the pixel data and
+    whatever follows it) into ``h.ds``; returns their tags (delete them after use).
+
+    This completes the headers-only read without parsing the header a second time. The
+    read is bounded like a full read (an element never gets more bytes than the file
+    holds) and a value cut short by the end of the file is reported as truncated.
+    """
+    ds = h.ds
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        implicit, little = ds.is_implicit_VR, ds.is_little_endian
+    added: list[int] = []
+    try:
+        with (
+            _parse_errors(h.label),
+            _BoundedReader(h.source, h.size, headers_only=False) as fp,
+        ):
+            fp.seek(offset)
+            for elem in data_element_generator(fp, bool(implicit), bool(little)):  # type: ignore[arg-type]
+                ds[elem.tag] = elem
+                added.append(int(elem.tag))
+        _check_not_truncated(ds, h.label)
+    except BaseException:
+        _drop(ds, added)
+        raise
+    return added
+
+
+def _drop(ds: Dataset, tags: list[int]) -> None:
+    """Remove elements :func:`_read_rest` added (and the pixel array pydicom cached)."""
+    for tag in tags:
+        with contextlib.suppress(KeyError):
+            del ds[tag]
+    ds._pixel_array = None
+    ds._pixel_id = {}
 
 
 def _check_not_truncated(ds: Dataset, label: str) -> None:
@@ -556,6 +680,7 @@ class _Header:
     series_number: int | None
     size: int = 0  # bytes of the source
     burned_in: bool = False  # BurnedInAnnotation is YES
+    pixel_offset: int | None = None  # where the headers-only read stopped (see _read_rest)
 
 
 def _fg_value(ds: Dataset, frame: int, seq: str, keyword: str) -> Any:
@@ -583,7 +708,7 @@ def _read_header(source: Path | bytes, index: int, *, need_study: bool = True) -
 
 def _read_header_unguarded(source: Path | bytes, index: int, need_study: bool = True) -> _Header:
     label = _label(source, index)
-    ds = _dcmread(source, label, headers_only=True)
+    ds, pixel_offset, size = _dcmread(source, label, headers_only=True)
     meta = getattr(ds, "file_meta", None)
     if (
         meta is not None
@@ -615,8 +740,9 @@ def _read_header_unguarded(source: Path | bytes, index: int, need_study: bool = 
         n_frames=n_frames,
         thickness=thickness,
         series_number=_int(_get(ds, "SeriesNumber")),
-        size=len(source) if isinstance(source, bytes) else source.stat().st_size,
+        size=size,
         burned_in=_text(_get(ds, "BurnedInAnnotation"), 8) == "YES",
+        pixel_offset=pixel_offset,
     )
 
 
@@ -1039,7 +1165,8 @@ def _check_size(headers: list[_Header]) -> None:
             )
         _check_pixel_description(h)
         bits = _int(_get(h.ds, "BitsAllocated")) or 16
-        declared = r * c * h.n_frames * max(1, bits // 8)
+        spp = min(4, max(1, _int(_get(h.ds, "SamplesPerPixel")) or 1))
+        declared = r * c * h.n_frames * max(1, bits // 8) * spp
         if h.size > 2 * declared + MAX_EXTRA_FILE_BYTES:
             raise DicomError(
                 "too_large",
@@ -1048,8 +1175,24 @@ def _check_size(headers: list[_Header]) -> None:
             )
 
 
+COLOUR_PHOTOMETRIC: dict[str, int] = {
+    "RGB": 3, "YBR_FULL": 3, "YBR_FULL_422": 3, "YBR_RCT": 3, "YBR_ICT": 3,
+    "YBR_PARTIAL_420": 3, "PALETTE COLOR": 1,
+}  # fmt: skip
+"""Colour photometric interpretations read by conversion to grey, with their
+SamplesPerPixel. The grey value is the luminance (ITU-R BT.601 weights 0.299, 0.587,
+0.114) of the RGB pixel: pydicom turns YBR into RGB while decoding and a palette is
+applied with ``pydicom.pixels.apply_color_lut``. Colour CT and PET are refused: their
+values are a rendering, not HU or activity, so no grey conversion can give them back;
+other modalities (MR, and any admitted by the SeriesRule) are normalised by percentiles
+anyway, so luminance serves them."""
+_QUANTITATIVE = {"CT": "Hounsfield units", "PT": "activity concentrations"}
+_LUMA = (0.299, 0.587, 0.114)
+
+
 def _check_pixel_description(h: _Header) -> None:
-    """Samples, photometric interpretation and bit depths must describe a greyscale image."""
+    """Samples, photometric interpretation and bit depths must describe a greyscale
+    image or a colour one of :data:`COLOUR_PHOTOMETRIC` (not CT / PET)."""
     ds, label = h.ds, h.label
     spp = _int(_get(ds, "SamplesPerPixel"))
     photometric = _code(_get(ds, "PhotometricInterpretation"))
@@ -1069,18 +1212,26 @@ def _check_pixel_description(h: _Header) -> None:
             "contradicts itself, re-export the file",
         )
     if not mono:
-        expected = {"RGB": 3, "YBR_FULL": 3, "YBR_FULL_422": 3, "PALETTE COLOR": 1}.get(photometric)
-        if expected is not None and spp != expected:
+        expected = COLOUR_PHOTOMETRIC.get(photometric)
+        if expected is None:
+            raise DicomError(
+                "unsupported",
+                f"{label}: PhotometricInterpretation {photometric or '?'} with {spp} samples "
+                "per pixel is not supported (greyscale MONOCHROME1/2 is; RGB, YBR_* and "
+                "PALETTE COLOR are converted to grey)",
+            )
+        if spp != expected:
             raise DicomError(
                 "inconsistent_header",
                 f"{label}: {photometric} with SamplesPerPixel {spp} (must be {expected}); the "
                 "header contradicts itself, re-export the file",
             )
-        raise DicomError(
-            "unsupported",
-            f"{label}: {photometric or '?'} with {spp} samples per pixel; only greyscale "
-            "(MONOCHROME1/2) images are supported",
-        )
+        if h.modality in _QUANTITATIVE:
+            raise DicomError(
+                "unsupported",
+                f"{label}: {h.modality} image stored as {photometric}: colour values are a "
+                f"rendering, not {_QUANTITATIVE[h.modality]}; use the original greyscale series",
+            )
     if bits is None:
         raise DicomError("missing_tag", f"{label}: BitsAllocated missing; not an image")
     if bits not in (8, 16, 32):
@@ -1098,20 +1249,36 @@ def _decode(h: _Header) -> tuple[np.ndarray, float | None]:
 
 
 def read_pixels(source: Path | bytes) -> np.ndarray:
-    """One file's stored pixel values ``(frames, rows, cols)``, with every check of
+    """One file's stored pixel values ``(frames, rows, cols)`` (colour images: their
+    grey luminance, see :data:`COLOUR_PHOTOMETRIC`), with every check of
     :func:`read_study` on the way (header first, sizes before allocation, pixel
     description, transfer syntax, decoder) but no geometry or rescale. Raises
     :class:`DicomError` only; for tests, tools and codec checks."""
     src = _normalise_source(source, 0)
     h = _read_header(src, 0, need_study=False)
     _check_size([h])
-    return _decode(h)[0]
+    arr = _decode(h)[0]
+    return arr if arr.flags.writeable else arr.copy()
 
 
 def _decode_unguarded(h: _Header) -> tuple[np.ndarray, float | None]:
-    """Full read of one file: ``(frames, rows, cols)`` stored values and PixelPaddingValue."""
+    """One file's ``(frames, rows, cols)`` stored values and PixelPaddingValue.
+
+    The header parsed by :func:`_read_header` is completed with the pixel data element
+    (:func:`_read_rest`), so each file is parsed once; a deflated file is read again in
+    full. The pixel elements are dropped from the header afterwards (bounded memory).
+    """
+    if h.pixel_offset is None:
+        return _decode_dataset(h, _dcmread(h.source, h.label, headers_only=False)[0])
+    added = _read_rest(h, h.pixel_offset)
+    try:
+        return _decode_dataset(h, h.ds)
+    finally:
+        _drop(h.ds, added)
+
+
+def _decode_dataset(h: _Header, ds: Dataset) -> tuple[np.ndarray, float | None]:
     label = h.label
-    ds = _dcmread(h.source, label, headers_only=False)
     if "PixelData" not in ds:
         other = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
         raise DicomError(
@@ -1133,11 +1300,12 @@ def _decode_unguarded(h: _Header) -> tuple[np.ndarray, float | None]:
         h.n_frames,
     ):
         raise DicomError("corrupt", f"{label}: header changed between reads; re-run")
-    if spp != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    mono = photometric in ("MONOCHROME1", "MONOCHROME2")
+    if (spp != 1 or not mono) and COLOUR_PHOTOMETRIC.get(photometric) != spp:
         raise DicomError(
             "unsupported",
-            f"{label}: {photometric or '?'} with {spp} samples per pixel; only greyscale "
-            "(MONOCHROME1/2) images are supported",
+            f"{label}: {photometric or '?'} with {spp} samples per pixel; greyscale "
+            "(MONOCHROME1/2) and RGB / YBR / PALETTE COLOR images are supported",
         )
     if bits not in (8, 16, 32):
         raise DicomError("unsupported", f"{label}: BitsAllocated {bits} is not supported")
@@ -1161,7 +1329,9 @@ def _decode_unguarded(h: _Header) -> tuple[np.ndarray, float | None]:
             + "; the transfer syntax lies about the encoding, re-export the file",
         )
     if not tsyntax.is_compressed:
-        expected = rows * cols * n_frames * bits // 8
+        # YBR_FULL_422 stores two samples per pixel (chroma shared by pixel pairs).
+        samples = 2 if photometric == "YBR_FULL_422" else spp
+        expected = rows * cols * n_frames * samples * bits // 8
         present = len(ds.PixelData)
         if present < expected:
             raise DicomError(
@@ -1171,15 +1341,18 @@ def _decode_unguarded(h: _Header) -> tuple[np.ndarray, float | None]:
             )
     else:
         _require_decoder(tsyntax, label)
+    fast = _native_view(ds, tsyntax, photometric, bits, spp, rows * cols * n_frames)
     try:
         with _quiet():
-            arr = ds.pixel_array
+            arr = fast if fast is not None else ds.pixel_array
     except Exception as e:
         raise DicomError(
             "corrupt",
             f"{label}: pixel data cannot be decoded ({type(e).__name__}); the file is damaged, re-export it",
         ) from None
     arr = np.asarray(arr)
+    if not mono:
+        arr = _to_grey(arr, ds, photometric, label)
     if arr.size != n_frames * rows * cols:
         raise DicomError(
             "corrupt",
@@ -1189,6 +1362,61 @@ def _decode_unguarded(h: _Header) -> tuple[np.ndarray, float | None]:
     arr = arr.reshape(n_frames, rows, cols)
     padding = _float(_get(ds, "PixelPaddingValue"))
     return arr, padding
+
+
+_NATIVE_LE = frozenset({pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian})
+
+
+def _native_view(
+    ds: Dataset, tsyntax: pydicom.uid.UID, photometric: str, bits: int, spp: int, count: int
+) -> np.ndarray | None:
+    """The pixel values as a read-only view of the PixelData bytes, for the common case
+    where that is exactly what pydicom would decode: native little endian, greyscale,
+    BitsStored equal to BitsAllocated (no sign extension or masking to do). None
+    otherwise (then pydicom decodes). Saves pydicom's per-frame copy and option checks
+    (~0.15 ms per 512 x 512 slice); the length was checked against the header before."""
+    if tsyntax not in _NATIVE_LE or spp != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return None
+    representation = _int(_get(ds, "PixelRepresentation"))
+    if _int(_get(ds, "BitsStored")) != bits or representation not in (0, 1):
+        return None
+    data = _get(ds, "PixelData")
+    if not isinstance(data, bytes):
+        return None
+    dtype = np.dtype(f"<{'i' if representation else 'u'}{bits // 8}")
+    return np.frombuffer(data, dtype=dtype, count=count)
+
+
+def _to_grey(arr: np.ndarray, ds: Dataset, photometric: str, label: str) -> np.ndarray:
+    """A decoded colour image as grey luminance, in the integer type it was stored in.
+
+    ``arr`` is what pydicom decoded: RGB samples last (YBR already converted to RGB) or,
+    for PALETTE COLOR, palette indices (the palette is applied first).
+    """
+    if photometric == "PALETTE COLOR":
+        try:
+            from pydicom.pixels import apply_color_lut
+
+            arr = apply_color_lut(arr, ds)
+        except Exception as e:
+            raise DicomError(
+                "missing_tag",
+                f"{label}: PALETTE COLOR without a usable palette ({type(e).__name__} "
+                "applying the Red/Green/Blue Palette Color Lookup Tables); re-export the file",
+            ) from None
+    if arr.ndim < 3 or arr.shape[-1] != 3:
+        raise DicomError(
+            "corrupt",
+            f"{label}: {photometric} decoded to shape {arr.shape}, not RGB samples; "
+            "the file is damaged, re-export it",
+        )
+    work = np.dtype(np.float64 if arr.dtype.itemsize > 2 else np.float32)
+    weights = np.asarray(_LUMA, dtype=work)
+    grey: np.ndarray = np.tensordot(arr.astype(work, copy=False), weights, axes=([-1], [0]))
+    info = np.iinfo(arr.dtype) if arr.dtype.kind in "iu" else None
+    if info is None:
+        return grey.astype(np.float32)
+    return np.clip(np.rint(grey), info.min, info.max).astype(arr.dtype)
 
 
 def _require_decoder(tsyntax: pydicom.uid.UID, label: str) -> None:
@@ -1219,6 +1447,9 @@ def _load_series(headers: list[_Header], notes: list[str]) -> tuple[np.ndarray, 
         geo = _geometry(headers, notes)
     rows = _int(_get(headers[0].ds, "Rows")) or 0
     cols = _int(_get(headers[0].ds, "Columns")) or 0
+    photometric = _code(_get(headers[0].ds, "PhotometricInterpretation"))
+    if photometric in COLOUR_PHOTOMETRIC:
+        notes.append(f"{photometric} converted to grey (BT.601 luminance)")
     n = len(geo.frames)
     volume = np.empty((n, rows, cols), dtype=np.float32)
     slot = {(id(fr.header), fr.frame): i for i, fr in enumerate(geo.frames)}
@@ -1230,10 +1461,15 @@ def _load_series(headers: list[_Header], notes: list[str]) -> tuple[np.ndarray, 
             if i < 0:  # a frame of another stack / phase of a multi-frame file
                 continue
             fr = geo.frames[i]
-            values = stored[f].astype(np.float32) * np.float32(fr.slope) + np.float32(fr.intercept)
+            values = volume[i]  # rescaled in place: no per-slice temporaries
+            if fr.slope == 1.0:
+                values[...] = stored[f]
+            else:
+                np.multiply(stored[f], np.float32(fr.slope), out=values, dtype=np.float32)
+            if fr.intercept != 0.0:
+                values += np.float32(fr.intercept)
             if padding is not None:
                 values[stored[f] == padding] = CT_AIR_HU if is_ct else 0.0
-            volume[i] = values
         del stored
     # Duplicated positions: drop identical copies, refuse differing ones.
     keep = []
@@ -1575,16 +1811,34 @@ def _read_study(items: list[Path | bytes], series_rule: SeriesRule) -> Study:
 
 
 def _block_mean(volume: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
-    """Average non-overlapping blocks (anti-aliased integer downsampling), centred."""
+    """Average non-overlapping blocks (anti-aliased integer downsampling), centred.
+
+    Sums strided views axis by axis, z first (whole slices: contiguous, and each step
+    shrinks what the next one reads): about 2.5x faster than a reshape + multi-axis
+    ``mean`` on a 512 x 512 CT, same values to float32 rounding.
+    """
     slices = []
     for n, f in zip(volume.shape, factors, strict=True):
         m = (n // f) * f
         start = (n - m) // 2
         slices.append(slice(start, start + m))
     v = volume[tuple(slices)]
-    d, h, w = (s // f for s, f in zip(v.shape, factors, strict=True))
-    fz, fy, fx = factors
-    return v.reshape(d, fz, h, fy, w, fx).mean(axis=(1, 3, 5), dtype=np.float32)
+    for axis, f in enumerate(factors):
+        if f == 1:
+            continue
+        index: list[slice] = [slice(None)] * v.ndim
+        index[axis] = slice(0, None, f)
+        acc = np.array(v[tuple(index)], dtype=np.float32)
+        for k in range(1, f):
+            index[axis] = slice(k, None, f)
+            acc += v[tuple(index)]
+        v = acc
+    if v is volume:
+        return np.array(v, dtype=np.float32)
+    n = math.prod(factors)
+    if n > 1:
+        v *= np.float32(1.0 / n)
+    return v
 
 
 def _crop_or_pad(volume: np.ndarray, shape: tuple[int, int, int], fill: float) -> np.ndarray:
@@ -1631,7 +1885,7 @@ def preprocess(study: Study, spec: InputSpec) -> np.ndarray:
         raise DicomError("inconsistent_geometry", f"preprocess: invalid spacing {study.spacing}")
     unit = _intensity_unit(study)
     pad = float(spec.pad_value_hu) if unit == INTENSITY_HU else 0.0
-    if not np.isfinite(volume).all():
+    if not (math.isfinite(float(volume.min())) and math.isfinite(float(volume.max()))):
         volume = np.nan_to_num(volume, nan=pad, posinf=32767.0, neginf=-32768.0)
     if unit == INTENSITY_SUV:
         volume = volume * np.float32(SUV_SCALE)
@@ -1653,3 +1907,47 @@ def preprocess(study: Study, spec: InputSpec) -> np.ndarray:
     d, h, w = (int(s) for s in spec.shape)
     out = _crop_or_pad(volume, (d, h, w), pad)
     return np.clip(np.rint(out), -32768, 32767).astype(np.int16)
+
+
+def box_to_input_grid(
+    box: Sequence[float],
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    spec: InputSpec,
+) -> tuple[float, float, float, float, float, float]:
+    """Map a box given on a study's own voxel grid to :func:`preprocess`'s output grid.
+
+    ``box`` is ``(z0, y0, x0, z1, y1, x1)``, half-open voxel indices of ``Study.volume``
+    (``shape``, ``spacing`` in mm): z counts slices in ascending position along the slice
+    normal (the order :func:`read_study` sorts them in), y rows and x columns of the
+    slice image. The result is the same box on the ``spec.shape`` grid, following
+    :func:`preprocess` step by step (centred block averaging, ``grid_mode`` zoom, centred
+    crop or pad); it may reach outside the grid when the region was cropped away.
+    """
+    b = [float(v) for v in box]
+    if len(b) != 6 or not all(math.isfinite(v) for v in b):
+        raise DicomError("bad_region", f"a region box is 6 numbers (z0, y0, x0, z1, y1, x1), got {list(box)!r}")
+    if any(hi <= lo for lo, hi in zip(b[:3], b[3:], strict=True)):
+        raise DicomError("bad_region", f"region box {b!r} is empty: each upper bound must exceed the lower one")
+    if any(hi <= 0 or lo >= n for lo, hi, n in zip(b[:3], b[3:], shape, strict=True)):
+        raise DicomError("bad_region", f"region box {b!r} lies outside the study's voxel grid {tuple(shape)}")
+    lo_out: list[float] = []
+    hi_out: list[float] = []
+    for lo, hi, n, s, t, size in zip(b[:3], b[3:], shape, spacing, spec.spacing_mm, spec.shape, strict=True):
+        n, s, t = int(n), float(s), float(t)
+        f = max(1, min(n, int(t / s + 1e-6)))
+        m = (n // f) * f
+        start = (n - m) // 2
+        # edges (not centres) of voxels map linearly: block averaging, then zoom
+        lo, hi = (lo - start) / f, (hi - start) / f
+        n1, s1 = n // f, s * f
+        z = s1 / t
+        if abs(z - 1.0) > 1e-3:
+            n2 = max(1, round(n1 * z))
+            lo, hi = lo * n2 / n1, hi * n2 / n1
+        else:
+            n2 = n1
+        offset = -((n2 - size) // 2) if n2 >= size else (size - n2) // 2
+        lo_out.append(lo + offset)
+        hi_out.append(hi + offset)
+    return (lo_out[0], lo_out[1], lo_out[2], hi_out[0], hi_out[1], hi_out[2])

@@ -19,3 +19,8 @@ class DicomError(ValueError):
 
 class EncoderError(ValueError):
     """An encoder checkpoint or card is missing, corrupt or does not match."""
+
+
+class EncoderOutOfMemoryError(EncoderError):
+    """Embedding ran out of memory even one study at a time on the CPU (after the GPU
+    fallbacks of ``encoders.model.embed``): a resource limit, not a broken encoder."""

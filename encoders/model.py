@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from encoders.errors import EncoderError
+from encoders.errors import EncoderError, EncoderOutOfMemoryError
 from encoders.spec import DEFAULT_SPEC, InputSpec
 
 __all__ = [
@@ -66,6 +67,8 @@ __all__ = [
     "save_encoder",
     "weights_version",
 ]
+
+_log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -501,6 +504,11 @@ def embed(
     mode under ``torch.inference_mode`` (the encoder is moved to ``device``; its
     train/eval mode is restored afterwards); on CUDA with ``amp``, in bfloat16 autocast
     and channels-last.
+
+    GPU out of memory never fails the call: the batch is halved and retried (down to one
+    study), then the remaining studies are embedded on the CPU (float32, so they differ
+    from the GPU's bfloat16 ones by rounding), each step logged as a warning. Only out of
+    memory with one study on the CPU raises :class:`EncoderOutOfMemoryError`.
     """
     if not isinstance(volumes, np.ndarray):
         raise EncoderError(f"volumes must be a numpy array, got {type(volumes).__name__}")
@@ -528,28 +536,88 @@ def embed(
         return out
     inputs = encoder.regions(volumes, rois)
     was_training = encoder.training
-    encoder.to(dev).eval()
-    cuda = dev.type == "cuda"
-    if cuda:
-        encoder.to(memory_format=torch.channels_last)
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if cuda and amp
-        else contextlib.nullcontext()
-    )
+    encoder.eval()
     try:
-        with torch.inference_mode(), autocast:
-            for start in range(0, n, batch_size):
-                chunk = np.ascontiguousarray(inputs[start : start + batch_size])
-                x = torch.from_numpy(chunk).to(dev, dtype=torch.float32)
-                z = encoder(x).float()
-                z = torch.nn.functional.normalize(z, dim=1, eps=1e-12)
-                out[start : start + len(chunk)] = z.cpu().numpy()
+        dev = _place(encoder, dev)
+        start = 0
+        while start < n:
+            chunk = np.ascontiguousarray(inputs[start : start + batch_size])
+            try:
+                z = _embed_batch(encoder, chunk, dev, amp=amp)
+            except torch.OutOfMemoryError as exc:
+                batch_size, dev = _back_off(encoder, batch_size, dev, exc)
+                continue  # the same studies again, in smaller batches or on the CPU
+            out[start : start + len(chunk)] = z
+            start += len(chunk)
     finally:
         encoder.train(was_training)
-        if cuda:
+        if dev.type == "cuda":
             encoder.to(memory_format=torch.contiguous_format)
     return out
+
+
+def _embed_batch(encoder: StudyEncoder, chunk: np.ndarray, dev: torch.device, *, amp: bool) -> np.ndarray:
+    """One batch ``(b, D, H, W)`` -> ``(b, d)`` float32 L2-normalised embeddings."""
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if dev.type == "cuda" and amp
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
+        x = torch.from_numpy(chunk).to(dev, dtype=torch.float32)
+        z = encoder(x).float()
+        z = torch.nn.functional.normalize(z, dim=1, eps=1e-12)
+        return z.cpu().numpy()
+
+
+def _place(encoder: StudyEncoder, dev: torch.device) -> torch.device:
+    """Move ``encoder`` to ``dev`` (channels-last on CUDA); the device it ended up on.
+
+    If the weights do not fit on the GPU, the encoder stays on (or returns to) the CPU,
+    with a warning, instead of failing."""
+    if dev.type != "cuda":
+        encoder.to(dev)
+        return dev
+    try:
+        encoder.to(dev)
+        encoder.to(memory_format=torch.channels_last)
+        return dev
+    except torch.OutOfMemoryError:
+        _release_cuda()
+        _log.warning("CUDA out of memory moving the encoder to %s; embedding on the CPU", dev)
+        encoder.to(torch.device("cpu")).to(memory_format=torch.contiguous_format)
+        return torch.device("cpu")
+
+
+def _release_cuda() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _back_off(
+    encoder: StudyEncoder, batch_size: int, dev: torch.device, exc: torch.OutOfMemoryError
+) -> tuple[int, torch.device]:
+    """After an out-of-memory error: half the batch, then (at one study) the CPU.
+
+    Returns the ``(batch_size, device)`` to retry with; out of memory with one study on
+    the CPU raises :class:`EncoderOutOfMemoryError`."""
+    _release_cuda()
+    if batch_size > 1:
+        smaller = max(1, batch_size // 2)
+        _log.warning(
+            "out of memory embedding %d studies at once on %s; retrying in batches of %d",
+            batch_size,
+            dev,
+            smaller,
+        )
+        return smaller, dev
+    if dev.type != "cpu":
+        _log.warning("out of memory embedding one study on %s; embedding on the CPU instead", dev)
+        return 1, _place(encoder, torch.device("cpu"))
+    raise EncoderOutOfMemoryError(
+        "out of memory embedding one study on the CPU; free memory or use a smaller encoder "
+        "input (InputSpec.shape)"
+    ) from exc
 
 
 # --------------------------------------------------------------------------- save / load

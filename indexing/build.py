@@ -24,7 +24,7 @@ from encoders.errors import EncoderError
 from encoders.model import EncoderCard, embed, load_encoder
 from encoders.spec import InputSpec
 from encoders.train import resolve_device
-from indexing.errors import ModelVersionError, StoreError
+from indexing.errors import ModelVersionError, StoreError, StoreWriteError, describe_os_error
 from indexing.evaluation import EVALUATION_KEY, evaluate_prognosis
 from indexing.snapshot import (
     BUILD_MANIFEST_KEYS,
@@ -32,7 +32,12 @@ from indexing.snapshot import (
     load_snapshot,
     republish_metadata,
 )
-from indexing.store import ACQUISITION_COLUMNS, CohortStore, write_parquet_atomic
+from indexing.store import (
+    ACQUISITION_COLUMNS,
+    CohortStore,
+    opened_for_lock,
+    write_parquet_atomic,
+)
 from indexing.thumbnails import COLUMN as THUMBNAIL_COLUMN
 from indexing.thumbnails import thumbnail_png
 
@@ -64,8 +69,16 @@ def checkpoint_dir_for(index_dir: Path, model_version: str, spec: str) -> Path:
 
 @contextlib.contextmanager
 def _job_lock(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as fh:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreWriteError(
+            describe_os_error(exc, "creating the checkpoint folder", folder)
+            + "; nothing was published",
+            path=folder,
+            errno=exc.errno,
+        ) from exc
+    with opened_for_lock(folder / ".lock") as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -12,6 +12,13 @@ costs one memory pass, and picks the top k with a group-max pre-selection (two c
 SIMD passes over the scores, then a partial sort of k groups instead of all rows). :class:`TorchExactIndex` does the same with ``torch.matmul`` +
 ``torch.topk`` on a CUDA device (or the CPU), for hosts where faiss-gpu cannot load.
 
+Thread setup: FAISS parallelises with OpenMP, numpy's BLAS with its own thread pool;
+on a small box with busy cores, a parallel region whose threads are not all running
+waits for them (a scheduler slice, ~10 ms). :func:`faiss_threads_for` caps a FAISS
+call at one thread per query, which matters where FAISS opens a region on every thread
+for a single query (``IndexScalarQuantizer``: 26 ms -> 0.2 ms p50 for one query at
+load 13, ``benchmarks/RESULTS.md``).
+
 Both return exactly FAISS ``IndexFlatIP``'s answer (same rows; similarities equal to
 float32 rounding), honour a row mask exactly, and are checked against FAISS in
 ``tests/indexing/test_exact.py``.
@@ -19,8 +26,10 @@ float32 rounding), honour a row mask exactly, and are checked against FAISS in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,8 +40,12 @@ log = logging.getLogger(__name__)
 # amortise the per-row cost of the top-k selection (tuned in benchmarks/bench_index.py).
 BLOCK_SCORES = 1 << 23
 MIN_BLOCK_ROWS = 4096
-# Below this share of allowed rows a masked search multiplies only the allowed rows.
+# Below this share of allowed rows a masked search multiplies only the allowed rows
+# (gathered: ~10x a scanned row's cost, so for a few queries only when few rows pass;
+# at 1M x 256 one query under a 20 % filter took 50 ms gathered vs 20 ms unfiltered).
 SUBSET_SHARE = 0.25
+SUBSET_SHARE_FEW = 0.05  # the same for batches of fewer than SUBSET_FEW_QUERIES queries
+SUBSET_FEW_QUERIES = 4
 SUBSET_BLOCK_ROWS = 32768
 GROUP = 32  # group size of the group-max pre-selection (a power of two)
 
@@ -148,7 +161,7 @@ class BlasExactIndex:
                 return _empty(m, k)
             if count == n:
                 allowed = None
-            elif count <= SUBSET_SHARE * n:
+            elif count <= (SUBSET_SHARE if m >= SUBSET_FEW_QUERIES else SUBSET_SHARE_FEW) * n:
                 return self._search_subset(q, k, np.flatnonzero(allowed))
         step = max(MIN_BLOCK_ROWS, BLOCK_SCORES // max(m, 1))
         best = _empty(m, k)
@@ -176,6 +189,31 @@ class BlasExactIndex:
             found = np.where(cols >= 0, ids[np.maximum(cols, 0)], -1)
             best = (vals, found) if start == 0 else _merge(best, (vals, found), k)
         return best
+
+
+@contextlib.contextmanager
+def faiss_threads_for(nq: int) -> Iterator[None]:
+    """Run this thread's enclosed FAISS calls on at most ``nq`` OpenMP threads.
+
+    Some FAISS searches (``IndexScalarQuantizer``, the fp16 kinds' small-batch path) open
+    an OpenMP region on every thread even for one query: one thread works and the others
+    only join the closing barrier. When the cores are busy a woken thread can wait a
+    scheduler slice (~10 ms) before it runs, so a 0.1 ms query takes 10-50 ms (measured
+    in ``benchmarks/bench_index.py`` and benchmarks/RESULTS.md). OpenMP's thread count is
+    a per-thread setting, so this is safe while other threads search.
+    """
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    want = max(1, min(int(nq), before))
+    if want == before:
+        yield
+        return
+    faiss.omp_set_num_threads(want)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def cuda_visible() -> bool:
@@ -214,6 +252,7 @@ class TorchExactIndex:
             part = np.array(vectors[s : s + step], dtype=np.float32)
             self.x[s : s + step] = torch.from_numpy(part).to(self.device, dtype=dtype)
         self._mask_cache: tuple[np.ndarray, Any] | None = None
+        self._host_index: BlasExactIndex | None = None
 
     def _device_mask(self, allowed: np.ndarray) -> Any:
         cached = self._mask_cache  # (the host array itself, its device copy)
@@ -223,9 +262,29 @@ class TorchExactIndex:
         self._mask_cache = (allowed, mask)
         return mask
 
+    def _search_chunk(self, q: np.ndarray, kk: int, mask: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``kk`` ``(values, rows)`` of queries ``q`` ``(c, d)`` on the device."""
+        qt = self._torch.from_numpy(q).to(self.device, dtype=self.dtype)
+        scores = (qt @ self.x.T).float()
+        if mask is not None:
+            scores.masked_fill_(~mask, float("-inf"))
+        vals, idx = self._torch.topk(scores, kk, dim=1, largest=True, sorted=True)
+        return vals.cpu().numpy(), idx.cpu().numpy()
+
+    def _host(self) -> BlasExactIndex:
+        """A CPU copy of the database (made on the first out-of-memory fallback)."""
+        if self._host_index is None:
+            self._host_index = BlasExactIndex(self.x.cpu().float().numpy())
+        return self._host_index
+
     def search(
         self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` ``(similarities (m, k) float32, rows (m, k) int64)`` of ``queries``.
+
+        Out of GPU memory, the queries are searched in smaller chunks (halved down to one
+        at a time), then on a CPU copy of the database (:class:`BlasExactIndex`), with a
+        warning each time; the call does not fail."""
         torch = self._torch
         q = np.ascontiguousarray(queries, dtype=np.float32)
         m, n = q.shape[0], self.ntotal
@@ -240,14 +299,30 @@ class TorchExactIndex:
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
             with torch.inference_mode():
-                for s in range(0, m, chunk):
-                    qt = torch.from_numpy(q[s : s + chunk]).to(self.device, dtype=self.dtype)
-                    scores = (qt @ self.x.T).float()
-                    if mask is not None:
-                        scores.masked_fill_(~mask, float("-inf"))
-                    vals, idx = torch.topk(scores, kk, dim=1, largest=True, sorted=True)
-                    out_v[s : s + chunk] = vals.cpu().numpy()
-                    out_r[s : s + chunk] = idx.cpu().numpy()
+                s = 0
+                while s < m:
+                    try:
+                        vals, idx = self._search_chunk(q[s : s + chunk], kk, mask)
+                    except torch.OutOfMemoryError:
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        if chunk == 1:  # not even one query fits: the rest on the CPU
+                            log.warning(
+                                "out of memory searching on %s; searching on the CPU", self.device
+                            )
+                            v, r = self._host().search(q[s:], kk, allowed=allowed)
+                            out_v[s:], out_r[s:] = v, r
+                            break
+                        chunk = max(1, chunk // 2)
+                        log.warning(
+                            "out of memory searching on %s; retrying %d queries at a time",
+                            self.device,
+                            chunk,
+                        )
+                        continue
+                    out_v[s : s + chunk] = vals
+                    out_r[s : s + chunk] = idx
+                    s += chunk
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
         out_r[~np.isfinite(out_v)] = -1
@@ -259,4 +334,4 @@ class TorchExactIndex:
         return out_v, out_r
 
 
-__all__ = ["BlasExactIndex", "TorchExactIndex", "cuda_visible", "topk_rows"]
+__all__ = ["BlasExactIndex", "TorchExactIndex", "cuda_visible", "faiss_threads_for", "topk_rows"]

@@ -146,9 +146,11 @@ _CRASHED = _Crashed()
 
 def _context() -> multiprocessing.context.BaseContext:
     """forkserver: workers start from a clean, small server process (no inherited
-    threads or locks from the parent), with the reader preloaded."""
+    threads or locks from the parent), with the reader and this module preloaded, so a
+    worker imports nothing when its first task arrives (the CLI imports this module
+    lazily: without it here, each worker would import pyarrow and the store itself)."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", "encoders.dicom"])
+    ctx.set_forkserver_preload(["__main__", "encoders.dicom", "indexing.ingest"])
     return ctx
 
 
@@ -322,7 +324,9 @@ def ingest_folder(
     ``workers``: processes reading and preprocessing (default :func:`default_workers`,
     all cores; 1 = in this process, no pool). ``series_rule`` picks each study's series
     (e.g. ``SeriesRule(allow_burned_in=True)``). ``study_day`` is days since the
-    patient's first study among the files of this folder (dates are never stored).
+    patient's anchor: the first study of the first ingest that saw the patient, kept
+    site-side by ``pseudonymizer.date_anchors`` so offsets agree across ingests; an
+    older study found later gets a negative offset (dates are never stored).
     ``progress(done, total)`` is called after each study.
     """
     dicom_dir = Path(dicom_dir)
@@ -360,6 +364,13 @@ def _ingest(
                 first_dates[h.patient_id] = h.study_date
     for paths in groups.values():
         paths.sort()
+    # Day offsets count from each patient's anchor, kept site-side across ingests
+    # (encoders.deid.DateAnchors): the earliest study date of the first ingest that saw
+    # the patient; older studies found later get negative offsets.
+    try:
+        first_dates = pseudonymizer.date_anchors.resolve(first_dates)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot use the date anchors: {exc}") from None
     report = IngestReport(
         studies_found=len(groups),
         files_seen=len(files),

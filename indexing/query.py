@@ -110,6 +110,19 @@ class Stability:
 
 
 @dataclass
+class RegionResult:
+    """The answer for one region of interest of a query (e.g. one observer's contour).
+
+    ``prognosis``: from this region's own neighbours; ``neighbor_overlap``: share of the
+    first region's neighbours this region also finds (1.0 for the first region).
+    """
+
+    observer: str
+    prognosis: Prognosis
+    neighbor_overlap: float
+
+
+@dataclass
 class Diagnostics:
     """How much to trust the answer.
 
@@ -126,6 +139,8 @@ class Diagnostics:
     warnings: list[str] = field(default_factory=list)
     acquisition_checks: list[AcquisitionCheck] = field(default_factory=list)
     stability: Stability | None = None
+    regions: list[RegionResult] = field(default_factory=list)
+    region_spread: Stability | None = None
 
 
 @dataclass
@@ -138,7 +153,13 @@ class QueryResult:
     query_thumbnail: bytes | None = None  # PNG, set by the caller when asked
 
 
-def _validate_vectors(vectors: Any, dimension: int) -> np.ndarray:
+def normalize_queries(vectors: Any, dimension: int) -> np.ndarray:
+    """Validated, L2-normalised query vectors ``(m, dimension)`` float32 from ``(m, d)``
+    or ``(d,)`` input; :class:`DimensionError` / :class:`QueryError` on bad input.
+
+    The one normalisation every search path uses, so a caller that searches on
+    :func:`search_similar`'s behalf (the service's micro-batcher) gets identical bits.
+    """
     try:
         q = np.asarray(vectors, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -213,7 +234,7 @@ def search_similar(
     drops tombstoned rows).
     Raises :class:`DimensionError` / :class:`QueryError` on bad input.
     """
-    q = _validate_vectors(vectors, snapshot.dimension)
+    q = normalize_queries(vectors, snapshot.dimension)
     m = q.shape[0]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= max_k:
         raise QueryError(f"k must be an integer between 1 and {max_k}; got {k!r}")
@@ -254,21 +275,13 @@ def search_similar(
 
     # one metadata gather for every neighbour of every query
     wanted = np.concatenate([r[: int(k)] for _, r in per_query]) if m else np.zeros(0, np.int64)
-    cols = [
-        c
-        for c in (
-            "patient_id",
-            "study_uid",
-            "site",
-            *ACQUISITION_COLUMNS,
-            "time",
-            "event",
-            "labels",
-            "values",
-        )
-        if c in snapshot.metadata.column_names
-    ]
-    gathered = snapshot.metadata.select(cols).take(wanted).to_pydict()
+    gathered = _neighbor_table(snapshot).take(wanted).to_pydict()
+    none = [None] * len(wanted)
+    acq_cols = [(c, gathered[c]) for c in ACQUISITION_COLUMNS if c in gathered]
+    patient_ids, study_uids, sites, times, events, labels_col, values_col = (
+        gathered.get(c, none)
+        for c in ("patient_id", "study_uid", "site", "time", "event", "labels", "values")
+    )
 
     reference = snapshot.ood_reference
     shares = snapshot.scanner_shares() if query_acquisition is not None else {}
@@ -285,24 +298,20 @@ def search_similar(
         neighbors: list[NeighborResult] = []
         for j in range(kk):
             g = offset + j
-
-            def col(name: str, g: int = g) -> Any:
-                return gathered[name][g] if name in gathered else None
-
-            acquisition = {c: str(col(c)) for c in ACQUISITION_COLUMNS if col(c) not in (None, "")}
-            time = col("time")
+            acquisition = {c: str(v[g]) for c, v in acq_cols if v[g] not in (None, "")}
+            time = times[g]
             neighbors.append(
                 NeighborResult(
                     row=int(qr[j]),
-                    patient_id=col("patient_id"),
-                    study_uid=col("study_uid"),
+                    patient_id=patient_ids[g],
+                    study_uid=study_uids[g],
                     similarity=float(qs[j]),
-                    site=col("site"),
+                    site=sites[g],
                     acquisition=acquisition,
                     time=None if time is None or math.isnan(time) else float(time),
-                    event=col("event"),
-                    labels=_as_dict(col("labels")),
-                    values=_as_dict(col("values")),
+                    event=events[g],
+                    labels=_as_dict(labels_col[g]),
+                    values=_as_dict(values_col[g]),
                     weight=float(weights[j]),
                 )
             )
@@ -387,8 +396,19 @@ def _far_above(same: int, n: int, base_rate: float) -> bool:
 _CACHE: weakref.WeakKeyDictionary[Snapshot, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
+def snapshot_cache(snapshot: Snapshot) -> dict[Any, Any]:
+    """The per-snapshot cache of derived constants (cohort curve, acquisition profile),
+    created on first use and dropped with the snapshot.
+
+    Keyed by the snapshot object: a caller that passes :func:`search_similar` a view
+    comparing equal to the snapshot (the service's prefetched view) creates the entry with
+    the real snapshot first, so it lives as long as the snapshot, not the view.
+    """
+    return _CACHE.setdefault(snapshot, {})
+
+
 def _cached(snapshot: Snapshot, key: Any, make: Any) -> Any:
-    slot = _CACHE.setdefault(snapshot, {})
+    slot = snapshot_cache(snapshot)
     if key not in slot:
         slot[key] = make()
     return slot[key]
@@ -413,6 +433,20 @@ def _cohort_summary(snapshot: Snapshot, horizons: tuple[float, ...]) -> Any:
         )
 
     return _cached(snapshot, ("cohort_curve", horizons), make)
+
+
+_NEIGHBOR_COLUMNS = ("patient_id", "study_uid", "site", *ACQUISITION_COLUMNS, "time", "event", "labels", "values")
+
+
+def _neighbor_table(snapshot: Snapshot) -> Any:
+    """The metadata columns a neighbour carries (selected once per snapshot)."""
+
+    def make() -> Any:
+        meta = snapshot.metadata
+        names = set(meta.column_names)
+        return meta.select([c for c in _NEIGHBOR_COLUMNS if c in names])
+
+    return _cached(snapshot, "neighbor_table", make)
 
 
 def _thickness(v: Any) -> str:
@@ -551,6 +585,53 @@ def attach_stability(result: QueryResult, views: Sequence[QueryResult]) -> Query
         result.diagnostics.warnings.append(
             f"under scanner-like perturbations of the query only {st.mean_overlap:.0%} of its "
             "neighbours stay on average; neighbours and prognosis are unstable"
+        )
+    return result
+
+
+def attach_regions(
+    result: QueryResult, observers: Sequence[str], per_region: Sequence[QueryResult]
+) -> QueryResult:
+    """Record the prognosis of each region of interest of one query on ``result`` (the
+    first region's answer) and their spread; warn when the regions disagree.
+
+    ``per_region[i]`` is the answer for the region of ``observers[i]`` (same k, filter and
+    exclusions). The spread is :func:`stability` of the first region's answer against the
+    others' (how many neighbours they share; ``views`` = the other regions) with the
+    median survival's range taken over all regions.
+    """
+    if len(observers) != len(per_region):
+        raise ValueError("one observer per region result")
+    d = result.diagnostics
+    d.regions = [
+        RegionResult(str(o), r.prognosis, _overlap(per_region[0].neighbors, r.neighbors))
+        for o, r in zip(observers, per_region, strict=True)
+    ]
+    spread = stability(per_region[0], per_region[1:]) if len(per_region) > 1 else None
+    if spread is None:
+        return result
+    medians = [r.prognosis.median for r in per_region if r.prognosis.median is not None]
+    spread.median_min = min(medians) if medians else None  # over all regions, the first too
+    spread.median_max = max(medians) if medians else None
+    spread.medians_reached = len(medians)
+    d.region_spread = spread
+    notes = []
+    if spread.mean_overlap < STABILITY_WARN_OVERLAP:
+        notes.append(f"they share only {spread.mean_overlap:.0%} of their neighbours on average")
+    if spread.medians_reached and spread.medians_reached < len(per_region):
+        notes.append(
+            f"the median survival is reached for {spread.medians_reached} of "
+            f"{len(per_region)} regions"
+        )
+    elif spread.median_min is not None and spread.median_max is not None:
+        lo, hi = spread.median_min, spread.median_max
+        if hi - lo > 0.25 * max(hi, 1e-9):
+            notes.append(f"their median survival ranges {lo:.1f}-{hi:.1f}")
+    if notes:
+        d.warnings.append(
+            f"the {len(per_region)} regions of interest (observers) give different answers: "
+            + "; ".join(notes)
+            + "; the prognosis depends on where the lesion is drawn"
         )
     return result
 

@@ -22,6 +22,7 @@ and a rebuild never disturbs one being served.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,22 +43,30 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexing.errors import DimensionError, QueryError, SnapshotError, UnknownStudyError
-from indexing.exact import BlasExactIndex, TorchExactIndex, cuda_visible
+from indexing.errors import (
+    DimensionError,
+    QueryError,
+    SnapshotError,
+    SnapshotWriteError,
+    UnknownStudyError,
+    describe_os_error,
+)
+from indexing.exact import BlasExactIndex, TorchExactIndex, cuda_visible, faiss_threads_for
 from indexing.filter import FilterCache
 from indexing.store import fsync_dir
 from indexing.tombstones import TOMBSTONE_FILE, TombstoneWatch, read_tombstones
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own sha256 (manifest_sha256)
 METRIC = "cosine"
 K_OOD = 10
 OOD_SAMPLE = 2000
 TRAIN_SAMPLE = 100_000
-HNSW_EF_SEARCH = 128
+HNSW_EF_SEARCH = 256  # recall@10 0.95 at 1M x 256 (0.93 at 128), 0.11 ms a query: benchmarks/RESULTS.md
 GPU_MAX_K = 2048  # faiss GPU indexes answer k <= 2048
-RERANK_FACTOR = 4  # lossy kinds (PQ, SQ8...) fetch k x this and re-score exactly
+RERANK_FACTOR = 16  # lossy kinds (PQ, SQ8...) fetch k x this and re-score exactly;
+# IVF4096,PQ32 at 1M x 256: recall@10 0.67 at 4, 0.94 at 16, for +0.01 ms a query (RESULTS.md)
 EF_SEARCH_MAX = 4096
 EXACT_FILTER_MAX_ROWS = 50_000  # approximate kinds: a filter passing fewer rows is searched exactly
 EXACT_BACKENDS = ("auto", "blas", "faiss", "torch")
@@ -82,9 +91,10 @@ BUILD_MANIFEST_KEYS = frozenset(
         "format", "version", "created_at", "model_version", "dimension", "metric",
         "index_kind", "num_studies", "search_params", "rerank", "vectors",
         "deleted_patients_dropped", "store_version", "faiss_version", "k_ood",
-        "ood_reference", "files", "derived_from",
+        "ood_reference", "files", "derived_from", "manifest_sha256",
     }
 )
+MANIFEST_CHECKSUM_KEY = "manifest_sha256"
 
 
 # --------------------------------------------------------------------- helpers
@@ -372,21 +382,32 @@ def build_snapshot(
     version = new_version_id(versions)
     tmp = versions / f".tmp-{version}"
     final = versions / version
+    doing: tuple[str, Path] = ("creating", tmp)
     try:
         tmp.mkdir()
-        faiss.write_index(index, str(tmp / INDEX_FILE))
-        pq.write_table(metadata, tmp / METADATA_FILE, compression="zstd")
+        doing = ("writing", tmp / INDEX_FILE)
+        with open(tmp / INDEX_FILE, "wb") as fh:  # through Python: errors keep their errno
+            faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))  # type: ignore[attr-defined]
+        doing = ("writing", tmp / METADATA_FILE)
+        with open(tmp / METADATA_FILE, "wb") as fh:
+            pq.write_table(metadata, fh, compression="zstd")
         if not vectors_in_index:  # Flat / SQfp16 / HNSW keep the vectors in index.faiss
-            np.save(tmp / EMBEDDINGS_FILE, vectors)
-        np.save(tmp / OOD_FILE, reference)
+            doing = ("writing", tmp / EMBEDDINGS_FILE)
+            with open(tmp / EMBEDDINGS_FILE, "wb") as fh:
+                np.save(fh, vectors)
+        doing = ("writing", tmp / OOD_FILE)
+        with open(tmp / OOD_FILE, "wb") as fh:
+            np.save(fh, reference)
         if encoder_dir is not None:
             src = Path(encoder_dir)
             if not src.is_dir():
                 raise SnapshotError(f"encoder folder {src} does not exist")
-            shutil.copytree(src, tmp / ENCODER_DIR)
+            doing = ("copying the encoder to", tmp / ENCODER_DIR)
+            _copy_tree(src, tmp / ENCODER_DIR)
         payload = sorted(p for p in tmp.rglob("*") if p.is_file())
         files: dict[str, str] = {}
         for i, path in enumerate(payload):
+            doing = ("syncing", path)
             _fsync_file(path)
             files[path.relative_to(tmp).as_posix()] = sha256_file(path)
             report("checksum", i + 1, len(payload))
@@ -413,17 +434,19 @@ def build_snapshot(
         if clash:
             raise SnapshotError(f"extra_manifest may not replace manifest keys {clash}")
         manifest.update(extra_manifest or {})
-        manifest_path = tmp / MANIFEST_FILE
-        with open(manifest_path, "w") as fh:
-            json.dump(manifest, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
+        doing = ("writing", tmp / MANIFEST_FILE)
+        _write_manifest(tmp / MANIFEST_FILE, manifest)
         for sub in sorted({p.parent for p in payload} | {tmp}, reverse=True):
+            doing = ("syncing the folder", sub)
             fsync_dir(sub)
+        doing = ("renaming into place", final)
         os.rename(tmp, final)
+        doing = ("syncing the folder", versions)
         fsync_dir(versions)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _write_error(exc, doing, index_dir, published=False) from exc
         raise
     publish(index_dir, version)
     report("publish", 1, 1)
@@ -431,18 +454,95 @@ def build_snapshot(
     return version
 
 
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy a folder of plain files (the encoder); an OSError keeps its errno (shutil's
+    copytree would fold it into a ``shutil.Error`` of strings)."""
+    dst.mkdir()
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+
+
 def publish(index_dir: Path | str, version: str) -> None:
-    """Point ``CURRENT`` at an existing version (atomic replace; also used for rollback)."""
+    """Point ``CURRENT`` at an existing version (atomic replace; also used for rollback).
+
+    A failed write raises :class:`SnapshotWriteError`; ``CURRENT`` then still names the
+    version it named before (unless only the final folder fsync failed, which the
+    message says).
+    """
     index_dir = Path(index_dir)
     if not (index_dir / VERSIONS_DIR / version / MANIFEST_FILE).exists():
         raise SnapshotError(f"version {version} does not exist under {index_dir}")
     tmp = index_dir / f".{CURRENT_FILE}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(version + "\n")
+    step = ("writing", tmp)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(version + "\n")
+            fh.flush()
+            step = ("syncing", tmp)
+            os.fsync(fh.fileno())
+        step = ("renaming into place", index_dir / CURRENT_FILE)
+        os.replace(tmp, index_dir / CURRENT_FILE)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(exc, step, index_dir, published=False, version=version) from exc
+        raise
+    try:
+        fsync_dir(index_dir)
+    except OSError as exc:
+        step = ("syncing the folder", index_dir)
+        raise _write_error(exc, step, index_dir, published=True, version=version) from exc
+
+
+def _write_error(
+    exc: OSError,
+    step: tuple[str, Path],
+    index_dir: Path,
+    *,
+    published: bool,
+    version: str | None = None,
+) -> SnapshotWriteError:
+    """The typed error of a failed snapshot write: what failed where, and what is served."""
+    served: str | None = version
+    if not published:
+        try:
+            served = current_version(index_dir)
+        except OSError:
+            served = None
+    if published:
+        tail = f"; version {version} is published but CURRENT may not survive a power loss"
+    else:
+        tail = (
+            "; nothing was published, "
+            + (f"version {served} is still served" if served else "no version is served yet")
+            + " (fix the cause and run the command again)"
+        )
+    return SnapshotWriteError(
+        describe_os_error(exc, step[0], step[1]) + tail, path=step[1], errno=exc.errno
+    )
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON, without its own checksum entry."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` (format 2, with its own sha256) to ``path`` and fsync it."""
+    manifest["format"] = FORMAT_VERSION
+    manifest[MANIFEST_CHECKSUM_KEY] = _manifest_digest(manifest)
+    with open(path, "w") as fh:
+        fh.write(json.dumps(manifest, indent=1))  # one write (json.dump writes per token)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, index_dir / CURRENT_FILE)
-    fsync_dir(index_dir)
 
 
 def rollback(index_dir: Path | str, version: str) -> None:
@@ -528,6 +628,7 @@ def republish_metadata(
     versions = index_dir / VERSIONS_DIR
     version = new_version_id(versions)
     tmp = versions / f".tmp-{version}"
+    step: tuple[str, Path] = ("creating", tmp)
     try:
         tmp.mkdir()
         files = dict(base["files"])
@@ -535,12 +636,15 @@ def republish_metadata(
             if name == METADATA_FILE:
                 continue
             dst = tmp / name
+            step = ("linking", dst)
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(bdir / name, dst)
             except OSError:
                 shutil.copy2(bdir / name, dst)
-        pq.write_table(metadata, tmp / METADATA_FILE, compression="zstd")
+        step = ("writing", tmp / METADATA_FILE)
+        with open(tmp / METADATA_FILE, "wb") as fh:
+            pq.write_table(metadata, fh, compression="zstd")
         _fsync_file(tmp / METADATA_FILE)
         files[METADATA_FILE] = sha256_file(tmp / METADATA_FILE)
         manifest = dict(base)
@@ -553,16 +657,19 @@ def republish_metadata(
                 "files": files,
             }
         )
-        with open(tmp / MANIFEST_FILE, "w") as fh:
-            json.dump(manifest, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
+        step = ("writing", tmp / MANIFEST_FILE)
+        _write_manifest(tmp / MANIFEST_FILE, manifest)
         for sub in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, reverse=True):
+            step = ("syncing the folder", sub)
             fsync_dir(sub)
+        step = ("renaming into place", versions / version)
         os.rename(tmp, versions / version)
+        step = ("syncing the folder", versions)
         fsync_dir(versions)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _write_error(exc, step, index_dir, published=False) from exc
         raise
     publish(index_dir, version)
     log.info("index: published version %s (metadata update of %s)", version, base_version)
@@ -883,9 +990,11 @@ class Snapshot:
         if exact is not None:
             return exact.search(q, k, allowed=None if mask is None else mask.mask)
         if mask is None:
-            return self._cpu_index.search(q, k)
+            with faiss_threads_for(q.shape[0]):
+                return self._cpu_index.search(q, k)
         sel, bitmap = mask.selector()
-        sims, rows = self._cpu_index.search(q, k, params=self._faiss_params(None, None, sel))
+        with faiss_threads_for(q.shape[0]):
+            sims, rows = self._cpu_index.search(q, k, params=self._faiss_params(None, None, sel))
         del bitmap  # the selector reads it during the search
         return sims, rows
 
@@ -949,7 +1058,8 @@ class Snapshot:
             sims, rows = self._gpu_search(q, fetch)
         else:
             sp = self._faiss_params(nprobe, ef, sel)
-            sims, rows = self._cpu_index.search(q, fetch, params=sp)
+            with faiss_threads_for(q.shape[0]):
+                sims, rows = self._cpu_index.search(q, fetch, params=sp)
         del bitmap  # the selector's memory had to outlive the search
         if rerank > 1:
             return self._rescore(q, rows, k)
@@ -1027,9 +1137,26 @@ def _read_manifest(vdir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise SnapshotError(f"{path} is unreadable ({exc}); rebuild the index") from exc
+    if not isinstance(manifest, dict):
+        raise SnapshotError(f"{path} is not a JSON object; rebuild the index")
+    fmt = manifest.get("format")
+    if fmt not in (1, FORMAT_VERSION):
+        raise SnapshotError(
+            f"{path} has format {fmt!r}, this cohortsim reads 1..{FORMAT_VERSION}; the manifest "
+            "is corrupt or from a newer cohortsim"
+        )
+    if fmt >= 2 and manifest.get(MANIFEST_CHECKSUM_KEY) != _manifest_digest(manifest):
+        raise SnapshotError(
+            f"{path} fails its sha256 checksum (the manifest is corrupt); serve another "
+            "version (cohortsim index rollback) or rebuild the index"
+        )
     for key in ("version", "dimension", "num_studies", "index_kind", "model_version", "files"):
         if key not in manifest:
             raise SnapshotError(f"{path} lacks {key!r}; rebuild the index")
+    if manifest["version"] != vdir.name:
+        raise SnapshotError(
+            f"{path} describes version {manifest['version']!r}, not {vdir.name!r}; rebuild the index"
+        )
     return manifest
 
 
@@ -1049,6 +1176,24 @@ def verify_snapshot(vdir: Path, manifest: dict[str, Any]) -> None:
                 f"snapshot file {name} in {vdir} fails its sha256 checksum; "
                 "the copy is corrupt, rebuild the index or serve another version"
             )
+
+
+def _check_id_map(metadata: pa.Table, version: str) -> None:
+    """Row i of the metadata must be FAISS id i (``row_id`` = 0..n-1), one row per study."""
+    n = metadata.num_rows
+    if "row_id" in metadata.column_names:
+        row_id = metadata.column("row_id").to_numpy()
+        if row_id.shape != (n,) or not np.array_equal(row_id, np.arange(n)):
+            raise SnapshotError(
+                f"snapshot {version}: metadata row_id is not 0..{n - 1}, so rows do not map to "
+                "the index's vectors; rebuild the index"
+            )
+    uids = metadata.column("study_uid") if "study_uid" in metadata.column_names else None
+    if uids is None or uids.null_count or len(pc.unique(uids)) != n:
+        raise SnapshotError(
+            f"snapshot {version}: metadata study_uid values are missing or repeated; "
+            "rebuild the index"
+        )
 
 
 def _torch_backend(vectors: np.ndarray, device: str) -> TorchExactIndex:
@@ -1109,6 +1254,7 @@ def load_snapshot(
             f"{metadata.num_rows} rows, vectors {vectors.shape}, manifest {n}x{d}); "
             "rebuild the index"
         )
+    _check_id_map(metadata, version)
     _apply_search_params(index, manifest.get("search_params", {}), gpu=False)
     kind = manifest["index_kind"]
     flat = isinstance(_inner_index(index), faiss.IndexFlat | faiss.IndexScalarQuantizer) and (

@@ -2,8 +2,10 @@
 
 Layout of a store folder ``STORE/``::
 
-    STORE/studies/part-<uuid>.parquet   one row per study (STUDY_SCHEMA), append-only
-    STORE/outcomes.parquet              one row per patient (OUTCOME_SCHEMA), rewritten on upsert
+    STORE/studies/part-<uuid>.<sha256>.parquet   one row per study (STUDY_SCHEMA),
+                                        append-only; the name carries the file's sha256
+    STORE/outcomes.<sha256>.parquet     one row per patient (OUTCOME_SCHEMA), rewritten on
+                                        upsert (the newest one counts; older ones go)
     STORE/tombstones.parquet            withdrawn patients (pseudonyms): every read skips
                                         them at once; compact() removes their rows
     STORE/.lock                         advisory lock held while writing
@@ -13,6 +15,16 @@ renamed into place (``os.replace``) and the folder fsynced, so a reader sees eit
 old or the new state, never half a file. Study part-file names are time-ordered UUIDs, so
 sorting the names gives the order of ingestion. Keys are pseudonyms (``P-...``/``S-...``);
 nothing here logs them.
+
+Durability and integrity (issue #9): a batch of studies is *acknowledged* when
+:meth:`CohortStore.add_studies` returns; its part file was renamed into place and the
+folder fsynced before that, so it survives a kill -9 or power loss, and a killed writer
+leaves at most an invisible ``.part-*.tmp`` (removed by the next writer). Each part file's
+sha256 is part of its name (written by the same atomic rename), and every read verifies
+it once per process, so a truncated or bit-flipped part is refused with
+:class:`StoreError`, never read; the outcomes file is named and checked the same way.
+Parquet page checksums are written and verified too. A failed write (disk full, I/O error) raises
+:class:`StoreWriteError` naming the path, and leaves the store as it was.
 """
 
 from __future__ import annotations
@@ -23,11 +35,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexing.errors import StoreError
+from indexing.errors import StoreError, StoreWriteError, describe_os_error
 from indexing.tombstones import TOMBSTONE_FILE, TombstoneWatch, add_tombstones
 
 log = logging.getLogger(__name__)
@@ -151,19 +165,108 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` via a fsynced temporary file in the same folder."""
+def write_parquet_atomic(
+    table: pa.Table, path: Path, *, name_with_checksum: Callable[[str], Path] | None = None
+) -> Path:
+    """Write ``table`` to ``path`` via a fsynced temporary file in the same folder.
+
+    With ``name_with_checksum``, the final name is ``name_with_checksum(sha256 hex of the
+    file)`` instead of ``path`` (one atomic rename publishes the file and its checksum).
+    Returns the final path. An OSError (disk full, I/O error...) becomes
+    :class:`StoreWriteError` naming the path; nothing is left behind but the old state,
+    except when only the final folder fsync fails (the message then says the file is in
+    place but may not survive a power loss).
+    """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    final = path
+    step = "writing"
     try:
         with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
+            pq.write_table(table, fh, compression="zstd", write_page_checksum=True)
             fh.flush()
+            step = "syncing"
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if name_with_checksum is not None:
+            step = "reading back"
+            final = name_with_checksum(_sha256_file(tmp))
+        step = "renaming into place"
+        os.replace(tmp, final)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise StoreWriteError(
+                describe_os_error(exc, step, final) + "; nothing was written, the previous "
+                "state is intact (fix the cause and run the command again)",
+                path=final,
+                errno=exc.errno,
+            ) from exc
         raise
-    fsync_dir(path.parent)
+    try:
+        fsync_dir(final.parent)
+    except OSError as exc:
+        raise StoreWriteError(
+            describe_os_error(exc, "syncing the folder", final.parent)
+            + f"; {final.name} is in place but may not survive a power loss",
+            path=final.parent,
+            errno=exc.errno,
+        ) from exc
+    return final
+
+
+@contextlib.contextmanager
+def opened_for_lock(path: Path) -> Iterator[Any]:
+    """``open(path, "a")`` for an advisory lock; a failure is a :class:`StoreWriteError`."""
+    try:
+        fh = open(path, "a")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise StoreWriteError(
+            describe_os_error(exc, "creating the lock file", path) + "; nothing was written",
+            path=path,
+            errno=exc.errno,
+        ) from exc
+    with fh:
+        yield fh
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+# part-<uuid>.parquet (before issue #9, no checksum) or part-<uuid>.<sha256>.parquet
+_PART_NAME = re.compile(r"^part-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+                        r"(?:\.([0-9a-f]{64}))?\.parquet$")
+_CHECKSUM_NAME = re.compile(r"\.([0-9a-f]{64})\.parquet$")
+# (real path, inode, size, mtime_ns) of part files whose checksum was verified in this process
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+_VERIFIED_LOCK = threading.Lock()
+
+
+def verify_part_file(path: Path) -> None:
+    """Check a store file's sha256 against the one in its name (once per process per file
+    state); :class:`StoreError` when it differs (truncated, bit-flipped, replaced)."""
+    m = _CHECKSUM_NAME.search(path.name)
+    if m is None:
+        return  # written before checksums were named: nothing to compare with
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+        with _VERIFIED_LOCK:
+            if key in _VERIFIED:
+                return
+        digest = _sha256_file(path)
+    except OSError as exc:
+        raise StoreError(
+            describe_os_error(exc, "reading", path) + "; restore it from backup or re-ingest"
+        ) from exc
+    if digest != m.group(1):
+        raise StoreError(
+            f"store file {path} fails its sha256 checksum (truncated or corrupt); "
+            "restore it from backup, or move it away and ingest (or set outcomes) again"
+        )
+    with _VERIFIED_LOCK:
+        _VERIFIED.add(key)
 
 
 class CohortStore:
@@ -183,8 +286,15 @@ class CohortStore:
                     f"no cohort store at {self.root}; run cohortsim ingest first "
                     "(or pass create=True)"
                 )
-            self._studies_dir.mkdir(parents=True, exist_ok=True)
-            fsync_dir(self.root)
+            try:
+                self._studies_dir.mkdir(parents=True, exist_ok=True)
+                fsync_dir(self.root)
+            except OSError as exc:
+                raise StoreWriteError(
+                    describe_os_error(exc, "creating the store at", self.root),
+                    path=self.root,
+                    errno=exc.errno,
+                ) from exc
         self._tombstones = TombstoneWatch(self.root / TOMBSTONE_FILE)
 
     def __repr__(self) -> str:
@@ -192,11 +302,78 @@ class CohortStore:
 
     # ---------------------------------------------------------------- internals
     def _part_files(self) -> list[Path]:
-        return sorted(self._studies_dir.glob("part-*.parquet"))
+        """Part files in ingestion order. When a compaction was killed between writing a
+        part's new copy and removing the old one, two files share a uuid: the newer is used
+        (both hold the same live rows; tombstoned rows are skipped on read anyway)."""
+        newest: dict[str, tuple[int, Path]] = {}
+        for path in self._studies_dir.glob("part-*.parquet"):
+            m = _PART_NAME.match(path.name)
+            key = m.group(1) if m else path.name
+            try:
+                mtime = path.stat().st_mtime_ns
+            except FileNotFoundError:  # removed by a concurrent compaction
+                continue
+            if key not in newest or (mtime, path.name) > (newest[key][0], newest[key][1].name):
+                newest[key] = (mtime, path)
+        return [newest[k][1] for k in sorted(newest)]
+
+    def _stale_parts(self) -> list[Path]:
+        """Older copies of compacted parts and temporary files of killed writers (call
+        with the write lock held: no live writer owns them)."""
+        live = set(self._part_files())
+        stale = [p for p in self._studies_dir.glob("part-*.parquet") if p not in live]
+        return stale + list(self._studies_dir.glob(".part-*.tmp"))
+
+    def _remove_stale(self) -> None:
+        stale = self._stale_parts()
+        for path in stale:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if stale:
+            with contextlib.suppress(OSError):
+                fsync_dir(self._studies_dir)
+            log.info("store: removed %d leftover file(s) of interrupted writes", len(stale))
+
+    def _outcomes_file(self) -> Path | None:
+        """The current outcomes file: the newest ``outcomes.<sha256>.parquet`` (a killed
+        upsert may leave the previous one beside it), else a legacy ``outcomes.parquet``."""
+        found = []
+        for path in [*self.root.glob("outcomes.*.parquet"), self.root / _OUTCOMES_FILE]:
+            if path.name != _OUTCOMES_FILE and not _CHECKSUM_NAME.search(path.name):
+                continue
+            try:
+                found.append((path.stat().st_mtime_ns, path.name != _OUTCOMES_FILE, path.name, path))
+            except FileNotFoundError:
+                continue
+        return max(found)[3] if found else None
+
+    def _write_outcomes(self, table: pa.Table) -> None:
+        """Commit a new outcomes file (atomic, named by its sha256), then drop older ones."""
+        new = write_parquet_atomic(
+            table,
+            self.root / _OUTCOMES_FILE,
+            name_with_checksum=lambda digest: self.root / f"outcomes.{digest}.parquet",
+        )
+        old = [p for p in [*self.root.glob("outcomes.*.parquet"), self.root / _OUTCOMES_FILE]
+               if p != new and p.exists()]  # fmt: skip
+        for path in old + list(self.root.glob(".outcomes.parquet.*.tmp")):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if old:
+            with contextlib.suppress(OSError):
+                fsync_dir(self.root)
+
+    def _write_part(self, table: pa.Table, part_id: str) -> Path:
+        """Commit one part file named ``part-<part_id>.<sha256>.parquet`` (atomic)."""
+        return write_parquet_atomic(
+            table,
+            self._studies_dir / f"part-{part_id}.parquet",
+            name_with_checksum=lambda digest: self._studies_dir / f"part-{part_id}.{digest}.parquet",
+        )
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.root / _LOCK_FILE, "a") as fh:
+        with opened_for_lock(self.root / _LOCK_FILE) as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -204,8 +381,11 @@ class CohortStore:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def _read_part(self, path: Path, names: Sequence[str]) -> pa.Table:
+        verify_part_file(path)
         try:
-            return pq.read_table(path, columns=list(names), schema=STUDY_SCHEMA)
+            return pq.read_table(
+                path, columns=list(names), schema=STUDY_SCHEMA, page_checksum_verification=True
+            )
         except (OSError, pa.ArrowException) as exc:
             raise StoreError(
                 f"cannot read store part file {path.name}: {exc}; "
@@ -256,6 +436,7 @@ class CohortStore:
         if not deleted:
             return report
         with self._locked():
+            self._remove_stale()
             for path in self._part_files():
                 ids = self._read_part(path, ["patient_id"]).column("patient_id")
                 hit = pc.is_in(ids, value_set=pa.array(sorted(deleted), pa.string()))
@@ -267,15 +448,18 @@ class CohortStore:
                     path.unlink()
                     fsync_dir(path.parent)
                 else:
-                    write_parquet_atomic(part, path)
+                    m = _PART_NAME.match(path.name)
+                    new = self._write_part(part, m.group(1) if m else str(_time_ordered_uuid()))
+                    if new != path:  # the new copy is in place; the old one goes
+                        path.unlink()
+                        fsync_dir(path.parent)
                 report["studies_removed"] += gone
                 report["parts_rewritten"] += 1
-            path = self.root / _OUTCOMES_FILE
-            if path.exists():
+            if self._outcomes_file() is not None:
                 old = self.outcomes(include_deleted=True)
                 kept = _drop_deleted(old, deleted)
                 if kept.num_rows != old.num_rows:
-                    write_parquet_atomic(kept, path)
+                    self._write_outcomes(kept)
                     report["outcomes_removed"] = old.num_rows - kept.num_rows
         log.info(
             "store: compacted (%d studies, %d outcome rows removed)",
@@ -293,6 +477,7 @@ class CohortStore:
         patients (:meth:`delete_patients`).
         """
         with self._locked():
+            self._remove_stale()
             seen = set(
                 self._read_parts(["study_uid"], include_deleted=True).column("study_uid").to_pylist()
             )
@@ -327,7 +512,7 @@ class CohortStore:
             if added == 0:
                 return 0
             table = pa.table(columns, schema=STUDY_SCHEMA)
-            write_parquet_atomic(table, self._studies_dir / f"part-{_time_ordered_uuid()}.parquet")
+            self._write_part(table, str(_time_ordered_uuid()))
         log.info(
             "store: added %d studies (%d skipped as already present)", added, len(records) - added
         )
@@ -380,8 +565,9 @@ class CohortStore:
         vols: list[np.ndarray] = []
         shape: tuple[int, ...] | None = None
         for path in self._part_files():
+            verify_part_file(path)
             try:
-                pf = pq.ParquetFile(path)
+                pf = pq.ParquetFile(path, page_checksum_verification=True)
                 batches = pf.iter_batches(
                     batch_size=batch_size, columns=["patient_id", "study_uid", "volume", "volume_shape"]
                 )
@@ -417,11 +603,12 @@ class CohortStore:
     # ---------------------------------------------------------------- outcomes
     def outcomes(self, *, include_deleted: bool = False) -> pa.Table:
         """The outcomes table (OUTCOME_SCHEMA); empty when none were set."""
-        path = self.root / _OUTCOMES_FILE
-        if not path.exists():
+        path = self._outcomes_file()
+        if path is None:
             return OUTCOME_SCHEMA.empty_table()
+        verify_part_file(path)
         try:
-            table = pq.read_table(path, schema=OUTCOME_SCHEMA)
+            table = pq.read_table(path, schema=OUTCOME_SCHEMA, page_checksum_verification=True)
         except (OSError, pa.ArrowException) as exc:
             raise StoreError(f"cannot read {path.name}: {exc}; set the outcomes again") from exc
         deleted = frozenset() if include_deleted else self.deleted_patients()
@@ -441,7 +628,7 @@ class CohortStore:
             new_ids = set(new.column("patient_id").to_pylist())
             keep = [pid not in new_ids for pid in old.column("patient_id").to_pylist()]
             merged = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())), new])
-            write_parquet_atomic(merged.combine_chunks(), self.root / _OUTCOMES_FILE)
+            self._write_outcomes(merged.combine_chunks())
         log.info(
             "store: upserted outcomes for %d patients (%d in total)", new.num_rows, merged.num_rows
         )
@@ -471,7 +658,8 @@ class CohortStore:
         h = hashlib.sha256()
         for path in self._part_files():
             h.update(path.name.encode() + b"\n")
-        for name in (_OUTCOMES_FILE, TOMBSTONE_FILE):
+        outcomes = self._outcomes_file()
+        for name in (outcomes.name if outcomes else _OUTCOMES_FILE, TOMBSTONE_FILE):
             path = self.root / name
             if path.exists():
                 st = path.stat()

@@ -48,11 +48,12 @@ import hmac
 import json
 import os
 import secrets
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from encoders.owner_only import read_owner_only
 
 ROLES = ("clinician", "researcher", "admin", "service")
 
@@ -127,22 +128,10 @@ class Principal:
 
 def read_secret_file(path: Path | str, what: str) -> bytes:
     """The bytes of a secret file that only its owner can read, else :class:`AuthConfigError`."""
-    file = Path(path)
     try:
-        st = file.stat()
-    except OSError as exc:
-        raise AuthConfigError(f"cannot read the {what} {file}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise AuthConfigError(f"the {what} {file} is not a regular file")
-    if st.st_mode & 0o077:
-        raise AuthConfigError(
-            f"the {what} {file} is readable or writable by group/others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {file}` and retry"
-        )
-    try:
-        return file.read_bytes()
-    except OSError as exc:
-        raise AuthConfigError(f"cannot read the {what} {file}: {exc.strerror or exc}") from None
+        return read_owner_only(path, what)
+    except PermissionError as exc:
+        raise AuthConfigError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- tokens

@@ -3,13 +3,16 @@
 Why: an exact search of one query streams the whole cohort through memory; a batch of
 ``m`` queries costs about one pass (``indexing.exact``: one SGEMM per block). Under load
 the service therefore answers the requests that arrived together with one
-:meth:`Snapshot.search` call, then runs each request's own post-processing
-(:func:`indexing.query.search_similar`: exclusions, prognosis, OOD, diagnostics) on the
-rows that search found.
+:meth:`Snapshot.search` call. Plain embedding queries that share ``k`` are answered by
+one :func:`indexing.query.search_similar` call (``search_many``: one metadata gather,
+as the in-process batched path); the others (study_uid queries with their exclusions,
+thumbnails, another ``k``) run their own post-processing on the rows the shared search
+found.
 
 Policy (:class:`SearchBatcher`):
 
-* an idle batcher dispatches a request at once (a lone client pays no window);
+* an idle batcher dispatches a request at once (a lone client pays no window), and a
+  batch of one runs as a plain search (no prefetch, no extra work);
 * while a batch runs, new requests queue; they leave when a worker frees up, or when
   ``window_s`` (default 1 ms, at most :data:`MAX_WINDOW_S`) has passed since the first
   of them arrived and fewer than ``max_inflight`` batches run; at most ``max_batch``
@@ -26,17 +29,20 @@ Policy (:class:`SearchBatcher`):
 * a request whose caller went away (cancelled, deadline passed) before its batch starts
   is dropped from the batch; a running batch finishes (a search is not interruptible).
 
-DICOM queries are embedded first (``ServiceState.embed_dicom`` on a worker, with its
-TTA views) and are not batched here; researcher (governed) answers are not batched
-either. :class:`EmbedBatcher` batches concurrent plain embeddings (``EmbedStudy``) into
-one encoder forward.
+DICOM queries are decoded and preprocessed on a worker (``ServiceState.embed_dicom``),
+then embedded through :class:`EmbedBatcher`: the volumes of every study (and its TTA
+views) that arrived while the encoder was busy go through one encoder forward
+(``EmbedStudy`` and DICOM ``SearchSimilar`` alike); their searches are not batched
+here. Researcher (governed) answers are not batched either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -45,9 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from indexing.query import _CACHE as query_caches
-from indexing.query import QueryResult
-from indexing.query import _validate_vectors as normalize_queries
+from indexing.query import QueryResult, normalize_queries, snapshot_cache
 from indexing.snapshot import SearchParams, Snapshot
 from service.convert import SearchQuery
 from service.errors import ServiceError
@@ -155,10 +159,14 @@ class BatchStats:
     largest: int = 0
     fallbacks: int = 0  # members that needed a deeper search than the batch fetched
     dropped: int = 0  # cancelled before their batch started
+    shared: int = 0  # members answered by one search_many call with their peers
     sizes: list[int] = field(default_factory=list)  # last 1,000 batch sizes
 
 
 SearchFn = Callable[[Any, Snapshot, SearchQuery], QueryResult]
+# (caller's future, result, exception): collected on the worker, applied on the loop
+_Settled = tuple["asyncio.Future[QueryResult]", Any, BaseException | None]
+SearchManyFn = Callable[[Any, Snapshot, list[SearchQuery]], list[QueryResult]]
 
 
 class SearchBatcher:
@@ -166,6 +174,10 @@ class SearchBatcher:
 
     ``search_one(state, snapshot, query)`` is the per-request search
     (:func:`service.servicer.search`); it receives a :class:`PrefetchedSnapshot`.
+    ``search_many(state, snapshot, queries)`` (optional, :func:`service.servicer.search_many`)
+    answers plain embedding queries of one group that share ``k`` in one call (one
+    neighbour / metadata pass for all, as in-process batched search); the others go
+    through ``search_one``.
     ``on_batch(size, wait_s)`` (optional) is called on the loop for each dispatched batch.
     """
 
@@ -180,6 +192,7 @@ class SearchBatcher:
         max_queue: int = DEFAULT_MAX_QUEUE,
         max_inflight: int = 1,
         on_batch: Callable[[int, float], None] | None = None,
+        search_many: SearchManyFn | None = None,
     ) -> None:
         if not 0 <= window_s <= MAX_WINDOW_S:
             raise ValueError(f"batch window must be within [0, 2] ms, got {window_s * 1e3:g} ms")
@@ -187,6 +200,7 @@ class SearchBatcher:
             raise ValueError("max_batch, max_queue and max_inflight must be >= 1")
         self.state = state
         self.search_one = search_one
+        self.search_many = search_many
         self.executor = executor
         self.window_s = float(window_s)
         self.max_batch = int(max_batch)
@@ -241,14 +255,28 @@ class SearchBatcher:
             del self.stats.sizes[:-1000]
             if self.on_batch is not None:
                 self.on_batch(len(batch), waited)
-            task = loop.run_in_executor(self.executor, functools.partial(self._run, batch, loop))
-            task.add_done_callback(self._done)
+            run = functools.partial(self._run, batch, loop)
+            try:  # the worker settles the batch with one call back onto the loop (_finish)
+                if self.executor is not None:
+                    self.executor.submit(run)
+                else:
+                    loop.run_in_executor(None, run)
+            except RuntimeError as exc:  # the executor was shut down (server stopping)
+                self._finish([(it.future, None, exc) for it in batch])
 
     def _on_timer(self) -> None:
         self._timer = None
         self._dispatch()
 
-    def _done(self, _fut: Any) -> None:
+    def _finish(self, settled: list[_Settled]) -> None:
+        """On the loop, once per batch: answer its callers, then dispatch what queued."""
+        for future, result, exc in settled:
+            if future.done():
+                continue
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
         self._inflight -= 1
         if self._timer is not None:
             self._timer.cancel()
@@ -257,24 +285,37 @@ class SearchBatcher:
 
     # the batch (on a worker thread) -------------------------------------------------
     def _run(self, batch: Sequence[_Item], loop: asyncio.AbstractEventLoop) -> None:
-        groups: dict[Any, list[_Item]] = {}
-        for it in batch:
-            groups.setdefault(it.key, []).append(it)
-        for items in groups.values():
-            try:
-                self._run_group(items, loop)
-            except BaseException as exc:  # never lose a caller: fail the whole group
-                for it in items:
-                    _resolve(loop, it.future, exc=exc)
+        out: list[_Settled] = []
+        try:
+            groups: dict[Any, list[_Item]] = {}
+            for it in batch:
+                groups.setdefault(it.key, []).append(it)
+            for items in groups.values():
+                try:
+                    self._run_group(items, out)
+                except BaseException as exc:  # never lose a caller: fail the whole group
+                    out.extend((it.future, None, exc) for it in items)
+        finally:
+            # one wake-up of the loop per batch, not one per caller (a closed loop: nobody
+            # is waiting any more)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._finish, out)
 
-    def _run_group(self, items: list[_Item], loop: asyncio.AbstractEventLoop) -> None:
+    def _run_group(self, items: list[_Item], out: list[_Settled]) -> None:
         live = [it for it in items if not it.future.cancelled()]
         self.stats.dropped += len(items) - len(live)
         snapshot = live[0].snapshot if live else None
         if snapshot is None:
             return
+        if len(live) == 1:  # a lone request: its own search, no prefetch (no extra work)
+            self._run_one(live[0], out)
+            return
+        if self.search_many is not None:
+            live = self._run_shared(live, out)
+            if not live:
+                return
         # the per-snapshot cache entry must belong to the snapshot, not to a short-lived view
-        query_caches.setdefault(snapshot, {})
+        snapshot_cache(snapshot)
         vectors: list[np.ndarray | None] = []
         depth = 1
         n, k_ood = snapshot.num_studies, snapshot.k_ood
@@ -311,11 +352,166 @@ class SearchBatcher:
             try:
                 result = self.search_one(self.state, view, it.query)
             except Exception as exc:
-                _resolve(loop, it.future, exc=exc)
+                out.append((it.future, None, exc))
                 continue
             if isinstance(view, PrefetchedSnapshot) and view.hits == 0:
                 self.stats.fallbacks += 1
-            _resolve(loop, it.future, result=result)
+            out.append((it.future, result, None))
+
+    def _run_shared(self, live: list[_Item], out: list[_Settled]) -> list[_Item]:
+        """Answer the plain embedding members that share ``k`` with ``search_many``, two or
+        more at a time; return the members left for the per-request path."""
+        assert self.search_many is not None
+        by_k: dict[int, list[_Item]] = {}
+        rest: list[_Item] = []
+        for it in live:
+            q = it.query
+            plain = q.kind == "embedding" and not q.include_thumbnails
+            (by_k.setdefault(q.k, []) if plain else rest).append(it)
+        for items in by_k.values():
+            if len(items) < 2:
+                rest.extend(items)
+                continue
+            try:
+                results = self.search_many(
+                    self.state, items[0].snapshot, [it.query for it in items]
+                )
+            except Exception:  # e.g. one bad vector: each member reports its own answer or error
+                rest.extend(items)
+                continue
+            self.stats.shared += len(items)
+            out.extend((it.future, result, None) for it, result in zip(items, results, strict=True))
+        return rest
+
+    def _run_one(self, item: _Item, out: list[_Settled]) -> None:
+        try:
+            result = self.search_one(self.state, item.snapshot, item.query)
+        except Exception as exc:
+            out.append((item.future, None, exc))
+        else:
+            out.append((item.future, result, None))
+
+
+EmbedFn = Callable[[Any, np.ndarray], np.ndarray]
+
+
+@dataclass
+class _EmbedJob:
+    encoder: Any
+    volumes: np.ndarray
+    run: EmbedFn
+    key: Any  # jobs with the same key may share a forward
+    result: np.ndarray | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
+class EmbedStats:
+    """Counters of :class:`EmbedBatcher` (for metrics and tests)."""
+
+    forwards: int = 0
+    jobs: int = 0
+    volumes: int = 0
+    largest: int = 0  # most jobs in one forward
+    retried: int = 0  # jobs re-run alone after their batch's forward failed
+
+
+class EmbedBatcher:
+    """Concurrent embeddings -> one encoder forward; called on worker threads.
+
+    ``embed(encoder, volumes, run)`` blocks until ``volumes`` ``(a, D, H, W)`` are
+    embedded and returns their ``(a, d)`` rows. A caller that finds the encoder idle runs
+    at once (a lone query waits for nothing); callers that arrive while a forward runs
+    queue, and the next forward embeds all of them that share an encoder (at most
+    ``max_volumes`` volumes, whole jobs): ``run(encoder, stacked)`` once. One forward at a
+    time, since the cores are shared with the index search. If a batched forward fails,
+    each of its jobs is re-run alone, so one bad study fails only its own call.
+    ``shareable=False`` (volumes whose ``run`` carries per-volume arguments, e.g. regions
+    of interest) runs in a forward of its own, still one forward at a time.
+    """
+
+    def __init__(self, max_volumes: int = 64) -> None:
+        if max_volumes < 1:
+            raise ValueError("max_volumes must be >= 1")
+        self.max_volumes = int(max_volumes)
+        self.stats = EmbedStats()
+        self._cond = threading.Condition()
+        self._queue: list[_EmbedJob] = []
+        self._busy = False
+
+    def embed(
+        self, encoder: Any, volumes: np.ndarray, run: EmbedFn, *, shareable: bool = True
+    ) -> np.ndarray:
+        job = _EmbedJob(encoder, volumes, run, encoder if shareable else object())
+        with self._cond:
+            self._queue.append(job)
+        while True:
+            with self._cond:
+                while self._busy and not job.done:
+                    self._cond.wait()
+                if job.done:
+                    break
+                batch = self._take()
+                self._busy = True
+            try:
+                self._forward(batch)
+            finally:
+                with self._cond:
+                    for j in batch:
+                        j.done = True
+                    self._busy = False
+                    self._cond.notify_all()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def _take(self) -> list[_EmbedJob]:
+        """The next forward's jobs (called under the lock): the oldest job's encoder,
+        in arrival order, whole jobs up to ``max_volumes`` volumes (at least one job)."""
+        key = self._queue[0].key
+        batch: list[_EmbedJob] = []
+        rest: list[_EmbedJob] = []
+        total = 0
+        for j in self._queue:
+            n = len(j.volumes)
+            if j.key is key and (not batch or total + n <= self.max_volumes):
+                batch.append(j)
+                total += n
+            else:
+                rest.append(j)
+        self._queue = rest
+        return batch
+
+    def _forward(self, batch: list[_EmbedJob]) -> None:
+        run = batch[0].run
+        self.stats.forwards += 1
+        self.stats.jobs += len(batch)
+        self.stats.largest = max(self.stats.largest, len(batch))
+        try:
+            if len(batch) == 1:
+                stacked = batch[0].volumes
+            else:
+                dtype = np.result_type(*(j.volumes.dtype for j in batch))
+                stacked = np.concatenate([j.volumes.astype(dtype, copy=False) for j in batch])
+            self.stats.volumes += len(stacked)
+            out = run(batch[0].encoder, stacked)
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+            for j in batch:  # one bad study must not fail its neighbours in the batch
+                self.stats.retried += 1
+                try:
+                    j.result = j.run(j.encoder, j.volumes)
+                except Exception as exc_j:
+                    j.error = exc_j
+            return
+        start = 0
+        for j in batch:
+            j.result = out[start : start + len(j.volumes)]
+            start += len(j.volumes)
 
 
 def _query_vector(snapshot: Snapshot, query: SearchQuery) -> tuple[np.ndarray | None, int]:
@@ -338,30 +534,14 @@ def _query_vector(snapshot: Snapshot, query: SearchQuery) -> tuple[np.ndarray | 
     return None, 0
 
 
-def _resolve(
-    loop: asyncio.AbstractEventLoop,
-    future: asyncio.Future[Any],
-    *,
-    result: Any = None,
-    exc: BaseException | None = None,
-) -> None:
-    def settle() -> None:
-        if future.done():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    loop.call_soon_threadsafe(settle)
-
-
 __all__ = [
     "DEFAULT_MAX_BATCH",
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_WINDOW_S",
     "MAX_WINDOW_S",
     "BatchStats",
+    "EmbedBatcher",
+    "EmbedStats",
     "PrefetchedSnapshot",
     "SearchBatcher",
     "overloaded",

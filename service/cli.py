@@ -667,8 +667,13 @@ def serve(
     max_queue: Annotated[int | None, typer.Option(min=1, help="Searches waiting before RESOURCE_EXHAUSTED (default 1024).")] = None,
     max_concurrent_rpcs: Annotated[int | None, typer.Option(min=1, help="Calls in progress before RESOURCE_EXHAUSTED (default unlimited).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Worker threads for searches and DICOM embedding (default 2).")] = None,
+    blas_threads: Annotated[int | None, typer.Option(min=1, help="BLAS/OpenMP threads per search (default 1: parallelism comes from batches; COHORTSIM_BLAS_THREADS= empty keeps the environment's).")] = None,
     store: Annotated[Path | None, typer.Option(help="Cohort store that IngestStudies adds to and DeletePatient withdraws from.")] = None,
     log_format: Annotated[str | None, typer.Option(help="Log lines as 'text' or 'json' (structured, with request ids).")] = None,
+    grace_s: Annotated[float | None, typer.Option(min=0.0, help="On SIGTERM, seconds in-flight calls may take to finish (default 20).")] = None,
+    stop_delay_s: Annotated[
+        float | None, typer.Option(min=0.0, help="On SIGTERM, seconds health says NOT_SERVING while calls are still taken (default 1).")
+    ] = None,
 ) -> None:
     """Serve the index over gRPC (health and reflection included) until SIGTERM/Ctrl-C.
 
@@ -700,8 +705,11 @@ def serve(
                 "max_queue": max_queue,
                 "max_concurrent_rpcs": max_concurrent_rpcs,
                 "max_workers": workers,
+                "blas_threads": blas_threads,
                 "store": store,
                 "log_format": log_format,
+                "grace_s": grace_s,
+                "stop_delay_s": stop_delay_s,
             },
         )
     except ConfigError as exc:
@@ -724,7 +732,8 @@ def serve(
     asyncio.run(
         serve_async(
             index, host=host, port=port, device=dev, ready=lambda p: _say(f"serving {index} on {host}:{p}"),
-            metrics_port=settings.metrics_port, metrics_host=settings.metrics_host,
+            metrics_port=settings.metrics_port, metrics_host=settings.metrics_host, grace=settings.grace_s,
+            stop_delay=settings.stop_delay_s,
             **settings.server_kwargs(), **security,
         )
     )
@@ -803,12 +812,23 @@ def query(
     tls_ca: Annotated[Path | None, typer.Option(help="CA (PEM) that signed the server's certificate: connect with TLS.")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="Client certificate (PEM) for mutual TLS.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Client private key (PEM, mode 0600) for mutual TLS.")] = None,
+    region: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--region",
+            help="A region of interest of the --dicom study, OBSERVER:z0,y0,x0,z1,y1,x1 (voxel "
+            "indices of its series: slices in ascending position, rows, columns; half-open). "
+            "Repeat for several observers: the prognosis of each and their spread are shown.",
+        ),
+    ] = None,
 ) -> None:
     """Ask a server for the patients most similar to a study, with their outcomes and a prognosis."""
     from service.client import CohortsimClient, CohortsimClientError
 
     if (dicom is None) == (study_uid is None):
         raise CliError("give exactly one of --dicom PATH or --study-uid UID")
+    if region and dicom is None:
+        raise CliError("--region needs --dicom: regions of interest are drawn on a DICOM study")
     credentials, bearer = _client_security(token, token_file, tls_ca, tls_cert, tls_key)
     for target in (plot, thumbnails):
         if target is not None and not target.parent.is_dir():
@@ -817,7 +837,10 @@ def query(
     with CohortsimClient(server, timeout=timeout, credentials=credentials, token=bearer) as client:
         want = thumbnails is not None
         if dicom is not None:
-            result = client.search(dicom_paths=_dicom_files(dicom), k=k, where=where, include_thumbnails=want)
+            result = client.search(
+                dicom_paths=_dicom_files(dicom), k=k, where=where, include_thumbnails=want,
+                regions=[_parse_region(r) for r in region or []],
+            )
         else:
             result = client.search(study_uid=study_uid, k=k, where=where, include_thumbnails=want)
         if not json_out:
@@ -945,6 +968,16 @@ def print_result(result: Any, console: Console | None = None) -> None:
             f"  stability under {st.view_count} scanner-like perturbations: "
             f"{st.mean_neighbor_overlap:.0%} of neighbours kept on average "
             f"(min {st.min_neighbor_overlap:.0%}); {med}",
+            highlight=False,
+        )
+    for r in getattr(d, "regions", []):
+        med = "median not reached" if r.median_survival is None else (
+            f"median {r.median_survival:.1f} {unit} (95% CI {_fmt(r.median_lower, '.1f')}–"
+            f"{_fmt(r.median_upper, '.1f')})"
+        )
+        c.print(
+            f"  region of {r.observer}: {med}; {r.neighbor_overlap:.0%} of the first region's "
+            f"neighbours; effective n {r.effective_sample_size:.1f}",
             highlight=False,
         )
     for w in [*p.warnings, *d.warnings]:
@@ -1085,6 +1118,18 @@ def _demo(root: Path, *, patients: int, train_seconds: float, epochs: int, backb
             result = client.search(dicom_paths=sorted(query_dir.rglob("*.dcm")), k=k)
     print_result(result)
     _print_demo_truth(result, query_dir, synth_dir, pseudo)
+
+
+def _parse_region(text: str) -> tuple[str, tuple[float, ...]]:
+    """``OBSERVER:z0,y0,x0,z1,y1,x1`` -> ``(observer, box)``; CliError when malformed."""
+    observer, sep, numbers = text.rpartition(":")
+    try:
+        box = tuple(float(v) for v in numbers.split(","))
+    except ValueError:
+        box = ()
+    if not sep or not observer.strip() or len(box) != 6:
+        raise CliError(f"--region {text!r}: expected OBSERVER:z0,y0,x0,z1,y1,x1 (six numbers)")
+    return observer.strip(), box
 
 
 def _print_demo_truth(result: Any, query_dir: Path, synth_dir: Path, pseudo: Any) -> None:

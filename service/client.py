@@ -198,6 +198,19 @@ class PredictionStability:
 
 
 @dataclass
+class RegionPrognosis:
+    """The prognosis from one region of interest of a DICOM query."""
+
+    observer: str
+    neighbor_overlap: float
+    median_survival: float | None
+    median_lower: float | None
+    median_upper: float | None
+    at_horizons: list[HorizonEstimate]
+    effective_sample_size: float
+
+
+@dataclass
 class Diagnostics:
     """How typical the query is and how comparable its neighbours are."""
 
@@ -208,6 +221,8 @@ class Diagnostics:
     warnings: list[str] = field(default_factory=list)
     acquisition_checks: list[AcquisitionCheck] = field(default_factory=list)
     stability: PredictionStability | None = None
+    regions: list[RegionPrognosis] = field(default_factory=list)
+    region_spread: PredictionStability | None = None
 
 
 @dataclass
@@ -374,7 +389,17 @@ def search_result_from_proto(resp: cohortsim_pb2.SearchSimilarResponse) -> Searc
         temperature=p.temperature if p.temperature > 0 else None,
     )
     d = resp.diagnostics
-    st = d.stability if d.HasField("stability") else None
+
+    def stab(st: Any) -> PredictionStability:
+        return PredictionStability(
+            int(st.view_count),
+            st.mean_neighbor_overlap,
+            st.min_neighbor_overlap,
+            _opt(st, "median_survival_min"),
+            _opt(st, "median_survival_max"),
+            int(st.median_reached_count),
+        )
+
     diagnostics = Diagnostics(
         ood_percentile=d.ood_percentile,
         mean_similarity=d.mean_similarity,
@@ -387,16 +412,16 @@ def search_result_from_proto(resp: cohortsim_pb2.SearchSimilarResponse) -> Searc
             )
             for c in d.acquisition_checks
         ],
-        stability=None
-        if st is None
-        else PredictionStability(
-            int(st.view_count),
-            st.mean_neighbor_overlap,
-            st.min_neighbor_overlap,
-            _opt(st, "median_survival_min"),
-            _opt(st, "median_survival_max"),
-            int(st.median_reached_count),
-        ),
+        stability=stab(d.stability) if d.HasField("stability") else None,
+        regions=[
+            RegionPrognosis(
+                r.observer, r.neighbor_overlap, _opt(r, "median_survival"),
+                _opt(r, "median_lower"), _opt(r, "median_upper"), _horizons(r.at_horizons),
+                r.effective_sample_size,
+            )
+            for r in d.region_prognoses
+        ],
+        region_spread=stab(d.region_spread) if d.HasField("region_spread") else None,
     )
     return SearchResult(
         neighbors,
@@ -489,8 +514,10 @@ def build_search_request(
     k: int = 10,
     where: str = "",
     include_thumbnails: bool = False,
+    regions: Sequence[tuple[str, Sequence[float]]] = (),
 ) -> cohortsim_pb2.SearchSimilarRequest:
-    """The request for exactly one of ``embedding``, ``study_uid``, ``dicom_paths``."""
+    """The request for exactly one of ``embedding``, ``study_uid``, ``dicom_paths``;
+    ``regions``: ``(observer, (z0, y0, x0, z1, y1, x1))`` boxes of a DICOM query."""
     given = [x is not None for x in (embedding, study_uid, dicom_paths)]
     if sum(given) != 1:
         raise ValueError("give exactly one of embedding, study_uid, dicom_paths")
@@ -506,6 +533,11 @@ def build_search_request(
         req.study_uid = study_uid
     elif dicom_paths is not None:
         req.dicom.files.extend(_read_files(dicom_paths))
+    if regions:
+        if dicom_paths is None:
+            raise ValueError("regions of interest go with a DICOM query (dicom_paths)")
+        for observer, box in regions:
+            req.dicom.regions.add(observer=str(observer), box=[float(v) for v in box])
     return req
 
 
@@ -710,9 +742,12 @@ class CohortsimClient:
         k: int = 10,
         where: str = "",
         include_thumbnails: bool = False,
+        regions: Sequence[tuple[str, Sequence[float]]] = (),
     ) -> SearchResult:
         """The ``k`` most similar studies to one query (exactly one of the three kinds);
-        ``include_thumbnails`` asks for the query's and neighbours' PNG thumbnails."""
+        ``include_thumbnails`` asks for the query's and neighbours' PNG thumbnails;
+        ``regions`` gives a DICOM query's regions of interest as ``(observer, box)``
+        (see ``RegionOfInterest`` in the proto), answered in ``diagnostics.regions``."""
         req = build_search_request(
             embedding=embedding,
             study_uid=study_uid,
@@ -720,6 +755,7 @@ class CohortsimClient:
             k=k,
             where=where,
             include_thumbnails=include_thumbnails,
+            regions=regions,
         )
         return search_result_from_proto(self._call(self._stub.SearchSimilar, req))
 
@@ -852,6 +888,7 @@ class AsyncCohortsimClient:
         k: int = 10,
         where: str = "",
         include_thumbnails: bool = False,
+        regions: Sequence[tuple[str, Sequence[float]]] = (),
     ) -> SearchResult:
         """See :meth:`CohortsimClient.search`."""
         req = build_search_request(
@@ -861,6 +898,7 @@ class AsyncCohortsimClient:
             k=k,
             where=where,
             include_thumbnails=include_thumbnails,
+            regions=regions,
         )
         return search_result_from_proto(await self._call(self._stub.SearchSimilar, req))
 
@@ -931,6 +969,7 @@ __all__ = [
     "PredictionStability",
     "Prognosis",
     "PrognosticQuality",
+    "RegionPrognosis",
     "SearchResult",
     "StudyPage",
     "StudySummary",

@@ -40,6 +40,7 @@ class ServeConfig:
     batch_inflight: int = 1  # batches searched at once (<= max_workers)
     max_concurrent_rpcs: int | None = None  # calls in progress before RESOURCE_EXHAUSTED
     max_workers: int = 2  # worker threads (searches, DICOM decoding and embedding)
+    blas_threads: int | None = 1  # BLAS/OpenMP threads per search (None: the environment's)
     max_receive_mb: int = 64  # largest request message
     max_stream_mb: int = 512  # largest SearchSimilarStream study
     metrics_port: int | None = None  # Prometheus /metrics port (None: off; 0: any free)
@@ -47,6 +48,11 @@ class ServeConfig:
     store: Path | None = None  # cohort store for IngestStudies / DeletePatient
     log_format: str = "text"  # "text" or "json"
     log_level: str = "INFO"
+    # SIGTERM: seconds in-flight calls may take to finish before they are cancelled (a
+    # queue of DICOM queries embedded on the CPU can need more than a few seconds)
+    grace_s: float = 20.0
+    # SIGTERM: health turns NOT_SERVING at once, but new calls are taken this much longer
+    stop_delay_s: float = 1.0
 
     def validate(self) -> ServeConfig:
         def bad(name: str, why: str) -> ConfigError:
@@ -57,6 +63,12 @@ class ServeConfig:
         for name in ("max_batch", "max_queue", "batch_inflight", "max_workers", "max_receive_mb", "max_stream_mb"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
+        if self.grace_s < 0:
+            raise bad("grace_s", "must be >= 0 seconds")
+        if self.stop_delay_s < 0:
+            raise bad("stop_delay_s", "must be >= 0 seconds")
+        if self.blas_threads is not None and self.blas_threads < 1:
+            raise bad("blas_threads", "must be >= 1 (or unset: the environment's)")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise bad("max_concurrent_rpcs", "must be >= 1 (or unset)")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -76,6 +88,7 @@ class ServeConfig:
             "batch_inflight": self.batch_inflight,
             "max_concurrent_rpcs": self.max_concurrent_rpcs,
             "max_workers": self.max_workers,
+            "blas_threads": self.blas_threads,
             "max_receive_mb": self.max_receive_mb,
             "max_stream_mb": self.max_stream_mb,
             "store_dir": self.store,

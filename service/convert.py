@@ -18,7 +18,7 @@ import numpy as np
 from google.protobuf import timestamp_pb2
 
 from indexing.prognosis import Prognosis
-from indexing.query import Diagnostics, NeighborResult, QueryResult
+from indexing.query import Diagnostics, NeighborResult, QueryResult, Stability
 from service.api import cohortsim_pb2 as pb
 from service.errors import invalid_argument
 
@@ -45,6 +45,9 @@ class SearchQuery:
     include_thumbnails: bool = False
     nprobe: int | None = None  # SearchParameters (approximate indexes); None = index default
     ef_search: int | None = None
+    # regions of interest of a DICOM query: (observer, (z0, y0, x0, z1, y1, x1)) in voxel
+    # indices of the study's chosen series; empty = the encoder proposes the lesion
+    regions: list[tuple[str, tuple[float, ...]]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- requests
@@ -137,8 +140,45 @@ def parse_search_request(
         )
     files = parse_dicom(request.dicom, max_files=max_files)
     return SearchQuery(
-        "dicom", k, where, dicom_files=files, include_thumbnails=thumbs, nprobe=nprobe, ef_search=ef_search
+        "dicom", k, where, dicom_files=files, include_thumbnails=thumbs, nprobe=nprobe,
+        ef_search=ef_search, regions=parse_regions(request.dicom.regions),
     )
+
+
+MAX_REGIONS = 16
+"""Most regions of interest one DICOM query may carry (each is embedded and searched)."""
+MAX_OBSERVER_LENGTH = 64
+
+
+def parse_regions(regions: Any) -> list[tuple[str, tuple[float, ...]]]:
+    """``DicomStudy.regions`` -> ``[(observer, box)]``; INVALID_ARGUMENT ``INVALID_REGION``
+    unless each box is 6 finite numbers with each upper bound above the lower one."""
+    if len(regions) > MAX_REGIONS:
+        raise invalid_argument(
+            "INVALID_REGION",
+            f"{len(regions)} regions of interest; at most {MAX_REGIONS} per query",
+        )
+    out: list[tuple[str, tuple[float, ...]]] = []
+    for i, r in enumerate(regions):
+        box = tuple(float(v) for v in r.box)
+        observer = r.observer.strip() or f"region {i + 1}"
+        if len(observer) > MAX_OBSERVER_LENGTH:
+            raise invalid_argument(
+                "INVALID_REGION", f"regions[{i}].observer is longer than {MAX_OBSERVER_LENGTH} characters"
+            )
+        if len(box) != 6 or not all(math.isfinite(v) for v in box):
+            raise invalid_argument(
+                "INVALID_REGION",
+                f"regions[{i}].box must be 6 finite numbers z0, y0, x0, z1, y1, x1 "
+                f"(voxel indices of the study's series), got {len(box)} values",
+            )
+        if any(hi <= lo for lo, hi in zip(box[:3], box[3:], strict=True)):
+            raise invalid_argument(
+                "INVALID_REGION",
+                f"regions[{i}].box is empty: z1, y1, x1 must exceed z0, y0, x0",
+            )
+        out.append((observer, box))
+    return out
 
 
 def parse_search_parameters(request: pb.SearchSimilarRequest) -> tuple[int | None, int | None]:
@@ -225,17 +265,35 @@ def _add_horizons(target: Any, horizons: Any) -> None:
         _set_optional(he, "upper", h.upper)
 
 
+# The cohort's curve (hundreds of points) is one shared object for every answer of a
+# snapshot (indexing.query caches it per snapshot): it is converted once and each
+# response copies the converted message (~15 us instead of ~0.35 ms per answer).
+_COHORT_CURVES: dict[int, tuple[Any, pb.Prognosis]] = {}
+_COHORT_CURVES_KEPT = 8
+
+
+def _cohort_template(curve: Any) -> pb.Prognosis:
+    hit = _COHORT_CURVES.get(id(curve))
+    if hit is not None and hit[0] is curve:  # the entry holds the curve: its id is not reused
+        return hit[1]
+    template = pb.Prognosis(cohort_survival=_survival_points(curve))
+    while len(_COHORT_CURVES) >= _COHORT_CURVES_KEPT:
+        _COHORT_CURVES.pop(next(iter(_COHORT_CURVES)), None)
+    _COHORT_CURVES[id(curve)] = (curve, template)
+    return template
+
+
 def prognosis_to_proto(p: Prognosis, *, time_unit: str) -> pb.Prognosis:
-    msg = pb.Prognosis(
-        survival=_survival_points(p.survival),
-        cohort_survival=_survival_points(p.cohort_survival),
-        temperature=_float(p.temperature),
-        effective_sample_size=float(p.effective_n),
-        neighbors_with_outcome=int(p.n_with_outcome),
-        events=int(p.n_events),
-        warnings=list(p.warnings),
-        time_unit=time_unit,
-    )
+    msg = pb.Prognosis()
+    if p.cohort_survival:
+        msg.CopyFrom(_cohort_template(p.cohort_survival))
+    msg.survival.extend(_survival_points(p.survival))
+    msg.temperature = _float(p.temperature)
+    msg.effective_sample_size = float(p.effective_n)
+    msg.neighbors_with_outcome = int(p.n_with_outcome)
+    msg.events = int(p.n_events)
+    msg.warnings.extend(list(p.warnings))
+    msg.time_unit = time_unit
     _set_optional(msg, "median_survival", p.median)
     _set_optional(msg, "median_lower", p.median_lower)
     _set_optional(msg, "median_upper", p.median_upper)
@@ -285,15 +343,30 @@ def diagnostics_to_proto(d: Diagnostics) -> pb.QueryDiagnostics:
             cohort_share=float(c.cohort_share),
             seen_in_cohort=bool(c.seen),
         )
-    st = d.stability
-    if st is not None:
-        msg.stability.view_count = int(st.views)
-        msg.stability.mean_neighbor_overlap = float(st.mean_overlap)
-        msg.stability.min_neighbor_overlap = float(st.min_overlap)
-        msg.stability.median_reached_count = int(st.medians_reached)
-        _set_optional(msg.stability, "median_survival_min", st.median_min)
-        _set_optional(msg.stability, "median_survival_max", st.median_max)
+    if d.stability is not None:
+        _set_stability(msg.stability, d.stability)
+    for r in d.regions:
+        rp = msg.region_prognoses.add(
+            observer=str(r.observer),
+            neighbor_overlap=float(r.neighbor_overlap),
+            effective_sample_size=_float(r.prognosis.effective_n),
+        )
+        _set_optional(rp, "median_survival", r.prognosis.median)
+        _set_optional(rp, "median_lower", r.prognosis.median_lower)
+        _set_optional(rp, "median_upper", r.prognosis.median_upper)
+        _add_horizons(rp.at_horizons, r.prognosis.at_horizons)
+    if d.region_spread is not None:
+        _set_stability(msg.region_spread, d.region_spread)
     return msg
+
+
+def _set_stability(msg: pb.PredictionStability, st: Stability) -> None:
+    msg.view_count = int(st.views)
+    msg.mean_neighbor_overlap = float(st.mean_overlap)
+    msg.min_neighbor_overlap = float(st.min_overlap)
+    msg.median_reached_count = int(st.medians_reached)
+    _set_optional(msg, "median_survival_min", st.median_min)
+    _set_optional(msg, "median_survival_max", st.median_max)
 
 
 def search_response(

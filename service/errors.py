@@ -22,7 +22,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from encoders.errors import DicomError, EncoderError
+from encoders.errors import DicomError, EncoderError, EncoderOutOfMemoryError
 from indexing.errors import (
     DimensionError,
     FilterError,
@@ -116,6 +116,13 @@ def classify(exc: BaseException) -> ServiceError:
             grpc.StatusCode.FAILED_PRECONDITION,
             "MODEL_VERSION_MISMATCH",
             _message(exc, "the query comes from another model version than the index"),
+        )
+    if isinstance(exc, EncoderOutOfMemoryError):
+        return ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "OUT_OF_MEMORY",
+            "the server ran out of memory embedding the study; retry later or send an "
+            "embedding instead of DICOM",
         )
     if isinstance(exc, EncoderError):
         return ServiceError(

@@ -170,6 +170,8 @@ SEARCH_RULES: dict[str, str] = {
     "diagnostics.warnings": TEXT,
     "diagnostics.acquisition_checks": DROP,  # shares over the unfiltered neighbours
     "diagnostics.stability": DROP,  # overlaps of neighbour sets
+    "diagnostics.region_prognoses": DROP,  # weighted, over unfiltered neighbours
+    "diagnostics.region_spread": DROP,  # overlaps of neighbour sets
     "disclosure_control": KEEP,
     "disclosure_control.min_cell_count": KEEP,
     "disclosure_control.aggregated_patients": COUNT,

@@ -46,12 +46,18 @@ from service.servicer import (
     PatientSimilarityServicer,
     ServiceState,
     search,
+    search_many,
 )
+from service.threads import DEFAULT_BLAS_THREADS, limit_native_threads
 from service.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GRACE_S = 5.0
+DEFAULT_GRACE_S = 20.0  # SIGTERM: how long in-flight calls may take (cohortsim serve --grace-s)
+# SIGTERM: health says NOT_SERVING at once, but new calls are still taken this long, so
+# calls already sent (on the wire, or queued in gRPC but not yet picked up by the busy
+# event loop, which gRPC would cancel at stop) are served rather than failed
+DEFAULT_STOP_DELAY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,8 @@ async def create_server(
     max_stream_mb: int = DEFAULT_MAX_STREAM_MB,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    blas_threads: int | None = DEFAULT_BLAS_THREADS,
+    warm_encoder: bool = True,
 ) -> tuple[grpc.aio.Server, int]:
     """Build a ``grpc.aio`` server for the current snapshot of ``index_dir``; not started.
 
@@ -112,7 +120,12 @@ async def create_server(
     FAILED_PRECONDITION); ``max_stream_mb`` caps one SearchSimilarStream study.
     Prometheus metrics (:mod:`service.metrics`) are kept for every server and served on
     ``metrics_host:metrics_port`` when a port is given (0: a free one,
-    :func:`server_metrics_port` says which). Bad security settings (a key or token file others can
+    :func:`server_metrics_port` says which). ``blas_threads`` caps BLAS / OpenMP threads
+    per search, process-wide (:mod:`service.threads`; None: as the environment says).
+    ``warm_encoder``: when the index carries an encoder, load it (and torch) before the
+    server listens; otherwise the first DICOM query loads it, and while torch imports
+    (seconds on a busy CPU) every other call waits too.
+    Bad security settings (a key or token file others can
     read, an unwritable or broken audit log) raise before anything listens.
     """
     if max_receive_mb < 1:
@@ -120,7 +133,10 @@ async def create_server(
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
     security = _Security.build(tls, auth_tokens, audit_log, rate_limit, max_concurrent_per_principal)
+    limit_native_threads(blas_threads)
     state = await asyncio.to_thread(ServiceState.load, Path(index_dir), device=device)
+    if warm_encoder and state.dicom_supported:
+        await asyncio.to_thread(_warm_encoder, state)
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cohortsim-worker")
     governance = Governance(policy)
     if security.audit is not None:
@@ -143,6 +159,7 @@ async def create_server(
             # the other workers stay free for DICOM embedding and the other RPCs
             max_inflight=batch_inflight,
             on_batch=metrics.observe_batch,
+            search_many=functools.partial(search_many, max_k=limits.max_k),
         )
         metrics.watch_queue(lambda: batcher.queue_depth if batcher is not None else 0)
     servicer = PatientSimilarityServicer(
@@ -231,11 +248,23 @@ async def create_server(
     return server, bound
 
 
-async def shutdown(server: grpc.aio.Server, grace: float = DEFAULT_GRACE_S) -> None:
-    """Mark health NOT_SERVING, stop accepting calls, drain in-flight ones for ``grace`` s."""
+def _warm_encoder(state: ServiceState) -> None:
+    try:
+        state.encoder()
+    except Exception as exc:  # remembered by the state; DICOM calls get the error
+        log.warning("encoder not loaded at start (%s); DICOM queries will fail", type(exc).__name__)
+
+
+async def shutdown(
+    server: grpc.aio.Server, grace: float = DEFAULT_GRACE_S, *, delay: float = 0.0
+) -> None:
+    """Mark health NOT_SERVING, keep taking calls for ``delay`` s, then stop accepting
+    calls and drain in-flight ones for ``grace`` s."""
     parts = _PARTS.get(server)
     if parts is not None:
         await parts.health.enter_graceful_shutdown()
+    if delay > 0:
+        await asyncio.sleep(delay)
     await server.stop(grace)
     if parts is not None:
         parts.state.close()
@@ -317,10 +346,13 @@ async def serve(
     max_receive_mb: int = 64,
     max_workers: int = 2,
     grace: float = DEFAULT_GRACE_S,
+    stop_delay: float = DEFAULT_STOP_DELAY_S,
     device: str = "auto",
     **security: Any,
 ) -> None:
-    """Serve until SIGTERM / SIGINT (or until the server terminates), then stop gracefully.
+    """Serve until SIGTERM / SIGINT (or until the server terminates), then stop gracefully:
+    health NOT_SERVING, new calls still taken for ``stop_delay`` s, then in-flight calls
+    drained for up to ``grace`` s (:func:`shutdown`).
 
     ``ready(port)`` is called once the server listens (``port=0`` picks a free one);
     ``security`` takes :func:`create_server`'s ``tls``, ``auth_tokens``, ``audit_log``,
@@ -352,11 +384,16 @@ async def serve(
     try:
         await asyncio.wait({stop_wait, terminated}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
-            log.info("stopping: draining in-flight calls for up to %.0f s", grace)
+            log.info(
+                "stopping: NOT_SERVING, taking calls for %.1f s more, then draining in-flight "
+                "calls for up to %.0f s",
+                stop_delay,
+                grace,
+            )
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-        await shutdown(server, grace)
+        await shutdown(server, grace, delay=stop_delay if stop.is_set() else 0.0)
         for task in (stop_wait, terminated):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -366,6 +403,7 @@ async def serve(
 
 __all__ = [
     "DEFAULT_GRACE_S",
+    "DEFAULT_STOP_DELAY_S",
     "create_server",
     "serve",
     "server_batcher",

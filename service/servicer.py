@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +22,11 @@ import numpy as np
 
 from encoders.errors import EncoderError
 from indexing.errors import ModelVersionError
-from indexing.query import QueryResult, attach_stability, search_similar, thumbnails
+from indexing.query import QueryResult, attach_regions, attach_stability, search_similar, thumbnails
 from indexing.snapshot import SearchParams, Snapshot, current_version, load_snapshot
 from service import convert
 from service.api import cohortsim_pb2, cohortsim_pb2_grpc
-from service.batching import SearchBatcher
+from service.batching import EmbedBatcher, SearchBatcher
 from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
 from service.governance import Governance, ResearcherAnswer
 from service.interceptors.call import add_facts, current_principal
@@ -63,6 +63,7 @@ class EmbeddedStudy:
     acquisition: dict[str, str]
     views: np.ndarray | None = None
     thumbnail: bytes | None = None
+    regions: np.ndarray | None = None  # (r, d): one row per region of interest; row 0 = vector
 
 
 TTA_VIEWS = 4  # scanner-augmented copies of a DICOM query (stability diagnostics); 0 = off
@@ -128,7 +129,7 @@ class ServiceState:
         self._encoders: dict[str, tuple[Any, Any]] = {}  # model version -> (encoder, card)
         self._encoder_errors: dict[str, BaseException] = {}
         self._encoder_lock = threading.Lock()
-        self._embed_lock = threading.Lock()
+        self.embedder = EmbedBatcher()  # concurrent DICOM embeddings share encoder forwards
         self._swap_lock = threading.Lock()
         self._skipped_version: str | None = None
         self._listeners: list[Callable[[Snapshot], None]] = []
@@ -279,11 +280,15 @@ class ServiceState:
         views: int = 0,
         thumbnail: bool = False,
         snapshot: Snapshot | None = None,
+        regions: Sequence[Sequence[float]] = (),
     ) -> EmbeddedStudy:
         """Decode, preprocess and embed one study's DICOM files; blocking.
 
         ``views`` > 0 also embeds that many scanner-augmented copies (:func:`scanner_views`);
         ``thumbnail`` makes the PNG of the preprocessed volume's central slice.
+        ``regions``: boxes ``(z0, y0, x0, z1, y1, x1)`` on the study's own voxel grid; each
+        is embedded (``EmbeddedStudy.regions``, the first is ``vector``) and the
+        augmented copies use the first one.
         """
         from encoders.dicom import preprocess, read_study
         from encoders.model import embed
@@ -291,11 +296,20 @@ class ServiceState:
         encoder, card = self.encoder(snapshot)  # the encoder of the snapshot searched
         study = read_study(files)
         volume = preprocess(study, card.input)
-        extra = None
-        with self._embed_lock:  # one inference at a time: the cores are shared with FAISS
-            vector = embed(encoder, volume[None], device=self.device)[0]
-            if views > 0:
-                extra = embed(encoder, scanner_views(volume, views), device=self.device)
+        if regions:
+            return self._embed_regions(encoder, card, study, volume, regions, views, thumbnail)
+        stack = volume[None]
+        if views > 0:
+            stack = np.concatenate([stack.astype(np.float32), scanner_views(volume, views)])
+
+        def forward(enc: Any, volumes: np.ndarray) -> np.ndarray:
+            return embed(enc, volumes, batch_size=len(volumes), device=self.device)
+
+        # one forward at a time (the cores are shared with the index search); the studies
+        # of concurrent calls that queued meanwhile share the next one (service.batching)
+        out = self.embedder.embed(encoder, stack, forward)
+        vector = out[0]
+        extra = out[1:] if views > 0 else None
         acquisition = {
             str(k): str(v) for k, v in (study.acquisition or {}).items() if v is not None
         }
@@ -305,6 +319,60 @@ class ServiceState:
 
             png = thumbnail_png(volume)
         return EmbeddedStudy(vector.astype(np.float32), card.version, acquisition, extra, png)
+
+    def _embed_regions(
+        self, encoder: Any, card: Any, study: Any, volume: np.ndarray,
+        regions: Sequence[Sequence[float]], views: int, thumbnail: bool,
+    ) -> EmbeddedStudy:
+        """:meth:`embed_dicom` for a query with regions of interest: each box is mapped to
+        the encoder's input grid and embedded (one forward, not shared with other calls:
+        the boxes travel with the volumes)."""
+        from encoders.dicom import box_to_input_grid
+        from encoders.model import embed
+
+        if card.region.mode != "lesion":
+            raise failed_precondition(
+                "REGIONS_UNSUPPORTED",
+                f"this index's encoder embeds {card.region.mode} volumes; regions of interest "
+                "need an encoder trained with region='lesion' (send the query without regions)",
+            )
+        shape = tuple(int(n) for n in card.input.shape)
+        boxes = []
+        for i, b in enumerate(regions):
+            box = box_to_input_grid(b, study.volume.shape, study.spacing, card.input)
+            if any(hi <= 0 or lo >= n for lo, hi, n in zip(box[:3], box[3:], shape, strict=True)):
+                raise invalid_argument(
+                    "INVALID_REGION",
+                    f"regions[{i}] lies outside the part of the study the encoder sees "
+                    f"(the central {' x '.join(f'{n * s:g}' for n, s in zip(shape, card.input.spacing_mm, strict=True))} mm "
+                    f"of a study of {study.volume.shape[0]} x {study.volume.shape[1]} x "
+                    f"{study.volume.shape[2]} voxels)",
+                )
+            boxes.append(box)
+        stack = np.repeat(volume[None].astype(np.float32), len(boxes), axis=0)
+        rois: list[Any] = list(boxes)
+        if views > 0:
+            stack = np.concatenate([stack, scanner_views(volume, views)])
+            rois += [boxes[0]] * views
+        out = self.embedder.embed(  # one forward at a time; the boxes keep it unshared
+            encoder,
+            stack,
+            lambda enc, v: embed(enc, v, rois=rois, batch_size=len(v), device=self.device),
+            shareable=False,
+        )
+        acquisition = {
+            str(k): str(v) for k, v in (study.acquisition or {}).items() if v is not None
+        }
+        png = None
+        if thumbnail:
+            from indexing.thumbnails import thumbnail_png
+
+            png = thumbnail_png(volume)
+        r = len(boxes)
+        return EmbeddedStudy(
+            out[0].astype(np.float32), card.version, acquisition,
+            out[r:] if views > 0 else None, png, regions=out[:r].astype(np.float32),
+        )
 
 
 def search(
@@ -320,6 +388,7 @@ def search(
     """
     kwargs: dict[str, Any] = {}
     views = None
+    region_vectors = None
     query_thumbnail = None
     if query.where:
         snapshot.filter_mask(query.where)  # a bad filter fails before any DICOM is decoded
@@ -339,9 +408,11 @@ def search(
             views=state.tta_views,
             thumbnail=query.include_thumbnails,
             snapshot=snapshot,
+            regions=[box for _, box in query.regions],
         )
         vector = embedded.vector
         views = embedded.views
+        region_vectors = embedded.regions
         query_thumbnail = embedded.thumbnail
         kwargs["query_acquisition"] = [embedded.acquisition]
     kwargs["where"] = query.where
@@ -349,11 +420,19 @@ def search(
         kwargs["search_params"] = SearchParams(nprobe=query.nprobe, ef_search=query.ef_search)
     results = search_similar(snapshot, vector[None, :], query.k, max_k=max_k, **kwargs)
     result = results[0]
-    if views is not None and len(views):
+
+    def same_as_query(vectors: np.ndarray) -> list[QueryResult]:
+        """Search ``vectors`` with the query's k, filter and exclusions (per-query lists
+        repeated for each row)."""
         same: dict[str, Any] = {
-            key: v * len(views) if isinstance(v, list) else v for key, v in kwargs.items()
+            key: v * len(vectors) if isinstance(v, list) else v for key, v in kwargs.items()
         }
-        attach_stability(result, search_similar(snapshot, views, query.k, max_k=max_k, **same))
+        return search_similar(snapshot, vectors, query.k, max_k=max_k, **same)
+
+    if views is not None and len(views):
+        attach_stability(result, same_as_query(views))
+    if region_vectors is not None:
+        attach_regions(result, [obs for obs, _ in query.regions], same_as_query(region_vectors))
     if query.include_thumbnails:
         result.query_thumbnail = query_thumbnail
         for nb, png in zip(
@@ -361,6 +440,38 @@ def search(
         ):
             nb.thumbnail = png
     return result
+
+
+def search_many(
+    state: ServiceState,
+    snapshot: Snapshot,
+    queries: list[convert.SearchQuery],
+    *,
+    max_k: int,
+) -> list[QueryResult]:
+    """Answers of plain embedding queries that share ``k``, filter and search parameters
+    (no thumbnails), from one :func:`search_similar` call: one index search and one
+    metadata gather for all, as the in-process batched path. Each answer equals
+    :func:`search` of its query. Blocking; raises on a bad filter or parameters (the
+    micro-batcher then answers each query on its own, so the error stays per request).
+    """
+    q0 = queries[0]
+    if any(
+        q.kind != "embedding"
+        or q.include_thumbnails
+        or (q.k, q.where, q.nprobe, q.ef_search) != (q0.k, q0.where, q0.nprobe, q0.ef_search)
+        for q in queries
+    ):
+        raise ValueError("search_many takes embedding queries sharing k, filter and parameters")
+    params = (
+        SearchParams(nprobe=q0.nprobe, ef_search=q0.ef_search)
+        if q0.nprobe is not None or q0.ef_search is not None
+        else None
+    )
+    vectors = np.stack([np.asarray(q.embedding, dtype=np.float32).reshape(-1) for q in queries])
+    return search_similar(
+        snapshot, vectors, q0.k, max_k=max_k, where=q0.where, search_params=params
+    )
 
 
 class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
@@ -470,4 +581,5 @@ __all__ = [
     "ServiceState",
     "scanner_views",
     "search",
+    "search_many",
 ]

@@ -21,3 +21,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _date_anchors_in_tmp(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Ingests under test keep their site-side date anchors (encoders.deid.DateAnchors)
+    in a temporary folder, never in ~/.config/cohortsim."""
+    from encoders.deid import ANCHORS_ENV_VAR
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv(ANCHORS_ENV_VAR, str(tmp_path_factory.mktemp("anchors") / "date-anchors.json"))
+    yield
+    patch.undo()

@@ -17,10 +17,20 @@ class Vector(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DicomStudy(_message.Message):
-    __slots__ = ("files",)
+    __slots__ = ("files", "regions")
     FILES_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     files: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, files: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    regions: _containers.RepeatedCompositeFieldContainer[RegionOfInterest]
+    def __init__(self, files: _Optional[_Iterable[bytes]] = ..., regions: _Optional[_Iterable[_Union[RegionOfInterest, _Mapping]]] = ...) -> None: ...
+
+class RegionOfInterest(_message.Message):
+    __slots__ = ("observer", "box")
+    OBSERVER_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    observer: str
+    box: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, observer: _Optional[str] = ..., box: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Filter(_message.Message):
     __slots__ = ("where",)
@@ -241,8 +251,26 @@ class Prognosis(_message.Message):
     temperature: float
     def __init__(self, survival: _Optional[_Iterable[_Union[SurvivalPoint, _Mapping]]] = ..., median_survival: _Optional[float] = ..., median_lower: _Optional[float] = ..., median_upper: _Optional[float] = ..., at_horizons: _Optional[_Iterable[_Union[HorizonEstimate, _Mapping]]] = ..., effective_sample_size: _Optional[float] = ..., neighbors_with_outcome: _Optional[int] = ..., events: _Optional[int] = ..., label_distributions: _Optional[_Iterable[_Union[LabelDistribution, _Mapping]]] = ..., value_summaries: _Optional[_Iterable[_Union[ValueSummary, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., time_unit: _Optional[str] = ..., cohort_survival: _Optional[_Iterable[_Union[SurvivalPoint, _Mapping]]] = ..., cohort_median_survival: _Optional[float] = ..., cohort_at_horizons: _Optional[_Iterable[_Union[HorizonEstimate, _Mapping]]] = ..., temperature: _Optional[float] = ...) -> None: ...
 
+class RegionPrognosis(_message.Message):
+    __slots__ = ("observer", "neighbor_overlap", "median_survival", "median_lower", "median_upper", "at_horizons", "effective_sample_size")
+    OBSERVER_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOR_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_SURVIVAL_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_LOWER_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_UPPER_FIELD_NUMBER: _ClassVar[int]
+    AT_HORIZONS_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_SAMPLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    observer: str
+    neighbor_overlap: float
+    median_survival: float
+    median_lower: float
+    median_upper: float
+    at_horizons: _containers.RepeatedCompositeFieldContainer[HorizonEstimate]
+    effective_sample_size: float
+    def __init__(self, observer: _Optional[str] = ..., neighbor_overlap: _Optional[float] = ..., median_survival: _Optional[float] = ..., median_lower: _Optional[float] = ..., median_upper: _Optional[float] = ..., at_horizons: _Optional[_Iterable[_Union[HorizonEstimate, _Mapping]]] = ..., effective_sample_size: _Optional[float] = ...) -> None: ...
+
 class QueryDiagnostics(_message.Message):
-    __slots__ = ("ood_percentile", "mean_similarity", "same_scanner_share", "cohort_scanner_share", "warnings", "acquisition_checks", "stability")
+    __slots__ = ("ood_percentile", "mean_similarity", "same_scanner_share", "cohort_scanner_share", "warnings", "acquisition_checks", "stability", "region_prognoses", "region_spread")
     OOD_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     SAME_SCANNER_SHARE_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +278,8 @@ class QueryDiagnostics(_message.Message):
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     ACQUISITION_CHECKS_FIELD_NUMBER: _ClassVar[int]
     STABILITY_FIELD_NUMBER: _ClassVar[int]
+    REGION_PROGNOSES_FIELD_NUMBER: _ClassVar[int]
+    REGION_SPREAD_FIELD_NUMBER: _ClassVar[int]
     ood_percentile: float
     mean_similarity: float
     same_scanner_share: float
@@ -257,7 +287,9 @@ class QueryDiagnostics(_message.Message):
     warnings: _containers.RepeatedScalarFieldContainer[str]
     acquisition_checks: _containers.RepeatedCompositeFieldContainer[AcquisitionCheck]
     stability: PredictionStability
-    def __init__(self, ood_percentile: _Optional[float] = ..., mean_similarity: _Optional[float] = ..., same_scanner_share: _Optional[float] = ..., cohort_scanner_share: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., acquisition_checks: _Optional[_Iterable[_Union[AcquisitionCheck, _Mapping]]] = ..., stability: _Optional[_Union[PredictionStability, _Mapping]] = ...) -> None: ...
+    region_prognoses: _containers.RepeatedCompositeFieldContainer[RegionPrognosis]
+    region_spread: PredictionStability
+    def __init__(self, ood_percentile: _Optional[float] = ..., mean_similarity: _Optional[float] = ..., same_scanner_share: _Optional[float] = ..., cohort_scanner_share: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., acquisition_checks: _Optional[_Iterable[_Union[AcquisitionCheck, _Mapping]]] = ..., stability: _Optional[_Union[PredictionStability, _Mapping]] = ..., region_prognoses: _Optional[_Iterable[_Union[RegionPrognosis, _Mapping]]] = ..., region_spread: _Optional[_Union[PredictionStability, _Mapping]] = ...) -> None: ...
 
 class AcquisitionCheck(_message.Message):
     __slots__ = ("attribute", "query_value", "neighbor_share", "cohort_share", "seen_in_cohort")

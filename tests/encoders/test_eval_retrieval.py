@@ -23,6 +23,7 @@ from encoders.synth import synth_cohort
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 17 min on 2 busy cores (load 7-10); the default 600 s is too short
 def test_lesion_encoder_retrieves_phenotype_not_scanner(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     info = synth_cohort(tmp_path, patients=160, seed=11)

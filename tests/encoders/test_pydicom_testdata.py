@@ -66,11 +66,11 @@ def test_every_bundled_file_is_read_or_refused_specifically() -> None:
         studies[_outcome(lambda p: read_study([p], series_rule=ANY), path)] += 1
         if path.is_file() and _has_pixels(str(path)):
             pixels[_outcome(read_pixels, path)] += 1
-    # What pydicom ships today: a real share of it reads, and every pixel file that is
-    # greyscale and undamaged decodes (RGB / YBR / palette are refused as unsupported).
+    # What pydicom ships today: a real share of it reads, and every undamaged pixel file
+    # decodes, colour ones as grey (88 of 95; the rest are broken or 1-bit masks).
     assert studies["ok"] >= 40, studies
     assert sum(pixels.values()) >= 90, pixels
-    assert pixels["ok"] >= 50, pixels
+    assert pixels["ok"] >= 85, pixels
     assert set(pixels) <= {"ok", "unsupported", "truncated", "corrupt", "missing_tag"}, pixels
 
 

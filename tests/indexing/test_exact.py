@@ -229,3 +229,65 @@ def test_gpu_routing_is_exact_with_a_stand_in_index(data, tmp_path: Path) -> Non
     _, gr = gpu.search(q, 10, where="site = 'b'")  # two thirds excluded: the CPU copy
     assert len(calls) == n_calls
     np.testing.assert_array_equal(gr, cpu.search(q, 10, where="site = 'b'")[1])
+
+
+@pytest.mark.parametrize("nq", [1, 2, 16, 32, 128])
+def test_service_batch_sizes_with_tombstones_and_filter(tmp_path: Path, nq: int) -> None:
+    """Snapshot.search (the BLAS path) at the batch sizes a service sends gives FAISS
+    Flat's ids and similarities (1e-5), with withdrawn patients and a filter applied."""
+    from indexing.tombstones import TOMBSTONE_FILE, add_tombstones
+
+    rng = np.random.default_rng(nq)
+    x = unit(rng.normal(size=(6000, 32)))
+    q = unit(rng.normal(size=(nq, 32)))
+    root = _snapshot_dir(tmp_path, x)
+    gone = rng.choice(x.shape[0], 300, replace=False)
+    add_tombstones(root / TOMBSTONE_FILE, [f"P-{i:016x}" for i in gone])
+    snap = load_snapshot(root, device="cpu")
+    assert snap.backend == "blas"
+    index = faiss.IndexFlatIP(32)
+    index.add(x)
+    keep = np.ones(x.shape[0], dtype=bool)
+    keep[gone] = False
+    for where, mask in (("", keep), ("site = 'b'", keep & (np.arange(x.shape[0]) % 3 == 0))):
+        fs, fr = faiss_masked(index, q, 10, mask)
+        ss, sr = snap.search(q, 10, where=where)
+        np.testing.assert_array_equal(sr, fr)
+        np.testing.assert_allclose(ss, fs, atol=1e-5)
+        assert mask[sr].all()
+
+
+def test_faiss_threads_for_is_per_thread_and_restored() -> None:
+    import threading
+
+    from indexing.exact import faiss_threads_for
+
+    before = faiss.omp_get_max_threads()
+    seen: dict[str, int] = {}
+
+    def other() -> None:
+        seen["other"] = faiss.omp_get_max_threads()
+
+    with faiss_threads_for(1):
+        seen["inside"] = faiss.omp_get_max_threads()
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen["inside"] == 1
+    assert seen["other"] == before  # another thread's FAISS calls keep every thread
+    assert faiss.omp_get_max_threads() == before
+    with pytest.raises(RuntimeError), faiss_threads_for(1):
+        raise RuntimeError
+    assert faiss.omp_get_max_threads() == before
+
+
+@pytest.mark.parametrize("share", [0.01, 0.1, 0.3])
+@pytest.mark.parametrize("nq", [1, 3, 8])
+def test_few_queries_masked_both_paths(data, share: float, nq: int) -> None:
+    """Gathered (few rows pass) and full-scan (masked scores) paths give FAISS's answer."""
+    x, q, index = data
+    mask = np.random.default_rng(3).random(x.shape[0]) < share
+    fs, fr = faiss_masked(index, q[:nq], 10, mask)
+    bs, br = BlasExactIndex(x).search(q[:nq], 10, allowed=mask)
+    np.testing.assert_array_equal(br, fr)
+    np.testing.assert_allclose(bs, fs, atol=1e-5)

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 import indexing.build as build
+import indexing.snapshot as snapshot
 from encoders.model import EncoderCard, create_encoder, save_encoder
 from encoders.spec import InputSpec
 from indexing.errors import QueryError, SnapshotError, StoreError
@@ -212,7 +213,7 @@ def test_per_query_search_params(tmp_path: Path) -> None:
     hnsw = load_snapshot(tmp_path / "hnsw", device="cpu")
     flat = load_snapshot(tmp_path / "flat", device="cpu")
     assert ivf.manifest["search_params"]["nprobe"] >= 1
-    assert hnsw.manifest["search_params"]["efSearch"] == 128
+    assert hnsw.manifest["search_params"]["efSearch"] == snapshot.HNSW_EF_SEARCH
     rng = np.random.default_rng(1)
     q = rng.normal(size=(50, 16)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -242,7 +243,7 @@ def test_pq_is_reranked_with_exact_similarities(tmp_path: Path) -> None:
     x, meta = make(n=3000, d=16)
     build_snapshot(tmp_path, x, meta, model_version="m", kind="IVF16,PQ4x4")
     snap = load_snapshot(tmp_path, device="cpu")
-    assert snap.rerank == 4 and snap.manifest["vectors"] == "embeddings.npy"
+    assert snap.rerank == snapshot.RERANK_FACTOR and snap.manifest["vectors"] == "embeddings.npy"
     q = snap.vectors[:30]
     sims, rows = snap.search(q, 5)
     exact = np.einsum("md,mkd->mk", q, np.asarray(snap.vectors)[rows])

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from encoders.errors import DicomError, EncoderError
+from encoders.errors import DicomError, EncoderError, EncoderOutOfMemoryError
 from indexing.errors import (
     DimensionError,
     FilterError,
@@ -40,6 +40,7 @@ C = grpc.StatusCode
         (UnknownStudyError("study S-1 is not in index version v1"), C.NOT_FOUND, "UNKNOWN_STUDY"),
         (ModelVersionError("model a vs b"), C.FAILED_PRECONDITION, "MODEL_VERSION_MISMATCH"),
         (EncoderError("weights corrupt"), C.FAILED_PRECONDITION, "ENCODER_UNUSABLE"),
+        (EncoderOutOfMemoryError("out of memory"), C.RESOURCE_EXHAUSTED, "OUT_OF_MEMORY"),
         (SnapshotError("no published snapshot"), C.UNAVAILABLE, "INDEX_UNAVAILABLE"),
     ],
 )
