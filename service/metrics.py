@@ -25,10 +25,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-import grpc
 from prometheus_client import (
     CollectorRegistry,
     Gauge,
@@ -37,7 +36,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from service.interceptors.call import CallInfo, status_of, wrap_handler
+from service.interceptors.call import CallInfo, GuardInterceptor, status_of
 
 log = logging.getLogger("cohortsim.access")
 
@@ -173,20 +172,11 @@ class _MetricsGuard:
             )
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(GuardInterceptor):
     """Latency, in-flight count and an access-log line for every call."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self._guard = _MetricsGuard(metrics)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        return wrap_handler(handler, method, self._guard)
 
 
 __all__ = ["MetricsInterceptor", "ServerMetrics"]

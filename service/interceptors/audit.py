@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -29,7 +28,7 @@ from google.rpc import error_details_pb2, status_pb2
 from service.audit import AuditError, AuditLog
 from service.auth import METHOD_RIGHTS, PUBLIC
 from service.errors import ServiceError, abort
-from service.interceptors.call import CallInfo, status_of, wrap_handler
+from service.interceptors.call import CallInfo, GuardInterceptor, status_of
 
 log = logging.getLogger(__name__)
 
@@ -160,20 +159,12 @@ class _AuditGuard:
                 )
 
 
-class AuditInterceptor(grpc.aio.ServerInterceptor):
+class AuditInterceptor(GuardInterceptor):
     """Writes one chained audit record per call to an :class:`AuditLog`."""
 
     def __init__(self, audit: AuditLog, *, include_health: bool = False) -> None:
         self.audit = audit
         self._guard = _AuditGuard(audit, include_health=include_health)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        return wrap_handler(handler, handler_call_details.method, self._guard)
 
 
 __all__ = ["AuditInterceptor", "describe_request", "returned_pseudonyms"]

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from service.auth import AUTHENTICATED, METHOD_RIGHTS, PUBLIC, TokenStore, bearer_token
 from service.errors import ServiceError, abort
-from service.interceptors.call import CallInfo, wrap_handler
+from service.interceptors.call import CallInfo, GuardInterceptor
 from service.tls import peer_common_name
 
 log = logging.getLogger(__name__)
@@ -140,19 +139,11 @@ class _AuthGuard:
             )
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(GuardInterceptor):
     """Checks credentials and rights before any method runs."""
 
     def __init__(self, tokens: TokenStore, *, rights: dict[str, str] | None = None) -> None:
         self._guard = _AuthGuard(tokens, dict(METHOD_RIGHTS if rights is None else rights))
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        return wrap_handler(handler, handler_call_details.method, self._guard)
 
 
 __all__ = ["AuthInterceptor"]

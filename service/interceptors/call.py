@@ -188,10 +188,27 @@ def _code(context: Any) -> grpc.StatusCode | None:
     return None
 
 
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that runs ``self._guard`` (a :class:`CallGuard`, set by the
+    subclass's ``__init__``) around every method handler via :func:`wrap_handler`."""
+
+    _guard: CallGuard
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        return wrap_handler(handler, handler_call_details.method, self._guard)
+
+
 __all__ = [
     "REQUEST_ID_KEY",
     "CallGuard",
     "CallInfo",
+    "GuardInterceptor",
     "add_facts",
     "begin_call",
     "current_call",

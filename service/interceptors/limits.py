@@ -13,7 +13,6 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ import grpc
 
 from service.auth import METHOD_RIGHTS, PUBLIC
 from service.errors import ServiceError, abort
-from service.interceptors.call import CallInfo, wrap_handler
+from service.interceptors.call import CallInfo, GuardInterceptor
 
 MAX_TRACKED = 10_000
 
@@ -110,7 +109,7 @@ class _LimitGuard:
                 b.in_flight -= 1
 
 
-class RateLimitInterceptor(grpc.aio.ServerInterceptor):
+class RateLimitInterceptor(GuardInterceptor):
     """``rate`` calls/s (bursts of ``burst``) and ``max_concurrent`` calls per principal."""
 
     def __init__(
@@ -127,14 +126,6 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
         if max_concurrent is not None and max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self._guard = _LimitGuard(rate, burst, max_concurrent)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        return wrap_handler(handler, handler_call_details.method, self._guard)
 
 
 __all__ = ["RateLimitInterceptor"]
