@@ -24,13 +24,12 @@ from typing import Any
 
 import grpc
 import numpy as np
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api import SERVICE_FULL_NAME, cohortsim_pb2, cohortsim_pb2_grpc
+from service.errors import reason_from_trailing
 
 DEFAULT_MAX_MESSAGE_MB = 64
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 # --------------------------------------------------------------------------- errors
@@ -58,22 +57,7 @@ class CohortsimClientError(Exception):
         trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
         message = " ".join(str(details or name.lower().replace("_", " ")).split())
-        return cls(name, message, _error_reason(trailing))
-
-
-def _error_reason(trailing: Any) -> str | None:
-    for key, value in trailing or ():
-        if key != _STATUS_DETAILS_KEY:
-            continue
-        try:
-            status = status_pb2.Status.FromString(value)
-        except Exception:
-            return None
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):
-                return info.reason or None
-    return None
+        return cls(name, message, reason_from_trailing(trailing))
 
 
 # --------------------------------------------------------------------------- results

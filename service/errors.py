@@ -187,14 +187,36 @@ def grpc_errors(fn: Handler[Request, Response]) -> Handler[Request, Response]:
     return wrapper
 
 
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def reason_from_trailing(trailing: Any) -> str | None:
+    """The ``google.rpc.ErrorInfo`` reason carried in a call's trailing metadata (the
+    ``grpc-status-details-bin`` entry), or None when there is none or it is unreadable."""
+    for key, value in trailing or ():
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except Exception:
+            return None
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                return info.reason or None
+    return None
+
 __all__ = [
     "DOMAIN",
+    "STATUS_DETAILS_KEY",
     "ServiceError",
     "abort",
     "classify",
     "failed_precondition",
     "grpc_errors",
     "invalid_argument",
+    "reason_from_trailing",
     "to_status",
     "unavailable",
 ]

@@ -23,16 +23,14 @@ import time
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from service.audit import AuditError, AuditLog
 from service.auth import METHOD_RIGHTS, PUBLIC
-from service.errors import ServiceError, abort
+from service.errors import ServiceError, abort, reason_from_trailing
 from service.interceptors.call import CallInfo, GuardInterceptor, status_of
 
 log = logging.getLogger(__name__)
 
-_DETAILS_KEY = "grpc-status-details-bin"
 _ID_FIELDS = ("patient_id", "study_uid")
 
 
@@ -41,18 +39,7 @@ def _reason(context: Any) -> str | None:
         trailing = context.trailing_metadata()
     except Exception:
         return None
-    for key, value in trailing or ():
-        if key != _DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        try:
-            status = status_pb2.Status.FromString(value)
-        except Exception:
-            return None
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):
-                return info.reason or None
-    return None
+    return reason_from_trailing(trailing)
 
 
 def describe_request(request: Any) -> dict[str, Any]:
