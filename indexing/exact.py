@@ -54,6 +54,19 @@ def _empty(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((m, k), -np.inf, dtype=np.float32), np.full((m, k), -1, dtype=np.int64)
 
 
+def _finish(vals: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS's conventions on ``(m, kk)`` top-k results: a non-finite score means no hit
+    (id -1, score -inf); rows are padded with such empty hits up to ``k`` columns."""
+    ids[~np.isfinite(vals)] = -1
+    vals[ids < 0] = -np.inf
+    m, kk = vals.shape
+    if kk < k:
+        pad_v, pad_i = _empty(m, k - kk)
+        vals = np.concatenate([vals, pad_v], axis=1)
+        ids = np.concatenate([ids, pad_i], axis=1)
+    return vals, ids
+
+
 def _group_max(scores: np.ndarray, groups: int) -> np.ndarray:
     """``(m, groups)``: column j is the max of ``scores[:, j + i * groups]`` for i < GROUP.
 
@@ -104,13 +117,7 @@ def topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(-vals, axis=1, kind="stable")
     vals = np.take_along_axis(vals, order, axis=1).astype(np.float32, copy=False)
     cols = np.take_along_axis(cols, order, axis=1).astype(np.int64, copy=False)
-    cols[~np.isfinite(vals)] = -1
-    vals[cols < 0] = -np.inf
-    if kk < k:
-        pad_v, pad_c = _empty(m, k - kk)
-        vals = np.concatenate([vals, pad_v], axis=1)
-        cols = np.concatenate([cols, pad_c], axis=1)
-    return vals, cols
+    return _finish(vals, cols, k)
 
 
 def _merge(
@@ -325,13 +332,7 @@ class TorchExactIndex:
                     s += chunk
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
-        out_r[~np.isfinite(out_v)] = -1
-        out_v[out_r < 0] = -np.inf
-        if kk < k:
-            pad_v, pad_r = _empty(m, k - kk)
-            out_v = np.concatenate([out_v, pad_v], axis=1)
-            out_r = np.concatenate([out_r, pad_r], axis=1)
-        return out_v, out_r
+        return _finish(out_v, out_r, k)
 
 
 __all__ = ["BlasExactIndex", "TorchExactIndex", "cuda_visible", "faiss_threads_for", "topk_rows"]
