@@ -296,20 +296,20 @@ class ServiceState:
         encoder, card = self.encoder(snapshot)  # the encoder of the snapshot searched
         study = read_study(files)
         volume = preprocess(study, card.input)
-        if regions:
-            return self._embed_regions(encoder, card, study, volume, regions, views, thumbnail)
-        stack = volume[None]
+        boxes = self._region_boxes(card, study, regions) if regions else []
+        n = max(1, len(boxes))  # rows embedded for the query itself
+        stack = volume[None] if n == 1 else np.repeat(volume[None], n, axis=0)
         if views > 0:
             stack = np.concatenate([stack.astype(np.float32), scanner_views(volume, views)])
+        rois = [*boxes, *[boxes[0]] * views] if boxes else None
 
         def forward(enc: Any, volumes: np.ndarray) -> np.ndarray:
-            return embed(enc, volumes, batch_size=len(volumes), device=self.device)
+            return embed(enc, volumes, rois=rois, batch_size=len(volumes), device=self.device)
 
         # one forward at a time (the cores are shared with the index search); the studies
-        # of concurrent calls that queued meanwhile share the next one (service.batching)
-        out = self.embedder.embed(encoder, stack, forward)
-        vector = out[0]
-        extra = out[1:] if views > 0 else None
+        # of concurrent calls that queued meanwhile share the next one (service.batching),
+        # except a study with regions, whose boxes travel with its own volumes only
+        out = self.embedder.embed(encoder, stack, forward, shareable=rois is None)
         acquisition = {
             str(k): str(v) for k, v in (study.acquisition or {}).items() if v is not None
         }
@@ -318,17 +318,19 @@ class ServiceState:
             from indexing.thumbnails import thumbnail_png
 
             png = thumbnail_png(volume)
-        return EmbeddedStudy(vector.astype(np.float32), card.version, acquisition, extra, png)
+        return EmbeddedStudy(
+            out[0].astype(np.float32), card.version, acquisition,
+            out[n:] if views > 0 else None, png,
+            regions=out[:n].astype(np.float32) if boxes else None,
+        )
 
-    def _embed_regions(
-        self, encoder: Any, card: Any, study: Any, volume: np.ndarray,
-        regions: Sequence[Sequence[float]], views: int, thumbnail: bool,
-    ) -> EmbeddedStudy:
-        """:meth:`embed_dicom` for a query with regions of interest: each box is mapped to
-        the encoder's input grid and embedded (one forward, not shared with other calls:
-        the boxes travel with the volumes)."""
+    @staticmethod
+    def _region_boxes(
+        card: Any, study: Any, regions: Sequence[Sequence[float]]
+    ) -> list[tuple[float, ...]]:
+        """Each region's box mapped to the encoder's input grid; FAILED_PRECONDITION for a
+        whole-volume encoder, INVALID_ARGUMENT for a box the preprocessing cropped away."""
         from encoders.dicom import box_to_input_grid
-        from encoders.model import embed
 
         if card.region.mode != "lesion":
             raise failed_precondition(
@@ -337,43 +339,19 @@ class ServiceState:
                 "need an encoder trained with region='lesion' (send the query without regions)",
             )
         shape = tuple(int(n) for n in card.input.shape)
-        boxes = []
+        extent = " x ".join(f"{n * s:g}" for n, s in zip(shape, card.input.spacing_mm, strict=True))
+        boxes: list[tuple[float, ...]] = []
         for i, b in enumerate(regions):
             box = box_to_input_grid(b, study.volume.shape, study.spacing, card.input)
             if any(hi <= 0 or lo >= n for lo, hi, n in zip(box[:3], box[3:], shape, strict=True)):
                 raise invalid_argument(
                     "INVALID_REGION",
-                    f"regions[{i}] lies outside the part of the study the encoder sees "
-                    f"(the central {' x '.join(f'{n * s:g}' for n, s in zip(shape, card.input.spacing_mm, strict=True))} mm "
-                    f"of a study of {study.volume.shape[0]} x {study.volume.shape[1]} x "
-                    f"{study.volume.shape[2]} voxels)",
+                    f"regions[{i}] lies outside the part of the study the encoder sees (the "
+                    f"central {extent} mm of a study of "
+                    f"{' x '.join(str(d) for d in study.volume.shape)} voxels)",
                 )
             boxes.append(box)
-        stack = np.repeat(volume[None].astype(np.float32), len(boxes), axis=0)
-        rois: list[Any] = list(boxes)
-        if views > 0:
-            stack = np.concatenate([stack, scanner_views(volume, views)])
-            rois += [boxes[0]] * views
-        out = self.embedder.embed(  # one forward at a time; the boxes keep it unshared
-            encoder,
-            stack,
-            lambda enc, v: embed(enc, v, rois=rois, batch_size=len(v), device=self.device),
-            shareable=False,
-        )
-        acquisition = {
-            str(k): str(v) for k, v in (study.acquisition or {}).items() if v is not None
-        }
-        png = None
-        if thumbnail:
-            from indexing.thumbnails import thumbnail_png
-
-            png = thumbnail_png(volume)
-        r = len(boxes)
-        return EmbeddedStudy(
-            out[0].astype(np.float32), card.version, acquisition,
-            out[r:] if views > 0 else None, png, regions=out[:r].astype(np.float32),
-        )
-
+        return boxes
 
 def search(
     state: ServiceState, snapshot: Snapshot, query: convert.SearchQuery, *, max_k: int
