@@ -396,8 +396,6 @@ def search(
     kwargs["where"] = query.where
     if query.nprobe is not None or query.ef_search is not None:
         kwargs["search_params"] = SearchParams(nprobe=query.nprobe, ef_search=query.ef_search)
-    results = search_similar(snapshot, vector[None, :], query.k, max_k=max_k, **kwargs)
-    result = results[0]
 
     def same_as_query(vectors: np.ndarray) -> list[QueryResult]:
         """Search ``vectors`` with the query's k, filter and exclusions (per-query lists
@@ -407,10 +405,13 @@ def search(
         }
         return search_similar(snapshot, vectors, query.k, max_k=max_k, **same)
 
+    # with regions of interest, the answer is the first region's (its vector is `vector`)
+    results = same_as_query(region_vectors if region_vectors is not None else vector[None, :])
+    result = results[0]
     if views is not None and len(views):
         attach_stability(result, same_as_query(views))
     if region_vectors is not None:
-        attach_regions(result, [obs for obs, _ in query.regions], same_as_query(region_vectors))
+        attach_regions(result, [obs for obs, _ in query.regions], results)
     if query.include_thumbnails:
         result.query_thumbnail = query_thumbnail
         for nb, png in zip(
