@@ -18,18 +18,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-from service.cli import app
-
-runner = CliRunner()
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    res = runner.invoke(app, list(args))
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res.exit_code, res.stdout, res.stderr
+from .clirun import cli
 
 
 @pytest.fixture(scope="module")
