@@ -8,7 +8,7 @@ the phenotype, scanner excess and the kNN C-index for cohortsim and for the base
 computed in the same run (random vectors, HU-histogram kNN, randomly initialised
 backbone), each also after ComBat harmonisation where it applies. Nothing is asserted.
 
-    python benchmarks/eval_retrieval.py                      # 240 patients, ~7 min on cpu2
+    python benchmarks/eval_retrieval.py                      # 240 patients, ~10 min on cpu2
     python benchmarks/eval_retrieval.py --preset small       # 120 patients, fast look
     python benchmarks/eval_retrieval.py --workdir /tmp/ev    # keep (and reuse) cohort + store
     python benchmarks/eval_retrieval.py --json out.json

@@ -252,6 +252,11 @@ class AugmentConfig:
         """Views of a lesion box: no z-stretch and little zoom (size is disease signal,
         and the box is already in mm), orientation-free, wider noise and kernel ranges.
 
+        Noise (up to 60 HU), blur (up to 1.5 voxels) and slice thickness (up to 3 slices)
+        are wide because on the 2 mm grid the scanners' noise texture, kernels and slice
+        thickness are visible: with 40 HU / 1.0 / 2 the neighbours' scanner excess was
+        0.10 on one cohort, with these 0.04, at the same P@10 (benchmarks/RESULTS.md).
+
         HU offset / scale: without calibration, wide (±40 HU, ±7 %) so the network cannot
         tell a scanner by its calibration; after per-study calibration on air and soft
         tissue (``calibrated=True``) only the residual error (±12 HU, ±2 %) — a wider
@@ -266,12 +271,12 @@ class AugmentConfig:
             slice_min_fraction=1.0,
             zoom=(0.92, 1.08),
             max_shift_px=0.0,
-            max_thickness_slices=2,
-            blur_sigma=(0.3, 1.0),
+            max_thickness_slices=3,
+            blur_sigma=(0.3, 1.5),
             sharpen_amount=(0.2, 1.0),
             hu_offset=hu_offset,
             hu_scale=hu_scale,
-            noise_sigma=(0.0, 40.0),
+            noise_sigma=(0.0, 60.0),
             rot_flip=True,
         )
 

@@ -130,6 +130,9 @@ def list_encoders() -> list[str]:
 # --------------------------------------------------------------------------- region
 
 
+LESION_BOX_MM: tuple[float, float, float] = (24.0, 48.0, 48.0)
+
+
 @dataclass(frozen=True)
 class RegionSpec:
     """What part of a study the encoder looks at (stored in the card).
@@ -137,7 +140,8 @@ class RegionSpec:
     ``mode="whole"``: the whole preprocessed volume. ``mode="lesion"``: a box of
     ``size`` (depth, height, width) voxels of the input grid centred on the lesion,
     resized in-plane to ``px`` x ``px`` pixels before the backbone (the default 6 x 12 x 12
-    voxels is 24 x 48 x 48 mm at 4 mm spacing). ``proposal`` names the centre proposal
+    voxels is 24 x 48 x 48 mm at 4 mm spacing; :meth:`for_spec` gives the same millimetres
+    on any grid). ``proposal`` names the centre proposal
     used when the caller gives no box or mask (see :mod:`encoders.roi`).
     """
 
@@ -161,6 +165,17 @@ class RegionSpec:
                 "proposal": self.proposal}
 
     @classmethod
+    def for_spec(cls, mode: str | None, spec: InputSpec) -> RegionSpec:
+        """The default region of ``mode`` on ``spec``'s grid: a lesion box of
+        :data:`LESION_BOX_MM` (24 x 48 x 48 mm) whatever the spacing, so a finer grid sees
+        the same anatomy in more voxels."""
+        if (mode or "whole") != "lesion":
+            return cls(mode=mode or "whole")
+        size = tuple(max(1, round(b / float(s)))
+                     for b, s in zip(LESION_BOX_MM, spec.spacing_mm, strict=True))
+        return cls(mode="lesion", size=size)  # type: ignore[arg-type]
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any] | str | None) -> RegionSpec:
         if d is None:
             return cls()
@@ -177,10 +192,10 @@ class RegionSpec:
         )
 
 
-def _region(region: str | RegionSpec | None) -> RegionSpec:
+def _region(region: str | RegionSpec | None, spec: InputSpec) -> RegionSpec:
     if isinstance(region, RegionSpec):
         return region
-    return RegionSpec(mode=region or "whole")
+    return RegionSpec.for_spec(region, spec)
 
 
 # --------------------------------------------------------------------------- card
@@ -360,7 +375,7 @@ class StudyEncoder(nn.Module):
         self.spec = spec
         self.embedding_dim = int(embedding_dim)
         self.pooling = pooling
-        self.region = _region(region)
+        self.region = _region(region, spec)
         self.calibration = calibration
         self.num_features: int = int(self.backbone.num_features)  # type: ignore[arg-type]
         self.pool = GatedAttentionPool(self.num_features) if pooling == "attention" else None

@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 DEFAULT_SIGMAS_MM: tuple[float, ...] = (4.0, 6.0, 8.0, 12.0)
+COARSE_MM = 4.0  # finer grids are searched coarse to fine (propose_lesion)
 _AIR_HU = -400.0
 _CLIP_HU = (-1000.0, 100.0)
 
@@ -160,21 +161,71 @@ def propose_lesion(
     *,
     spacing_mm: Sequence[float] = (4.0, 4.0, 4.0),
     sigmas_mm: Sequence[float] = DEFAULT_SIGMAS_MM,
+    coarse_mm: float | None = COARSE_MM,
 ) -> Roi:
     """The most blob-like focal density inside the lungs of one ``(D, H, W)`` HU volume
-    on a grid of ``spacing_mm``."""
+    on a grid of ``spacing_mm``.
+
+    On grids finer than ``coarse_mm`` the search runs coarse to fine: the volume is
+    block-averaged to about ``coarse_mm`` (the smallest filter scale is 4 mm, so nothing
+    the filter sees is lost), the best coarse voxel is found, and the score is recomputed
+    on the full grid only in a window of two coarse voxels around it. A 2 mm grid then
+    costs about as much as a 4 mm one instead of 8x more. ``coarse_mm=None`` searches the
+    full grid."""
     v = _check_volume(volume)
+    sp = [float(a) for a in spacing_mm]
+    factors = [max(1, int(coarse_mm // a)) for a in sp] if coarse_mm else [1, 1, 1]
+    if max(factors) > 1 and all(n >= 4 * f for n, f in zip(v.shape, factors, strict=True)):
+        return _propose_coarse_to_fine(v, sp, sigmas_mm, factors)
     lung = lung_region(v)
     centre = tuple(int(s) // 2 for s in v.shape)
     if not lung.any():
         return Roi(centre=centre, source="centre")  # type: ignore[arg-type]
-    score = blob_score(v, spacing_mm=spacing_mm, sigmas_mm=sigmas_mm, mask=lung)
+    score = blob_score(v, spacing_mm=sp, sigmas_mm=sigmas_mm, mask=lung)
     flat = int(np.argmax(score))
     if score.flat[flat] <= 0:
         return Roi(centre=centre, source="centre")  # type: ignore[arg-type]
     c = np.unravel_index(flat, v.shape)
     return Roi(centre=(int(c[0]), int(c[1]), int(c[2])), source="proposal",
                score=float(score.flat[flat]))
+
+
+def _propose_coarse_to_fine(
+    v: np.ndarray, sp: list[float], sigmas_mm: Sequence[float], factors: list[int]
+) -> Roi:
+    trimmed = tuple(n - n % f for n, f in zip(v.shape, factors, strict=True))
+    small = v[: trimmed[0], : trimmed[1], : trimmed[2]].astype(np.float32)
+    for axis, f in enumerate(factors):
+        if f > 1:
+            shape = list(small.shape)
+            shape[axis : axis + 1] = [shape[axis] // f, f]
+            small = small.reshape(shape).mean(axis=axis + 1)
+    coarse = propose_lesion(small, spacing_mm=[a * f for a, f in zip(sp, factors, strict=True)],
+                            sigmas_mm=sigmas_mm, coarse_mm=None)
+    if coarse.source != "proposal":
+        centre = tuple(int(s) // 2 for s in v.shape)
+        return Roi(centre=centre, source=coarse.source)  # type: ignore[arg-type]
+    # The coarse voxel's block on the full grid, widened by two coarse voxels per side (and
+    # by the filter's reach, so the window's edges do not change the score inside it).
+    reach = [int(np.ceil(3 * max(sigmas_mm) / a)) for a in sp]
+    lo, hi, inner = [], [], []
+    for c, f, r, n in zip(coarse.centre, factors, reach, v.shape, strict=True):
+        a, b = c * f - 2 * f, (c + 1) * f + 2 * f
+        inner.append((max(a, 0), min(b, n)))
+        lo.append(max(a - r, 0))
+        hi.append(min(b + r, n))
+    win = v[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    lung = lung_region(v[lo[0] : hi[0]])[:, lo[1] : hi[1], lo[2] : hi[2]]
+    sel = np.zeros(win.shape, dtype=bool)
+    sel[tuple(slice(a - o, b - o) for (a, b), o in zip(inner, lo, strict=True))] = True
+    score = blob_score(win, spacing_mm=sp, sigmas_mm=sigmas_mm, mask=sel & lung)
+    flat = int(np.argmax(score))
+    if score.flat[flat] <= 0:  # the fine grid disagrees: keep the coarse voxel's centre
+        mid = tuple(int(cc * f + f // 2) for cc, f in zip(coarse.centre, factors, strict=True))
+        return Roi(centre=mid, source="proposal", score=coarse.score)  # type: ignore[arg-type]
+    best = np.unravel_index(flat, win.shape)
+    return Roi(centre=(int(best[0]) + lo[0], int(best[1]) + lo[1], int(best[2]) + lo[2]),
+               source="proposal", score=float(score.flat[flat]))
 
 
 def roi_from_box(box: Sequence[float], shape: Sequence[int]) -> Roi:

@@ -25,10 +25,15 @@ class InputSpec:
     Volumes are resampled to ``spacing_mm`` (z, y, x) and centre-cropped / padded to
     ``shape`` (depth, height, width); the stored volume is int16 HU of that shape.
     ``windows`` are (centre, width) HU windows; each is one channel of the 2D backbone.
+
+    The default grid is 2 mm (64 x 256 x 256 mm, 1 MiB per study): lesion texture (the
+    spicules of a 12-20 mm nodule) survives it, and did not survive the earlier 4 mm grid
+    (retrieval P@10 of the same method 0.63 at 4 mm vs 0.79 at 2 mm on a cohort scanned at
+    about 2 mm; benchmarks/RESULTS.md, issue #4).
     """
 
-    spacing_mm: tuple[float, float, float] = (4.0, 4.0, 4.0)
-    shape: tuple[int, int, int] = (16, 64, 64)
+    spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    shape: tuple[int, int, int] = (32, 128, 128)
     windows: tuple[tuple[float, float], ...] = field(default=DEFAULT_CT_WINDOWS)
     pad_value_hu: float = -1024.0
 

@@ -4,9 +4,12 @@ Each patient gets one chest CT study written as real CT Image Storage DICOM, fro
 five simulated scanners that differ in noise level and texture, reconstruction kernel
 (smooth vs sharpening), HU calibration, slice thickness, field of view / pixel spacing,
 signed vs unsigned pixel storage, padding outside the reconstruction circle and
-InstanceNumber order. The anatomy (body, fat rim, lungs with vessel texture, spine, ribs)
-varies per patient; a lung lesion carries the phenotype (size class x texture class).
-Survival depends on the phenotype only and the scanner is drawn independently of it, so
+InstanceNumber order. Pixels are 1.9-2.4 mm (128-192 rows over 300-360 mm): coarser than
+a clinical CT (0.6-0.8 mm), yet fine enough that a small lesion's spicules span pixels. At
+the 3.8-4.7 mm of earlier versions they did not, and small solid and small spiculated
+lesions were barely separable even with labels. The anatomy (body, fat rim, lungs with
+vessel texture, spine, ribs) varies per patient; a lung lesion carries the phenotype (size
+class x texture class). Survival depends on the phenotype only and the scanner is drawn independently of it, so
 an encoder that groups patients by scanner rather than by lesion is visibly wrong.
 
 Layout under ``out``::
@@ -80,7 +83,7 @@ SCANNERS: tuple[ScannerProfile, ...] = (
         hu_offset=-20.0,
         hu_gain=1.0,
         thickness_mm=2.5,
-        rows=96,
+        rows=192,
         fov_mm=360.0,
         signed=True,
         instance_order="descending",
@@ -101,7 +104,7 @@ SCANNERS: tuple[ScannerProfile, ...] = (
         hu_offset=25.0,
         hu_gain=1.03,
         thickness_mm=5.0,
-        rows=64,
+        rows=128,
         fov_mm=300.0,
         signed=False,
         instance_order="random",
@@ -122,7 +125,7 @@ SCANNERS: tuple[ScannerProfile, ...] = (
         hu_offset=5.0,
         hu_gain=1.0,
         thickness_mm=3.0,
-        rows=80,
+        rows=160,
         fov_mm=320.0,
         signed=True,
         instance_order="ascending",
@@ -143,7 +146,7 @@ SCANNERS: tuple[ScannerProfile, ...] = (
         hu_offset=-8.0,
         hu_gain=0.97,
         thickness_mm=4.0,
-        rows=72,
+        rows=144,
         fov_mm=340.0,
         signed=False,
         instance_order="random",
@@ -164,7 +167,7 @@ SCANNERS: tuple[ScannerProfile, ...] = (
         hu_offset=12.0,
         hu_gain=1.0,
         thickness_mm=3.0,
-        rows=88,
+        rows=176,
         fov_mm=330.0,
         signed=True,
         instance_order="descending",

@@ -6,14 +6,15 @@ schedule. The projection head is discarded after training; the encoder's neck ou
 the study embedding.
 
 Speed: each view encodes a random subset of ``train_slices`` slices (the mean over
-slices is defined for any subset), which halves the cost at the default 8 of 16.
+slices is defined for any subset): 8 of a 12-slice lesion box, 8 of 32 whole-volume slices.
 ``torch.set_num_threads`` is left to the caller.
 
 Lesion region (``region="lesion"``): the lesion centre of every training study is found
 once (:func:`encoders.roi.propose_lesion`, or given ``rois``); the two views of a study
-are two boxes around it, each shifted by up to ``roi_jitter`` voxels per axis (which
-also teaches tolerance to an imprecise centre), randomly rotated / reflected, then passed
-through the scanner augmentations of :meth:`AugmentConfig.for_lesion`.
+are two boxes around it, each shifted by up to ``roi_jitter`` voxels per axis (8 mm by
+default, which also teaches tolerance to an imprecise centre), randomly rotated /
+reflected, then passed through the scanner augmentations of
+:meth:`AugmentConfig.for_lesion`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = ["CHECKPOINT_FILE", "METHODS", "resolve_device", "train_ssl"]
 
 METHODS = ("simclr", "vicreg")
 CHECKPOINT_FILE = "checkpoint.pt"
+ROI_JITTER_MM = 8.0  # default box jitter: 2 voxels at 4 mm, 4 at 2 mm
 
 ProgressFn = Callable[[int, int, float], None]
 
@@ -197,7 +199,7 @@ def train_ssl(
     augment: AugmentConfig | None = None,
     region: str | RegionSpec | None = None,
     rois: Sequence[Any] | None = None,
-    roi_jitter: int = 2,
+    roi_jitter: int | None = None,
     calibration: str = "none",
 ) -> tuple[StudyEncoder, EncoderCard]:
     """Train an encoder on ``volumes`` ``(n, D, H, W)`` int16 HU without labels.
@@ -212,7 +214,8 @@ def train_ssl(
     ``region`` ``"whole"`` (default) or ``"lesion"`` (or a :class:`RegionSpec`): what the
     encoder embeds; with ``"lesion"``, ``rois`` optionally gives one region per study
     (box, mask, :class:`encoders.roi.Roi` or ``None`` = propose), and views are boxes
-    shifted by up to ``roi_jitter`` voxels (``augment`` defaults to
+    shifted by up to ``roi_jitter`` voxels (default: :data:`ROI_JITTER_MM` on the grid;
+    ``augment`` defaults to
     :meth:`AugmentConfig.for_lesion`). ``calibration="tissue"`` calibrates each study's HU
     on its air and soft tissue first (:func:`encoders.harmonize.calibrate_hu`), so the HU
     augmentation only has to cover the residual (lesion views use narrow HU ranges then).
@@ -221,9 +224,11 @@ def train_ssl(
     set when the encoder is saved).
     """
     _validate(volumes, spec, method, epochs, batch_size, lr, train_slices)
-    if roi_jitter < 0:
+    if roi_jitter is not None and roi_jitter < 0:
         raise EncoderError(f"roi_jitter must be >= 0 voxels, got {roi_jitter}")
-    reg = region if isinstance(region, RegionSpec) else RegionSpec(mode=region or "whole")
+    reg = region if isinstance(region, RegionSpec) else RegionSpec.for_spec(region, spec)
+    if roi_jitter is None:  # 8 mm on the in-plane grid
+        roi_jitter = max(1, round(ROI_JITTER_MM / float(spec.spacing_mm[1])))
     lesion = reg.mode == "lesion"
     if lesion and augment is None:
         augment = AugmentConfig.for_lesion(calibrated=calibration == "tissue")

@@ -15,6 +15,7 @@ are re-run one by one in fresh processes and the one that crashes again is rejec
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import multiprocessing
@@ -307,13 +308,28 @@ def _scan(files: list[Path], pool: _Workers) -> tuple[list[FileHeader], list[Rej
     return headers, rejected
 
 
+def store_spec(store: CohortStore, wanted: InputSpec | None = None) -> InputSpec:
+    """The input spec of ``store``'s volumes (``wanted`` or the default when it is empty);
+    raises :class:`StoreError` when ``wanted`` differs from what the store holds."""
+    specs = store.studies(columns=["spec"])["spec"]
+    if len(specs) == 0:
+        return wanted or DEFAULT_SPEC
+    held = InputSpec.from_dict(json.loads(specs[0].as_py()))
+    if wanted is not None and wanted != held:
+        raise StoreError(
+            f"this store holds volumes resampled to {held.spacing_mm} mm, shape {held.shape}; "
+            f"cannot add volumes of {wanted.spacing_mm} mm, shape {wanted.shape} (use a new store)"
+        )
+    return held
+
+
 def ingest_folder(
     dicom_dir: Path,
     store: CohortStore,
     *,
     pseudonymizer: Pseudonymizer,
     site: str = "local",
-    spec: InputSpec = DEFAULT_SPEC,
+    spec: InputSpec | None = None,
     series_rule: SeriesRule = DEFAULT_SERIES_RULE,
     workers: int | None = None,
     batch_size: int = 16,
@@ -327,8 +343,12 @@ def ingest_folder(
     patient's anchor: the first study of the first ingest that saw the patient, kept
     site-side by ``pseudonymizer.date_anchors`` so offsets agree across ingests; an
     older study found later gets a negative offset (dates are never stored).
-    ``progress(done, total)`` is called after each study.
+    ``progress(done, total)`` is called after each study. ``spec`` (how volumes are
+    resampled) defaults to the store's: what its studies were resampled with, or
+    :data:`encoders.spec.DEFAULT_SPEC` for an empty store; a different one is refused, since
+    one store holds volumes of one shape.
     """
+    spec = store_spec(store, spec)
     dicom_dir = Path(dicom_dir)
     if not dicom_dir.is_dir():
         raise StoreError(f"{dicom_dir} is not a folder; give the folder that holds the DICOM files")

@@ -63,6 +63,19 @@ def test_forward_shape_default_spec_resnet10t() -> None:
         assert model.eval()(x).shape == (1, 128)
 
 
+def test_default_lesion_box_is_the_same_millimetres_on_any_grid() -> None:
+    from encoders.model import LESION_BOX_MM, RegionSpec
+
+    for spacing, size in (((4.0, 4.0, 4.0), (6, 12, 12)), ((2.0, 2.0, 2.0), (12, 24, 24)),
+                          ((3.0, 1.5, 1.5), (8, 32, 32))):
+        r = RegionSpec.for_spec("lesion", InputSpec(spacing_mm=spacing, shape=(8, 32, 32)))
+        assert r.size == size
+        assert [n * s for n, s in zip(r.size, spacing, strict=True)] == list(LESION_BOX_MM)
+    assert RegionSpec.for_spec("whole", DEFAULT_SPEC) == RegionSpec(mode="whole")
+    enc = create_encoder("test_resnet", spec=DEFAULT_SPEC, embedding_dim=8, region="lesion")
+    assert enc.input_shape == (12, 24, 24)
+
+
 def test_forward_shapes_test_resnet(enc: StudyEncoder) -> None:
     x = torch.from_numpy(_volumes(3)).float()
     with torch.inference_mode():

@@ -13,7 +13,7 @@ from encoders.model import embed, load_encoder, save_encoder
 from encoders.spec import InputSpec
 from encoders.train import CHECKPOINT_FILE, train_ssl
 
-SPEC = InputSpec(shape=(8, 32, 32))
+SPEC = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 32, 32))  # the test chests are on a 4 mm grid
 FAST = {"backbone": "test_resnet", "spec": SPEC, "embedding_dim": 16, "device": "cpu"}
 
 

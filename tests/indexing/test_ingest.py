@@ -56,6 +56,29 @@ def test_idempotent_and_workers_agree(cohort: Path, tmp_path: Path) -> None:
     assert _rows(one) == _rows(two)  # same rows, same order, same volumes
 
 
+def test_one_store_holds_one_input_spec(cohort: Path, tmp_path: Path) -> None:
+    """A store keeps the spec its first studies were resampled with: later ingests default
+    to it, and a different spec is refused before anything is written."""
+    from encoders.spec import InputSpec
+    from indexing.errors import StoreError
+    from indexing.ingest import store_spec
+
+    coarse = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(16, 64, 64))
+    pseudo = Pseudonymizer(SECRET)
+    store = CohortStore(tmp_path / "s", create=True)
+    assert store_spec(store) == InputSpec()  # empty: the default
+    folders = sorted(p for p in cohort.iterdir() if p.is_dir())
+    ingest_folder(folders[0], store, pseudonymizer=pseudo, workers=1, spec=coarse)
+    assert store_spec(store) == coarse
+    with pytest.raises(StoreError, match=r"resampled to \(4.0, 4.0, 4.0\) mm.*new store"):
+        ingest_folder(folders[1], store, pseudonymizer=pseudo, workers=1, spec=InputSpec())
+    assert len(store.studies(["study_uid"])) == 1
+    report = ingest_folder(folders[1], store, pseudonymizer=pseudo, workers=1)  # store's spec
+    assert report.studies_ingested == 1
+    assert {tuple(s) for s in store.studies(["volume_shape"])["volume_shape"].to_pylist()} == {
+        (16, 64, 64)}
+
+
 def test_day_offsets_from_first_study(cohort: Path, tmp_path: Path) -> None:
     """A second, later study of one patient gets its day offset; the first gets 0."""
     folder = tmp_path / "in"

@@ -50,7 +50,7 @@ def test_box_maps_onto_the_preprocessed_grid(shape: tuple[int, int, int], spacin
     centre = bright.mean(axis=0)
     mapped_centre = [(a + b) / 2 - 0.5 for a, b in zip(box[:3], box[3:], strict=True)]
     np.testing.assert_allclose(centre, mapped_centre, atol=0.75)
-    # the mapped extent is the physical extent on the 4 mm grid
+    # the mapped extent is the physical extent on the spec's grid
     for a, b, lo_, hi_, s, t in zip(box[:3], box[3:], lo, hi, spacing, DEFAULT_SPEC.spacing_mm, strict=True):
         assert b - a == pytest.approx((hi_ - lo_) * s / t, rel=0.12)
 
