@@ -80,7 +80,7 @@ class Neighbor:
     thumbnail_png: bytes | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class SurvivalPoint:
     """One step of the weighted Kaplan–Meier curve with its 95% band."""
 
@@ -316,6 +316,38 @@ def _curve(points: Any) -> list[SurvivalPoint]:
     return [SurvivalPoint(s.time, s.survival, s.lower, s.upper, int(s.at_risk)) for s in points]
 
 
+# The cohort's curve (hundreds of points) is the same in every answer of one index version
+# and one caller policy; converting it to dataclasses cost ~0.6 ms per answer. It is kept,
+# per client process, under a key of everything it depends on plus three of its points, so a
+# server whose policy changed under the same index version still misses. Callers get
+# their own list of frozen points, so changing one answer never touches another.
+_COHORT_CURVES: dict[tuple[Any, ...], list[SurvivalPoint]] = {}
+_COHORT_CURVES_KEPT = 8
+
+
+def _point_key(s: Any) -> tuple[float, float, float, float, int]:
+    return (s.time, s.survival, s.lower, s.upper, int(s.at_risk))
+
+
+def _cohort_curve(resp: Any, points: Any) -> list[SurvivalPoint]:
+    n = len(points)
+    if n < 8:
+        return _curve(points)
+    dc = resp.disclosure_control if resp.HasField("disclosure_control") else None
+    key = (
+        resp.index_version, resp.model_version, resp.prognosis.time_unit,
+        None if dc is None else int(dc.min_cell_count),
+        n, _point_key(points[0]), _point_key(points[n // 2]), _point_key(points[n - 1]),
+    )
+    hit = _COHORT_CURVES.get(key)
+    if hit is None:
+        hit = _curve(points)
+        while len(_COHORT_CURVES) >= _COHORT_CURVES_KEPT:
+            _COHORT_CURVES.pop(next(iter(_COHORT_CURVES)), None)
+        _COHORT_CURVES[key] = hit
+    return list(hit)
+
+
 def _horizons(items: Any) -> list[HorizonEstimate]:
     return [
         HorizonEstimate(h.time, _opt(h, "survival"), _opt(h, "lower"), _opt(h, "upper"))
@@ -367,7 +399,7 @@ def search_result_from_proto(resp: cohortsim_pb2.SearchSimilarResponse) -> Searc
         ],
         warnings=list(p.warnings),
         time_unit=p.time_unit,
-        cohort_survival=_curve(p.cohort_survival),
+        cohort_survival=_cohort_curve(resp, p.cohort_survival),
         cohort_median_survival=_opt(p, "cohort_median_survival"),
         cohort_at_horizons=_horizons(p.cohort_at_horizons),
         temperature=p.temperature if p.temperature > 0 else None,

@@ -164,3 +164,26 @@ def test_scanner_views_are_seeded_scanner_changes() -> None:
     assert not np.allclose(a[0], a[1])
     # scanner-like, not anatomical: the mean HU moves by tens, not hundreds
     assert np.all(np.abs(a.mean(axis=(1, 2, 3)) - v.mean()) < 60)
+
+
+def test_client_keeps_the_cohort_curve_per_index_version_and_content() -> None:
+    from service.api import cohortsim_pb2 as pb
+
+    def response(version: str, bump: float = 0.0) -> pb.SearchSimilarResponse:
+        resp = pb.SearchSimilarResponse(index_version=version, model_version="m")
+        for i in range(20):
+            s = 1.0 - i / 40 - (bump if i == 10 else 0.0)
+            resp.prognosis.cohort_survival.add(time=float(i), survival=s, lower=s - 0.1,
+                                               upper=min(1.0, s + 0.1), at_risk=100 - i)
+        return resp
+
+    first = search_result_from_proto(response("v1")).prognosis.cohort_survival
+    again = search_result_from_proto(response("v1")).prognosis.cohort_survival
+    assert again == first and again is not first  # each answer owns its list
+    assert [p.survival for p in first][:2] == [1.0, 0.975]
+    other = search_result_from_proto(response("v1", bump=0.01)).prognosis.cohort_survival
+    assert other[10].survival == pytest.approx(first[10].survival - 0.01)
+    assert search_result_from_proto(response("v2", bump=0.02)).prognosis.cohort_survival[
+        10].survival == pytest.approx(first[10].survival - 0.02)
+    with pytest.raises(AttributeError):  # frozen: one caller cannot change another's curve
+        first[0].survival = 0.5  # type: ignore[misc]
