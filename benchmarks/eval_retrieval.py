@@ -113,7 +113,7 @@ def main() -> None:
     g.add_argument("--pooling", default="attention", choices=("mean", "attention"))
     g.add_argument("--epochs", type=int, help="lesion encoder epochs (overrides the preset)")
     g.add_argument("--whole-epochs", type=int, default=8, help="whole-volume encoder epochs")
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=int, default=16, help="as cohortsim train")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--train-seconds", type=float,
                    help="also stop training after this many seconds (figures then depend on load)")

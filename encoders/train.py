@@ -394,7 +394,7 @@ def train_ssl(
     if lesion:
         notes.append(f"lesion boxes {'x'.join(map(str, reg.size))} voxels, jitter {roi_jitter}")
     if train_slices is not None and train_slices < encoder.input_shape[0]:
-        notes.append(f"{train_slices} of {spec.shape[0]} slices per view")
+        notes.append(f"{train_slices} of {encoder.input_shape[0]} slices per view")
     if start_epoch:
         notes.append(f"resumed at epoch {start_epoch}")
     if stopped_note:

@@ -325,7 +325,7 @@ def eval_retrieval(
     calibration: Annotated[str, typer.Option(help="tissue or none (HU calibration of the trained encoders).")] = "tissue",
     epochs: Annotated[int, typer.Option(min=1, max=10_000, help="Epochs of the lesion encoder.")] = 100,
     whole_epochs: Annotated[int, typer.Option(min=1, max=10_000, help="Epochs of the whole-volume encoder.")] = 8,
-    batch_size: Annotated[int, typer.Option(min=2, max=4096)] = 32,
+    batch_size: Annotated[int, typer.Option(min=2, max=4096, help="Studies per training step (as cohortsim train).")] = 16,
     train_seconds: Annotated[float | None, typer.Option(min=1, help="Also stop each training after this many seconds.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,

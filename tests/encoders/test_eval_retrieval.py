@@ -1,10 +1,11 @@
-"""Retrieval evaluation on a synthetic DICOM cohort (slow: a reduced benchmark run).
+"""Retrieval evaluation on a synthetic DICOM cohort (slow: the benchmark protocol, one cohort).
 
-``pytest -m slow tests/encoders/test_eval_retrieval.py`` — synthesises 160 patients as DICOM
-(5 scanners, 6 phenotypes), reads and resamples them with ``encoders.dicom``, holds out a
-quarter of the patients, trains the lesion encoder on the rest for 40 epochs and checks
-the figures that a run of this size reaches reliably. The full-size figures (240
-patients, 60 epochs) are in ``benchmarks/RESULTS.md`` (``benchmarks/eval_retrieval.py``).
+``pytest -m slow tests/encoders/test_eval_retrieval.py`` — synthesises 240 patients as DICOM
+(5 scanners, 6 phenotypes; seed 11, the weakest of the six cohorts in ``benchmarks/RESULTS.md``),
+reads and resamples them with ``encoders.dicom``, holds out a quarter of the patients,
+trains the lesion encoder on the rest for 100 epochs (the benchmark's protocol) and checks
+what every cohort tried so far reaches. P@10 >= 0.70 is not asserted: this cohort gives
+0.635-0.66 (RESULTS.md lists the figures of six cohorts).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from encoders.synth import synth_cohort
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # 17 min on 2 busy cores (load 7-10); the default 600 s is too short
+@pytest.mark.timeout(3600)  # 5 min on 2 quiet cores, far more on busy ones; the default 600 s is too short
 def test_lesion_encoder_retrieves_phenotype_not_scanner(tmp_path: Path) -> None:
     torch.set_num_threads(2)
-    info = synth_cohort(tmp_path, patients=160, seed=11)
+    info = synth_cohort(tmp_path, patients=240, seed=11)
     groups, rejected = scan_folder(info.dicom_dir)
     assert not rejected
     vols, pids = [], []
@@ -46,16 +47,19 @@ def test_lesion_encoder_retrieves_phenotype_not_scanner(tmp_path: Path) -> None:
         times=[float(outcome[p]["time"]) for p in pids],
         events=[outcome[p]["event"] == "1" for p in pids],
         spec=DEFAULT_SPEC,
-        config=EvalConfig(regions=("lesion",), epochs=40, device="cpu"),
+        config=EvalConfig(regions=("lesion",), epochs=100, device="cpu"),
     )
     by = {r.method: r.metrics for r in rows}
     ours = by["cohortsim simclr (lesion)"]
     hu = by["HU histogram"]
     chance = by["random vectors"]
+    figures = {name: (round(m.precision_at_k, 3), round(m.scanner_excess, 3), round(m.c_index, 3))
+               for name, m in by.items()}
+    print(f"P@10, scanner excess, C-index: {figures}")  # shown with -s, and on failure
     # the naive baseline is scanner-driven; ours is not
-    assert hu.scanner_excess > 0.5
-    assert ours.scanner_excess <= 0.10
+    assert hu.scanner_excess > 0.5, figures
+    assert ours.scanner_excess <= 0.10, figures
     # ours beats HU histogram by the issue's margin and chance (1/6) by far
-    assert ours.precision_at_k >= hu.precision_at_k + 0.15
-    assert ours.precision_at_k >= 0.45 > chance.precision_at_k + 0.2
-    assert ours.c_index >= 0.60
+    assert ours.precision_at_k >= hu.precision_at_k + 0.15, figures
+    assert ours.precision_at_k >= 0.55 > chance.precision_at_k + 0.2, figures
+    assert ours.c_index >= 0.60, figures
