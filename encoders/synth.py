@@ -16,7 +16,8 @@ Layout under ``out``::
 
     dicom/<index>/<series_number>/<instance>.dcm   one study per patient
     outcomes.csv   patient_id,time,event,phenotype,grade   (time in months)
-    truth.csv      patient_id,scanner,phenotype,lesion_radius_mm
+    truth.csv      patient_id,scanner,phenotype,lesion_radius_mm,lesion_slice,lesion_row,
+                   lesion_col (the lesion centre in voxels of the series, slices ascending)
 
 DICOM headers deliberately carry identifying fake values (names, birth dates,
 institution, physicians, accession numbers) so de-identification is exercised.
@@ -227,6 +228,7 @@ class _Patient:
     scanner: ScannerProfile
     phenotype: str
     lesion_radius_mm: float
+    lesion_voxel: tuple[float, float, float]
     time: float
     event: int
     grade: str
@@ -243,11 +245,11 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple
 
 def _phantom(
     rng: np.random.Generator, sc: ScannerProfile, phenotype: str
-) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, tuple[float, float, float]]:
     """Noise-free HU of one patient on the scanner grid.
 
     Returns ``(slices (n, N, N) float32, fine sub-planes (n*S, N, N), lesion radius mm,
-    z of the slice centres (n,))``. Coordinates are patient LPS mm: x left, y posterior,
+    z of the slice centres (n,), lesion centre (slice, row, column) of the series)``. Coordinates are patient LPS mm: x left, y posterior,
     z superior; the image origin is the first pixel centre at (-fov/2 + ps/2, same, z).
     """
     n_px = sc.rows
@@ -361,7 +363,11 @@ def _phantom(
         vol[box] = blended
 
     slices = vol.reshape(n_sl, _SUBSAMPLES, n_px, n_px).mean(axis=1)
-    return slices, vol, radius, z_slices
+    # the lesion centre as voxel indices of the series read back in ascending slice order
+    # (slice, row, column): what a box given to the encoder would use
+    voxel = ((zc - z_start) / sc.thickness_mm, (cy + py + sc.fov_mm / 2) / ps - 0.5,
+             (cx + px + sc.fov_mm / 2) / ps - 0.5)
+    return slices, vol, radius, z_slices, voxel
 
 
 def _scanner_image(rng: np.random.Generator, sc: ScannerProfile, slices: np.ndarray) -> np.ndarray:
@@ -594,7 +600,7 @@ def synth_cohort(
         rng = np.random.default_rng([seed, i])
         sc = SCANNERS[int(scanner_idx[i])]
         phenotype = PHENOTYPES[int(pheno_idx[i])]
-        slices, fine, radius, z_slices = _phantom(rng, sc, phenotype)
+        slices, fine, radius, z_slices, voxel = _phantom(rng, sc, phenotype)
         image = _scanner_image(rng, sc, slices)
         time, event = _survival(rng, phenotype)
         study_date = _dt.date(2015, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 9 * 365)))
@@ -605,6 +611,7 @@ def synth_cohort(
             scanner=sc,
             phenotype=phenotype,
             lesion_radius_mm=round(radius, 2),
+            lesion_voxel=voxel,
             time=time,
             event=event,
             grade=_grade(rng, phenotype),
@@ -627,9 +634,11 @@ def synth_cohort(
     truth_csv = out / "truth.csv"
     with open(truth_csv, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["patient_id", "scanner", "phenotype", "lesion_radius_mm"])
+        w.writerow(["patient_id", "scanner", "phenotype", "lesion_radius_mm", "lesion_slice",
+                    "lesion_row", "lesion_col"])
         for p in rows_out:
-            w.writerow([p.patient_id, p.scanner.key, p.phenotype, f"{p.lesion_radius_mm:.2f}"])
+            w.writerow([p.patient_id, p.scanner.key, p.phenotype, f"{p.lesion_radius_mm:.2f}",
+                        *(f"{v:.2f}" for v in p.lesion_voxel)])
 
     return SynthInfo(
         n_patients=patients,

@@ -58,7 +58,8 @@ def test_layout_files_and_csvs(tmp_path: Path) -> None:
         assert r["phenotype"] in PHENOTYPES
         assert r["grade"] in {"G1", "G2", "G3", "G4"}
     truth = _rows(info.truth_csv)
-    assert list(truth[0]) == ["patient_id", "scanner", "phenotype", "lesion_radius_mm"]
+    assert list(truth[0]) == ["patient_id", "scanner", "phenotype", "lesion_radius_mm",
+                              "lesion_slice", "lesion_row", "lesion_col"]
     assert [r["patient_id"] for r in truth] == [r["patient_id"] for r in outcomes]
     assert {r["scanner"] for r in truth} <= {s.key for s in SCANNERS}
     for r in truth:
@@ -124,3 +125,28 @@ def test_headers_are_real_ct_and_identifying(tmp_path: Path) -> None:
         assert nz * float(ds.SliceThickness) == pytest.approx(100, abs=5)
     # 4 patients get 4 different scanners, two of which number slices out of spatial order.
     assert any(order_matches) and not all(order_matches)
+
+
+def test_truth_gives_each_lesion_centre_in_series_voxels(tmp_path: Path) -> None:
+    """Read back in ascending slice order, the voxel truth.csv names is on the lesion: its
+    density is the phenotype's (solid / spiculated ~0-60 HU, ground glass -600 to -400),
+    not aerated lung (~ -850)."""
+    import numpy as np
+
+    from encoders.dicom import read_study, scan_folder
+
+    info = synth_cohort(tmp_path, patients=6, seed=3)
+    truth = {r["patient_id"]: r for r in _rows(info.truth_csv)}
+    groups, _ = scan_folder(info.dicom_dir)
+    assert len(groups) == 6
+    for files in groups.values():
+        study = read_study(files)
+        t = truth[study.patient_id]
+        at = tuple(int(np.rint(float(t[k]))) for k in ("lesion_slice", "lesion_row", "lesion_col"))
+        # the median of the 3x3x3 voxels around it: robust to scanner noise
+        z, y, x = at
+        hu = float(np.median(study.volume[max(z - 1, 0) : z + 2, y - 1 : y + 2, x - 1 : x + 2]))
+        if t["phenotype"].endswith("ground_glass"):
+            assert -700 < hu < -300, (t, hu)
+        else:
+            assert hu > -250, (t, hu)
