@@ -16,10 +16,10 @@ for chest CT:
    ``l1 <= l2 <= l3`` of the HU volume (clipped to [-1000, 100] so bone and contrast do not
    dominate) at Gaussian scales ``sigmas`` (mm), a bright blob has all three negative
    and the response is ``l3^2 / |l1|``; tubes (vessels, ``l3 ~ 0``) and plates (pleura,
-   fissures) score ~0. The maximum over scales is taken. The scales are 6, 8 and 12 mm:
-   with a 4 mm scale too, vessel crossings (a few mm across, denser than ground glass)
-   outscored faint ground-glass nodules, and the proposal found 0.55 of the small ones;
-   without it 0.78 (``benchmarks/eval_proposal.py``, seed 11).
+   fissures) score ~0. The maximum over scales is taken. Known weakness: the score grows
+   with contrast, so vessel crossings can outscore faint ground-glass nodules (found for
+   0.55 of small ones, ``benchmarks/eval_proposal.py``). Dropping the 4 mm scale finds
+   more of them but misses nodules under ~5 mm radius; it is not done.
 3. The proposed centre is the highest-scoring voxel inside the lung region.
 
 Nothing here is fitted to data; the only assumptions are CT physics (HU) and that the
@@ -49,7 +49,7 @@ __all__ = [
     "rois_for",
 ]
 
-DEFAULT_SIGMAS_MM: tuple[float, ...] = (6.0, 8.0, 12.0)
+DEFAULT_SIGMAS_MM: tuple[float, ...] = (4.0, 6.0, 8.0, 12.0)
 COARSE_MM = 4.0  # finer grids are searched coarse to fine (propose_lesion)
 _AIR_HU = -400.0
 _CLIP_HU = (-1000.0, 100.0)
@@ -170,7 +170,7 @@ def propose_lesion(
     on a grid of ``spacing_mm``.
 
     On grids finer than ``coarse_mm`` the search runs coarse to fine: the volume is
-    block-averaged to about ``coarse_mm`` (the smallest filter scale is 6 mm, so nothing
+    block-averaged to about ``coarse_mm`` (the smallest filter scale is 4 mm, so nothing
     the filter sees is lost), the best coarse voxel is found, and the score is recomputed
     on the full grid only in a window of two coarse voxels around it. A 2 mm grid then
     costs about as much as a 4 mm one instead of 8x more. ``coarse_mm=None`` searches the
