@@ -1810,7 +1810,7 @@ def _read_study(items: list[Path | bytes], series_rule: SeriesRule) -> Study:
 # ------------------------------------------------------------------------- preprocess
 
 
-def _block_mean(volume: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+def block_mean(volume: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     """Average non-overlapping blocks (anti-aliased integer downsampling), centred.
 
     Sums strided views axis by axis, z first (whole slices: contiguous, and each step
@@ -1897,7 +1897,7 @@ def preprocess(study: Study, spec: InputSpec) -> np.ndarray:
         for n, s, t in zip(volume.shape, spacing, target, strict=True)
     )
     if any(f > 1 for f in factors):
-        volume = _block_mean(volume, factors)
+        volume = block_mean(volume, factors)
         spacing = tuple(s * f for s, f in zip(spacing, factors, strict=True))
     zoom = tuple(s / t for s, t in zip(spacing, target, strict=True))
     if any(abs(z - 1.0) > 1e-3 for z in zoom):

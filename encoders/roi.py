@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from encoders.dicom import block_mean
 from encoders.errors import EncoderError
 
 __all__ = [
@@ -196,13 +197,9 @@ def propose_lesion(
 def _propose_coarse_to_fine(
     v: np.ndarray, sp: list[float], sigmas_mm: Sequence[float], factors: list[int]
 ) -> Roi:
-    trimmed = tuple(n - n % f for n, f in zip(v.shape, factors, strict=True))
-    small = v[: trimmed[0], : trimmed[1], : trimmed[2]].astype(np.float32)
-    for axis, f in enumerate(factors):
-        if f > 1:
-            shape = list(small.shape)
-            shape[axis : axis + 1] = [shape[axis] // f, f]
-            small = small.reshape(shape).mean(axis=axis + 1)
+    small = block_mean(v.astype(np.float32), tuple(factors))
+    # block_mean drops the remainder of each axis evenly at both ends
+    start = [(n % f) // 2 for n, f in zip(v.shape, factors, strict=True)]
     coarse = propose_lesion(small, spacing_mm=[a * f for a, f in zip(sp, factors, strict=True)],
                             sigmas_mm=sigmas_mm, coarse_mm=None)
     if coarse.source != "proposal":
@@ -212,8 +209,8 @@ def _propose_coarse_to_fine(
     # by the filter's reach, so the window's edges do not change the score inside it).
     reach = [int(np.ceil(3 * max(sigmas_mm) / a)) for a in sp]
     lo, hi, inner = [], [], []
-    for c, f, r, n in zip(coarse.centre, factors, reach, v.shape, strict=True):
-        a, b = c * f - 2 * f, (c + 1) * f + 2 * f
+    for c, f, r, n, s0 in zip(coarse.centre, factors, reach, v.shape, start, strict=True):
+        a, b = s0 + c * f - 2 * f, s0 + (c + 1) * f + 2 * f
         inner.append((max(a, 0), min(b, n)))
         lo.append(max(a - r, 0))
         hi.append(min(b + r, n))
@@ -224,7 +221,8 @@ def _propose_coarse_to_fine(
     score = blob_score(win, spacing_mm=sp, sigmas_mm=sigmas_mm, mask=sel & lung)
     flat = int(np.argmax(score))
     if score.flat[flat] <= 0:  # the fine grid disagrees: keep the coarse voxel's centre
-        mid = tuple(int(cc * f + f // 2) for cc, f in zip(coarse.centre, factors, strict=True))
+        mid = tuple(int(s0 + cc * f + f // 2)
+                    for cc, f, s0 in zip(coarse.centre, factors, start, strict=True))
         return Roi(centre=mid, source="proposal", score=coarse.score)  # type: ignore[arg-type]
     best = np.unravel_index(flat, win.shape)
     return Roi(centre=(int(best[0]) + lo[0], int(best[1]) + lo[1], int(best[2]) + lo[2]),
