@@ -53,9 +53,8 @@ def build_cohort(workdir: Path, patients: int, seed: int) -> tuple[np.ndarray, d
     """Synth + ingest into ``workdir`` (reused when already there); returns volumes,
     per-study columns and the input spec."""
     from encoders.deid import Pseudonymizer
-    from encoders.spec import InputSpec
     from encoders.synth import synth_cohort
-    from indexing.ingest import ingest_folder, read_outcomes
+    from indexing.ingest import ingest_folder, read_outcomes, store_spec
     from indexing.store import CohortStore
 
     synth_dir, store_dir = workdir / "synth", workdir / "store"
@@ -80,7 +79,7 @@ def build_cohort(workdir: Path, patients: int, seed: int) -> tuple[np.ndarray, d
     uids, volumes = store.load_volumes()
     table = {r["study_uid"]: r for r in store.cohort_table().to_pylist()}
     cols = cohort_columns([table[u] for u in uids], label="phenotype")
-    spec = InputSpec.from_dict(json.loads(store.studies(columns=["spec"])["spec"][0].as_py()))
+    spec = store_spec(store)
     return volumes, cols, spec
 
 

@@ -284,14 +284,14 @@ def _train_on_store(cohort: Any, out_dir: Path, *, batch_size: int, **kw: Any) -
     import hashlib
 
     from encoders.model import save_encoder
-    from encoders.spec import InputSpec
     from encoders.train import resolve_device, train_ssl
+    from indexing.ingest import store_spec
 
     resolve_device(kw.get("device", "auto"))
     uids, volumes = cohort.load_volumes()
     if len(uids) < 2:
         raise CliError(f"the store at {cohort.root} holds {len(uids)} studies; at least 2 are needed to train")
-    spec = InputSpec.from_dict(json.loads(cohort.studies(columns=["spec"])["spec"][0].as_py()))
+    spec = store_spec(cohort)
     data_hash = hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()[:16]
     with progress_bar("train") as update:
         encoder, card = train_ssl(
@@ -339,7 +339,7 @@ def eval_retrieval(
     """
     from encoders.evaluate import EvalConfig, check_targets, cohort_columns, run_retrieval_eval
     from encoders.model import load_encoder
-    from encoders.spec import InputSpec
+    from indexing.ingest import store_spec
     from indexing.store import CohortStore
 
     if method not in ("simclr", "vicreg"):
@@ -359,7 +359,7 @@ def eval_retrieval(
         cols = cohort_columns([table[u] for u in uids], label=label)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    spec = InputSpec.from_dict(json.loads(cohort.studies(columns=["spec"])["spec"][0].as_py()))
+    spec = store_spec(cohort)
     given = []
     if model is not None:
         enc, card = load_encoder(model, device="cpu")
