@@ -9,8 +9,9 @@ a clinical CT (0.6-0.8 mm), yet fine enough that a small lesion's spicules span 
 the 3.8-4.7 mm of earlier versions they did not, and small solid and small spiculated
 lesions were barely separable even with labels. The anatomy (body, fat rim, lungs with
 vessel texture, spine, ribs) varies per patient; a lung lesion carries the phenotype (size
-class x texture class). Survival depends on the phenotype only and the scanner is drawn independently of it, so
-an encoder that groups patients by scanner rather than by lesion is visibly wrong.
+class x texture class). Survival depends on the phenotype only and the scanner is drawn
+independently of it, so an encoder that groups patients by scanner rather than by lesion is
+visibly wrong.
 
 Layout under ``out``::
 
@@ -249,7 +250,8 @@ def _phantom(
     """Noise-free HU of one patient on the scanner grid.
 
     Returns ``(slices (n, N, N) float32, fine sub-planes (n*S, N, N), lesion radius mm,
-    z of the slice centres (n,), lesion centre (slice, row, column) of the series)``. Coordinates are patient LPS mm: x left, y posterior,
+    z of the slice centres (n,), lesion centre (slice, row, column) of the series)``.
+    Coordinates are patient LPS mm: x left, y posterior,
     z superior; the image origin is the first pixel centre at (-fov/2 + ps/2, same, z).
     """
     n_px = sc.rows
