@@ -188,6 +188,18 @@ class Caller:
             return self.stub.GetIndexInfo(self.pb.GetIndexInfoRequest())
         return await self.stub.GetIndexInfo(self.pb.GetIndexInfoRequest())
 
+    async def ping(self) -> Any:
+        """The health service's Check: a round trip through the same channel, server
+        interceptors and event loop that does no work (the floor under any call)."""
+        if self.kind == "typed":
+            return await self.client.health()
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        if self.kind == "sync":
+            return stub.Check(health_pb2.HealthCheckRequest())
+        return await stub.Check(health_pb2.HealthCheckRequest())
+
     async def close(self) -> None:
         if self.kind == "sync":
             self.channel.close()
@@ -231,12 +243,13 @@ async def load(target: str, queries: np.ndarray, clients: int, per_client: int, 
 
 
 async def paired_one_client(target: str, queries: np.ndarray, count: int, k: int, kind: str,
-                            in_process: Any) -> tuple[float, float, float, float]:
+                            in_process: Any) -> tuple[float, float, float, float, float]:
     """One client, alternating one in-process call and one gRPC call on the same vector:
-    (median of the per-pair differences, in-process p50, service p50, p50 of an empty
-    call), ms. Pairing cancels most of the drift of shared cores."""
+    (median of the per-pair differences, in-process p50, service p50, p50 of
+    GetIndexInfo, p50 of a health Check: the round-trip floor), ms. Pairing cancels most
+    of the drift of shared cores."""
     call = Caller(target, kind, k)
-    diffs, a, b, e = [], [], [], []
+    diffs, a, b, e, h = [], [], [], [], []
     try:
         for v in queries[:4]:
             await call(v)
@@ -249,13 +262,17 @@ async def paired_one_client(target: str, queries: np.ndarray, count: int, k: int
             await call(v)
             t2 = time.perf_counter()
             await call.empty()
-            e.append((time.perf_counter() - t2) * 1e3)
+            t3 = time.perf_counter()
+            await call.ping()
+            h.append((time.perf_counter() - t3) * 1e3)
+            e.append((t3 - t2) * 1e3)
             a.append((t1 - t) * 1e3)
             b.append((t2 - t1) * 1e3)
             diffs.append(b[-1] - a[-1])
     finally:
         await call.close()
-    return float(np.median(diffs)), float(np.median(a)), float(np.median(b)), float(np.median(e))
+    return (float(np.median(diffs)), float(np.median(a)), float(np.median(b)),
+            float(np.median(e)), float(np.median(h)))
 
 
 def size_histogram(sizes: list[int]) -> str:
@@ -499,7 +516,7 @@ def main() -> None:
                         print(f"service {mode:9s} {kind:5s} 1 client, paired ({pairs} pairs): "
                               f"+{full[0]:.2f} ms over in-process search_similar (p50 {full[1]:.2f} vs {full[2]:.2f}), "
                               f"+{bare[0]:.2f} ms over bare search (p50 {bare[1]:.2f} vs {bare[2]:.2f}); "
-                              f"an empty call (GetIndexInfo) {full[3]:.2f} ms", flush=True)
+                              f"GetIndexInfo {full[3]:.2f} ms, health Check {full[4]:.2f} ms", flush=True)
                     for c in levels:
                         if kind == "sync" and c != 1:
                             continue  # a blocking caller serialises concurrent workers
@@ -548,8 +565,9 @@ def main() -> None:
             print(line)
         for (mode, kind), pv in paired.items():
             print(f"  {mode} {kind:5s} 1 client, paired: service adds {pv[0]:+.2f} ms p50 over in-process "
-                  f"search_similar (neighbours + prognosis), {pv[4]:+.2f} ms over the bare search; "
-                  f"an empty call costs {pv[3]:.2f} ms")
+                  f"search_similar (neighbours + prognosis), {pv[5]:+.2f} ms over the bare search; "
+                  f"a health Check round trip (the floor) costs {pv[4]:.2f} ms, so the search "
+                  f"path adds {pv[0] - pv[4]:+.2f} ms beyond it")
     print(f"loadavg after: {loadavg()}")
 
 
