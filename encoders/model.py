@@ -142,17 +142,25 @@ class RegionSpec:
     resized in-plane to ``px`` x ``px`` pixels before the backbone (the default 6 x 12 x 12
     voxels is 24 x 48 x 48 mm at 4 mm spacing; :meth:`for_spec` gives the same millimetres
     on any grid). ``proposal`` names the centre proposal
-    used when the caller gives no box or mask (see :mod:`encoders.roi`).
+    used when the caller gives no box or mask (:data:`encoders.roi.PROPOSALS`; an encoder
+    keeps the one it was trained with).
     """
 
     mode: str = "whole"
     size: tuple[int, int, int] = (6, 12, 12)
     px: int = 32
-    proposal: str = "lung-dot-li2003"
+    proposal: str = "lung-open3-dot-li2003"
 
     def __post_init__(self) -> None:
+        from encoders.roi import PROPOSALS
+
         if self.mode not in REGIONS:
             raise EncoderError(f"region must be one of {REGIONS}, got {self.mode!r}")
+        if self.proposal not in PROPOSALS:
+            raise EncoderError(
+                f"unknown lesion proposal {self.proposal!r} (this version knows "
+                f"{sorted(PROPOSALS)}); the encoder was saved by a newer cohortsim"
+            )
         if len(self.size) != 3 or any(int(v) < 1 for v in self.size):
             raise EncoderError(f"region size must be 3 positive voxel counts, got {self.size}")
         if int(self.px) < 8:
@@ -184,11 +192,14 @@ class RegionSpec:
         if not isinstance(d, dict):
             raise EncoderError(f"region must be a JSON object or a mode name, got {d!r}")
         default = cls()
+        mode = str(d.get("mode", "whole"))
+        # a lesion card written before the proposal was named used the first one
+        legacy = "lung-dot-li2003" if mode == "lesion" else default.proposal
         return cls(
-            mode=str(d.get("mode", "whole")),
+            mode=mode,
             size=tuple(int(v) for v in d.get("size", default.size)),  # type: ignore[arg-type]
             px=int(d.get("px", default.px)),
-            proposal=str(d.get("proposal", default.proposal)),
+            proposal=str(d.get("proposal", legacy)),
         )
 
 
@@ -430,7 +441,8 @@ class StudyEncoder(nn.Module):
             return volumes
         from encoders.roi import crop_around, rois_for
 
-        centres = rois_for(volumes, rois, spacing_mm=self.spec.spacing_mm)
+        centres = rois_for(volumes, rois, spacing_mm=self.spec.spacing_mm,
+                           proposal=self.region.proposal)
         out = np.empty((volumes.shape[0], *self.input_shape), dtype=volumes.dtype)
         for i, r in enumerate(centres):
             out[i] = crop_around(volumes[i], r.centre, self.input_shape,

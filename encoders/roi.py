@@ -46,6 +46,8 @@ from encoders.dicom import block_mean
 from encoders.errors import EncoderError
 
 __all__ = [
+    "DEFAULT_PROPOSAL",
+    "PROPOSALS",
     "Roi",
     "blob_score",
     "crop_around",
@@ -59,6 +61,13 @@ __all__ = [
 
 DEFAULT_SIGMAS_MM: tuple[float, ...] = (4.0, 6.0, 8.0, 12.0)
 THIN_MM = 3.0  # bright structures narrower than 2 * THIN_MM are removed before the search
+#: proposal name (stored in an encoder's card, ``RegionSpec.proposal``) -> ``thin_mm``; an
+#: encoder keeps proposing regions the way it was trained
+PROPOSALS: dict[str, float | None] = {
+    "lung-dot-li2003": None,  # before thin structures were removed (2026-11-27, session 3)
+    "lung-open3-dot-li2003": THIN_MM,
+}
+DEFAULT_PROPOSAL = "lung-open3-dot-li2003"
 COARSE_MM = 4.0  # finer grids are searched coarse to fine (propose_lesion)
 _AIR_HU = -400.0
 _CLIP_HU = (-1000.0, 100.0)
@@ -292,9 +301,14 @@ def rois_for(
     rois: Sequence[Roi | Sequence[float] | np.ndarray | None] | None = None,
     *,
     spacing_mm: Sequence[float] = (4.0, 4.0, 4.0),
+    proposal: str = DEFAULT_PROPOSAL,
 ) -> list[Roi]:
     """One :class:`Roi` per volume of ``(n, D, H, W)``: given ones (a :class:`Roi`, a box of
-    6 numbers, or a mask array) are converted, ``None`` entries (or ``rois=None``) proposed."""
+    6 numbers, or a mask array) are converted, ``None`` entries (or ``rois=None``) proposed
+    by the named ``proposal`` (:data:`PROPOSALS`)."""
+    if proposal not in PROPOSALS:
+        raise EncoderError(f"unknown lesion proposal {proposal!r}; known: {sorted(PROPOSALS)}")
+    thin_mm = PROPOSALS[proposal]
     n = volumes.shape[0]
     given = [None] * n if rois is None else list(rois)
     if len(given) != n:
@@ -303,7 +317,7 @@ def rois_for(
     shape = volumes.shape[1:]
     for vol, r in zip(volumes, given, strict=True):
         if r is None:
-            out.append(propose_lesion(vol, spacing_mm=spacing_mm))
+            out.append(propose_lesion(vol, spacing_mm=spacing_mm, thin_mm=thin_mm))
         elif isinstance(r, Roi):
             out.append(r)
         elif isinstance(r, np.ndarray) and r.ndim == 3:

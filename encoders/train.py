@@ -158,7 +158,7 @@ def _lesion_boxes(
     of the centres (part of the checkpoint's run identity)."""
     from encoders.roi import crop_around, rois_for
 
-    centres = rois_for(volumes, rois, spacing_mm=spec.spacing_mm)
+    centres = rois_for(volumes, rois, spacing_mm=spec.spacing_mm, proposal=region.proposal)
     size = tuple(int(v) + 2 * margin for v in region.size)
     boxes = np.stack([crop_around(v, r.centre, size, pad_value=spec.pad_value_hu)
                       for v, r in zip(volumes, centres, strict=True)])

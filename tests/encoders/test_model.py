@@ -290,11 +290,26 @@ def test_lesion_region_card_and_inputs(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
     card = save_encoder(model, EncoderCard.for_encoder(model), tmp_path)
     assert json.loads((tmp_path / CARD_FILE).read_text())["region"] == {
-        "mode": "lesion", "size": [2, 8, 8], "px": 32, "proposal": "lung-dot-li2003"
+        "mode": "lesion", "size": [2, 8, 8], "px": 32, "proposal": "lung-open3-dot-li2003"
     }
     loaded, card2 = load_encoder(tmp_path)
     assert card2.region == region == card.region
     np.testing.assert_array_equal(z, embed(loaded, v, rois=boxes))
+
+
+def test_an_encoder_keeps_the_lesion_proposal_it_was_trained_with() -> None:
+    """New encoders use the default proposal; a card from before proposals were named, or
+    naming the first one, keeps proposing without thin-structure removal; an unknown name
+    is refused when the card is read."""
+    from encoders.model import RegionSpec
+    from encoders.roi import DEFAULT_PROPOSAL, PROPOSALS
+
+    assert RegionSpec(mode="lesion").proposal == DEFAULT_PROPOSAL
+    assert PROPOSALS[DEFAULT_PROPOSAL] is not None
+    old = RegionSpec.from_dict({"mode": "lesion", "size": [2, 8, 8], "px": 32})
+    assert old.proposal == "lung-dot-li2003" and PROPOSALS[old.proposal] is None
+    with pytest.raises(EncoderError, match="unknown lesion proposal"):
+        RegionSpec.from_dict({"mode": "lesion", "proposal": "lung-dot-v99"})
 
 
 def test_region_errors(saved: Path, enc: StudyEncoder) -> None:

@@ -127,6 +127,17 @@ def test_thin_vessels_are_removed_before_the_search() -> None:
     assert found[False] <= 1, found  # the test scene really has the failure it guards
 
 
+def test_rois_for_proposes_with_the_named_proposal() -> None:
+    v, _nod = _crossings_and_ground_glass(0)
+    new = rois_for(v[None], spacing_mm=(2, 2, 2))[0]
+    old = rois_for(v[None], spacing_mm=(2, 2, 2), proposal="lung-dot-li2003")[0]
+    assert new == propose_lesion(v, spacing_mm=(2, 2, 2))
+    assert old == propose_lesion(v, spacing_mm=(2, 2, 2), thin_mm=None)
+    assert old.centre != new.centre  # seed 0: the old proposal picks a vessel crossing
+    with pytest.raises(EncoderError, match="unknown lesion proposal"):
+        rois_for(v[None], spacing_mm=(2, 2, 2), proposal="nope")
+
+
 def test_remove_thin_keeps_wide_structures_and_flattens_narrow_ones() -> None:
     v = np.full((9, 20, 20), -850.0, np.float32)
     v[:, 4, :] = 40.0  # a 2 mm line: gone
