@@ -158,19 +158,22 @@ class Caller:
 
     def __init__(self, target: str, kind: str, k: int) -> None:
         import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         from service.api import cohortsim_pb2, cohortsim_pb2_grpc
         from service.client import AsyncCohortsimClient
 
         self.kind, self.k, self.pb = kind, k, cohortsim_pb2
+        self.check = health_pb2.HealthCheckRequest()
         if kind == "typed":
             self.client: Any = AsyncCohortsimClient(target)
-        elif kind == "sync":
+            return
+        if kind == "sync":
             self.channel = grpc.insecure_channel(target)
-            self.stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(self.channel)
         else:
             self.channel = grpc.aio.insecure_channel(target)
-            self.stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(self.channel)
+        self.stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
 
     async def __call__(self, v: np.ndarray) -> Any:
         if self.kind == "typed":
@@ -181,7 +184,8 @@ class Caller:
         return await self.stub.SearchSimilar(req)
 
     async def empty(self) -> Any:
-        """GetIndexInfo: a call that does no search (the floor of a round trip)."""
+        """GetIndexInfo: a call that does no search (it still builds the index description,
+        so it is not the round-trip floor; :meth:`ping` is)."""
         if self.kind == "typed":
             return await self.client.index_info()
         if self.kind == "sync":
@@ -193,12 +197,9 @@ class Caller:
         interceptors and event loop that does no work (the floor under any call)."""
         if self.kind == "typed":
             return await self.client.health()
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        stub = health_pb2_grpc.HealthStub(self.channel)
         if self.kind == "sync":
-            return stub.Check(health_pb2.HealthCheckRequest())
-        return await stub.Check(health_pb2.HealthCheckRequest())
+            return self.health.Check(self.check)
+        return await self.health.Check(self.check)
 
     async def close(self) -> None:
         if self.kind == "sync":

@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from encoders.errors import EncoderError, EncoderOutOfMemoryError
+from encoders.roi import DEFAULT_PROPOSAL, FIRST_PROPOSAL, PROPOSALS
 from encoders.spec import DEFAULT_SPEC, InputSpec
 
 __all__ = [
@@ -149,11 +150,9 @@ class RegionSpec:
     mode: str = "whole"
     size: tuple[int, int, int] = (6, 12, 12)
     px: int = 32
-    proposal: str = "lung-open3-dot-li2003"
+    proposal: str = DEFAULT_PROPOSAL
 
     def __post_init__(self) -> None:
-        from encoders.roi import PROPOSALS
-
         if self.mode not in REGIONS:
             raise EncoderError(f"region must be one of {REGIONS}, got {self.mode!r}")
         if self.proposal not in PROPOSALS:
@@ -194,7 +193,7 @@ class RegionSpec:
         default = cls()
         mode = str(d.get("mode", "whole"))
         # a lesion card written before the proposal was named used the first one
-        legacy = "lung-dot-li2003" if mode == "lesion" else default.proposal
+        legacy = FIRST_PROPOSAL if mode == "lesion" else default.proposal
         return cls(
             mode=mode,
             size=tuple(int(v) for v in d.get("size", default.size)),  # type: ignore[arg-type]

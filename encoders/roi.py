@@ -47,6 +47,7 @@ from encoders.errors import EncoderError
 
 __all__ = [
     "DEFAULT_PROPOSAL",
+    "FIRST_PROPOSAL",
     "PROPOSALS",
     "Roi",
     "blob_score",
@@ -63,8 +64,9 @@ DEFAULT_SIGMAS_MM: tuple[float, ...] = (4.0, 6.0, 8.0, 12.0)
 THIN_MM = 3.0  # bright structures narrower than 2 * THIN_MM are removed before the search
 #: proposal name (stored in an encoder's card, ``RegionSpec.proposal``) -> ``thin_mm``; an
 #: encoder keeps proposing regions the way it was trained
+FIRST_PROPOSAL = "lung-dot-li2003"  # without thin-structure removal (cards up to session 3)
 PROPOSALS: dict[str, float | None] = {
-    "lung-dot-li2003": None,  # before thin structures were removed (2026-11-27, session 3)
+    FIRST_PROPOSAL: None,
     "lung-open3-dot-li2003": THIN_MM,
 }
 DEFAULT_PROPOSAL = "lung-open3-dot-li2003"
