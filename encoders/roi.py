@@ -65,11 +65,8 @@ THIN_MM = 3.0  # bright structures narrower than 2 * THIN_MM are removed before 
 #: proposal name (stored in an encoder's card, ``RegionSpec.proposal``) -> ``thin_mm``; an
 #: encoder keeps proposing regions the way it was trained
 FIRST_PROPOSAL = "lung-dot-li2003"  # without thin-structure removal (cards up to session 3)
-PROPOSALS: dict[str, float | None] = {
-    FIRST_PROPOSAL: None,
-    "lung-open3-dot-li2003": THIN_MM,
-}
 DEFAULT_PROPOSAL = "lung-open3-dot-li2003"
+PROPOSALS: dict[str, float | None] = {FIRST_PROPOSAL: None, DEFAULT_PROPOSAL: THIN_MM}
 COARSE_MM = 4.0  # finer grids are searched coarse to fine (propose_lesion)
 _AIR_HU = -400.0
 _CLIP_HU = (-1000.0, 100.0)
