@@ -146,9 +146,19 @@ def _short(method: str) -> str:
 class _MetricsGuard:
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
+        # labelled children by method (and code): ``labels()`` validates and locks on
+        # every lookup; the children are the same objects each time
+        self._in_flight: dict[str, Any] = {}
+        self._duration: dict[tuple[str, str], Any] = {}
+
+    def _gauge(self, method: str) -> Any:
+        child = self._in_flight.get(method)
+        if child is None:
+            child = self._in_flight[method] = self.metrics.in_flight.labels(method)
+        return child
 
     async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
-        self.metrics.in_flight.labels(_short(call.method)).inc()
+        self._gauge(_short(call.method)).inc()
 
     async def exit(
         self, call: CallInfo, request: Any, response: Any, error: BaseException | None, context: Any
@@ -156,8 +166,13 @@ class _MetricsGuard:
         method = _short(call.method)
         elapsed = time.monotonic() - call.started  # set when the outermost guard began
         code = status_of(error, context)
-        self.metrics.in_flight.labels(method).dec()
-        self.metrics.rpc_duration.labels(method, code).observe(elapsed)
+        self._gauge(method).dec()
+        histogram = self._duration.get((method, code))
+        if histogram is None:
+            histogram = self._duration[method, code] = self.metrics.rpc_duration.labels(
+                method, code
+            )
+        histogram.observe(elapsed)
         level = logging.DEBUG if code == "OK" else logging.INFO
         if log.isEnabledFor(level):
             log.log(
@@ -176,7 +191,7 @@ class MetricsInterceptor(GuardInterceptor):
     """Latency, in-flight count and an access-log line for every call."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
-        self._guard = _MetricsGuard(metrics)
+        super().__init__(_MetricsGuard(metrics))
 
 
 __all__ = ["MetricsInterceptor", "ServerMetrics"]

@@ -151,7 +151,7 @@ class AuditInterceptor(GuardInterceptor):
 
     def __init__(self, audit: AuditLog, *, include_health: bool = False) -> None:
         self.audit = audit
-        self._guard = _AuditGuard(audit, include_health=include_health)
+        super().__init__(_AuditGuard(audit, include_health=include_health))
 
 
 __all__ = ["AuditInterceptor", "describe_request", "returned_pseudonyms"]

@@ -143,7 +143,7 @@ class AuthInterceptor(GuardInterceptor):
     """Checks credentials and rights before any method runs."""
 
     def __init__(self, tokens: TokenStore, *, rights: dict[str, str] | None = None) -> None:
-        self._guard = _AuthGuard(tokens, dict(METHOD_RIGHTS if rights is None else rights))
+        super().__init__(_AuthGuard(tokens, dict(METHOD_RIGHTS if rights is None else rights)))
 
 
 __all__ = ["AuthInterceptor"]

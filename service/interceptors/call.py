@@ -189,11 +189,16 @@ def _code(context: Any) -> grpc.StatusCode | None:
 
 
 
-class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """A server interceptor that runs ``self._guard`` (a :class:`CallGuard`, set by the
-    subclass's ``__init__``) around every method handler via :func:`wrap_handler`."""
+_WRAPPED_KEPT = 256  # methods whose wrapped handler an interceptor keeps (a server has ~20)
 
-    _guard: CallGuard
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that runs ``self._guard`` (the :class:`CallGuard` that the
+    subclass passes to ``__init__``) around every method handler via :func:`wrap_handler`."""
+
+    def __init__(self, guard: CallGuard) -> None:
+        self._guard = guard
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -201,7 +206,20 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        return wrap_handler(handler, handler_call_details.method, self._guard)
+        if handler is None:
+            return None  # unknown method: UNIMPLEMENTED
+        method = handler_call_details.method
+        # The registered handler of a method is one object for the server's life, so its
+        # wrapped form is built once, not on every call.
+        # The entry keeps the handler it wrapped: an identity check, never a stale match.
+        wrapped = self._wrapped
+        hit = wrapped.get(method)
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        guarded = wrap_handler(handler, method, self._guard)
+        if method in wrapped or len(wrapped) < _WRAPPED_KEPT:
+            wrapped[method] = (handler, guarded)
+        return guarded
 
 
 __all__ = [

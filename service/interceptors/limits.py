@@ -125,7 +125,7 @@ class RateLimitInterceptor(GuardInterceptor):
             raise ValueError(f"burst must be >= 1, got {burst}")
         if max_concurrent is not None and max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
-        self._guard = _LimitGuard(rate, burst, max_concurrent)
+        super().__init__(_LimitGuard(rate, burst, max_concurrent))
 
 
 __all__ = ["RateLimitInterceptor"]

@@ -43,6 +43,8 @@ def test_metrics_endpoint(index_dir: Path) -> None:
         text = _scrape(port)
     assert _value(text, 'cohortsim_rpc_duration_seconds_count{code="OK",method="SearchSimilar"}') == 3
     assert _value(text, 'cohortsim_rpc_duration_seconds_count{code="INVALID_ARGUMENT",method="SearchSimilar"}') == 1
+    assert _value(text, 'cohortsim_rpc_duration_seconds_count{code="OK",method="GetIndexInfo"}') == 1
+    assert _value(text, 'cohortsim_rpc_in_flight{method="SearchSimilar"}') == 0
     assert _value(text, "cohortsim_batch_size_count") >= 3
     assert _value(text, "cohortsim_batch_queue_depth") == 0
     assert _value(text, f'cohortsim_index_info{{index_version="{info.index_version}"') == 1
@@ -75,3 +77,42 @@ def test_access_log_has_request_id_from_metadata(index_dir: Path, caplog) -> Non
         )
     recs = [r for r in caplog.records if r.name == "cohortsim.access"]
     assert any(getattr(r, "request_id", None) == "req-42" and r.code == "OK" for r in recs)  # type: ignore[attr-defined]
+
+
+def test_interceptor_wraps_each_method_handler_once() -> None:
+    """The wrapped handler is kept per method and rebuilt only when the server hands back
+    another handler object for that method."""
+    import asyncio
+
+    import grpc
+
+    from service.metrics import MetricsInterceptor, ServerMetrics
+
+    async def behaviour(request: object, context: object) -> object:
+        return request
+
+    first = grpc.unary_unary_rpc_method_handler(behaviour)
+    other = grpc.unary_unary_rpc_method_handler(behaviour)
+    current = {"/a.S/One": first, "/a.S/Two": other}
+
+    async def continuation(details: grpc.HandlerCallDetails) -> object:
+        return current.get(details.method)
+
+    class Details(grpc.HandlerCallDetails):
+        def __init__(self, method: str) -> None:
+            self.method = method
+            self.invocation_metadata = ()
+
+    async def run() -> None:
+        icpt = MetricsInterceptor(ServerMetrics())
+        one = await icpt.intercept_service(continuation, Details("/a.S/One"))
+        assert one is not first and one.unary_unary is not behaviour  # wrapped
+        assert await icpt.intercept_service(continuation, Details("/a.S/One")) is one
+        two = await icpt.intercept_service(continuation, Details("/a.S/Two"))
+        assert two is not one
+        current["/a.S/One"] = other  # a new handler object for the method: wrapped anew
+        again = await icpt.intercept_service(continuation, Details("/a.S/One"))
+        assert again is not one and again is not two
+        assert await icpt.intercept_service(continuation, Details("/a.S/Unknown")) is None
+
+    asyncio.run(run())
