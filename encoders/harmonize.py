@@ -53,7 +53,7 @@ import numpy as np
 
 Values = Sequence[Any] | np.ndarray  # one value per study
 
-__all__ = ["ComBat", "HarmonizeError", "calibrate_hu", "hu_reference_levels"]
+__all__ = ["ComBat", "HarmonizeError", "calibrate_hu", "calibration_params", "hu_reference_levels"]
 
 SOFT_TISSUE_HU = 40.0
 AIR_HU = -1000.0
@@ -86,6 +86,21 @@ def hu_reference_levels(volume: np.ndarray, *, pad_value: float = -1024.0) -> tu
     return soft_level, air_level
 
 
+def calibration_params(
+    volume: np.ndarray, *, pad_value: float = -1024.0
+) -> tuple[float, float] | None:
+    """``(soft-tissue level, gain)`` that :func:`calibrate_hu` maps one ``(D, H, W)``
+    volume with (``(v - soft) / gain + 40``), or None when it has no soft tissue."""
+    try:
+        soft, air = hu_reference_levels(volume, pad_value=pad_value)
+    except HarmonizeError:
+        return None
+    gain = 1.0
+    if air is not None and soft - air > 500.0:  # a plausible span; else offset only
+        gain = (soft - air) / (SOFT_TISSUE_HU - AIR_HU)
+    return soft, gain
+
+
 def calibrate_hu(volumes: np.ndarray, *, pad_value: float = -1024.0) -> np.ndarray:
     """Map each volume of ``(n, D, H, W)`` (or one ``(D, H, W)``) linearly so that its
     soft-tissue level is +40 HU and its outside air -1000 HU (see the module docstring).
@@ -98,14 +113,11 @@ def calibrate_hu(volumes: np.ndarray, *, pad_value: float = -1024.0) -> np.ndarr
         raise HarmonizeError(f"expected (n, D, H, W) or (D, H, W) volumes, got {v.shape}")
     out = np.empty_like(batch)
     for i, vol in enumerate(batch):
-        try:
-            soft, air = hu_reference_levels(vol, pad_value=pad_value)
-        except HarmonizeError:
+        params = calibration_params(vol, pad_value=pad_value)
+        if params is None:
             out[i] = vol
             continue
-        gain = 1.0
-        if air is not None and soft - air > 500.0:  # a plausible span; else offset only
-            gain = (soft - air) / (SOFT_TISSUE_HU - AIR_HU)
+        soft, gain = params
         x = (vol.astype(np.float32) - soft) / gain + SOFT_TISSUE_HU
         x = np.where(vol == pad_value, pad_value, x)
         if np.issubdtype(out.dtype, np.integer):

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from encoders.augment import AugmentConfig, two_views
 from encoders.augment import augment as augment_fn
 from encoders.errors import EncoderError
+from encoders.harmonize import SOFT_TISSUE_HU
 from encoders.heads import ProjectionHead
 from encoders.losses import NTXentLoss, VICRegLoss
 from encoders.model import (
@@ -152,18 +153,56 @@ def _slice_subset(depth: int, k: int | None, gen: torch.Generator) -> Tensor | N
 
 def _lesion_boxes(
     volumes: np.ndarray, spec: InputSpec, region: RegionSpec, rois: Sequence[Any] | None,
-    margin: int,
+    margin: int, *, calibrate: bool = False,
 ) -> tuple[np.ndarray, str]:
     """``(n, D+2m, H+2m, W+2m)`` boxes around each study's lesion centre, and a digest
-    of the centres (part of the checkpoint's run identity)."""
+    of the centres (part of the checkpoint's run identity). One volume is read (and, with
+    ``calibrate``, HU-calibrated) at a time, so ``volumes`` may be a memory map larger
+    than memory."""
+    from encoders.harmonize import calibrate_hu
     from encoders.roi import crop_around, rois_for
 
-    centres = rois_for(volumes, rois, spacing_mm=spec.spacing_mm, proposal=region.proposal)
+    n = volumes.shape[0]
+    given = [None] * n if rois is None else list(rois)
+    if len(given) != n:
+        raise EncoderError(f"rois must have one entry per volume ({n}), got {len(given)}")
     size = tuple(int(v) + 2 * margin for v in region.size)
-    boxes = np.stack([crop_around(v, r.centre, size, pad_value=spec.pad_value_hu)
-                      for v, r in zip(volumes, centres, strict=True)])
-    digest = hashlib.sha256(repr([r.centre for r in centres]).encode()).hexdigest()[:16]
+    boxes = np.empty((n, *size), dtype=volumes.dtype)
+    centres = []
+    for i in range(n):
+        vol = np.asarray(volumes[i])
+        if calibrate:
+            vol = calibrate_hu(vol, pad_value=spec.pad_value_hu)
+        r = rois_for(vol[None], [given[i]], spacing_mm=spec.spacing_mm,
+                     proposal=region.proposal)[0]
+        boxes[i] = crop_around(vol, r.centre, size, pad_value=spec.pad_value_hu)
+        centres.append(r.centre)
+    digest = hashlib.sha256(repr(centres).encode()).hexdigest()[:16]
     return boxes, digest
+
+
+def _volumes_sha256(volumes: np.ndarray) -> str:
+    """SHA-256 of the volumes' C-order bytes, fed one study at a time from its buffer (the
+    digest of ``volumes.tobytes()``, without a copy of the cohort)."""
+    h = hashlib.sha256()
+    for v in volumes:
+        h.update(np.ascontiguousarray(v).data)
+    return h.hexdigest()
+
+
+def _calibrate_batch(
+    x: Tensor, params: Tensor, pad_value: float, int_range: tuple[int, int] | None
+) -> Tensor:
+    """:func:`encoders.harmonize.calibrate_hu` of a batch ``x`` ``(b, D, H, W)`` (float
+    HU, on its device) with each study's ``(soft, gain)`` row of ``params`` (NaN: the
+    study is left as it is); ``int_range``: round and clip as the stored integer type."""
+    soft = params[:, 0].view(-1, 1, 1, 1)
+    gain = params[:, 1].view(-1, 1, 1, 1)
+    y = (x - soft) / gain + SOFT_TISSUE_HU
+    if int_range is not None:
+        y = torch.round(y).clamp_(*int_range)
+    y = torch.where(x == pad_value, x, y)
+    return torch.where(torch.isnan(soft), x, y)
 
 
 def _jittered(boxes: Tensor, size: tuple[int, ...], margin: int, gen: torch.Generator) -> Tensor:
@@ -275,19 +314,32 @@ def train_ssl(
     }
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     if ckpt_path is not None:  # resume only on the very same volumes
-        raw = np.ascontiguousarray(volumes)
-        run["volumes_sha256"] = hashlib.sha256(raw.tobytes()).hexdigest()
+        run["volumes_sha256"] = _volumes_sha256(volumes)
     start_epoch = 0
-    if calibration == "tissue":
-        from encoders.harmonize import calibrate_hu
-
-        volumes = calibrate_hu(volumes, pad_value=spec.pad_value_hu)
+    # Neither path copies the whole cohort: ``volumes`` may be a memory map (cohortsim
+    # train spools a store to one). Lesion boxes are cut (and calibrated) one study at a
+    # time; whole volumes are read batch by batch and calibrated on the device with each
+    # study's levels, measured once here.
+    calib: Tensor | None = None
+    int_range: tuple[int, int] | None = None
     if lesion:
-        boxes, centres_digest = _lesion_boxes(volumes, spec, reg, rois, roi_jitter)
+        boxes, centres_digest = _lesion_boxes(
+            volumes, spec, reg, rois, roi_jitter, calibrate=calibration == "tissue"
+        )
         run["roi_centres"] = centres_digest
         data = torch.from_numpy(boxes)
-    else:
-        data = torch.from_numpy(np.ascontiguousarray(volumes))  # stays on the CPU
+    elif calibration == "tissue":
+        from encoders.harmonize import calibration_params
+
+        nan = (math.nan, math.nan)
+        calib = torch.tensor(
+            [calibration_params(np.asarray(v), pad_value=spec.pad_value_hu) or nan
+             for v in volumes],
+            dtype=torch.float32,
+        )
+        if volumes.dtype.kind in "iu":
+            info = np.iinfo(volumes.dtype)
+            int_range = (int(info.min), int(info.max))
     if ckpt_path is not None and (state := _load_checkpoint(ckpt_path, run)) is not None:
         try:
             encoder.load_state_dict(state["encoder"])
@@ -327,7 +379,9 @@ def train_ssl(
                 v2 = augment_fn(_jittered(x, reg.size, roi_jitter, gen).to(dev).float(), gen,
                                 augment)
             else:
-                x = data[idx].to(dev, non_blocking=True).float()
+                x = torch.from_numpy(volumes[idx.numpy()]).to(dev).float()
+                if calib is not None:
+                    x = _calibrate_batch(x, calib[idx].to(dev), spec.pad_value_hu, int_range)
                 v1, v2 = two_views(x, gen, augment)
             s1 = _slice_subset(v1.shape[1], train_slices, gen)
             s2 = _slice_subset(v2.shape[1], train_slices, gen)

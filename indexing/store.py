@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 import uuid
@@ -527,10 +528,42 @@ class CohortStore:
         return self._read_parts(columns)
 
     def load_volumes(self) -> tuple[list[str], np.ndarray]:
-        """``(study_uids, (n, D, H, W) int16)`` in ingestion order.
+        """``(study_uids, (n, D, H, W) int16)`` in ingestion order, in memory (1 MiB per
+        study on the default grid; :meth:`spool_volumes` for a cohort larger than that).
 
         Raises :class:`StoreError` when the store is empty or volumes differ in shape.
         """
+        uids, shape = self._volume_rows()
+        out = np.empty((len(uids), *shape), dtype=np.int16)
+        self._fill(out)
+        return uids, out
+
+    def spool_volumes(self, path: Path | str) -> tuple[list[str], np.ndarray]:
+        """As :meth:`load_volumes`, but the volumes are written to the ``.npy`` file
+        ``path`` and returned as a read-only memory map of it, so a cohort larger than
+        memory can be trained on (the caller removes the file). Raises
+        :class:`StoreError` when the file system lacks the room."""
+        uids, shape = self._volume_rows()
+        need = len(uids) * int(np.prod(shape)) * np.dtype(np.int16).itemsize
+        path = Path(path)
+        free = shutil.disk_usage(path.parent).free
+        if need > free:
+            raise StoreError(
+                f"spooling {len(uids)} volumes needs {need / 2**30:.1f} GiB in {path.parent}, "
+                f"which has {free / 2**30:.1f} GiB free"
+            )
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int16,
+                                        shape=(len(uids), *shape))
+        try:
+            self._fill(out)
+            out.flush()
+        finally:
+            del out
+        return uids, np.load(path, mmap_mode="r")
+
+    def _volume_rows(self) -> tuple[list[str], tuple[int, ...]]:
+        """The study uids (ingestion order, withdrawn patients skipped) and the one
+        volume shape they share."""
         table = self._read_parts(["study_uid", "volume_shape"])
         if table.num_rows == 0:
             raise StoreError(
@@ -543,13 +576,22 @@ class CohortStore:
                 f"stored volumes have {len(shapes)} different shapes ({listing}); "
                 "re-ingest every study with one InputSpec"
             )
-        shape = next(iter(shapes))
-        out = np.empty((table.num_rows, *shape), dtype=np.int16)
+        return table.column("study_uid").to_pylist(), next(iter(shapes))
+
+    def _fill(self, out: np.ndarray) -> None:
+        """Stream the volumes into ``out`` (one row per study of :meth:`_volume_rows`)."""
         row = 0
         for _uids, vols in self.iter_volumes(batch_size=256):  # bounded extra memory
+            if row + len(vols) > out.shape[0]:
+                row += len(vols)
+                break
             out[row : row + len(vols)] = vols
             row += len(vols)
-        return table.column("study_uid").to_pylist(), out
+        if row != out.shape[0]:
+            raise StoreError(
+                f"the store at {self.root} changed while its {out.shape[0]} volumes were "
+                "read (studies added or withdrawn meanwhile); try again"
+            )
 
     def iter_volumes(self, batch_size: int = 64) -> Iterator[tuple[list[str], np.ndarray]]:
         """Stream ``(study_uids, (b, D, H, W) int16)`` batches in ingestion order.

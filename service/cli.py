@@ -288,21 +288,25 @@ def _train_on_store(cohort: Any, out_dir: Path, *, batch_size: int, **kw: Any) -
     from indexing.ingest import store_spec
 
     resolve_device(kw.get("device", "auto"))
-    uids, volumes = cohort.load_volumes()
-    if len(uids) < 2:
-        raise CliError(f"the store at {cohort.root} holds {len(uids)} studies; at least 2 are needed to train")
     spec = store_spec(cohort)
-    data_hash = hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()[:16]
-    with progress_bar("train") as update:
-        encoder, card = train_ssl(
-            volumes,
-            spec=spec,
-            batch_size=min(batch_size, len(uids)),
-            data_hash=data_hash,
-            checkpoint_dir=out_dir / "checkpoint",
-            progress=lambda s, t, loss: update(s, t, extra=f"loss {loss:.3f}"),
-            **kw,
-        )
+    # The volumes go to a memory-mapped file beside the model, not into memory: a cohort
+    # of 20,000 studies is 20 GiB on the default grid. Removed when training ends.
+    with tempfile.TemporaryDirectory(prefix=".volumes-", dir=out_dir) as spool:
+        uids, volumes = cohort.spool_volumes(Path(spool) / "volumes.npy")
+        if len(uids) < 2:
+            raise CliError(f"the store at {cohort.root} holds {len(uids)} studies; at least 2 are needed to train")
+        data_hash = hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()[:16]
+        with progress_bar("train") as update:
+            encoder, card = train_ssl(
+                volumes,
+                spec=spec,
+                batch_size=min(batch_size, len(uids)),
+                data_hash=data_hash,
+                checkpoint_dir=out_dir / "checkpoint",
+                progress=lambda s, t, loss: update(s, t, extra=f"loss {loss:.3f}"),
+                **kw,
+            )
+        del volumes  # the memory map, before its file goes
     save_encoder(encoder, card, out_dir)
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
     return card

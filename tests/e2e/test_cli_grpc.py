@@ -56,6 +56,8 @@ def built(workdir: Path) -> Path:
     )
     assert code == 0, err
     assert (workdir / "model" / "model.safetensors").is_file()
+    # the volumes' spool (a memory-mapped file) and the checkpoint are gone
+    assert sorted(p.name for p in (workdir / "model").iterdir()) == ["card.json", "model.safetensors"]
     card = json.loads((workdir / "model" / "card.json").read_text())
     assert card["backbone"] == "test_resnet"
     code, _, err = cli(

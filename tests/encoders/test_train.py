@@ -288,3 +288,66 @@ def test_lesion_region_sees_the_nodule_not_the_anatomy() -> None:
     assert p_lesion >= 0.75 and p_lesion >= p_whole + 0.1  # chance is ~0.5
     enc, _ = train_ssl(vols, epochs=3, batch_size=8, lr=2e-3, region="lesion", **FAST)
     assert _purity(embed(enc, vols), labels) >= 0.7
+
+
+def _memmap(vols: np.ndarray, path: Path) -> np.ndarray:
+    np.save(path, vols)
+    return np.load(path, mmap_mode="r")
+
+
+def test_memory_mapped_volumes_train_as_in_memory_ones(tmp_path: Path) -> None:
+    """cohortsim train hands train_ssl a read-only memory map of the store's volumes: the
+    result equals training on the same volumes in memory, lesion and whole, calibrated."""
+    vols, _ = _chests(6)
+    mm = _memmap(vols, tmp_path / "v.npy")
+    for region in ("lesion", "whole"):
+        kw = dict(epochs=1, batch_size=3, seed=2, region=region, calibration="tissue", **FAST)
+        a, _ = train_ssl(vols, **kw)  # type: ignore[arg-type]
+        b, _ = train_ssl(mm, checkpoint_dir=tmp_path / region, **kw)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(embed(a, vols), embed(b, vols))
+
+
+def test_whole_volumes_are_calibrated_batch_by_batch_as_before() -> None:
+    """Whole-volume training calibrates each batch on the device with levels measured once;
+    the network sees exactly what it saw when the cohort was calibrated up front."""
+    from encoders.harmonize import calibrate_hu
+
+    vols = _random_volumes(6)
+    vols[2] = -1000  # no soft tissue: left as it is
+    kw = dict(epochs=1, batch_size=3, seed=4, region="whole", **FAST)
+    a, _ = train_ssl(vols, calibration="tissue", **kw)  # type: ignore[arg-type]
+    b, _ = train_ssl(calibrate_hu(vols), calibration="none", **kw)  # type: ignore[arg-type]
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+
+
+def test_training_does_not_copy_the_cohort(tmp_path: Path) -> None:
+    """No copy of the whole cohort in memory (numpy allocations traced): neither the
+    calibration nor the checkpoint's digest of the volumes."""
+    import tracemalloc
+
+    spec = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 64, 64))
+    vols = _random_volumes(96, spec)
+    mm = _memmap(vols, tmp_path / "v.npy")
+    del vols
+    fast = dict(FAST, spec=spec)
+    tracemalloc.start()
+    try:
+        train_ssl(mm, epochs=1, batch_size=4, region="whole", calibration="tissue",
+                  checkpoint_dir=tmp_path / "ckpt", **fast)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < mm.nbytes / 3, (peak, mm.nbytes)
+
+
+def test_volumes_digest_is_that_of_the_whole_array() -> None:
+    """Checkpoints written before the digest was streamed still match their run."""
+    import hashlib
+
+    from encoders.train import _volumes_sha256
+
+    vols = _random_volumes(5)
+    assert _volumes_sha256(vols) == hashlib.sha256(vols.tobytes()).hexdigest()
+    view = vols[:, ::2]  # not contiguous: hashed as its C-order copy would be
+    assert _volumes_sha256(view) == hashlib.sha256(np.ascontiguousarray(view).tobytes()).hexdigest()

@@ -64,6 +64,30 @@ def test_volumes_round_trip(store: CohortStore) -> None:
         np.testing.assert_array_equal(v, r.volume)
 
 
+def test_spooled_volumes_equal_loaded_ones(store: CohortStore, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = [record(i, patient=i % 3) for i in range(7)]
+    store.add_studies(recs[:4])
+    store.add_studies(recs[4:])
+    store.delete_patients([recs[1].patient_id])  # withdrawn: skipped by both
+    uids, vols = store.load_volumes()
+    s_uids, spooled = store.spool_volumes(tmp_path / "v.npy")
+    assert isinstance(spooled, np.memmap) and not spooled.flags.writeable
+    assert s_uids == uids and len(uids) == 5
+    np.testing.assert_array_equal(spooled, vols)
+    del spooled
+
+    import shutil
+
+    class Usage:  # a full disk: refused before anything is written
+        free = 100
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage())
+    with pytest.raises(StoreError, match=r"needs 0.0 GiB .* has 0.0 GiB free"):
+        store.spool_volumes(tmp_path / "w.npy")
+    assert not (tmp_path / "w.npy").exists()
+
+
 def test_volumes_of_different_shapes_are_refused(store: CohortStore) -> None:
     store.add_studies([record(0), record(1, shape=(2, 8, 8))])
     with pytest.raises(StoreError, match="different shapes"):
