@@ -231,7 +231,10 @@ def train(
     store: Annotated[Path, typer.Option(help="Cohort store to train on (self-supervised: no labels used).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Model folder: model.safetensors + card.json.")],
     backbone: Annotated[str, typer.Option(help="Any timm model name, e.g. resnet10t, resnet18, test_resnet.")] = "resnet10t",
-    epochs: Annotated[int, typer.Option(min=1, max=10_000)] = 10,
+    epochs: Annotated[
+        int | None,
+        typer.Option(min=1, max=10_000, help="Default: what cohortsim eval trains and scores (lesion 100, whole 8)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=2, max=4096)] = 16,
     method: Annotated[str, typer.Option(help="simclr or vicreg.")] = "simclr",
     embedding_dim: Annotated[int, typer.Option(min=8, max=4096)] = 128,
@@ -254,6 +257,11 @@ def train(
         raise CliError(f"--pooling must be attention or mean, not {pooling!r}")
     if calibration not in ("tissue", "none"):
         raise CliError(f"--calibration must be tissue or none, not {calibration!r}")
+    if epochs is None:  # the evaluation's protocol: the encoder trained is the one it scores
+        from encoders.evaluate import EvalConfig
+
+        epochs = EvalConfig.epochs if region == "lesion" else EvalConfig.whole_epochs
+        _say(f"training {epochs} epochs ({region} region; --epochs to change)")
     cohort = CohortStore(store)
     out_dir.mkdir(parents=True, exist_ok=True)
     card = _train_on_store(

@@ -162,3 +162,20 @@ def test_cli_bad_input_exits_nonzero(tmp_path: Path) -> None:
     assert code != 0 and err.startswith("cohortsim: error:")
     code, _, err = cli("serve", "--index", str(tmp_path / "none"))
     assert code != 0 and err.startswith("cohortsim: error:")
+
+
+def test_train_defaults_to_the_evaluated_epochs(built: Path, tmp_path: Path) -> None:
+    """Without --epochs, train runs what cohortsim eval scores: 100 lesion epochs, 8 whole
+    (a 1 s budget stops it; the card says how many were asked for)."""
+    from encoders.evaluate import EvalConfig
+
+    for region, want in (("lesion", EvalConfig.epochs), ("whole", EvalConfig.whole_epochs)):
+        code, _, err = cli(
+            "train", "--store", str(built / "store"), "--out", str(tmp_path / region),
+            "--backbone", "test_resnet", "--batch-size", "6", "--device", "cpu",
+            "--region", region, "--time-budget", "1",
+        )
+        assert code == 0, err
+        assert f"training {want} epochs ({region} region" in " ".join(err.split())
+        notes = json.loads((tmp_path / region / "card.json").read_text())["notes"]
+        assert f"of {want} epochs" in notes or f"of {2 * want} " in notes, notes
