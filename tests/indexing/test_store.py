@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,29 @@ def test_spooled_volumes_equal_loaded_ones(store: CohortStore, tmp_path: Path,
     with pytest.raises(StoreError, match=r"needs 0.0 GiB .* has 0.0 GiB free"):
         store.spool_volumes(tmp_path / "w.npy")
     assert not (tmp_path / "w.npy").exists()
+
+
+def test_volumes_read_while_the_store_changes_are_refused(
+    store: CohortStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.add_studies([record(i) for i in range(4)])
+    real = CohortStore.iter_volumes
+
+    def fewer(self: CohortStore, batch_size: int = 64) -> Iterator[tuple[list[str], np.ndarray]]:
+        for uids, vols in real(self, batch_size=1):
+            if uids[0] != record(2).study_uid:  # withdrawn after the count was taken
+                yield uids, vols
+
+    def more(self: CohortStore, batch_size: int = 64) -> Iterator[tuple[list[str], np.ndarray]]:
+        yield from real(self, batch_size=batch_size)
+        yield [record(9).study_uid], record(9).volume[None]  # added meanwhile
+
+    for change in (fewer, more):
+        monkeypatch.setattr(CohortStore, "iter_volumes", change)
+        with pytest.raises(StoreError, match="changed while its 4 volumes were read"):
+            store.load_volumes()
+        with pytest.raises(StoreError, match="changed while"):
+            store.spool_volumes(tmp_path / f"{change.__name__}.npy")
 
 
 def test_volumes_of_different_shapes_are_refused(store: CohortStore) -> None:
