@@ -263,7 +263,6 @@ def train(
         epochs = EvalConfig.epochs if region == "lesion" else EvalConfig.whole_epochs
         _say(f"training {epochs} epochs ({region} region; --epochs to change)")
     cohort = CohortStore(store)
-    out_dir.mkdir(parents=True, exist_ok=True)
     card = _train_on_store(
         cohort,
         out_dir,
@@ -297,6 +296,7 @@ def _train_on_store(cohort: Any, out_dir: Path, *, batch_size: int, **kw: Any) -
 
     resolve_device(kw.get("device", "auto"))
     spec = store_spec(cohort)
+    out_dir.mkdir(parents=True, exist_ok=True)
     # The volumes go to a memory-mapped file beside the model, not into memory: a cohort
     # of 20,000 studies is 20 GiB on the default grid. Removed when training ends.
     with tempfile.TemporaryDirectory(prefix=".volumes-", dir=out_dir) as spool:

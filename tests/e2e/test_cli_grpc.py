@@ -179,3 +179,15 @@ def test_train_defaults_to_the_evaluated_epochs(built: Path, tmp_path: Path) -> 
         assert f"training {want} epochs ({region} region" in " ".join(err.split())
         notes = json.loads((tmp_path / region / "card.json").read_text())["notes"]
         assert f"of {want} epochs" in notes or f"of {2 * want} " in notes, notes
+
+
+def test_train_on_store_makes_its_model_folder(built: Path, tmp_path: Path) -> None:
+    """The demo trains into a folder nobody created yet (the spool lives inside it)."""
+    from indexing.store import CohortStore
+    from service.cli import _train_on_store
+
+    out = tmp_path / "new" / "model"
+    card = _train_on_store(CohortStore(built / "store"), out, batch_size=6, backbone="test_resnet",
+                           epochs=1, device="cpu", region="lesion")
+    assert card.epochs == 1
+    assert sorted(p.name for p in out.iterdir()) == ["card.json", "model.safetensors"]
