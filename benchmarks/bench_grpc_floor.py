@@ -4,8 +4,9 @@ A ``grpc.aio`` server with only the health service runs in its own process; a bl
 stub in this process calls ``Check`` back to back and the p50 is printed, without
 interceptors and with cohortsim's metrics interceptor (``service.metrics``), in
 alternating order, with the server process's CPU per call (``/proc``; the clock ticks
-are 10 ms, so use ``--calls`` of 5,000 or more). The 1-client target of ``bench_service.py`` (the service adds at most
-0.5 ms over an in-process search) has to fit above this floor. Nothing is asserted.
+are 10 ms, so use ``--calls`` of 5,000 or more). The 1-client target of
+``bench_service.py`` (the service adds at most 0.5 ms over an in-process search) has to
+fit above this floor. Nothing is asserted.
 
     python benchmarks/bench_grpc_floor.py --calls 10000 --rounds 4
 """
