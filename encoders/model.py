@@ -62,6 +62,7 @@ __all__ = [
     "StudyEncoder",
     "create_encoder",
     "embed",
+    "lesion_boxes",
     "list_encoders",
     "load_encoder",
     "resolve_device",
@@ -200,6 +201,40 @@ class RegionSpec:
             px=int(d.get("px", default.px)),
             proposal=str(d.get("proposal", legacy)),
         )
+
+
+def lesion_boxes(
+    volumes: np.ndarray,
+    rois: Sequence[Any] | None,
+    size: Sequence[int],
+    *,
+    spec: InputSpec,
+    proposal: str = DEFAULT_PROPOSAL,
+    calibrate: bool = False,
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """``(n,) + size`` boxes of ``volumes`` ``(n, D, H, W)`` centred on each study's lesion,
+    and the centres (voxels). ``rois`` gives one region per study (box, mask,
+    :class:`encoders.roi.Roi` or ``None`` = proposed by ``proposal``); with ``calibrate``
+    each study is HU-calibrated (:func:`encoders.harmonize.calibrate_hu`) before the
+    proposal. One study is read at a time, so ``volumes`` may be a memory map."""
+    from encoders.harmonize import calibrate_hu
+    from encoders.roi import crop_around, rois_for
+
+    n = volumes.shape[0]
+    given = [None] * n if rois is None else list(rois)
+    if len(given) != n:
+        raise EncoderError(f"rois must have one entry per volume ({n}), got {len(given)}")
+    boxes = np.empty((n, *(int(v) for v in size)), dtype=volumes.dtype)
+    centres = []
+    for i in range(n):
+        vol = np.asarray(volumes[i])
+        if calibrate:
+            vol = calibrate_hu(vol, pad_value=spec.pad_value_hu)
+        r = rois_for(vol[None], [given[i]], spacing_mm=spec.spacing_mm, proposal=proposal)[0]
+        boxes[i] = crop_around(vol, r.centre, tuple(boxes.shape[1:]),
+                               pad_value=spec.pad_value_hu)
+        centres.append(r.centre)
+    return boxes, centres
 
 
 def _region(region: str | RegionSpec | None, spec: InputSpec) -> RegionSpec:
@@ -427,26 +462,21 @@ class StudyEncoder(nn.Module):
         volumes themselves, or lesion boxes centred on the
         given ``rois`` (boxes, masks or :class:`encoders.roi.Roi`; ``None`` entries are
         proposed by :func:`encoders.roi.propose_lesion`)."""
+        if self.region.mode == "lesion":
+            boxes, _ = lesion_boxes(volumes, rois, self.input_shape, spec=self.spec,
+                                    proposal=self.region.proposal,
+                                    calibrate=self.calibration == "tissue")
+            return boxes
         if self.calibration == "tissue":
             from encoders.harmonize import calibrate_hu
 
             volumes = calibrate_hu(volumes, pad_value=self.spec.pad_value_hu)
-        if self.region.mode == "whole":
-            if rois is not None and any(r is not None for r in rois):
-                raise EncoderError(
-                    "this encoder embeds whole volumes (region 'whole'); regions of interest "
-                    "need an encoder trained with region='lesion'"
-                )
-            return volumes
-        from encoders.roi import crop_around, rois_for
-
-        centres = rois_for(volumes, rois, spacing_mm=self.spec.spacing_mm,
-                           proposal=self.region.proposal)
-        out = np.empty((volumes.shape[0], *self.input_shape), dtype=volumes.dtype)
-        for i, r in enumerate(centres):
-            out[i] = crop_around(volumes[i], r.centre, self.input_shape,
-                                 pad_value=self.spec.pad_value_hu)
-        return out
+        if rois is not None and any(r is not None for r in rois):
+            raise EncoderError(
+                "this encoder embeds whole volumes (region 'whole'); regions of interest "
+                "need an encoder trained with region='lesion'"
+            )
+        return volumes
 
     def to_channels(self, volumes: Tensor) -> Tensor:
         """``(b, D, H, W)`` HU -> ``(b, D, C, H, W)`` windowed and standardised."""

@@ -43,6 +43,7 @@ from encoders.model import (
     RegionSpec,
     StudyEncoder,
     create_encoder,
+    lesion_boxes,
     resolve_device,
 )
 from encoders.spec import DEFAULT_SPEC, InputSpec
@@ -155,28 +156,12 @@ def _lesion_boxes(
     volumes: np.ndarray, spec: InputSpec, region: RegionSpec, rois: Sequence[Any] | None,
     margin: int, *, calibrate: bool = False,
 ) -> tuple[np.ndarray, str]:
-    """``(n, D+2m, H+2m, W+2m)`` boxes around each study's lesion centre, and a digest
-    of the centres (part of the checkpoint's run identity). One volume is read (and, with
-    ``calibrate``, HU-calibrated) at a time, so ``volumes`` may be a memory map larger
-    than memory."""
-    from encoders.harmonize import calibrate_hu
-    from encoders.roi import crop_around, rois_for
-
-    n = volumes.shape[0]
-    given = [None] * n if rois is None else list(rois)
-    if len(given) != n:
-        raise EncoderError(f"rois must have one entry per volume ({n}), got {len(given)}")
+    """``(n, D+2m, H+2m, W+2m)`` boxes around each study's lesion centre
+    (:func:`encoders.model.lesion_boxes`, one study at a time), and a digest of the
+    centres (part of the checkpoint's run identity)."""
     size = tuple(int(v) + 2 * margin for v in region.size)
-    boxes = np.empty((n, *size), dtype=volumes.dtype)
-    centres = []
-    for i in range(n):
-        vol = np.asarray(volumes[i])
-        if calibrate:
-            vol = calibrate_hu(vol, pad_value=spec.pad_value_hu)
-        r = rois_for(vol[None], [given[i]], spacing_mm=spec.spacing_mm,
-                     proposal=region.proposal)[0]
-        boxes[i] = crop_around(vol, r.centre, size, pad_value=spec.pad_value_hu)
-        centres.append(r.centre)
+    boxes, centres = lesion_boxes(volumes, rois, size, spec=spec, proposal=region.proposal,
+                                  calibrate=calibrate)
     digest = hashlib.sha256(repr(centres).encode()).hexdigest()[:16]
     return boxes, digest
 
