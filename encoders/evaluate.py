@@ -475,7 +475,8 @@ def run_retrieval_eval(
         say(f"training cohortsim {cfg.method} ({region}) on {ri.size} reference studies")
         t0 = time.monotonic()
         enc, card = train_ssl(
-            vols[ri],
+            vols,
+            indices=ri,
             backbone=cfg.backbone,
             spec=spec,
             method=cfg.method,

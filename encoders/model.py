@@ -590,14 +590,24 @@ def embed(
     out = np.empty((n, encoder.embedding_dim), dtype=np.float32)
     if n == 0:
         return out
-    inputs = encoder.regions(volumes, rois)
+    given = None if rois is None else list(rois)
+    if given is not None and len(given) != n:
+        raise EncoderError(f"rois must have one entry per volume ({n}), got {len(given)}")
     was_training = encoder.training
     encoder.eval()
     try:
         dev = _place(encoder, dev)
         start = 0
+        # regions are cut (and calibrated) a batch at a time, so embedding a memory-mapped
+        # cohort never holds more than one batch of it in memory
+        inputs, at = np.empty((0, *encoder.input_shape)), start
         while start < n:
-            chunk = np.ascontiguousarray(inputs[start : start + batch_size])
+            if start >= at + len(inputs):
+                at = start
+                stop = min(n, start + batch_size)
+                inputs = np.ascontiguousarray(encoder.regions(
+                    volumes[start:stop], None if given is None else given[start:stop]))
+            chunk = inputs[start - at : start - at + batch_size]
             try:
                 z = _embed_batch(encoder, chunk, dev, amp=amp)
             except torch.OutOfMemoryError as exc:

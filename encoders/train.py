@@ -166,6 +166,44 @@ def _lesion_boxes(
     return boxes, digest
 
 
+class _Rows:
+    """Rows ``indices`` of ``volumes`` ``(n, D, H, W)``, each read when asked for: what
+    ``volumes[indices]`` would be, without the copy (on a memory map, fancy indexing
+    would read all those rows into memory at once)."""
+
+    def __init__(self, volumes: np.ndarray, indices: np.ndarray) -> None:
+        self._volumes = volumes
+        self._indices = indices
+        self.shape = (len(indices), *volumes.shape[1:])
+        self.dtype = volumes.dtype
+        self.ndim = volumes.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, k: Any) -> np.ndarray:
+        return np.asarray(self._volumes[self._indices[k]])
+
+    def __iter__(self) -> Any:
+        return (self._volumes[i] for i in self._indices)
+
+
+def _rows(volumes: np.ndarray, indices: Sequence[int] | np.ndarray | None) -> Any:
+    """``volumes`` itself, or a :class:`_Rows` view of the checked ``indices``."""
+    if indices is None:
+        return volumes
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        raise EncoderError(f"indices must be a 1-D sequence of row numbers, got {idx!r:.80}")
+    if idx.size < 2:
+        raise EncoderError(f"self-supervised training needs at least 2 studies, got {idx.size}")
+    n = volumes.shape[0]
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise EncoderError(f"indices must lie in [0, {n}) (rows of volumes), got "
+                           f"{int(idx.min())}..{int(idx.max())}")
+    return _Rows(volumes, idx.astype(np.int64))
+
+
 def _volumes_sha256(volumes: np.ndarray) -> str:
     """SHA-256 of the volumes' C-order bytes, fed one study at a time from its buffer (the
     digest of ``volumes.tobytes()``, without a copy of the cohort)."""
@@ -225,6 +263,7 @@ def train_ssl(
     rois: Sequence[Any] | None = None,
     roi_jitter: int | None = None,
     calibration: str = "none",
+    indices: Sequence[int] | np.ndarray | None = None,
 ) -> tuple[StudyEncoder, EncoderCard]:
     """Train an encoder on ``volumes`` ``(n, D, H, W)`` int16 HU without labels.
 
@@ -244,10 +283,14 @@ def train_ssl(
     on its air and soft tissue first (:func:`encoders.harmonize.calibrate_hu`), so the HU
     augmentation only has to cover the residual (lesion views use narrow HU ranges then).
 
+    ``indices``: train on these rows of ``volumes`` only, each read when needed (as
+    ``volumes[indices]``, without copying them; ``volumes`` may be a memory map).
+
     Returns the encoder (eval mode, on the training device) and its card (``version`` is
     set when the encoder is saved).
     """
     _validate(volumes, spec, method, epochs, batch_size, lr, train_slices)
+    volumes = _rows(volumes, indices)
     if roi_jitter is not None and roi_jitter < 0:
         raise EncoderError(f"roi_jitter must be >= 0 voxels, got {roi_jitter}")
     reg = region if isinstance(region, RegionSpec) else RegionSpec.for_spec(region, spec)

@@ -341,6 +341,7 @@ def eval_retrieval(
     train_seconds: Annotated[float | None, typer.Option(min=1, help="Also stop each training after this many seconds.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
+    spool_dir: Annotated[Path | None, typer.Option(help="Folder for the temporary memory-mapped copy of the volumes (default: the system's temporary folder, $TMPDIR).")] = None,
 ) -> None:
     """Score retrieval on held-out patients: P@k of a label, scanner excess, kNN C-index (24 months).
 
@@ -349,9 +350,6 @@ def eval_retrieval(
     baselines from the same run: random vectors, HU-histogram kNN, a randomly
     initialised backbone (each trained row also after ComBat harmonisation).
     """
-    from encoders.evaluate import EvalConfig, check_targets, cohort_columns, run_retrieval_eval
-    from encoders.model import load_encoder
-    from indexing.ingest import store_spec
     from indexing.store import CohortStore
 
     if method not in ("simclr", "vicreg"):
@@ -363,9 +361,36 @@ def eval_retrieval(
     if bad:
         raise CliError(f"--regions takes lesion and/or whole, not {', '.join(bad)}")
     cohort = CohortStore(store)
-    uids, volumes = cohort.load_volumes()
+    if spool_dir is not None and not spool_dir.is_dir():
+        raise CliError(f"--spool-dir {spool_dir} is not a folder")
+    # The volumes go to a memory-mapped file, not into memory (as cohortsim train); the
+    # evaluation reads them a study or a batch at a time. Removed when it ends.
+    with tempfile.TemporaryDirectory(prefix="cohortsim-eval-", dir=spool_dir) as spool:
+        uids, volumes = cohort.spool_volumes(Path(spool) / "volumes.npy")
+        try:
+            rows = _eval_rows(cohort, uids, volumes, label=label, model=model, k=k, cfg_kw=dict(
+                k=k, query_fraction=query_fraction, seed=seed, backbone=backbone, method=method,
+                regions=region_list, pooling=pooling, calibration=calibration, epochs=epochs,
+                whole_epochs=whole_epochs, time_budget_s=train_seconds,
+                device=device, train_kw={"batch_size": batch_size},
+            ))
+        finally:
+            del volumes  # the memory map, before its file goes
+    if json_out:
+        out.print_json(json.dumps([r.to_dict() for r in rows]))
+        return
+    _print_eval(rows, k=k, label=label)
+
+
+def _eval_rows(cohort: Any, uids: list[str], volumes: Any, *, label: str, model: Path | None, k: int,
+               cfg_kw: dict[str, Any]) -> list[Any]:
+    """`cohortsim eval`'s protocol on the store's (spooled) volumes."""
+    from encoders.evaluate import EvalConfig, cohort_columns, run_retrieval_eval
+    from encoders.model import load_encoder
+    from indexing.ingest import store_spec
+
     if len(uids) < 2 * k:
-        raise CliError(f"the store at {store} holds {len(uids)} studies; the evaluation needs at least {2 * k}")
+        raise CliError(f"the store at {cohort.root} holds {len(uids)} studies; the evaluation needs at least {2 * k}")
     table = {r["study_uid"]: r for r in cohort.cohort_table().to_pylist()}
     try:
         cols = cohort_columns([table[u] for u in uids], label=label)
@@ -376,23 +401,19 @@ def eval_retrieval(
     if model is not None:
         enc, card = load_encoder(model, device="cpu")
         given.append((f"given encoder {card.version} ({card.region.mode})", enc))
-    cfg = EvalConfig(
-        k=k, query_fraction=query_fraction, seed=seed, backbone=backbone, method=method,
-        regions=region_list, pooling=pooling, calibration=calibration, epochs=epochs,
-        whole_epochs=whole_epochs, time_budget_s=train_seconds,
-        device=device, train_kw={"batch_size": batch_size},
-    )
     try:
-        rows = run_retrieval_eval(
+        return run_retrieval_eval(
             volumes, patient_ids=cols["patient_ids"], labels=cols["labels"], scanners=cols["scanners"],
-            times=cols["times"], events=cols["events"], spec=spec, config=cfg, encoders=given,
-            progress=lambda m: _say(f"eval: {m}"),
+            times=cols["times"], events=cols["events"], spec=spec, config=EvalConfig(**cfg_kw),
+            encoders=given, progress=lambda m: _say(f"eval: {m}"),
         )
     except ValueError as exc:  # EvalError / HarmonizeError: bad cohort for this protocol
         raise CliError(str(exc)) from exc
-    if json_out:
-        out.print_json(json.dumps([r.to_dict() for r in rows]))
-        return
+
+
+def _print_eval(rows: list[Any], *, k: int, label: str) -> None:
+    from encoders.evaluate import check_targets
+
     m0 = rows[0].metrics
     table_out = Table(
         title=f"retrieval on {m0.n_queries} held-out query studies vs {m0.n_reference} reference studies (k={k}, label {label!r})",

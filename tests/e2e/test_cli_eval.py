@@ -60,3 +60,21 @@ def test_eval_table_and_errors(store: Path) -> None:
     assert code == 2 and "--regions" in err
     code, _, err = cli("eval", "--store", str(store), "--label", "phenotype", "--k", "10")
     assert code == 2 and "at least 20" in " ".join(err.split())
+
+
+def test_eval_spools_the_volumes_and_removes_them(store: Path, tmp_path: Path) -> None:
+    """The volumes go to a memory-mapped file in --spool-dir while the evaluation runs,
+    and nothing is left there afterwards."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    code, stdout, err = cli(
+        "eval", "--store", str(store), "--label", "phenotype", "--k", "3", "--regions", "",
+        "--spool-dir", str(spool), "--json",
+    )
+    assert code == 0, err
+    assert [r["method"] for r in json.loads(stdout)][:2] == ["random vectors", "HU histogram"]
+    assert list(spool.iterdir()) == []
+    code, _, err = cli(
+        "eval", "--store", str(store), "--label", "phenotype", "--spool-dir", str(tmp_path / "no"),
+    )
+    assert code == 2 and "--spool-dir" in err and "is not a folder" in " ".join(err.split())

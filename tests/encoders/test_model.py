@@ -352,3 +352,35 @@ def test_calibration_in_card_and_weights(tmp_path: Path) -> None:
         load_encoder(tmp_path)
     with pytest.raises(EncoderError, match="calibration"):
         create_encoder("test_resnet", calibration="zscore")
+
+
+def test_embed_cuts_regions_a_batch_at_a_time(tmp_path: Path) -> None:
+    """Regions (calibration, lesion boxes) are made per batch: the result does not depend
+    on the batch size, given boxes stay with their study, and a memory-mapped cohort is
+    embedded without a cohort-sized copy (numpy allocations traced)."""
+    import tracemalloc
+
+    from encoders.model import RegionSpec
+
+    v = _volumes(7)
+    boxes = [(0, i, i, 2, i + 8, i + 8) for i in range(7)]
+    lesion = create_encoder("test_resnet", spec=SMALL, embedding_dim=8,
+                            region=RegionSpec(mode="lesion", size=(2, 8, 8), px=32))
+    one = embed(lesion, v, rois=boxes, batch_size=7)
+    np.testing.assert_allclose(embed(lesion, v, rois=boxes, batch_size=3), one, atol=1e-6)
+    np.testing.assert_allclose(embed(lesion, v[4:5], rois=boxes[4:5]), one[4:5], atol=1e-6)
+    with pytest.raises(EncoderError, match=r"one entry per volume \(7\), got 6"):
+        embed(lesion, v, rois=boxes[:6])
+
+    spec = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 64, 64))
+    whole = create_encoder("test_resnet", spec=spec, embedding_dim=8, calibration="tissue")
+    np.save(tmp_path / "v.npy", _volumes(96, spec))
+    mm = np.load(tmp_path / "v.npy", mmap_mode="r")
+    tracemalloc.start()
+    try:
+        z = embed(whole, mm, batch_size=4)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < mm.nbytes / 3, (peak, mm.nbytes)
+    np.testing.assert_allclose(z[:4], embed(whole, np.asarray(mm[:4])), atol=1e-6)

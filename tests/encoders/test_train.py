@@ -351,3 +351,50 @@ def test_volumes_digest_is_that_of_the_whole_array() -> None:
     assert _volumes_sha256(vols) == hashlib.sha256(vols.tobytes()).hexdigest()
     view = vols[:, ::2]  # not contiguous: hashed as its C-order copy would be
     assert _volumes_sha256(view) == hashlib.sha256(np.ascontiguousarray(view).tobytes()).hexdigest()
+
+
+def test_indices_train_as_the_selected_rows(tmp_path: Path) -> None:
+    """``indices`` trains on those rows of a memory map as ``volumes[indices]`` would,
+    lesion and whole (the evaluation trains on its reference studies this way)."""
+    vols, _ = _chests(9)
+    mm = _memmap(vols, tmp_path / "v.npy")
+    rows = np.array([7, 0, 2, 5, 8, 3])
+    for region in ("lesion", "whole"):
+        kw = dict(epochs=1, batch_size=3, seed=2, region=region, calibration="tissue", **FAST)
+        a, ca = train_ssl(vols[rows], **kw)  # type: ignore[arg-type]
+        b, cb = train_ssl(mm, indices=rows, checkpoint_dir=tmp_path / region, **kw)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(embed(a, vols), embed(b, vols))
+        assert ca.notes == cb.notes
+
+
+def test_indices_do_not_copy_the_rows(tmp_path: Path) -> None:
+    import tracemalloc
+
+    spec = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 64, 64))
+    vols = _random_volumes(192, spec)
+    mm = _memmap(vols, tmp_path / "v.npy")
+    del vols
+    rows = np.arange(1, 192, 2)[::-1]
+    tracemalloc.start()
+    try:
+        train_ssl(mm, indices=rows, epochs=1, batch_size=4, region="whole",  # type: ignore[arg-type]
+                  calibration="tissue", checkpoint_dir=tmp_path / "ckpt", **dict(FAST, spec=spec))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < mm.nbytes / 2 / 3, (peak, mm.nbytes)  # the rows are half of it
+
+
+@pytest.mark.parametrize(
+    ("indices", "match"),
+    [
+        ([3], "at least 2 studies"),
+        ([0, 6], r"in \[0, 6\)"),
+        ([-1, 2], r"in \[0, 6\)"),
+        ([[0, 1]], "1-D"),
+        ([0.0, 1.0], "row numbers"),
+    ],
+)
+def test_bad_indices_are_refused(indices: list, match: str) -> None:
+    with pytest.raises(EncoderError, match=match):
+        train_ssl(_random_volumes(6), indices=indices, epochs=1, **FAST)  # type: ignore[arg-type]
