@@ -284,7 +284,8 @@ def train_ssl(
     augmentation only has to cover the residual (lesion views use narrow HU ranges then).
 
     ``indices``: train on these rows of ``volumes`` only, each read when needed (as
-    ``volumes[indices]``, without copying them; ``volumes`` may be a memory map).
+    ``volumes[indices]``, without copying them; ``volumes`` may be a memory map); ``rois``
+    then gives one entry per selected row.
 
     Returns the encoder (eval mode, on the training device) and its card (``version`` is
     set when the encoder is saved).
