@@ -49,9 +49,12 @@ PRESETS = {
 }
 
 
-def build_cohort(workdir: Path, patients: int, seed: int) -> tuple[np.ndarray, dict, object]:
+def build_cohort(
+    workdir: Path, patients: int, seed: int, *, spool: Path | None = None
+) -> tuple[np.ndarray, dict, object]:
     """Synth + ingest into ``workdir`` (reused when already there); returns volumes,
-    per-study columns and the input spec."""
+    per-study columns and the input spec. With ``spool`` (a ``.npy`` path), the volumes
+    are a memory map of that file (the caller removes it), not an array in memory."""
     from encoders.deid import Pseudonymizer
     from encoders.synth import synth_cohort
     from indexing.ingest import ingest_folder, read_outcomes, store_spec
@@ -76,7 +79,7 @@ def build_cohort(workdir: Path, patients: int, seed: int) -> tuple[np.ndarray, d
             file=sys.stderr,
         )
     store = CohortStore(store_dir)
-    uids, volumes = store.load_volumes()
+    uids, volumes = store.load_volumes() if spool is None else store.spool_volumes(spool)
     table = {r["study_uid"]: r for r in store.cohort_table().to_pylist()}
     cols = cohort_columns([table[u] for u in uids], label="phenotype")
     spec = store_spec(store)
@@ -133,8 +136,9 @@ def main() -> None:
     else:
         workdir = args.workdir
         workdir.mkdir(parents=True, exist_ok=True)
+    spool = workdir / f".volumes-{os.getpid()}.npy"
     try:
-        volumes, cols, spec = build_cohort(workdir, patients, args.seed)
+        volumes, cols, spec = build_cohort(workdir, patients, args.seed, spool=spool)
         cfg = EvalConfig(
             k=args.k,
             query_fraction=args.query_fraction,
@@ -181,6 +185,7 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps([r.to_dict() for r in rows], indent=2))
     finally:
+        spool.unlink(missing_ok=True)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
