@@ -599,10 +599,12 @@ def embed(
         dev = _place(encoder, dev)
         start = 0
         # regions are cut (and calibrated) a batch at a time, so embedding a memory-mapped
-        # cohort never holds more than one batch of it in memory
-        inputs, at = np.empty((0, *encoder.input_shape)), start
+        # cohort never holds more than one batch of it in memory; ``inputs`` holds those of
+        # the studies from ``at`` on (kept when a batch is retried smaller after OOM)
+        inputs: np.ndarray | None = None
+        at = 0
         while start < n:
-            if start >= at + len(inputs):
+            if inputs is None or start >= at + len(inputs):
                 at = start
                 stop = min(n, start + batch_size)
                 inputs = np.ascontiguousarray(encoder.regions(

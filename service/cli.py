@@ -350,6 +350,7 @@ def eval_retrieval(
     baselines from the same run: random vectors, HU-histogram kNN, a randomly
     initialised backbone (each trained row also after ComBat harmonisation).
     """
+    from encoders.evaluate import EvalConfig
     from indexing.store import CohortStore
 
     if method not in ("simclr", "vicreg"):
@@ -368,7 +369,7 @@ def eval_retrieval(
     with tempfile.TemporaryDirectory(prefix="cohortsim-eval-", dir=spool_dir) as spool:
         uids, volumes = cohort.spool_volumes(Path(spool) / "volumes.npy")
         try:
-            rows = _eval_rows(cohort, uids, volumes, label=label, model=model, k=k, cfg_kw=dict(
+            rows = _eval_rows(cohort, uids, volumes, label=label, model=model, cfg=EvalConfig(
                 k=k, query_fraction=query_fraction, seed=seed, backbone=backbone, method=method,
                 regions=region_list, pooling=pooling, calibration=calibration, epochs=epochs,
                 whole_epochs=whole_epochs, time_budget_s=train_seconds,
@@ -382,15 +383,15 @@ def eval_retrieval(
     _print_eval(rows, k=k, label=label)
 
 
-def _eval_rows(cohort: Any, uids: list[str], volumes: Any, *, label: str, model: Path | None, k: int,
-               cfg_kw: dict[str, Any]) -> list[Any]:
+def _eval_rows(cohort: Any, uids: list[str], volumes: Any, *, label: str, model: Path | None,
+               cfg: Any) -> list[Any]:
     """`cohortsim eval`'s protocol on the store's (spooled) volumes."""
-    from encoders.evaluate import EvalConfig, cohort_columns, run_retrieval_eval
+    from encoders.evaluate import cohort_columns, run_retrieval_eval
     from encoders.model import load_encoder
     from indexing.ingest import store_spec
 
-    if len(uids) < 2 * k:
-        raise CliError(f"the store at {cohort.root} holds {len(uids)} studies; the evaluation needs at least {2 * k}")
+    if len(uids) < 2 * cfg.k:
+        raise CliError(f"the store at {cohort.root} holds {len(uids)} studies; the evaluation needs at least {2 * cfg.k}")
     table = {r["study_uid"]: r for r in cohort.cohort_table().to_pylist()}
     try:
         cols = cohort_columns([table[u] for u in uids], label=label)
@@ -404,7 +405,7 @@ def _eval_rows(cohort: Any, uids: list[str], volumes: Any, *, label: str, model:
     try:
         return run_retrieval_eval(
             volumes, patient_ids=cols["patient_ids"], labels=cols["labels"], scanners=cols["scanners"],
-            times=cols["times"], events=cols["events"], spec=spec, config=EvalConfig(**cfg_kw),
+            times=cols["times"], events=cols["events"], spec=spec, config=cfg,
             encoders=given, progress=lambda m: _say(f"eval: {m}"),
         )
     except ValueError as exc:  # EvalError / HarmonizeError: bad cohort for this protocol
