@@ -39,6 +39,7 @@ from encoders.evaluate import (  # noqa: E402
     EvalRow,
     check_targets,
     cohort_columns,
+    metric_cells,
     run_retrieval_eval,
 )
 
@@ -87,14 +88,14 @@ def build_cohort(
 
 
 def print_rows(rows: list[EvalRow], k: int) -> None:
+    m0 = rows[0].metrics
+    if m0.n_boot:
+        print(f"# [a, b]: {m0.ci_level:.0%} interval over the query patients "
+              f"({m0.n_boot} bootstrap resamples)")
     print(f"| method | P@{k} | scanner excess | kNN C-index (NA 24 mo) | s |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
-        m = r.metrics
-        print(
-            f"| {r.method} | {m.precision_at_k:.3f} | {m.scanner_excess:+.3f} | "
-            f"{m.c_index:.3f} | {r.seconds:.0f} |"
-        )
+        print(f"| {r.method} | {' | '.join(metric_cells(r.metrics))} | {r.seconds:.0f} |")
 
 
 def main() -> None:
@@ -108,6 +109,8 @@ def main() -> None:
     g.add_argument("--k", type=int, default=10)
     g.add_argument("--query-fraction", type=float, default=0.25)
     g.add_argument("--split-seed", type=int, default=0)
+    g.add_argument("--bootstrap", type=int, default=1000,
+                   help="resamples of the query patients for the 95%% intervals (0: none)")
     g = ap.add_argument_group("encoder")
     g.add_argument("--backbone", default="resnet10t")
     g.add_argument("--method", default="simclr", choices=("simclr", "vicreg"))
@@ -152,6 +155,7 @@ def main() -> None:
             time_budget_s=budget,
             device=args.device,
             train_kw={"batch_size": args.batch_size, "lr": args.lr},
+            bootstrap=args.bootstrap,
         )
         t0 = time.monotonic()
         rows = run_retrieval_eval(

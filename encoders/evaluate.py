@@ -39,13 +39,16 @@ __all__ = [
     "EvalConfig",
     "EvalRow",
     "RetrievalMetrics",
+    "bootstrap_resamples",
     "check_targets",
     "cohort_columns",
     "evaluate_retrieval",
     "hu_histogram_features",
     "knn_c_index",
+    "metric_cells",
     "nearest_neighbours",
     "nelson_aalen_at",
+    "percentile_interval",
     "precision_at_k",
     "random_vectors",
     "run_retrieval_eval",
@@ -92,6 +95,13 @@ def precision_at_k(neighbour_labels: np.ndarray, query_labels: np.ndarray) -> fl
     return float((nl == ql[:, None]).mean())
 
 
+def _scanner_excess_per_query(ns: np.ndarray, qs: np.ndarray, rs: np.ndarray) -> np.ndarray:
+    keys, counts = np.unique(rs, return_counts=True)
+    share = dict(zip(keys.tolist(), (counts / rs.size).tolist(), strict=True))
+    base = np.array([share.get(s, 0.0) for s in qs.tolist()])
+    return np.asarray((ns == qs[:, None]).mean(axis=1) - base, dtype=np.float64)
+
+
 def scanner_excess(
     neighbour_scanners: np.ndarray, query_scanners: np.ndarray, reference_scanners: np.ndarray
 ) -> float:
@@ -104,10 +114,7 @@ def scanner_excess(
         raise EvalError(
             f"expected (m, k), (m,) and (n,) scanner keys, got {ns.shape}, {qs.shape}, {rs.shape}"
         )
-    keys, counts = np.unique(rs, return_counts=True)
-    share = dict(zip(keys.tolist(), (counts / rs.size).tolist(), strict=True))
-    base = np.array([share.get(s, 0.0) for s in qs.tolist()])
-    return float(((ns == qs[:, None]).mean(axis=1) - base).mean())
+    return float(_scanner_excess_per_query(ns, qs, rs).mean())
 
 
 def nelson_aalen_at(times: np.ndarray, events: np.ndarray, horizon: float) -> float:
@@ -123,6 +130,27 @@ def nelson_aalen_at(times: np.ndarray, events: np.ndarray, horizon: float) -> fl
     return h
 
 
+def _neighbour_risk(neighbour_times: np.ndarray, neighbour_events: np.ndarray,
+                    horizon: float) -> np.ndarray:
+    """Each query's Nelson–Aalen cumulative hazard at ``horizon`` over its neighbours."""
+    return np.array([nelson_aalen_at(t, e, horizon)
+                     for t, e in zip(neighbour_times, neighbour_events, strict=True)])
+
+
+def _concordance(risk: np.ndarray, query_times: np.ndarray, query_events: np.ndarray) -> float:
+    """Harrell's C of ``risk`` (higher = shorter survival) against observed survival; NaN
+    when no pair is comparable."""
+    from lifelines.utils import concordance_index
+
+    ok = np.isfinite(query_times)
+    if ok.sum() < 2 or not query_events[ok].any():
+        return float("nan")
+    try:  # higher predicted value = longer survival for lifelines, so pass -risk
+        return float(concordance_index(query_times[ok], -risk[ok], query_events[ok]))
+    except ZeroDivisionError:  # no admissible pairs
+        return float("nan")
+
+
 def knn_c_index(
     neighbour_times: np.ndarray,
     neighbour_events: np.ndarray,
@@ -134,8 +162,6 @@ def knn_c_index(
     """Harrell's C of the neighbours' Nelson–Aalen risk at ``horizon`` against the queries'
     observed survival. ``(m, k)``, ``(m, k)``, ``(m,)``, ``(m,)`` -> float in [0, 1]
     (NaN when no pair of queries is comparable)."""
-    from lifelines.utils import concordance_index
-
     nt = np.asarray(neighbour_times, dtype=np.float64)
     ne = np.asarray(neighbour_events, dtype=bool)
     qt = np.asarray(query_times, dtype=np.float64)
@@ -145,19 +171,49 @@ def knn_c_index(
             f"expected (m, k) neighbour and (m,) query outcomes, got {nt.shape}, {ne.shape}, "
             f"{qt.shape}, {qe.shape}"
         )
-    risk = np.array([nelson_aalen_at(t, e, horizon) for t, e in zip(nt, ne, strict=True)])
-    ok = np.isfinite(qt)
-    if ok.sum() < 2 or not qe[ok].any():
-        return float("nan")
-    try:  # higher predicted value = longer survival for lifelines, so pass -risk
-        return float(concordance_index(qt[ok], -risk[ok], qe[ok]))
-    except ZeroDivisionError:  # no admissible pairs
-        return float("nan")
+    return _concordance(_neighbour_risk(nt, ne, horizon), qt, qe)
+
+
+def bootstrap_resamples(groups: Values, n_boot: int, *, seed: int = 0) -> list[np.ndarray]:
+    """``n_boot`` bootstrap resamples of the queries, as index arrays: whole *groups*
+    (patients) are drawn with replacement, as many as there are, and each brings all its
+    queries (a cluster bootstrap: two studies of one patient are not two independent
+    observations)."""
+    g = np.asarray([str(v) for v in groups], dtype=object)
+    if g.ndim != 1 or g.size == 0:
+        raise EvalError(f"bootstrap needs one group per query, got shape {g.shape}")
+    if n_boot < 0:
+        raise EvalError(f"the number of bootstrap resamples must be >= 0, got {n_boot}")
+    _keys, inverse = np.unique(g, return_inverse=True)
+    members = [np.nonzero(inverse == j)[0] for j in range(int(inverse.max()) + 1)]
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(members), size=(n_boot, len(members)))
+    return [np.concatenate([members[j] for j in row]) for row in draws]
+
+
+def percentile_interval(values: Sequence[float] | np.ndarray,
+                        level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` percentile interval of the finite ``values`` (NaN, NaN when
+    none is finite)."""
+    if not 0.0 < level < 1.0:
+        raise EvalError(f"the interval level must be in (0, 1), got {level}")
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (float("nan"), float("nan"))
+    lo, hi = np.quantile(v, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return (float(lo), float(hi))
 
 
 @dataclass
 class RetrievalMetrics:
-    """The three figures for one embedding, plus the counts they rest on."""
+    """The three figures for one embedding, plus the counts they rest on.
+
+    The ``*_ci`` pairs are percentile bootstrap intervals at ``ci_level`` over the query
+    *patients* (``n_boot`` resamples; ``None`` when ``n_boot`` is 0). They show how much
+    the figure would move with another draw of query patients from the same cohort; they
+    do not include the spread between training runs or between cohorts.
+    """
 
     precision_at_k: float
     scanner_excess: float
@@ -165,9 +221,27 @@ class RetrievalMetrics:
     k: int
     n_queries: int
     n_reference: int
+    precision_ci: tuple[float, float] | None = None
+    scanner_excess_ci: tuple[float, float] | None = None
+    c_index_ci: tuple[float, float] | None = None
+    ci_level: float = 0.95
+    n_boot: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def metric_cells(m: RetrievalMetrics) -> tuple[str, str, str]:
+    """P@k, scanner excess and C-index as report cells, each with its interval when there
+    is one: ``0.640 [0.583, 0.697]``."""
+
+    def cell(value: float, ci: tuple[float, float] | None, fmt: str) -> str:
+        text = format(value, fmt)
+        return text if ci is None else f"{text} [{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
+
+    return (cell(m.precision_at_k, m.precision_ci, ".3f"),
+            cell(m.scanner_excess, m.scanner_excess_ci, "+.3f"),
+            cell(m.c_index, m.c_index_ci, ".3f"))
 
 
 def evaluate_retrieval(
@@ -184,8 +258,18 @@ def evaluate_retrieval(
     reference_events: Values,
     k: int = 10,
     horizon: float = 24.0,
+    query_groups: Values | None = None,
+    n_boot: int = 0,
+    ci_level: float = 0.95,
+    seed: int = 0,
 ) -> RetrievalMetrics:
-    """P@k, scanner excess and kNN C-index of ``queries (m, d)`` against ``reference (n, d)``."""
+    """P@k, scanner excess and kNN C-index of ``queries (m, d)`` against ``reference (n, d)``.
+
+    With ``n_boot`` > 0, each figure also gets a ``ci_level`` percentile bootstrap interval
+    (:func:`bootstrap_resamples`, seeded by ``seed``) over ``query_groups`` (the queries'
+    patient ids; default: every query its own patient). The neighbours are found once; a
+    resample only re-averages them.
+    """
     nb = nearest_neighbours(queries, reference, k)
     rl = np.asarray([str(v) for v in reference_labels], dtype=object)
     ql = np.asarray([str(v) for v in query_labels], dtype=object)
@@ -196,6 +280,10 @@ def evaluate_retrieval(
     n, m = np.asarray(reference).shape[0], nb.shape[0]
     qt = np.asarray(query_times, dtype=np.float64)
     qe = np.asarray(query_events, dtype=bool)
+    if not 0.0 < ci_level < 1.0:
+        raise EvalError(f"the interval level must be in (0, 1), got {ci_level}")
+    qg = np.arange(m) if query_groups is None else np.asarray(
+        [str(v) for v in query_groups], dtype=object)
     for name, arr, size in (
         ("reference labels", rl, n),
         ("reference scanners", rs, n),
@@ -205,17 +293,32 @@ def evaluate_retrieval(
         ("query scanners", qs, m),
         ("query times", qt, m),
         ("query events", qe, m),
+        ("query groups", qg, m),
     ):
         if arr.shape != (size,):
             raise EvalError(f"{name}: expected {size} values, got {arr.shape[0]}")
-    return RetrievalMetrics(
+    metrics = RetrievalMetrics(
         precision_at_k=precision_at_k(rl[nb], ql),
         scanner_excess=scanner_excess(rs[nb], qs, rs),
         c_index=knn_c_index(rt[nb], re_[nb], qt, qe, horizon=horizon),
         k=int(k),
         n_queries=int(m),
         n_reference=int(n),
+        ci_level=float(ci_level),
+        n_boot=int(n_boot),
     )
+    resamples = bootstrap_resamples(qg, n_boot, seed=seed)
+    if resamples:
+        # per-query values, so a resample is a mean over its indices (and a C-index)
+        hits = (rl[nb] == ql[:, None]).mean(axis=1)
+        own = _scanner_excess_per_query(rs[nb], qs, rs)
+        risk = _neighbour_risk(rt[nb], re_[nb], horizon)
+        metrics.precision_ci = percentile_interval([hits[i].mean() for i in resamples], ci_level)
+        metrics.scanner_excess_ci = percentile_interval([own[i].mean() for i in resamples],
+                                                        ci_level)
+        metrics.c_index_ci = percentile_interval(
+            [_concordance(risk[i], qt[i], qe[i]) for i in resamples], ci_level)
+    return metrics
 
 
 # --------------------------------------------------------------------------- baselines
@@ -336,7 +439,8 @@ class EvalConfig:
     train (``"lesion"``, ``"whole"``); a lesion encoder trains ``epochs`` epochs, a
     whole-volume one ``whole_epochs`` (each epoch costs ~10x more), both stopped early by
     ``time_budget_s`` if set (then the figures depend on the machine's speed and load);
-    ``train_kw`` goes to ``train_ssl`` as is."""
+    ``train_kw`` goes to ``train_ssl`` as is. ``bootstrap`` resamples of the query patients
+    give each figure a 95 % interval (0: none)."""
 
     k: int = 10
     horizon: float = 24.0
@@ -353,6 +457,7 @@ class EvalConfig:
     time_budget_s: float | None = None
     device: str = "auto"
     train_kw: dict[str, Any] = field(default_factory=dict)
+    bootstrap: int = 1000
 
 
 @dataclass
@@ -434,6 +539,9 @@ def run_retrieval_eval(
             reference_events=meta["events"][ri],
             k=cfg.k,
             horizon=cfg.horizon,
+            query_groups=meta["patient_ids"][qi],
+            n_boot=cfg.bootstrap,
+            seed=cfg.seed,
         )
 
     rows: list[EvalRow] = []

@@ -342,13 +342,16 @@ def eval_retrieval(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
     spool_dir: Annotated[Path | None, typer.Option(help="Folder for the temporary memory-mapped copy of the volumes (default: the system's temporary folder, $TMPDIR).")] = None,
+    bootstrap: Annotated[int, typer.Option(min=0, max=100_000, help="Bootstrap resamples of the query patients for the 95 % intervals (0: no intervals).")] = 1000,
 ) -> None:
     """Score retrieval on held-out patients: P@k of a label, scanner excess, kNN C-index (24 months).
 
     Holds out a seeded share of the patients as queries, trains the encoder(s) on the
     other studies only (self-supervised, labels unused), and reports cohortsim beside
     baselines from the same run: random vectors, HU-histogram kNN, a randomly
-    initialised backbone (each trained row also after ComBat harmonisation).
+    initialised backbone (each trained row also after ComBat harmonisation). Each figure
+    comes with a 95 % bootstrap interval over the query patients: how far it would move
+    with another draw of queries (not with another training run or cohort).
     """
     from encoders.evaluate import EvalConfig
     from indexing.store import CohortStore
@@ -373,7 +376,7 @@ def eval_retrieval(
                 k=k, query_fraction=query_fraction, seed=seed, backbone=backbone, method=method,
                 regions=region_list, pooling=pooling, calibration=calibration, epochs=epochs,
                 whole_epochs=whole_epochs, time_budget_s=train_seconds,
-                device=device, train_kw={"batch_size": batch_size},
+                device=device, train_kw={"batch_size": batch_size}, bootstrap=bootstrap,
             ))
         finally:
             del volumes  # the memory map, before its file goes
@@ -413,18 +416,17 @@ def _eval_rows(cohort: Any, uids: list[str], volumes: Any, *, label: str, model:
 
 
 def _print_eval(rows: list[Any], *, k: int, label: str) -> None:
-    from encoders.evaluate import check_targets
+    from encoders.evaluate import check_targets, metric_cells
 
     m0 = rows[0].metrics
-    table_out = Table(
-        title=f"retrieval on {m0.n_queries} held-out query studies vs {m0.n_reference} reference studies (k={k}, label {label!r})",
-        title_justify="left",
-    )
+    title = f"retrieval on {m0.n_queries} held-out query studies vs {m0.n_reference} reference studies (k={k}, label {label!r})"
+    if m0.n_boot:
+        title += f"; [{m0.ci_level:.0%} interval over query patients, {m0.n_boot} bootstrap resamples]"
+    table_out = Table(title=title, title_justify="left")
     for col in ("method", f"P@{k}", "scanner excess", "kNN C-index", "s"):
         table_out.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
-        m = r.metrics
-        table_out.add_row(r.method, f"{m.precision_at_k:.3f}", f"{m.scanner_excess:+.3f}", f"{m.c_index:.3f}", f"{r.seconds:.0f}")
+        table_out.add_row(r.method, *metric_cells(r.metrics), f"{r.seconds:.0f}")
     out.print(table_out)
     for r in rows:
         if r.method.startswith(("cohortsim", "given")) and not r.method.endswith("ComBat"):

@@ -42,6 +42,11 @@ def test_eval_json_rows(store: Path) -> None:
     for r in rows:
         assert 0.0 <= r["precision_at_k"] <= 1.0 and -1.0 <= r["scanner_excess"] <= 1.0
         assert r["k"] == 3 and r["n_queries"] + r["n_reference"] == 16
+        # 95 % intervals over the query patients (1000 resamples by default)
+        lo, hi = r["precision_ci"]
+        assert 0.0 <= lo <= r["precision_at_k"] <= hi <= 1.0
+        assert r["scanner_excess_ci"][0] <= r["scanner_excess"] <= r["scanner_excess_ci"][1]
+        assert (r["n_boot"], r["ci_level"]) == (1000, 0.95)
     # the naive HU histogram picks neighbours by scanner (5 scanners, ~0.2 share each)
     assert rows[1]["scanner_excess"] > 0.3
 
@@ -52,6 +57,13 @@ def test_eval_table_and_errors(store: Path) -> None:
     )
     assert code == 0, err
     assert "HU histogram" in stdout and "P@3" in stdout
+    assert "95% interval over query patients, 1000 bootstrap resamples" in " ".join(stdout.split())
+    code, stdout, err = cli(
+        "eval", "--store", str(store), "--label", "phenotype", "--k", "3", "--regions", "",
+        "--bootstrap", "0", "--json",
+    )
+    assert code == 0, err
+    assert all(r["precision_ci"] is None and r["n_boot"] == 0 for r in json.loads(stdout))
     code, _, err = cli("eval", "--store", str(store), "--label", "histology", "--k", "3")
     assert code == 2
     line = " ".join(err.split())
