@@ -120,6 +120,7 @@ def main() -> None:
     g.add_argument("--whole-epochs", type=int, default=8, help="whole-volume encoder epochs")
     g.add_argument("--batch-size", type=int, default=16, help="as cohortsim train")
     g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--views", type=int, help="views per study per step (default: lesion 4, whole 2)")
     g.add_argument("--train-seconds", type=float,
                    help="also stop training after this many seconds (figures then depend on load)")
     g.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -154,7 +155,8 @@ def main() -> None:
             whole_epochs=args.whole_epochs,
             time_budget_s=budget,
             device=args.device,
-            train_kw={"batch_size": args.batch_size, "lr": args.lr},
+            train_kw={"batch_size": args.batch_size, "lr": args.lr,
+                      **({} if args.views is None else {"views": args.views})},
             bootstrap=args.bootstrap,
         )
         t0 = time.monotonic()

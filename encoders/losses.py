@@ -1,8 +1,10 @@
 """Self-supervised losses (small modules in the style of lightly).
 
-Both take the projections of two augmented views of the same batch, ``z1, z2: (n, d)``,
-where row ``i`` of ``z1`` and row ``i`` of ``z2`` come from the same study, and return a
-scalar tensor.
+Both take the projections of two or more augmented views of the same batch,
+``z1, z2, ...: (n, d)``, where row ``i`` of every view comes from the same study, and
+return a scalar tensor. With two views they are the published losses; more views of a
+study per step (as in multi-crop SwAV / DINO) give more positive pairs per study, which is
+what a small cohort is short of.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from torch import Tensor, nn
 __all__ = ["NTXentLoss", "VICRegLoss"]
 
 
-def _check_pair(z1: Tensor, z2: Tensor, min_rows: int) -> None:
-    if z1.ndim != 2 or z1.shape != z2.shape:
-        raise ValueError(
-            f"expected two (n, d) tensors of the same shape, got {tuple(z1.shape)} and "
-            f"{tuple(z2.shape)}"
-        )
+def _check_views(zs: tuple[Tensor, ...], min_rows: int) -> None:
+    if len(zs) < 2:
+        raise ValueError(f"need at least two views, got {len(zs)}")
+    z1 = zs[0]
+    for z in zs[1:]:
+        if z1.ndim != 2 or z.shape != z1.shape:
+            raise ValueError(
+                f"expected (n, d) tensors of the same shape, got {tuple(z1.shape)} and "
+                f"{tuple(z.shape)}"
+            )
     if z1.shape[0] < min_rows:
         raise ValueError(f"need a batch of at least {min_rows} rows, got {z1.shape[0]}")
 
@@ -33,6 +39,10 @@ class NTXentLoss(nn.Module):
     one, its other view is the positive and the remaining ``2n - 2`` are negatives:
     ``mean_i -log(exp(s_i,p(i) / t) / sum_{k != i} exp(s_i,k / t))`` with cosine
     similarities ``s``. Needs ``n >= 2``.
+
+    ``forward(z1, ..., zv)`` with ``v > 2`` views: each projection has ``v - 1`` positives
+    (the other views of its study) and the term above is averaged over them (the
+    multi-positive form of Khosla et al., 2020, with the study as the class).
     """
 
     def __init__(self, temperature: float = 0.1) -> None:
@@ -42,16 +52,20 @@ class NTXentLoss(nn.Module):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.temperature = t
 
-    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        _check_pair(z1, z2, 2)
-        n = z1.shape[0]
-        z = F.normalize(torch.cat([z1, z2], dim=0).float(), dim=1)
-        logits = (z @ z.T) / self.temperature  # (2n, 2n)
-        eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    def forward(self, *zs: Tensor) -> Tensor:
+        _check_views(zs, 2)
+        v, n = len(zs), zs[0].shape[0]
+        z = F.normalize(torch.cat(zs, dim=0).float(), dim=1)
+        logits = (z @ z.T) / self.temperature  # (vn, vn)
+        eye = torch.eye(v * n, dtype=torch.bool, device=z.device)
         logits = logits.masked_fill(eye, float("-inf"))
         idx = torch.arange(n, device=z.device)
-        targets = torch.cat([idx + n, idx])
-        return F.cross_entropy(logits, targets)
+        if v == 2:
+            return F.cross_entropy(logits, torch.cat([idx + n, idx]))
+        study = idx.repeat(v)
+        positive = (study[:, None] == study[None, :]) & ~eye
+        log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        return -(log_p.masked_fill(~positive, 0.0).sum(dim=1) / (v - 1)).mean()
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
@@ -63,7 +77,10 @@ class VICRegLoss(nn.Module):
     ``forward(z1 (n, d), z2 (n, d)) -> ()`` =
     ``sim * mse(z1, z2) + var * (hinge(z1) + hinge(z2)) / 2 + cov * (c(z1) + c(z2))``
     where ``hinge`` is the mean of ``relu(1 - std)`` per dimension and ``c`` is the sum of
-    squared off-diagonal covariances divided by ``d``. Needs ``n >= 2``.
+    squared off-diagonal covariances divided by ``d``. Needs ``n >= 2``. With ``v > 2``
+    views: the mse averaged over all pairs of views, the hinge averaged over views and the
+    covariance term ``2 / v`` times its sum over views, which is the mean of the two-view
+    loss over all pairs of views.
     """
 
     def __init__(
@@ -86,13 +103,14 @@ class VICRegLoss(nn.Module):
         off = c - torch.diag(torch.diagonal(c))
         return var_loss, off.pow(2).sum() / d
 
-    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        _check_pair(z1, z2, 2)
-        z1, z2 = z1.float(), z2.float()
-        inv = F.mse_loss(z1, z2)
-        v1, c1 = self._var_cov(z1)
-        v2, c2 = self._var_cov(z2)
-        return self.sim * inv + self.var * (v1 + v2) / 2 + self.cov * (c1 + c2)
+    def forward(self, *zs: Tensor) -> Tensor:
+        _check_views(zs, 2)
+        z = [t.float() for t in zs]
+        v = len(z)
+        pairs = [(i, j) for i in range(v) for j in range(i + 1, v)]
+        inv = sum(F.mse_loss(z[i], z[j]) for i, j in pairs) / len(pairs)
+        var, cov = zip(*(self._var_cov(t) for t in z), strict=True)
+        return self.sim * inv + self.var * sum(var) / v + self.cov * sum(cov) * (2 / v)
 
     def extra_repr(self) -> str:
         return f"sim={self.sim}, var={self.var}, cov={self.cov}"

@@ -245,6 +245,7 @@ def train(
     region: Annotated[str, typer.Option(help="lesion (embed a box around the lung lesion; see encoders/roi.py) or whole (the whole volume).")] = "lesion",
     pooling: Annotated[str, typer.Option(help="Pooling over slices: attention or mean.")] = "attention",
     calibration: Annotated[str, typer.Option(help="tissue (calibrate each study's HU on its air and soft tissue) or none.")] = "tissue",
+    views: Annotated[int | None, typer.Option(min=2, max=16, help="Augmented views of each study per step (default: lesion 4, whole 2; a step costs about views/2 two-view steps).")] = None,
 ) -> None:
     """Train a self-supervised study encoder on the store's volumes (resumable)."""
     from indexing.store import CohortStore
@@ -278,6 +279,7 @@ def train(
         region=region,
         pooling=pooling,
         calibration=calibration,
+        views=views,
     )
     _say(f"saved encoder {card.version} ({card.backbone}, {card.method}, {card.epochs} epochs, dim {card.embedding_dim}) to {out_dir}")
 
@@ -343,6 +345,7 @@ def eval_retrieval(
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
     spool_dir: Annotated[Path | None, typer.Option(help="Folder for the temporary memory-mapped copy of the volumes (default: the system's temporary folder, $TMPDIR).")] = None,
     bootstrap: Annotated[int, typer.Option(min=0, max=100_000, help="Bootstrap resamples of the query patients for the 95 % intervals (0: no intervals).")] = 1000,
+    views: Annotated[int | None, typer.Option(min=2, max=16, help="Views per study per training step (as cohortsim train; default: lesion 4, whole 2).")] = None,
 ) -> None:
     """Score retrieval on held-out patients: P@k of a label, scanner excess, kNN C-index (24 months).
 
@@ -376,7 +379,8 @@ def eval_retrieval(
                 k=k, query_fraction=query_fraction, seed=seed, backbone=backbone, method=method,
                 regions=region_list, pooling=pooling, calibration=calibration, epochs=epochs,
                 whole_epochs=whole_epochs, time_budget_s=train_seconds,
-                device=device, train_kw={"batch_size": batch_size}, bootstrap=bootstrap,
+                device=device, bootstrap=bootstrap,
+                train_kw={"batch_size": batch_size, **({} if views is None else {"views": views})},
             ))
         finally:
             del volumes  # the memory map, before its file goes

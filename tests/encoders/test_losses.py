@@ -42,6 +42,36 @@ def test_ntxent_matches_hand_computation() -> None:
     assert got == pytest.approx(expected, rel=1e-5)
 
 
+def test_ntxent_three_views_matches_hand_computation() -> None:
+    """Each projection's positives are the other views of its study; the -log softmax is
+    averaged over them, then over all 3n projections."""
+    zs = [_randn(3, 4, seed=s) for s in (0, 1, 2)]
+    t = 0.2
+    z = torch.cat(zs).double()
+    z = (z / z.norm(dim=1, keepdim=True)).numpy()
+    s = z @ z.T / t
+    terms = []
+    for i in range(9):
+        denom = sum(math.exp(s[i, k]) for k in range(9) if k != i)
+        positives = [k for k in range(9) if k != i and k % 3 == i % 3]
+        terms.append(sum(-math.log(math.exp(s[i, p]) / denom) for p in positives) / 2)
+    got = NTXentLoss(temperature=t)(*zs).item()
+    assert got == pytest.approx(sum(terms) / 9, rel=1e-5)
+    # the order of the views does not matter
+    assert NTXentLoss(temperature=t)(zs[2], zs[0], zs[1]).item() == pytest.approx(got, rel=1e-6)
+    with pytest.raises(ValueError, match="two views"):
+        NTXentLoss()(zs[0])
+
+
+def test_vicreg_more_views_is_the_mean_of_the_pairwise_losses() -> None:
+    loss = VICRegLoss()
+    a, b, c = (_randn(16, 8, seed=s) for s in (4, 5, 6))
+    pairs = (loss(a, b) + loss(a, c) + loss(b, c)) / 3
+    assert loss(a, b, c).item() == pytest.approx(pairs.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="same shape"):
+        loss(a, b, _randn(16, 7))
+
+
 @pytest.mark.parametrize("t", [0, -0.1, float("nan"), float("inf")])
 def test_ntxent_invalid_temperature(t: float) -> None:
     with pytest.raises(ValueError, match="temperature"):
