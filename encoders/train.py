@@ -1,17 +1,18 @@
 """Self-supervised training of a :class:`StudyEncoder` (SimCLR or VICReg).
 
-Reads like the lightly examples: encoder + projection head, two scanner-like views per
-study, a contrastive (NT-Xent) or non-contrastive (VICReg) loss, AdamW with a cosine
-schedule. The projection head is discarded after training; the encoder's neck output is
-the study embedding.
+Reads like the lightly examples: encoder + projection head, scanner-like views of each
+study (``views``: four per lesion box, two per whole volume), a contrastive (NT-Xent) or
+non-contrastive (VICReg) loss over every pair of views, AdamW with a cosine schedule.
+The projection head is discarded after training; the encoder's neck output is the study
+embedding.
 
 Speed: each view encodes a random subset of ``train_slices`` slices (the mean over
 slices is defined for any subset): 8 of a 12-slice lesion box, 8 of 32 whole-volume slices.
 ``torch.set_num_threads`` is left to the caller.
 
 Lesion region (``region="lesion"``): the lesion centre of every training study is found
-once (:func:`encoders.roi.propose_lesion`, or given ``rois``); the two views of a study
-are two boxes around it, each shifted by up to ``roi_jitter`` voxels per axis (8 mm by
+once (:func:`encoders.roi.propose_lesion`, or given ``rois``); the views of a study
+are boxes around it, each shifted by up to ``roi_jitter`` voxels per axis (8 mm by
 default, which also teaches tolerance to an imprecise centre), randomly rotated /
 reflected, then passed through the scanner augmentations of
 :meth:`AugmentConfig.for_lesion`.
