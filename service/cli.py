@@ -245,7 +245,7 @@ def train(
     region: Annotated[str, typer.Option(help="lesion (embed a box around the lung lesion; see encoders/roi.py) or whole (the whole volume).")] = "lesion",
     pooling: Annotated[str, typer.Option(help="Pooling over slices: attention or mean.")] = "attention",
     calibration: Annotated[str, typer.Option(help="tissue (calibrate each study's HU on its air and soft tissue) or none.")] = "tissue",
-    views: Annotated[int | None, typer.Option(min=2, max=16, help="Augmented views of each study per step (default: lesion 4, whole 2; a step costs about views/2 two-view steps).")] = None,
+    views: Annotated[int | None, typer.Option(min=2, max=16, help="Augmented views of each study per step (default: lesion 4, whole 2; a step costs about views/2 two-view steps; 8 scored higher still, at twice the time of 4).")] = None,
 ) -> None:
     """Train a self-supervised study encoder on the store's volumes (resumable)."""
     from indexing.store import CohortStore
