@@ -155,8 +155,7 @@ def main() -> None:
             whole_epochs=args.whole_epochs,
             time_budget_s=budget,
             device=args.device,
-            train_kw={"batch_size": args.batch_size, "lr": args.lr,
-                      **({} if args.views is None else {"views": args.views})},
+            train_kw={"batch_size": args.batch_size, "lr": args.lr, "views": args.views},
             bootstrap=args.bootstrap,
         )
         t0 = time.monotonic()

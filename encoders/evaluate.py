@@ -297,10 +297,15 @@ def evaluate_retrieval(
     ):
         if arr.shape != (size,):
             raise EvalError(f"{name}: expected {size} values, got {arr.shape[0]}")
+    # per-query values: a figure is their mean (the C-index their concordance), and a
+    # bootstrap resample re-averages them over its indices
+    hits = (rl[nb] == ql[:, None]).mean(axis=1)
+    own = _scanner_excess_per_query(rs[nb], qs, rs)
+    risk = _neighbour_risk(rt[nb], re_[nb], horizon)
     metrics = RetrievalMetrics(
-        precision_at_k=precision_at_k(rl[nb], ql),
-        scanner_excess=scanner_excess(rs[nb], qs, rs),
-        c_index=knn_c_index(rt[nb], re_[nb], qt, qe, horizon=horizon),
+        precision_at_k=float(hits.mean()),
+        scanner_excess=float(own.mean()),
+        c_index=_concordance(risk, qt, qe),
         k=int(k),
         n_queries=int(m),
         n_reference=int(n),
@@ -309,10 +314,6 @@ def evaluate_retrieval(
     )
     resamples = bootstrap_resamples(qg, n_boot, seed=seed)
     if resamples:
-        # per-query values, so a resample is a mean over its indices (and a C-index)
-        hits = (rl[nb] == ql[:, None]).mean(axis=1)
-        own = _scanner_excess_per_query(rs[nb], qs, rs)
-        risk = _neighbour_risk(rt[nb], re_[nb], horizon)
         metrics.precision_ci = percentile_interval([hits[i].mean() for i in resamples], ci_level)
         metrics.scanner_excess_ci = percentile_interval([own[i].mean() for i in resamples],
                                                         ci_level)

@@ -380,7 +380,7 @@ def eval_retrieval(
                 regions=region_list, pooling=pooling, calibration=calibration, epochs=epochs,
                 whole_epochs=whole_epochs, time_budget_s=train_seconds,
                 device=device, bootstrap=bootstrap,
-                train_kw={"batch_size": batch_size, **({} if views is None else {"views": views})},
+                train_kw={"batch_size": batch_size, "views": views},
             ))
         finally:
             del volumes  # the memory map, before its file goes
