@@ -40,6 +40,7 @@ from scipy import ndimage
 
 from encoders.deid import RETAINED_WITH_OPTIONS, clean_descriptor, identifying_values
 from encoders.errors import DicomError
+from encoders.geometry import AXIAL_DIRECTION, patient_to_voxel, voxel_to_patient
 from encoders.spec import InputSpec
 
 __all__ = [
@@ -55,11 +56,13 @@ __all__ = [
     "SeriesRule",
     "Study",
     "find_files",
+    "patient_to_voxel",
     "preprocess",
     "read_file_header",
     "read_pixels",
     "read_study",
     "scan_folder",
+    "voxel_to_patient",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,6 +114,17 @@ class Study:
     :func:`preprocess` normalises by it. ``patient_id`` / ``study_uid`` are raw (pseudonymise before
     storing); without a PatientID, ``patient_id`` is ``"NO-PATIENT-ID:<study_uid>"`` so
     such studies never merge into one patient. ``acquisition`` holds only non-identifying acquisition tags, as strings.
+
+    Geometry (see :mod:`encoders.geometry` for the conventions and the mapping):
+    ``origin`` ``(x, y, z)`` mm is the patient position of voxel ``(0, 0, 0)``;
+    ``direction`` ``(3, 3)``: row ``i`` is the patient-space unit vector along volume
+    axis ``i`` (z, y, x); ``slice_positions`` ``(z,)`` mm along ``direction[0]``,
+    increasing; ``slice_uids`` ``(z,)`` the SOPInstanceUID each slice came from (raw; in
+    memory only); ``in_plane_flips`` ``(y, x)``: the source images' rows / columns were
+    reversed to reach the canonical orientation, so source pixel ``(row r, column c)`` is
+    volume ``(rows - 1 - r if flipped else r, ...)``; ``frame_of_reference_uid`` (raw).
+    ``ignored_files``: files of the study left out without sinking it (damaged duplicate
+    copies of an instance that is also present intact), each with why.
     """
 
     study_uid: str
@@ -123,6 +137,13 @@ class Study:
     study_date: _dt.date | None = None
     series_reason: str = ""
     units: str = ""
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[tuple[float, float, float], ...] = AXIAL_DIRECTION
+    slice_positions: tuple[float, ...] = ()
+    slice_uids: tuple[str, ...] = ()
+    in_plane_flips: tuple[bool, bool] = (False, False)
+    frame_of_reference_uid: str = ""
+    ignored_files: list[Rejection] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -130,20 +151,34 @@ class SeriesRule:
     """Which series of a study to use.
 
     A series qualifies when its modality is in ``modalities`` (``"*"`` admits any), it is
-    not a localizer / scout (unless ``allow_localizer``), not DERIVED / SECONDARY (unless
-    ``allow_derived``), no file of it says BurnedInAnnotation YES (unless
-    ``allow_burned_in``: text burned into the pixels may name the patient), its slices are
-    at most ``max_slice_thickness_mm`` thick (when stated) and it has at least
-    ``min_slices`` slices. With ``prefer_axial``, axial
-    series win over others when there is one. Among qualifying series, the one with the
-    most slices is chosen (ties: thinner slices, then lower SeriesNumber); if it cannot be
-    read, the next one is tried and the reason is recorded in ``Study.series_reason``.
+    not a localizer / scout (unless ``allow_localizer``), no file of it says
+    BurnedInAnnotation YES (unless ``allow_burned_in``: text burned into the pixels may
+    name the patient), its slices are at most ``max_slice_thickness_mm`` thick (when
+    stated) and it has at least ``min_slices`` slices.
+
+    Refused by name unless ``allow_non_diagnostic``: screen captures (the Secondary
+    Capture SOP classes, ImageType SCREEN SAVE), maximum / minimum intensity projections
+    (ImageType MIP / MINIP, enhanced Derived Pixel Contrast MAXIMUM / MINIMUM),
+    projection images and reformats (ImageType MPR / REFORMATTED / CURVED / PROJECTION):
+    their pixels are a rendering, not the acquired anatomy. Annotation objects (SEG,
+    RTSTRUCT, SR...) are never an image series; ``encoders.regions`` reads them.
+
+    ImageType ranks what qualifies: ORIGINAL\\PRIMARY first; ORIGINAL\\SECONDARY (images
+    created after the examination, e.g. re-sent or re-archived) when no primary series
+    qualifies; DERIVED axial series (e.g. a thick-slab or lossy re-encoded copy) when no
+    original one does; ``Study.series_reason`` says which it took and why. With
+    ``allow_derived`` all three compete on an equal footing and DERIVED need not be axial.
+    With ``prefer_axial``, axial series win over others when there is one. Then the one
+    with the most slices is chosen (ties: thinner slices, then lower SeriesNumber); if it
+    cannot be read, the next one is tried and the reason is recorded in
+    ``Study.series_reason``.
     """
 
     modalities: tuple[str, ...] = ("CT", "MR", "PT")
     allow_localizer: bool = False
     allow_derived: bool = False
     allow_burned_in: bool = False
+    allow_non_diagnostic: bool = False
     prefer_axial: bool = True
     max_slice_thickness_mm: float = 5.0
     min_slices: int = 3
@@ -834,8 +869,109 @@ def _series_name(headers: list[_Header]) -> str:
     return f"series #{num}" if num is not None else "series (no number)"
 
 
+SECONDARY_CAPTURE_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.1": "Multi-frame Single Bit Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture",
+}
+"""SOP classes of screen captures and scanned / converted images: never a diagnostic volume."""
+ANNOTATION_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
+}
+"""Annotation objects read by ``encoders.regions`` (regions of interest of a study)."""
+_NON_IMAGE_SOP_PREFIXES = {
+    "1.2.840.10008.5.1.4.1.1.88.": "structured report (SR)",
+    "1.2.840.10008.5.1.4.1.1.11.": "presentation state",
+    "1.2.840.10008.5.1.4.1.1.104.": "encapsulated document",
+    "1.2.840.10008.5.1.4.1.1.481.": "radiotherapy object",
+}
+_NON_DIAGNOSTIC_TYPES: dict[str, str] = {
+    "MIP": "maximum intensity projection (MIP)",
+    "MAX IP": "maximum intensity projection (MIP)",
+    "MAXIP": "maximum intensity projection (MIP)",
+    "MINIP": "minimum intensity projection (MinIP)",
+    "MIN IP": "minimum intensity projection (MinIP)",
+    "MNIP": "minimum intensity projection (MinIP)",
+    "PROJECTION": "projection image",
+    "PROJECTION IMAGE": "projection image",
+    "MPR": "multiplanar reformat (MPR)",
+    "REFORMATTED": "reformatted image (MPR)",
+    "REFORMAT": "reformatted image (MPR)",
+    "CURVED": "curved reformat",
+    "CPR": "curved reformat",
+    "SCREEN SAVE": "screen capture",
+    "SCREENSHOT": "screen capture",
+    "SCREEN CAPTURE": "screen capture",
+}
+"""ImageType values that mark a rendering rather than acquired slices (any position)."""
+_ENHANCED_PROJECTION = {"MAXIMUM": "maximum intensity projection (MIP)",
+                        "MINIMUM": "minimum intensity projection (MinIP)"}  # fmt: skip
+
+_TIER_NAMES = ("ORIGINAL\\PRIMARY", "ORIGINAL\\SECONDARY", "DERIVED")
+
+
+def _sop_class(h: _Header) -> str:
+    return _text(_get(h.ds, "SOPClassUID"), 64) or ""
+
+
+def annotation_kind(h: _Header) -> str | None:
+    """'SEG' / 'RTSTRUCT' when the header is an annotation object ``encoders.regions`` reads."""
+    kind = ANNOTATION_SOP_CLASSES.get(_sop_class(h))
+    if kind is None and h.modality in ("SEG", "RTSTRUCT"):
+        kind = h.modality
+    return kind
+
+
+def _refused_by_name(headers: list[_Header]) -> str | None:
+    """Why a series is not a diagnostic image volume at all (by SOP class / ImageType)."""
+    for h in headers:
+        sop = _sop_class(h)
+        if sop in SECONDARY_CAPTURE_SOP_CLASSES:
+            return f"screen capture / converted image ({SECONDARY_CAPTURE_SOP_CLASSES[sop]} SOP class)"
+        it = h.image_type
+        for value in it:
+            if value in _NON_DIAGNOSTIC_TYPES:
+                return f"{_NON_DIAGNOSTIC_TYPES[value]} (ImageType {value})"
+        if len(it) > 3 and it[3] in _ENHANCED_PROJECTION:
+            return f"{_ENHANCED_PROJECTION[it[3]]} (ImageType {it[3]})"
+    return None
+
+
+def _not_an_image(headers: list[_Header]) -> str | None:
+    kind = annotation_kind(headers[0])
+    if kind is not None:
+        return f"{kind} annotation, not an image (its regions are read by encoders.regions)"
+    sop = _sop_class(headers[0])
+    for prefix, what in _NON_IMAGE_SOP_PREFIXES.items():
+        if sop.startswith(prefix):
+            return f"{what}, not an image"
+    return None
+
+
+def _tier(headers: list[_Header]) -> int:
+    """0 ORIGINAL\\PRIMARY (or no ImageType), 1 ORIGINAL\\SECONDARY, 2 DERIVED (the worst file)."""
+    worst = 0
+    for h in headers:
+        it = h.image_type
+        if len(it) > 0 and it[0] == "DERIVED":
+            return 2
+        if len(it) > 1 and it[1] == "SECONDARY":
+            worst = 1
+    return worst
+
+
 def _skip_reason(rule: SeriesRule, headers: list[_Header]) -> str | None:
     h0 = headers[0]
+    not_image = _not_an_image(headers)
+    if not_image is not None:
+        return not_image
+    if not rule.allow_non_diagnostic:
+        refused = _refused_by_name(headers)
+        if refused is not None:
+            return refused
     allowed = tuple(m.upper() for m in rule.modalities)
     if "*" not in allowed and h0.modality not in allowed:
         return f"modality {h0.modality or '?'} not in {'/'.join(allowed)}"
@@ -844,11 +980,8 @@ def _skip_reason(rule: SeriesRule, headers: list[_Header]) -> str | None:
     types = set().union(*(h.image_type for h in headers))
     if not rule.allow_localizer and types & {"LOCALIZER", "SCOUT"}:
         return "localizer/scout"
-    if not rule.allow_derived:
-        for h in headers:
-            it = h.image_type
-            if (len(it) > 0 and it[0] == "DERIVED") or (len(it) > 1 and it[1] == "SECONDARY"):
-                return "derived/secondary image"
+    if not rule.allow_derived and _tier(headers) == 2 and _orientation_of(h0) != "axial":
+        return f"derived {_orientation_of(h0)} image (only axial DERIVED series are used)"
     thick = [h.thickness for h in headers if h.thickness is not None]
     if thick and max(thick) > rule.max_slice_thickness_mm + 1e-6:
         return f"slices {max(thick):g} mm thick (> {rule.max_slice_thickness_mm:g} mm)"
@@ -880,10 +1013,11 @@ def _rank_series(
                     )
             qualifying = axial
 
-    def key(headers: list[_Header]) -> tuple[int, float, int]:
+    def key(headers: list[_Header]) -> tuple[int, int, float, int]:
         thick = [h.thickness for h in headers if h.thickness is not None]
         num = headers[0].series_number
         return (
+            0 if rule.allow_derived else _tier(headers),
             -sum(h.n_frames for h in headers),
             max(thick) if thick else math.inf,
             num if num is not None else 1 << 30,
@@ -891,6 +1025,28 @@ def _rank_series(
 
     qualifying.sort(key=key)
     return qualifying, skipped
+
+
+def _tier_note(chosen: list[_Header], candidates: list[list[_Header]], rule: SeriesRule) -> str:
+    """What ``series_reason`` says about the chosen series' ImageType when not primary."""
+    tier = _tier(chosen)
+    if tier == 0:
+        return ""
+    name = _TIER_NAMES[tier]
+    what = (
+        "images created after the examination, e.g. re-sent or re-archived"
+        if tier == 1
+        else "images derived from the acquired ones, e.g. re-formatted or lossy re-encoded"
+    )
+    if rule.allow_derived:
+        return f"{name} ({what}), admitted as equal by the series rule"
+    better = [c for c in candidates if _tier(c) < tier]
+    why = (
+        f"the {_TIER_NAMES[min(_tier(c) for c in better)]} series could not be read"
+        if better
+        else f"no {' or '.join(_TIER_NAMES[:tier])} series qualifies"
+    )
+    return f"{name} ({what}), used because {why}"
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -1047,6 +1203,9 @@ class _Geometry:
     spacing: tuple[float, float, float]
     flips: tuple[bool, bool]  # flip (y, x) axes to canonical orientation
     notes: list[str]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # patient mm of voxel (0, 0, 0)
+    direction: tuple[tuple[float, float, float], ...] = AXIAL_DIRECTION  # rows: z, y, x axes
+    positions: tuple[float, ...] = ()  # one per group, along direction[0], increasing
 
 
 def _geometry(headers: list[_Header], notes: list[str]) -> _Geometry:
@@ -1105,12 +1264,7 @@ def _geometry(headers: list[_Header], notes: list[str]) -> _Geometry:
     if len(unique) > 1:
         gaps = np.abs(np.diff(unique))
         dz = float(np.median(gaps))
-        if gaps.max() > 1.5 * dz or gaps.min() < 0.5 * dz:
-            raise DicomError(
-                "inconsistent_geometry",
-                f"{where}: slice spacing is irregular ({gaps.min():.3g}-{gaps.max():.3g} mm, "
-                f"median {dz:.3g} mm); slices are missing or the series holds several stacks",
-            )
+        _check_regular(where, unique * (-1.0 if descending else 1.0), gaps, dz)
     else:
         step = _float(_fg_value(headers[0].ds, 0, "PixelMeasuresSequence", "SpacingBetweenSlices"))
         dz = step or headers[0].thickness or 1.0
@@ -1123,12 +1277,62 @@ def _geometry(headers: list[_Header], notes: list[str]) -> _Geometry:
         axes = [n for n, on in zip(("z", "y", "x"), (descending, *flips), strict=True) if on]
         notes.append("flipped to canonical orientation along " + "/".join(axes))
     ps = frames[0].pixel_spacing
+    n_rows, n_cols = next(iter(rows))
+    axis_z = -normal if descending else normal
+    axis_y = -col_cos if flips[0] else col_cos
+    axis_x = -row_cos if flips[1] else row_cos
+    origin = np.asarray(frames[0].position, dtype=np.float64).copy()
+    if flips[0]:  # voxel row 0 is the source's last row
+        origin += ((n_rows or 1) - 1) * float(ps[0]) * col_cos
+    if flips[1]:
+        origin += ((n_cols or 1) - 1) * float(ps[1]) * row_cos
     return _Geometry(
         frames=frames,
         groups=groups,
         spacing=(dz, float(ps[0]), float(ps[1])),
         flips=(flips[0], flips[1]),
         notes=notes,
+        origin=_vec3(origin),
+        direction=(_vec3(axis_z), _vec3(axis_y), _vec3(axis_x)),
+        positions=tuple(float(axis_z @ frames[g[0]].position) for g in groups),
+    )
+
+
+def _vec3(v: np.ndarray) -> tuple[float, float, float]:
+    return (float(v[0]), float(v[1]), float(v[2]))
+
+
+def _check_regular(where: str, positions: np.ndarray, gaps: np.ndarray, dz: float) -> None:
+    """Refuse a stack whose slice positions (mm, sorted) are not one regular grid.
+
+    Gaps that are whole multiples (2x, 3x, ...) of the regular step while every other
+    gap is one step are missing slices: refused ``missing_slices``, naming where the gap
+    is (positions along the slice normal, mm; never an identifier). Anything else
+    irregular (several stacks, variable spacing) is ``inconsistent_geometry``.
+    """
+    if gaps.max() <= 1.5 * dz and gaps.min() >= 0.5 * dz:
+        return
+    ratio = gaps / dz
+    whole = np.abs(ratio - np.rint(ratio)) <= 0.1 * np.maximum(1.0, np.rint(ratio))
+    if gaps.min() >= 0.5 * dz and bool(np.all(whole)):
+        at = np.flatnonzero(np.rint(ratio) >= 2)
+        holes = [
+            f"{positions[i]:.1f} to {positions[i + 1]:.1f} mm "
+            f"({int(np.rint(ratio[i])) - 1} slice{'s' if np.rint(ratio[i]) > 2 else ''})"
+            for i in at[:5]
+        ]
+        more = f" and {len(at) - 5} more gaps" if len(at) > 5 else ""
+        missing = int(np.sum(np.rint(ratio[at]) - 1))
+        raise DicomError(
+            "missing_slices",
+            f"{where}: {missing} slice{'s are' if missing != 1 else ' is'} missing from a "
+            f"regular {dz:.3g} mm stack, between slice positions " + "; ".join(holes) + more
+            + " along the slice normal; re-send the complete series",
+        )
+    raise DicomError(
+        "inconsistent_geometry",
+        f"{where}: slice spacing is irregular ({gaps.min():.3g}-{gaps.max():.3g} mm, "
+        f"median {dz:.3g} mm); the series holds several stacks or variable spacing",
     )
 
 
@@ -1708,8 +1912,88 @@ def read_study(
         return _read_study(items, series_rule)
 
 
+_SALVAGE_BYTES = 64 << 10
+"""Bytes of a damaged file read to recover its SOPInstanceUID (group 0008 comes first)."""
+
+
+def _salvage_sop_uid(source: Path | bytes) -> str | None:
+    """The SOPInstanceUID of a file whose header cannot be read in full (e.g. cut short),
+    from a lenient parse of its first bytes only (bounded: 64 KiB), or None."""
+    try:
+        if isinstance(source, bytes):
+            head = source[:_SALVAGE_BYTES]
+        else:
+            with open(source, "rb") as fh:
+                head = fh.read(_SALVAGE_BYTES)
+        with _quiet():
+            ds = pydicom.dcmread(io.BytesIO(head), force=True, specific_tags=["SOPInstanceUID"])
+        uid = _text(_get(ds, "SOPInstanceUID"), 64)
+    except Exception:
+        return None
+    return uid if uid and _UID_RE.match(uid) else None
+
+
+def _is_intact(h: _Header) -> DicomError | None:
+    """None when the file's pixel data reads in full, else the error it raises."""
+    try:
+        _check_size([h])
+        _decode(h)
+    except DicomError as e:
+        return e
+    return None
+
+
+def _read_headers(items: list[Path | bytes]) -> tuple[list[_Header], list[Rejection]]:
+    """Every source's header, without the damaged copies of duplicated instances.
+
+    Sources sharing one SOPInstanceUID (re-sends, re-archived copies) are one instance:
+    the intact copies are kept (identical ones are dropped later as duplicate slices) and
+    the damaged ones, including copies whose header cannot be read at all, are returned as
+    rejections. Any other unreadable file raises its DicomError, as before.
+    """
+    headers: list[_Header] = []
+    failed: list[tuple[int, DicomError]] = []
+    for i, src in enumerate(items):
+        try:
+            headers.append(_read_header(src, i))
+        except DicomError as e:
+            failed.append((i, e))
+    by_uid: dict[str, list[_Header]] = {}
+    for h in headers:
+        uid = _text(_get(h.ds, "SOPInstanceUID"), 64)
+        if uid and _not_an_image([h]) is None:
+            by_uid.setdefault(uid, []).append(h)
+    ignored: list[Rejection] = []
+    for i, err in failed:
+        uid = _salvage_sop_uid(items[i]) if err.reason == "truncated" else None
+        copies = by_uid.get(uid or "", [])
+        if not copies or not any(_is_intact(c) is None for c in copies):
+            raise err
+        ignored.append(
+            Rejection(
+                _label(items[i], i), f"damaged copy of an instance also present intact: {err}"
+            )
+        )
+    dropped: set[int] = set()
+    for copies in by_uid.values():
+        if len(copies) < 2:
+            continue
+        errors = [_is_intact(c) for c in copies]
+        if all(problem is not None for problem in errors):
+            continue  # no intact copy: the series read reports the damage
+        for c, problem in zip(copies, errors, strict=True):
+            if problem is not None:
+                dropped.add(c.index)
+                ignored.append(
+                    Rejection(
+                        c.label, f"damaged copy of an instance also present intact: {problem}"
+                    )
+                )
+    return [h for h in headers if h.index not in dropped], ignored
+
+
 def _read_study(items: list[Path | bytes], series_rule: SeriesRule) -> Study:
-    headers = [_read_header(src, i) for i, src in enumerate(items)]
+    headers, ignored = _read_headers(items)
     study_uids = {h.study_uid for h in headers}
     if len(study_uids) > 1:
         raise DicomError(
@@ -1730,6 +2014,13 @@ def _read_study(items: list[Path | bytes], series_rule: SeriesRule) -> Study:
             + "; ".join(skipped)
             + "); scrub the pixels and clear the flag, or allow it explicitly "
             "(--allow-burned-in) if the text is known to be harmless",
+        )
+    if not candidates and all(_not_an_image(hs) is not None for hs in series.values()):
+        raise DicomError(
+            "not_image",
+            f"{headers[0].label}: the files hold no image series, only "
+            + "; ".join(sorted({str(_not_an_image(hs)) for hs in series.values()}))
+            + "; pass them with the study's images",
         )
     if not candidates:
         raise DicomError(
@@ -1764,13 +2055,21 @@ def _read_study(items: list[Path | bytes], series_rule: SeriesRule) -> Study:
     parts = [
         f"{_series_name(chosen)}: {h0.modality}, {n_slices} slices"
         + (f", {thick:g} mm" if thick is not None else "")
-        + f", {_orientation_of(h0)}; most slices of {len(candidates)} qualifying"
+        + f", {_orientation_of(h0)}; best of {len(candidates)} qualifying"
     ]
+    tier_note = _tier_note(chosen, candidates, series_rule)
+    if tier_note:
+        parts.append(tier_note)
     for bad, err in failures:
         parts.append(f"{_series_name(bad)} skipped: unreadable ({err.reason})")
     if skipped:
         parts.append(f"{len(skipped)} other skipped: " + "; ".join(skipped))
     parts.extend(notes)
+    if ignored:
+        parts.append(
+            f"ignored {len(ignored)} damaged duplicate cop{'ies' if len(ignored) != 1 else 'y'} "
+            "of instances present intact: " + ", ".join(r.path for r in ignored[:5])
+        )
 
     patient_id = _text(_get(ds, "PatientID"), 256)
     if not patient_id:
@@ -1801,6 +2100,16 @@ def _read_study(items: list[Path | bytes], series_rule: SeriesRule) -> Study:
         study_date=_parse_date(_get(ds, "StudyDate")),
         series_reason="; ".join(parts),
         units=units,
+        origin=geo.origin,
+        direction=geo.direction,
+        slice_positions=geo.positions,
+        slice_uids=tuple(
+            _text(_get(geo.frames[g[0]].header.ds, "SOPInstanceUID"), 64) or ""
+            for g in geo.groups
+        ),
+        in_plane_flips=geo.flips,
+        frame_of_reference_uid=_text(_get(ds, "FrameOfReferenceUID"), 64) or "",
+        ignored_files=ignored,
     )
     study.acquisition["intensity"] = _intensity_unit(study)
     log.debug("read study: %d slices, %d series considered", n_slices, len(series))

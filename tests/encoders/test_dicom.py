@@ -267,10 +267,20 @@ def test_series_rule(cohort: Path, truth: dict, tmp_path: Path) -> None:
     derived = _copy_series(
         axial, tmp_path / "d", lambda d: setattr(d, "ImageType", ["DERIVED", "SECONDARY", "AXIAL"])
     )
-    assert _reason(derived) == "no_usable_series"
+    # A DERIVED axial series alone is used as the fallback, and the reason says so.
+    study = read_study(derived)
+    assert study.volume.shape[0] == len(axial)
+    assert "DERIVED" in study.series_reason and "no ORIGINAL" in study.series_reason
     assert read_study(derived, series_rule=SeriesRule(allow_derived=True)).volume.shape[0] == len(
         axial
     )
+    # A DERIVED coronal one is a reformat: refused unless the rule allows derived images.
+    def coronal_derived(d: Dataset) -> None:
+        d.ImageType = ["DERIVED", "SECONDARY", "CORONAL"]
+        d.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+
+    coronal = _copy_series(axial, tmp_path / "c", coronal_derived)
+    assert _reason(coronal) == "no_usable_series"
     thick = SeriesRule(max_slice_thickness_mm=1.0)
     assert _reason(axial, series_rule=thick) == "no_usable_series"
     assert _reason(axial, series_rule=SeriesRule(modalities=("MR",))) == "no_usable_series"
@@ -396,9 +406,20 @@ def test_rejects_inconsistent_geometry(series: list[Path], tmp_path: Path) -> No
     small = _copy_series(series[:1], tmp_path / "s", smaller)
     assert _reason(small + series[1:]) == "inconsistent_geometry"
 
-    # A missing slice in the middle leaves a gap.
+    # A missing slice in the middle leaves a gap: refused naming where (in mm).
     ordered = sorted(series, key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
-    assert _reason(ordered[:5] + ordered[6:]) == "inconsistent_geometry"
+    assert _reason(ordered[:5] + ordered[6:]) == "missing_slices"
+    z = [float(pydicom.dcmread(f).ImagePositionPatient[2]) for f in ordered[4:7]]
+    with pytest.raises(DicomError, match=rf"between slice positions {z[0]:.1f} to {z[2]:.1f} mm"):
+        read_study(ordered[:5] + ordered[6:])
+    # Irregular spacing that is not a whole number of missing slices stays a geometry error.
+    def shifted(ds: Dataset) -> None:
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        ipp[2] -= 0.3 * (z[1] - z[0])  # gaps of 1.7 and 1.3 slices around it
+        ds.ImagePositionPatient = ipp
+
+    moved = _copy_series(ordered[6:7], tmp_path / "mv", shifted)
+    assert _reason(ordered[:5] + moved + ordered[7:]) == "inconsistent_geometry"
 
     # Two different images at one position (e.g. two phases in one series).
     def other_sop(ds: Dataset) -> None:

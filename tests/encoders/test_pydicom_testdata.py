@@ -27,6 +27,7 @@ ANY = SeriesRule(
     allow_localizer=True,
     allow_derived=True,
     allow_burned_in=True,
+    allow_non_diagnostic=True,
     max_slice_thickness_mm=1e9,
 )
 SPECIFIC = {
