@@ -55,6 +55,7 @@ __all__ = [
     "Rejection",
     "SeriesRule",
     "Study",
+    "annotation_files",
     "find_files",
     "patient_to_voxel",
     "preprocess",
@@ -804,12 +805,17 @@ def _orientation_of(h: _Header) -> str:
 
 @dataclass
 class FileHeader:
-    """What a folder scan learns from one file's header (raw values: keep in memory only)."""
+    """What a folder scan learns from one file's header (raw values: keep in memory only).
+
+    ``annotation`` is ``"SEG"`` / ``"RTSTRUCT"`` for annotation objects (regions of the
+    study, read by ``encoders.regions.regions_for_study``; :func:`read_study` sets them
+    aside), ``None`` for images and anything else."""
 
     path: Path
     study_uid: str
     patient_id: str
     study_date: _dt.date | None
+    annotation: str | None = None
 
 
 def find_files(root: Path) -> list[Path]:
@@ -834,7 +840,9 @@ def read_file_header(path: Path, index: int = 0) -> FileHeader:
         raise DicomError("not_a_file", f"{path}: not a regular file (broken link?)")
     h = _read_header(path, index)
     patient_id = _text(_get(h.ds, "PatientID"), 256) or f"NO-PATIENT-ID:{h.study_uid}"
-    return FileHeader(path, h.study_uid, patient_id, _parse_date(_get(h.ds, "StudyDate")))
+    return FileHeader(
+        path, h.study_uid, patient_id, _parse_date(_get(h.ds, "StudyDate")), annotation_kind(h)
+    )
 
 
 def scan_folder(root: Path) -> tuple[dict[str, list[Path]], list[Rejection]]:
@@ -844,6 +852,9 @@ def scan_folder(root: Path) -> tuple[dict[str, list[Path]], list[Rejection]]:
     Returns ``({study_uid: sorted paths}, rejections)``; non-DICOM, unreadable, damaged
     files and files without a StudyInstanceUID become :class:`Rejection`s. ``root`` may
     also be a single file. Raises ``DicomError("not_found")`` when ``root`` does not exist.
+    A study's annotation objects (SEG, RTSTRUCT) stay in its list, not rejected:
+    :func:`read_study` sets them aside and :func:`annotation_files` picks them out for
+    ``encoders.regions.regions_for_study``.
     """
     files = find_files(root)
     studies: dict[str, list[Path]] = {}
@@ -859,6 +870,19 @@ def scan_folder(root: Path) -> tuple[dict[str, list[Path]], list[Rejection]]:
         paths.sort()
     log.info("scanned %d files: %d studies, %d rejected", len(files), len(studies), len(rejections))
     return studies, rejections
+
+
+def annotation_files(paths: Sequence[Path]) -> list[Path]:
+    """The SEG / RTSTRUCT files among one study's ``paths`` (headers only; unreadable
+    files are passed over: :func:`scan_folder` reports them)."""
+    out = []
+    for i, path in enumerate(paths):
+        try:
+            if read_file_header(Path(path), i).annotation is not None:
+                out.append(Path(path))
+        except DicomError:
+            continue
+    return out
 
 
 # ----------------------------------------------------------------------- series choice

@@ -24,3 +24,16 @@ class EncoderError(ValueError):
 class EncoderOutOfMemoryError(EncoderError):
     """Embedding ran out of memory even one study at a time on the CPU (after the GPU
     fallbacks of ``encoders.model.embed``): a resource limit, not a broken encoder."""
+
+
+class RegionError(ValueError):
+    """A region source (regions CSV, LIDC reader XML, DICOM SEG / RTSTRUCT) cannot be used.
+
+    ``reason`` is a short stable code (``not_found``, ``missing_column``, ``bad_row``,
+    ``bad_xml``, ``wrong_study``, ``outside_study``, ``unreadable``, ...); the message
+    names the file (and line) and never carries patient data.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
