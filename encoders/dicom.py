@@ -1916,11 +1916,17 @@ def read_study(
     """Decode one study from its files (paths, or raw bytes e.g. from a gRPC request).
 
     All sources must share one StudyInstanceUID; they are grouped by SeriesInstanceUID and
-    one series is chosen by ``series_rule``. Slices are sorted along the slice normal
-    (``cross(row, col)`` of ImageOrientationPatient) by ``normal . ImagePositionPatient``,
-    never by InstanceNumber; z spacing is the median gap. Identical duplicate slices are
-    dropped; differing slices at one position, mixed orientations / sizes / pixel
-    spacings or irregular gaps raise ``DicomError("inconsistent_geometry")``.
+    one series is chosen by ``series_rule`` (ImageType tiers and refusals: see
+    :class:`SeriesRule`; SEG / RTSTRUCT objects are set aside, see ``encoders.regions``).
+    Sources sharing one SOPInstanceUID are copies of one instance: a damaged copy beside
+    an intact one is left out and listed in ``Study.ignored_files``. Slices are sorted
+    along the slice normal (``cross(row, col)`` of ImageOrientationPatient) by
+    ``normal . ImagePositionPatient``, never by InstanceNumber; z spacing is the median
+    gap. Identical duplicate slices are dropped; a gap of whole missing slices raises
+    ``DicomError("missing_slices")`` naming the positions (mm); differing slices at one
+    position, mixed orientations / sizes / pixel spacings or other irregular gaps raise
+    ``DicomError("inconsistent_geometry")``. The study's geometry (origin, direction,
+    slice positions) is set for :mod:`encoders.geometry`.
 
     Pixel values go through RescaleSlope / RescaleIntercept (HU for CT, clipped below at
     -1024). MR values are kept as rescaled raw floats: their scale is arbitrary per

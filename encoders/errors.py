@@ -8,7 +8,8 @@ class DicomError(ValueError):
 
     ``reason`` is a short stable code (``not_dicom``, ``truncated``, ``no_pixel_data``,
     ``missing_tag``, ``inconsistent_geometry``, ``unsupported``, ``too_large``,
-    ``burned_in_annotation``, ``no_usable_series``, ...) for programs; the message is for
+    ``burned_in_annotation``, ``no_usable_series``, ``missing_slices``, ``not_image``,
+    ...) for programs; the message is for
     people and names the file by the path it was given, never by patient.
     """
 
