@@ -1338,8 +1338,11 @@ def _check_regular(where: str, positions: np.ndarray, gaps: np.ndarray, dz: floa
         return
     ratio = gaps / dz
     whole = np.abs(ratio - np.rint(ratio)) <= 0.1 * np.maximum(1.0, np.rint(ratio))
-    if gaps.min() >= 0.5 * dz and bool(np.all(whole)):
-        at = np.flatnonzero(np.rint(ratio) >= 2)
+    at = np.flatnonzero(np.rint(ratio) >= 2)
+    # Three or more wide steps in a row are a zone of coarser spacing, not lost slices.
+    runs = np.split(at, np.flatnonzero(np.diff(at) != 1) + 1) if at.size else []
+    zone = max((len(r) for r in runs), default=0) >= 3
+    if gaps.min() >= 0.5 * dz and bool(np.all(whole)) and not zone:
         holes = [
             f"{positions[i]:.1f} to {positions[i + 1]:.1f} mm "
             f"({int(np.rint(ratio[i])) - 1} slice{'s' if np.rint(ratio[i]) > 2 else ''})"
@@ -1356,7 +1359,8 @@ def _check_regular(where: str, positions: np.ndarray, gaps: np.ndarray, dz: floa
     raise DicomError(
         "inconsistent_geometry",
         f"{where}: slice spacing is irregular ({gaps.min():.3g}-{gaps.max():.3g} mm, "
-        f"median {dz:.3g} mm); the series holds several stacks or variable spacing",
+        f"median {dz:.3g} mm); the series holds several stacks or "
+        + ("changes its spacing part-way" if zone else "variable spacing"),
     )
 
 

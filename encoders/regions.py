@@ -62,7 +62,7 @@ Box = tuple[int, int, int, int, int, int]
 
 MAX_CSV_BYTES = 256 << 20
 MAX_XML_BYTES = 64 << 20
-MAX_ANNOTATION_BYTES = 1 << 30
+MAX_ANNOTATION_BYTES = 256 << 20
 LIDC_NS = "http://www.nih.gov"
 NON_LESION_ROI_TYPES = frozenset(
     {
@@ -78,10 +78,10 @@ RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 
 @dataclass(frozen=True)
 class ReaderRegion:
-    reader: str  # reader / observer name
+    reader: str                       # reader / observer name
     box: tuple[int, int, int, int, int, int]  # half-open (z0,y0,x0,z1,y1,x1) voxels of
-    # the study's sorted series (Study.volume) grid
-    lesion: str = ""  # lesion id when the source has one
+                                      # the study's sorted series (Study.volume) grid
+    lesion: str = ""                  # lesion id when the source has one
 
 
 # ---------------------------------------------------------------------------- boxes
@@ -157,36 +157,45 @@ def regions_from_csv(path: Path | str) -> dict[str, list[ReaderRegion]]:
             f"{','.join(n for n in names if n)[:200]}",
         )
     out: dict[str, list[ReaderRegion]] = {}
-    for row in rows:
-        line = rows.line_num
-        if not any(cell.strip() for cell in row):
-            continue
-        cells = {n: (row[i].strip() if i < len(row) else "") for n, i in col.items()}
-        key = cells.get("study_instance_uid", "") or cells.get("patient_id", "")
-        where = f"{path}:{line}"
-        if not key:
-            raise RegionError("bad_row", f"{where}: neither patient_id nor study_instance_uid given")
-        reader = cells["reader"]
-        if not reader:
-            raise RegionError("bad_row", f"{where}: reader is empty; name who drew the box")
-        box = []
-        for c in _CSV_COORDS:
-            value = _int_cell(cells[c])
-            if value is None:
-                raise RegionError(
-                    "bad_row", f"{where}: {c} must be a whole number of voxels, got {cells[c][:20]!r}"
-                )
-            box.append(value)
-        for axis, name in enumerate("zyx"):
-            if not 0 <= box[axis] < box[axis + 3]:
-                raise RegionError(
-                    "bad_row",
-                    f"{where}: need 0 <= {name}0 < {name}1 (half-open voxels), got "
-                    f"{name}0={box[axis]}, {name}1={box[axis + 3]}",
-                )
-        region = ReaderRegion(reader=reader, box=tuple(box), lesion=cells.get("lesion", ""))  # type: ignore[arg-type]
-        out.setdefault(key, []).append(region)
+    try:
+        for row in rows:
+            _csv_row(path, rows.line_num, row, col, out)
+    except csv.Error as e:
+        raise RegionError("bad_csv", f"{path}:{rows.line_num}: not valid CSV ({e})") from None
     return out
+
+
+def _csv_row(
+    path: Path, line: int, row: list[str], col: dict[str, int], out: dict[str, list[ReaderRegion]]
+) -> None:
+    """Validate one CSV row and append its region to ``out`` under its key."""
+    if not any(cell.strip() for cell in row):
+        return
+    cells = {n: (row[i].strip() if i < len(row) else "") for n, i in col.items()}
+    key = cells.get("study_instance_uid", "") or cells.get("patient_id", "")
+    where = f"{path}:{line}"
+    if not key:
+        raise RegionError("bad_row", f"{where}: neither patient_id nor study_instance_uid given")
+    reader = cells["reader"]
+    if not reader:
+        raise RegionError("bad_row", f"{where}: reader is empty; name who drew the box")
+    box = []
+    for c in _CSV_COORDS:
+        value = _int_cell(cells[c])
+        if value is None:
+            raise RegionError(
+                "bad_row", f"{where}: {c} must be a whole number of voxels, got {cells[c][:20]!r}"
+            )
+        box.append(value)
+    for axis, name in enumerate("zyx"):
+        if not 0 <= box[axis] < box[axis + 3]:
+            raise RegionError(
+                "bad_row",
+                f"{where}: need 0 <= {name}0 < {name}1 (half-open voxels), got "
+                f"{name}0={box[axis]}, {name}1={box[axis + 3]}",
+            )
+    region = ReaderRegion(reader=reader, box=tuple(box), lesion=cells.get("lesion", ""))  # type: ignore[arg-type]
+    out.setdefault(key, []).append(region)
 
 
 def _int_cell(text: str) -> int | None:
@@ -399,9 +408,12 @@ def _load(item: Dataset | Path | str | bytes, label: str) -> Dataset | None:
             p = Path(item)
             size = p.stat().st_size
             fp = p
-        head = pydicom.dcmread(fp, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID"])
-        if str(head.get("SOPClassUID", "")) not in (SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS):
-            return None
+        head = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:
+        return None  # not DICOM or unreadable: not an annotation we can tell; scans report it
+    if str(head.get("SOPClassUID", "")) not in (SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS):
+        return None
+    try:
         if size > MAX_ANNOTATION_BYTES:
             raise RegionError("too_large", f"{label}: annotation object over {MAX_ANNOTATION_BYTES >> 20} MiB")
         if isinstance(fp, io.BytesIO):

@@ -169,3 +169,15 @@ def test_missing_slices_named_in_mm(tmp_path: Path) -> None:
     assert "2 slices are missing from a regular 2.5 mm stack" in str(err)
     assert "between slice positions 15.0 to 22.5 mm (2 slices)" in str(err)
     assert "PAT-0001" not in str(err) and STUDY not in str(err)
+
+
+def test_a_coarser_zone_is_not_missing_slices(tmp_path: Path) -> None:
+    """Steps of 2.5 mm then four of 5 mm: a series that changes spacing, not lost slices."""
+    z = [0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 20.0, 25.0, 30.0, 35.0]
+
+    def place(ds: Dataset, k: int) -> None:
+        ds.ImagePositionPatient = [-20.0, -20.0, z[k]]
+
+    files = write_series(tmp_path / "v", phantom_hu(len(z), 16), study_uid=STUDY, edit=place)
+    err = _refusal(files)
+    assert err.reason == "inconsistent_geometry" and "changes its spacing" in str(err)

@@ -101,6 +101,7 @@ def test_csv_regions_readers_lesions_and_keys(tmp_path: Path) -> None:
         ("patient_id,reader,z0,y0,x0,z1,y1,x1\nSECRET-ID,,0,0,0,1,1,1\n", "bad_row", "reader is empty"),
         ("patient_id,reader,z0,y0,x0,z1,y1,x1\n,r,0,0,0,1,1,1\n", "bad_row", "neither patient_id"),
         ("", "bad_csv", "empty"),
+        ("patient_id,reader,z0,y0,x0,z1,y1,x1\nP,\"" + "r" * 200_000 + "\",0,0,0,1,1,1\n", "bad_csv", ":2: not valid CSV"),
     ],
 )
 def test_csv_errors_name_the_line_not_the_patient(tmp_path: Path, body: str, reason: str, where: str) -> None:
@@ -276,6 +277,9 @@ def test_seg_segments_become_boxes(ct, tmp_path: Path) -> None:
     seg_path = tmp_path / "ct" / "seg.dcm"
     seg.save_as(seg_path)
     assert regions_for_study(study, [*files, seg_path]) == got
+    noise = tmp_path / "notes.txt"
+    noise.write_text("not DICOM\n")
+    assert regions_for_study(study, [noise, seg_path, b"\x00" * 10]) == got  # others passed over
     # scan_folder keeps it with its study; read_study sets it aside; ingest can find it.
     studies, rejections = scan_folder(tmp_path / "ct")
     assert rejections == [] and seg_path in studies[study.study_uid]
