@@ -937,8 +937,26 @@ _ENHANCED_PROJECTION = {"MAXIMUM": "maximum intensity projection (MIP)",
 _TIER_NAMES = ("ORIGINAL\\PRIMARY", "ORIGINAL\\SECONDARY", "DERIVED")
 
 
+def _uid_of(ds: Dataset, keyword: str) -> str:
+    """A UI element's value, from its raw bytes when pydicom has not converted it yet
+    (its UID validation costs more than the rest of a header's look-ups)."""
+    tag = _TAGS.get(keyword)
+    if tag is None:
+        _get(ds, keyword)  # caches the tag
+        tag = _TAGS.get(keyword)
+    try:
+        if tag is None or tag not in ds:
+            return ""
+        raw = getattr(ds.get_item(tag), "value", None)
+    except Exception:
+        return ""
+    if isinstance(raw, bytes):
+        return raw.decode("ascii", "replace").strip("\x00 ")[:64]
+    return _text(raw, 64) or ""
+
+
 def _sop_class(h: _Header) -> str:
-    return _text(_get(h.ds, "SOPClassUID"), 64) or ""
+    return _uid_of(h.ds, "SOPClassUID")
 
 
 def annotation_kind(h: _Header) -> str | None:
@@ -1694,14 +1712,19 @@ def _load_series(headers: list[_Header], notes: list[str]) -> tuple[np.ndarray, 
                 continue
             fr = geo.frames[i]
             values = volume[i]  # rescaled in place: no per-slice temporaries
+            # One slice at a time while it is in cache: convert and rescale in one pass
+            # (slope 1: int -> float32 + intercept), then padding and the CT air floor.
             if fr.slope == 1.0:
-                values[...] = stored[f]
+                np.add(stored[f], np.float32(fr.intercept), out=values, dtype=np.float32)
             else:
                 np.multiply(stored[f], np.float32(fr.slope), out=values, dtype=np.float32)
-            if fr.intercept != 0.0:
-                values += np.float32(fr.intercept)
+                if fr.intercept != 0.0:
+                    values += np.float32(fr.intercept)
             if padding is not None:
                 values[stored[f] == padding] = CT_AIR_HU if is_ct else 0.0
+            if is_ct:
+                # Below air is padding / outside the reconstruction circle (-2000, -3024).
+                np.maximum(values, np.float32(CT_AIR_HU), out=values)
         del stored
     # Duplicated positions: drop identical copies, refuse differing ones.
     keep = []
@@ -1724,9 +1747,6 @@ def _load_series(headers: list[_Header], notes: list[str]) -> tuple[np.ndarray, 
         volume = volume[:, ::-1, :]
     if geo.flips[1]:
         volume = volume[:, :, ::-1]
-    if is_ct:
-        # Below air is padding / outside the reconstruction circle (e.g. -2000, -3024).
-        np.maximum(volume, CT_AIR_HU, out=volume)
     return np.ascontiguousarray(volume), geo
 
 
@@ -1994,13 +2014,13 @@ def _read_headers(items: list[Path | bytes]) -> tuple[list[_Header], list[Reject
             failed.append((i, e))
     by_uid: dict[str, list[_Header]] = {}
     for h in headers:
-        uid = _text(_get(h.ds, "SOPInstanceUID"), 64)
+        uid = _uid_of(h.ds, "SOPInstanceUID")
         if uid and _not_an_image([h]) is None:
             by_uid.setdefault(uid, []).append(h)
     ignored: list[Rejection] = []
     for i, err in failed:
-        uid = _salvage_sop_uid(items[i]) if err.reason == "truncated" else None
-        copies = by_uid.get(uid or "", [])
+        salvaged = _salvage_sop_uid(items[i]) if err.reason == "truncated" else None
+        copies = by_uid.get(salvaged or "", [])
         if not copies or not any(_is_intact(c) is None for c in copies):
             raise err
         ignored.append(
