@@ -1714,14 +1714,16 @@ def _load_series(headers: list[_Header], notes: list[str]) -> tuple[np.ndarray, 
             values = volume[i]  # rescaled in place: no per-slice temporaries
             # One slice at a time while it is in cache: convert and rescale in one pass
             # (slope 1: int -> float32 + intercept), then padding and the CT air floor.
+            # Flipped to the canonical orientation on the way in (no whole-volume copy).
+            src = stored[f][:: -1 if geo.flips[0] else 1, :: -1 if geo.flips[1] else 1]
             if fr.slope == 1.0:
-                np.add(stored[f], np.float32(fr.intercept), out=values, dtype=np.float32)
+                np.add(src, np.float32(fr.intercept), out=values, dtype=np.float32)
             else:
-                np.multiply(stored[f], np.float32(fr.slope), out=values, dtype=np.float32)
+                np.multiply(src, np.float32(fr.slope), out=values, dtype=np.float32)
                 if fr.intercept != 0.0:
                     values += np.float32(fr.intercept)
             if padding is not None:
-                values[stored[f] == padding] = CT_AIR_HU if is_ct else 0.0
+                values[src == padding] = CT_AIR_HU if is_ct else 0.0
             if is_ct:
                 # Below air is padding / outside the reconstruction circle (-2000, -3024).
                 np.maximum(values, np.float32(CT_AIR_HU), out=values)
@@ -1743,11 +1745,7 @@ def _load_series(headers: list[_Header], notes: list[str]) -> tuple[np.ndarray, 
     if dropped:
         volume = volume[keep]
         notes.append(f"dropped {dropped} duplicate slice{'s' if dropped != 1 else ''}")
-    if geo.flips[0]:
-        volume = volume[:, ::-1, :]
-    if geo.flips[1]:
-        volume = volume[:, :, ::-1]
-    return np.ascontiguousarray(volume), geo
+    return volume, geo
 
 
 # ------------------------------------------------------------------------ intensities
