@@ -225,6 +225,16 @@ def test_hostile_xml_refused_quickly(ct, tmp_path: Path) -> None:
         assert info.value.reason == "bad_xml", name
         assert "do not read me" not in str(info.value)
         assert time.perf_counter() - start < 5.0, name  # a hang guard, not a benchmark
+    # Deep nesting and a huge file: no recursion blow-up, a size cap before parsing.
+    deep = tmp_path / "deep.xml"
+    deep.write_text('<LidcReadMessage xmlns="http://www.nih.gov">' + "<a>" * 100_000 + "</a>" * 100_000 + "</LidcReadMessage>")
+    assert regions_from_lidc_xml(deep, study) == []
+    huge = tmp_path / "huge.xml"
+    with open(huge, "wb") as fh:
+        fh.truncate(65 << 20)  # sparse: 65 MiB of nothing
+    with pytest.raises(RegionError) as info:
+        regions_from_lidc_xml(huge, study)
+    assert info.value.reason == "too_large"
 
 
 # ------------------------------------------------------------------------------ SEG
