@@ -17,7 +17,8 @@ Sources and how they are mapped:
   ``imageZposition`` along the slice normal); one box per reader per nodule; nodules of
   different readers that overlap are one ``lesion`` (``L1``, ``L2``... by first mention).
   Parsed with defusedxml (no entities, no DTD tricks) and a size cap.
-- :func:`regions_for_study`: DICOM SEG (read with highdicom: its volume and affine) and
+- :func:`regions_for_study`: DICOM SEG (read with highdicom: its volume and affine; frames
+  that do not form one regular grid are placed one by one by their own position) and
   RTSTRUCT (pydicom: ROI contour points in patient mm), mapped through patient space with
   :func:`encoders.geometry.patient_to_voxel`, so any orientation or flip is handled.
   One region per SEG segment / RTSTRUCT ROI (lesion = segment label / ROI name);
@@ -465,13 +466,17 @@ def _seg_regions(ds: Dataset, study: Any, label: str) -> list[ReaderRegion]:
 
     try:
         seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
-        volume = seg.get_volume(combine_segments=False)
     except Exception as e:
         raise RegionError(
-            "unreadable",
-            f"{label}: SEG cannot be read as a volume ({type(e).__name__}: {str(e)[:120]})",
+            "unreadable", f"{label}: not a valid SEG ({type(e).__name__}: {str(e)[:120]})"
         ) from None
     reader = _reader_name(ds, "seg")
+    try:
+        volume = seg.get_volume(combine_segments=False)
+    except Exception:
+        # Frames not on one regular grid (e.g. slice positions that jitter more than
+        # highdicom's 1 % tolerance): map each frame through its own position instead.
+        return _seg_regions_by_frame(ds, seg, study, label, reader)
     numbers = list(seg.segment_numbers)
     array = np.asarray(volume.array)
     if array.ndim == 3:
@@ -497,6 +502,50 @@ def _seg_regions(ds: Dataset, study: Any, label: str) -> list[ReaderRegion]:
         name = _lesion_name(ds, str(getattr(desc, "SegmentLabel", "") or ""), number)
         out.append(ReaderRegion(reader=reader, box=box, lesion=name))
     return out
+
+
+def _seg_regions_by_frame(ds: Dataset, seg: Any, study: Any, label: str, reader: str) -> list[ReaderRegion]:
+    """One region per segment from the SEG's frames one by one (BINARY / FRACTIONAL
+    SEGs: one segment per frame), each placed by its own ImagePositionPatient."""
+    try:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        frames = np.asarray(ds.pixel_array)
+        frames = frames.reshape(-1, *frames.shape[-2:])
+        corners_by_segment: dict[int, list[np.ndarray]] = {}
+        for f, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            nz = np.argwhere(frames[f] > 0)
+            if nz.size == 0:
+                continue
+            number = int(
+                _functional(item, shared, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
+            )
+            iop = np.asarray(_functional(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), float)
+            dy, dx = (float(v) for v in _functional(item, shared, "PixelMeasuresSequence", "PixelSpacing"))
+            ipp = np.asarray(_functional(item, shared, "PlanePositionSequence", "ImagePositionPatient"), float)
+            (r0, c0), (r1, c1) = nz.min(axis=0), nz.max(axis=0)
+            for r, c in ((r0, c0), (r0, c1), (r1, c0), (r1, c1)):
+                corners_by_segment.setdefault(number, []).append(ipp + c * dx * iop[:3] + r * dy * iop[3:])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+        raise RegionError(
+            "unreadable", f"{label}: SEG frames cannot be placed ({type(e).__name__}); re-export it"
+        ) from None
+    out = []
+    for number in sorted(corners_by_segment):
+        box = _box_of(patient_to_voxel(study, np.stack(corners_by_segment[number])), study.volume.shape)
+        if box is None:
+            raise RegionError("outside_study", f"{label}: segment {number} lies outside the study's volume")
+        desc = seg.get_segment_description(number)
+        name = _lesion_name(ds, str(getattr(desc, "SegmentLabel", "") or ""), number)
+        out.append(ReaderRegion(reader=reader, box=box, lesion=name))
+    return out
+
+
+def _functional(item: Dataset, shared: Dataset, seq: str, keyword: str) -> Any:
+    """A per-frame functional group value, else the shared one."""
+    for grp in (item, shared):
+        if seq in grp and len(grp[seq].value) > 0 and keyword in grp[seq].value[0]:
+            return grp[seq].value[0][keyword].value
+    raise KeyError(keyword)
 
 
 def _rtstruct_regions(ds: Dataset, study: Any, label: str) -> list[ReaderRegion]:

@@ -300,6 +300,23 @@ def test_seg_segments_become_boxes(ct, tmp_path: Path) -> None:
     assert "SEG annotation, not an image" in again.series_reason
 
 
+def test_seg_on_jittered_slices_is_placed_frame_by_frame(tmp_path: Path) -> None:
+    """Slice positions that jitter by 0.2 mm (the reader accepts them; highdicom's 1 %
+    tolerance does not make a volume of them): each frame is placed by its own position."""
+    jitter = [0.0, 0.2, -0.2, 0.1, -0.1, 0.2, 0.0, -0.2]
+
+    def edit(ds: Dataset, k: int) -> None:
+        _patient_module(ds, k)
+        ds.ImagePositionPatient = [-20.0, -20.0, 10.0 + 2.5 * k + jitter[k]]
+
+    files = ct_series(tmp_path / "ct", n=N, rows=ROWS, spacing=(2.5, 0.8, 0.8), edit=edit)
+    study = read_study(files)
+    mask = np.zeros((N, ROWS, ROWS, 1), dtype=bool)
+    mask[2:6, 10:14, 20:25, 0] = True
+    seg = _seg(_sorted_sources(files), mask, ["nodule"], "Reader^Bob")
+    assert regions_for_study(study, [seg]) == [ReaderRegion("Reader Bob", (2, 10, 20, 6, 14, 25), "nodule")]
+
+
 def test_seg_reader_never_a_patient_identifier(ct) -> None:
     files, study = ct
     src = _sorted_sources(files)
