@@ -1,10 +1,10 @@
-"""Real sizes on real anatomy: read + preprocess speed, ingest memory, proposal + embedding.
+"""Real sizes on real anatomy: read + preprocess speed and ingest memory.
 
 Studies are built from the real chest CT in ``../shared/data/lidc-idri-0001.tar.xz``
 (LIDC-IDRI-0001: 133 slices, 512 x 512, GE LightSpeed, see ``../shared/data/README.md``):
 its slices, stacked forward and back again so the anatomy stays continuous, are
 re-positioned on a regular grid to give a study of any length (new UIDs, pixels
-untouched). Three measurements, each against a reference taken in the same run:
+untouched). Two measurements, each against a reference taken in the same run:
 
 * ``read``   — :func:`encoders.dicom.read_study` + :func:`encoders.dicom.preprocess` of a
   512 x 512 x ``--slices`` study (default 300), against plain
@@ -16,10 +16,9 @@ untouched). Three measurements, each against a reference taken in the same run:
   that only imports the same modules (the floor) and one that stacks the plain pydicom
   pixel arrays of the same files into one int16 array (what holding the study costs).
   #18 asks < 2 GiB.
-* ``embed``  — one study's lesion proposal + embedding on the CPU (``--threads`` torch
-  threads, default 2: the cores of the reference machine) with a lesion encoder as the
-  CLI trains it, against the same embedding given the box (no proposal). Printed in
-  seconds per study and as a ratio.
+
+(``benchmarks/bench_grid.py`` measures the same on the whole-study input grid, with
+the lesion proposals and patches, on synthetic slices.)
 
 Nothing is asserted. The 1-minute load average is printed around each measurement.
 
@@ -191,34 +190,6 @@ def bench_ingest(folder: Path, n: int, tmp: Path) -> None:
     print(f"  ingested {ours.get('ingested')}, rejected {ours.get('rejected')}")
 
 
-def bench_embed(paths: list[Path], repeat: int, threads: int) -> None:
-    import torch
-
-    from encoders.dicom import preprocess, read_study
-    from encoders.model import create_encoder, embed
-    from encoders.roi import propose_lesion
-    from encoders.spec import DEFAULT_SPEC
-
-    torch.set_num_threads(threads)
-    volume = preprocess(read_study(paths), DEFAULT_SPEC)[None]
-    encoder = create_encoder("resnet10t", region="lesion", pooling="attention", calibration="tissue")
-    roi = propose_lesion(volume[0], spacing_mm=DEFAULT_SPEC.spacing_mm)  # given as the region
-    embed(encoder, volume, rois=[roi])  # warm-up (allocator, kernels)
-    l0 = load()
-    t_prop = best_of(repeat, lambda: propose_lesion(volume[0], spacing_mm=DEFAULT_SPEC.spacing_mm))
-    t_given = best_of(repeat, lambda: embed(encoder, volume, rois=[roi]))
-    t_both = best_of(repeat, lambda: embed(encoder, volume, rois=[None]))
-    print(f"\n[embed] one study, input grid {DEFAULT_SPEC.shape} at {DEFAULT_SPEC.spacing_mm} mm, "
-          f"{threads} torch threads; load {l0:.1f} -> {load():.1f}")
-    print("  (wall s, CPU s of all threads, per study)")
-    print(f"  embedding, region given        {t_given:7.3f} {CPU[t_given]:7.3f}  (reference)")
-    print(f"  lesion proposal alone          {t_prop:7.3f} {CPU[t_prop]:7.3f}")
-    print(
-        f"  proposal + embedding           {t_both:7.3f} {CPU[t_both]:7.3f}  "
-        f"ratio {t_both / t_given:.2f} / {CPU[t_both] / CPU[t_given]:.2f}"
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("data")
@@ -228,8 +199,7 @@ def main() -> None:
     g.add_argument("--dz", type=float, default=1.25, help="slice spacing of the built studies (mm)")
     r = ap.add_argument_group("run")
     r.add_argument("--repeat", type=int, default=3, help="best of N")
-    r.add_argument("--threads", type=int, default=2, help="torch threads for embedding")
-    r.add_argument("--skip", nargs="*", default=[], choices=["read", "ingest", "embed"])
+    r.add_argument("--skip", nargs="*", default=[], choices=["read", "ingest"])
     args = ap.parse_args()
     if not args.archive.is_file():
         raise SystemExit(f"{args.archive}: not found (LIDC-IDRI-0001, see ../shared/data/README.md)")
@@ -241,8 +211,6 @@ def main() -> None:
         study = make_study(sources, args.slices, tmp / "read", args.dz, "read")
         if "read" not in args.skip:
             bench_read(study, args.repeat)
-        if "embed" not in args.skip:
-            bench_embed(study, args.repeat, args.threads)
         if "ingest" not in args.skip:
             folder = tmp / "ingest"
             make_study(sources, args.ingest_slices, folder, args.dz, "ingest")
