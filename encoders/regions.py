@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,18 +264,25 @@ def regions_from_lidc_xml(path: Path | str, study: Any) -> list[ReaderRegion]:
     sessions = root.findall(_lidc("readingSession"))
     ids = [(s.findtext(_lidc("servicingRadiologistID")) or "").strip() for s in sessions]
     regions: list[ReaderRegion] = []
+    uid_slice = _unique_slice_uids(study)
     for n, (session, rid) in enumerate(zip(sessions, ids, strict=True)):
         ok = re.fullmatch(r"-?[A-Za-z0-9_]{1,32}", rid) and ids.count(rid) == 1
         reader = f"lidc-{rid}" if ok else f"reader-{n + 1}"
         for nodule in session.findall(_lidc("unblindedReadNodule")):
-            box = _lidc_nodule_box(path, nodule, study)
+            box = _lidc_nodule_box(path, nodule, study, uid_slice)
             if box is not None:
                 regions.append(ReaderRegion(reader=reader, box=box))
     return _group_lesions(regions, study.spacing)
 
 
-def _lidc_nodule_box(path: Path, nodule: Any, study: Any) -> Box | None:
-    uid_slice = {u: i for i, u in enumerate(study.slice_uids) if u and study.slice_uids.count(u) == 1}
+def _unique_slice_uids(study: Any) -> dict[str, int]:
+    """SOPInstanceUID -> slice index, for UIDs that name one slice only (not the frames
+    of one multi-frame file)."""
+    counts = Counter(study.slice_uids)
+    return {u: i for i, u in enumerate(study.slice_uids) if u and counts[u] == 1}
+
+
+def _lidc_nodule_box(path: Path, nodule: Any, study: Any, uid_slice: dict[str, int]) -> Box | None:
     d0 = np.asarray(study.direction[0], dtype=np.float64)
     rows, cols = study.volume.shape[1:]
     points: list[tuple[int, int, int]] = []
