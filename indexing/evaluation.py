@@ -15,12 +15,18 @@ predictions:
   T is kept and ``temperature_source`` says so.
 * **C-index** (Harrell, via ``lifelines.utils.concordance_index``) of the predicted
   restricted mean survival time up to ``tau`` (the largest horizon, or the 90th percentile
-  of follow-up if shorter) against the members' observed outcomes.
+  of follow-up if shorter) against the members' observed outcomes, with a 95 % percentile
+  bootstrap interval (``c_index_interval``): ``n_boot`` resamples of the evaluated
+  *patients* (all of a patient's studies together, as ``cohort eval`` does,
+  :func:`encoders.evaluate.bootstrap_resamples`), the held-out predictions kept fixed.
+  An interval that includes 0.5 means the index has shown no prognostic skill
+  (:func:`indexing.notices.skill_notices` turns that into a warning on every answer).
 * **calibration** at each horizon: members are sorted by their predicted survival at the
   horizon and cut into (up to) ten groups of equal size (deciles); per group, the mean
   predicted survival beside the group's observed (unweighted) Kaplan–Meier survival with
   its 95 % interval. ``mean_absolute_error`` is the size-weighted mean |predicted -
-  observed| over the groups whose follow-up reaches the horizon. Predictions whose
+  observed| over the groups whose follow-up reaches the horizon, with a bootstrap interval
+  over patients (``mean_absolute_error_interval``, same resamples). Predictions whose
   neighbours' follow-up ends before the horizon are not estimable (as in a query) and
   are left out there.
 
@@ -40,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 from lifelines.utils import concordance_index
 
+from encoders.evaluate import bootstrap_resamples, percentile_interval
 from indexing.prognosis import (
     DEFAULT_HORIZONS,
     DEFAULT_TEMPERATURE,
@@ -58,6 +65,7 @@ DEFAULT_SAMPLE = 2000
 MIN_EVALUATED = 20
 CALIBRATION_GROUPS = 10
 MIN_EVENTS_PER_HORIZON = 5
+DEFAULT_BOOTSTRAP = 200
 
 
 # --------------------------------------------------------------------- neighbours
@@ -255,6 +263,7 @@ def evaluate_prognosis(
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
     sample: int = DEFAULT_SAMPLE,
     seed: int = 0,
+    n_boot: int = DEFAULT_BOOTSTRAP,
 ) -> dict[str, Any]:
     """Leave-one-out prognostic quality of the cohort (module docstring); JSON-able dict.
 
@@ -275,6 +284,8 @@ def evaluate_prognosis(
         "temperature_source": "default",
         "temperature_scores": [],
         "c_index": None,
+        "c_index_interval": None,
+        "n_boot": int(n_boot),
         "tau": None,
         "evaluated_studies": 0,
         "evaluated_events": 0,
@@ -335,12 +346,14 @@ def evaluate_prognosis(
         w = np.where(nb_known, similarity_weights(filled, temperature=chosen), 0.0)
         km = batched_km(np.where(nb_known, nb_t, np.inf), nb_e, w)
     result["tau"] = tau
-    result["c_index"] = c_index(t_m, e_m, restricted_mean(*km, tau))
+    rmst = restricted_mean(*km, tau)
+    result["c_index"] = c_index(t_m, e_m, rmst)
     result["evaluated_studies"] = int(members.size)
     result["evaluated_events"] = int(e_m.sum())
-    result["calibration"] = [
-        calibration(survival_at(*km, h), t_m, e_m, h) for h in horizons
-    ]
+    preds = [survival_at(*km, h) for h in horizons]
+    result["calibration"] = [calibration(p, t_m, e_m, h) for p, h in zip(preds, horizons, strict=True)]
+    patients = [str(v) for v in np.asarray(metadata["patient_id"].to_pylist(), dtype=object)[members]]
+    _bootstrap(result, patients, rmst, preds, t_m, e_m, n_boot=n_boot, seed=seed)
     log.info(
         "evaluation: %d studies, temperature %g, C-index %s",
         members.size,
@@ -350,7 +363,45 @@ def evaluate_prognosis(
     return result
 
 
+def _bootstrap(
+    result: dict[str, Any],
+    patients: Sequence[str],
+    rmst: np.ndarray,
+    preds: Sequence[np.ndarray],
+    times: np.ndarray,
+    events: np.ndarray,
+    *,
+    n_boot: int,
+    seed: int,
+) -> None:
+    """Percentile intervals of the C-index and of each horizon's calibration error over
+    ``n_boot`` resamples of the evaluated patients (held-out predictions fixed)."""
+    if n_boot < 1 or not patients:
+        return
+    resamples = bootstrap_resamples(patients, n_boot, seed=seed)
+
+    def interval(values: list[float | None]) -> list[float] | None:
+        lo, hi = percentile_interval([np.nan if v is None else v for v in values])
+        return None if not (np.isfinite(lo) and np.isfinite(hi)) else [lo, hi]
+
+    if result["c_index"] is not None:
+        result["c_index_interval"] = interval(
+            [c_index(times[i], events[i], rmst[i]) for i in resamples]
+        )
+    for cal, pred in zip(result["calibration"], preds, strict=True):
+        if cal["mean_absolute_error"] is None:
+            cal["mean_absolute_error_interval"] = None
+            continue
+        cal["mean_absolute_error_interval"] = interval(
+            [
+                calibration(pred[i], times[i], events[i], cal["time"])["mean_absolute_error"]
+                for i in resamples
+            ]
+        )
+
+
 __all__ = [
+    "DEFAULT_BOOTSTRAP",
     "DEFAULT_K",
     "DEFAULT_TEMPERATURES",
     "EVALUATION_KEY",

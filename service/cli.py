@@ -931,8 +931,12 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 
 def print_result(result: Any, console: Console | None = None) -> None:
-    """Print neighbours, prognosis and warnings as a clinician-readable report."""
+    """Print neighbours, prognosis and warnings as a clinician-readable report; warnings
+    about the index's skill (NO_PROGNOSTIC_SKILL, FEW_OUTCOMES) come first, before any number."""
     c = console or out
+    skill = list(getattr(result.prognosis, "skill_warnings", []))
+    for w in skill:
+        c.print(f"[bold red]{w.code}:[/bold red] {w.message or '(details withheld)'}", highlight=False, soft_wrap=True)
     table = Table(title=f"{len(result.neighbors)} most similar patients", title_justify="left")
     for col in ("#", "patient", "similarity", "weight", "site", "scanner", "time", "event", "labels"):
         table.add_column(col, justify="right" if col in ("#", "similarity", "weight", "time") else "left")
@@ -1020,8 +1024,10 @@ def print_result(result: Any, console: Console | None = None) -> None:
             f"neighbours; effective n {r.effective_sample_size:.1f}",
             highlight=False,
         )
+    shown = {w.message for w in skill}
     for w in [*p.warnings, *d.warnings]:
-        c.print(f"  [yellow]warning:[/yellow] {w}")
+        if w not in shown:
+            c.print(f"  [yellow]warning:[/yellow] {w}")
     dc = getattr(result, "disclosure", None)
     if dc is not None:
         c.print(
@@ -1045,6 +1051,8 @@ def print_quality(q: Any, console: Console | None = None, *, unit: str = "months
         soft_wrap=True,
     )
     c_txt = "–" if q.c_index is None else f"{q.c_index:.2f}"
+    if getattr(q, "c_index_lower", None) is not None and q.c_index_upper is not None:
+        c_txt += f" (95% CI {q.c_index_lower:.2f}–{q.c_index_upper:.2f}, bootstrap over patients)"
     c.print(
         f"  C-index {c_txt} (0.5 = chance, 1 = perfect ranking; restricted mean survival to "
         f"{q.restricted_mean_time:g} {unit})",
@@ -1052,7 +1060,14 @@ def print_quality(q: Any, console: Console | None = None, *, unit: str = "months
         soft_wrap=True,
     )
     cal = ", ".join(
-        f"{h.time:g} {unit} {_fmt(h.mean_absolute_error)}" for h in q.calibration
+        f"{h.time:g} {unit} {_fmt(h.mean_absolute_error)}"
+        + (
+            f" ({h.mean_absolute_error_lower:.2f}–{h.mean_absolute_error_upper:.2f})"
+            if getattr(h, "mean_absolute_error_lower", None) is not None
+            and h.mean_absolute_error_upper is not None
+            else ""
+        )
+        for h in q.calibration
     )
     if cal:
         c.print(f"  calibration, mean |predicted − observed survival| over deciles: {cal}", highlight=False, soft_wrap=True)

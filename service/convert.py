@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from google.protobuf import timestamp_pb2
 
+from indexing.notices import code_of, skill_notices
 from indexing.prognosis import Prognosis
 from indexing.query import Diagnostics, NeighborResult, QueryResult, Stability
 from service.api import cohortsim_pb2 as pb
@@ -227,6 +228,12 @@ def _float_map(d: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+def warning_to_proto(text: str) -> pb.Warning:
+    """An engine warning (:class:`indexing.notices.Notice` or plain text) -> ``Warning``
+    with the enum value of the same name (UNSPECIFIED for plain text)."""
+    return pb.Warning(code=pb.WarningCode.Value(f"WARNING_CODE_{code_of(text).value}"), message=str(text))
+
+
 def neighbor_to_proto(n: NeighborResult) -> pb.Neighbor:
     outcome = pb.Outcome(labels=_str_map(n.labels), values=_float_map(n.values))
     _set_optional(outcome, "time", n.time)
@@ -293,6 +300,7 @@ def prognosis_to_proto(p: Prognosis, *, time_unit: str) -> pb.Prognosis:
     msg.neighbors_with_outcome = int(p.n_with_outcome)
     msg.events = int(p.n_events)
     msg.warnings.extend(list(p.warnings))
+    msg.warning_details.extend(warning_to_proto(w) for w in p.warnings)
     msg.time_unit = time_unit
     _set_optional(msg, "median_survival", p.median)
     _set_optional(msg, "median_lower", p.median_lower)
@@ -332,6 +340,7 @@ def diagnostics_to_proto(d: Diagnostics) -> pb.QueryDiagnostics:
         ood_percentile=_float(d.ood_percentile),
         mean_similarity=_float(d.mean_similarity),
         warnings=list(d.warnings),
+        warning_details=[warning_to_proto(w) for w in d.warnings],
     )
     _set_optional(msg, "same_scanner_share", d.same_scanner_share)
     _set_optional(msg, "cohort_scanner_share", d.cohort_scanner_share)
@@ -406,9 +415,15 @@ def prognostic_quality_to_proto(ev: Mapping[str, Any]) -> pb.PrognosticQuality:
         evaluated_event_count=int(ev.get("evaluated_events") or 0),
     )
     _set_optional(msg, "c_index", ev.get("c_index"))
+    ci = ev.get("c_index_interval") or (None, None)
+    _set_optional(msg, "c_index_lower", ci[0])
+    _set_optional(msg, "c_index_upper", ci[1])
     for cal in ev.get("calibration") or []:
         hc = msg.calibration.add(time=float(cal["time"]))
         _set_optional(hc, "mean_absolute_error", cal.get("mean_absolute_error"))
+        mae = cal.get("mean_absolute_error_interval") or (None, None)
+        _set_optional(hc, "mean_absolute_error_lower", mae[0])
+        _set_optional(hc, "mean_absolute_error_upper", mae[1])
         for g in cal.get("groups") or []:
             cg = hc.groups.add(predicted=float(g["predicted"]), study_count=int(g["study_count"]))
             _set_optional(cg, "observed", g.get("observed"))
@@ -424,7 +439,8 @@ def index_info_response(
     dicom_supported: bool,
     prognostic_quality: Mapping[str, Any] | None = None,
 ) -> pb.GetIndexInfoResponse:
-    """``Snapshot.info()`` (+ the manifest's ``prognosis_evaluation``) -> ``GetIndexInfoResponse``."""
+    """``Snapshot.info()`` (+ the manifest's ``prognosis_evaluation``) -> ``GetIndexInfoResponse``;
+    ``warnings`` are the index-level ones (:func:`indexing.notices.skill_notices`)."""
     msg = pb.GetIndexInfoResponse(
         num_studies=int(info["num_studies"]),
         dimension=int(info["dimension"]),
@@ -441,6 +457,7 @@ def index_info_response(
         msg.create_time.CopyFrom(ts)
     if prognostic_quality:
         msg.prognostic_quality.CopyFrom(prognostic_quality_to_proto(prognostic_quality))
+    msg.warnings.extend(warning_to_proto(w) for w in skill_notices(prognostic_quality))
     return msg
 
 
@@ -470,4 +487,5 @@ __all__ = [
     "prognosis_to_proto",
     "prognostic_quality_to_proto",
     "search_response",
+    "warning_to_proto",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 
 NEIGHBOUR_COLOUR = "#1f5fa8"
 COHORT_COLOUR = "#6b6b6b"
+WARNING_COLOUR = "#b00020"
 
 
 def _pyplot() -> Any:
@@ -47,6 +48,20 @@ def _ticks(t_max: float) -> list[float]:
         if t_max / step <= 8:
             break
     return [float(step * i) for i in range(math.floor(t_max / step) + 1)]
+
+
+def skill_banner(result: Any) -> str:
+    """One line naming the index-level skill warnings of ``result`` (empty when none):
+    e.g. ``"NO PROGNOSTIC SKILL: not a prognosis (C-index interval includes 0.5)"``."""
+    codes = [w.code for w in getattr(result.prognosis, "skill_warnings", [])]
+    if not codes:
+        return ""
+    parts = []
+    if "NO_PROGNOSTIC_SKILL" in codes:
+        parts.append("NO PROGNOSTIC SKILL SHOWN by this index: not a prognosis")
+    if "FEW_OUTCOMES" in codes:
+        parts.append("index built from too few outcomes")
+    return "; ".join(parts)
 
 
 def plot_survival(result: Any, path: Path | str, *, title: str | None = None) -> Path:
@@ -110,6 +125,9 @@ def plot_survival(result: Any, path: Path | str, *, title: str | None = None) ->
         or f"median {med} vs cohort {cmed} {unit}; effective n {p.effective_sample_size:.1f}",
         fontsize=10.5,
     )
+    skill = skill_banner(result)
+    if skill:  # above the title, in red: the figure cannot be read without it
+        fig.suptitle(skill, fontsize=10.5, color=WARNING_COLOUR, weight="bold", y=0.985)
 
     # numbers at risk
     table = fig.add_axes((0.15, 0.04, 0.81, 0.17))
@@ -173,4 +191,4 @@ def plot_thumbnails(result: Any, path: Path | str, *, columns: int = 6) -> Path:
     return out
 
 
-__all__ = ["plot_survival", "plot_thumbnails"]
+__all__ = ["plot_survival", "plot_thumbnails", "skill_banner"]

@@ -22,7 +22,14 @@ import numpy as np
 
 from encoders.errors import EncoderError
 from indexing.errors import ModelVersionError
-from indexing.query import QueryResult, attach_regions, attach_stability, search_similar, thumbnails
+from indexing.query import (
+    QueryResult,
+    attach_regions,
+    attach_stability,
+    index_warnings,
+    search_similar,
+    thumbnails,
+)
 from indexing.snapshot import SearchParams, Snapshot, current_version, load_snapshot
 from service import convert
 from service.api import cohortsim_pb2, cohortsim_pb2_grpc
@@ -152,6 +159,7 @@ class ServiceState:
             state = cls(None, load_error=str(exc), **kw)
             state._skipped_version = _current_or_none(Path(index_dir))
             return state
+        _log_index_warnings(snapshot)
         return cls(snapshot, **kw)
 
     # live pickup of new versions ---------------------------------------------
@@ -193,6 +201,7 @@ class ServiceState:
                     del self._encoders[version]
                 self._encoder_errors.clear()
         log.info("now serving index version %s (was %s)", snapshot.version, old or "none")
+        _log_index_warnings(snapshot)
         for callback in list(self._listeners):
             try:
                 callback(snapshot)
@@ -550,6 +559,12 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         if self.governance.restricts(current_principal()):
             return self.governance.index_info(response)
         return response
+
+
+def _log_index_warnings(snapshot: Snapshot) -> None:
+    """Log the index-level warnings (its prognostic skill) when a snapshot starts serving."""
+    for note in index_warnings(snapshot):
+        log.warning("index %s: %s: %s", snapshot.version, note.code.value, note)
 
 
 __all__ = [
