@@ -56,12 +56,14 @@ __all__ = [
     "POOLINGS",
     "REGIONS",
     "WEIGHTS_FILE",
+    "CutRegion",
     "EncoderCard",
     "GatedAttentionPool",
     "RegionSpec",
     "StudyEncoder",
     "create_encoder",
     "embed",
+    "embedded_regions",
     "lesion_boxes",
     "list_encoders",
     "load_encoder",
@@ -235,6 +237,63 @@ def lesion_boxes(
                                pad_value=spec.pad_value_hu)
         centres.append(r.centre)
     return boxes, centres
+
+
+#: Where an encoder cut its input from one volume: ``(slice_index, (row0, col0, row1,
+#: col1), source)``: the axial slice through the region's centre and the region's box on
+#: it (half-open voxels, clipped to the volume); ``source`` "reader" (a given box or mask),
+#: "proposal" / "centre" (the label-free proposal, or its fallback) or "best_slice".
+CutRegion = tuple[int, tuple[int, int, int, int], str]
+
+
+def embedded_regions(
+    encoder: StudyEncoder,
+    volumes: np.ndarray,
+    rois: Sequence[Any] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> list[CutRegion]:
+    """Where ``encoder`` cut its input from each of ``volumes`` ``(n, D, H, W)``, as
+    :data:`CutRegion`, for showing the matched region (thumbnails, explanations).
+
+    Lesion encoders: the box :func:`lesion_boxes` crops (same centres: the given ``rois``,
+    else the encoder's proposal), on the slice through its centre. Whole-volume encoders:
+    the whole slice whose projected features agree best (cosine) with the study's pooled
+    feature, i.e. the slice that weighs most in the study's embedding (one extra forward).
+    """
+    from encoders.roi import rois_for
+
+    n, _, h, w = volumes.shape
+    if encoder.region.mode == "lesion":
+        from encoders.harmonize import calibrate_hu
+
+        given = [None] * n if rois is None else list(rois)
+        if len(given) != n:
+            raise EncoderError(f"rois must have one entry per volume ({n}), got {len(given)}")
+        size = encoder.input_shape
+        out: list[CutRegion] = []
+        for i in range(n):
+            vol = np.asarray(volumes[i])
+            if encoder.calibration == "tissue":
+                vol = calibrate_hu(vol, pad_value=encoder.spec.pad_value_hu)
+            r = rois_for(vol[None], [given[i]], spacing_mm=encoder.spec.spacing_mm,
+                         proposal=encoder.region.proposal)[0]
+            z, y, x = (int(c) for c in r.centre)
+            y0, x0 = y - size[1] // 2, x - size[2] // 2
+            box = (max(y0, 0), max(x0, 0), min(y0 + size[1], h), min(x0 + size[2], w))
+            source = "reader" if r.source in ("box", "mask") else r.source
+            out.append((z, box, source))
+        return out
+    dev = torch.device(device)
+    slices: list[CutRegion] = []
+    with torch.no_grad():
+        for i in range(n):
+            inp = torch.as_tensor(np.asarray(encoder.regions(volumes[i : i + 1]), np.float32), device=dev)
+            feats = encoder.slice_features(inp)  # (1, D, f)
+            pooled = feats.mean(dim=1) if encoder.pool is None else encoder.pool(feats)
+            agree = torch.nn.functional.cosine_similarity(feats, pooled[:, None, :], dim=-1)[0]
+            slices.append((int(agree.argmax()), (0, 0, h, w), "best_slice"))
+    return slices
 
 
 def _region(region: str | RegionSpec | None, spec: InputSpec) -> RegionSpec:

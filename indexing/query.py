@@ -46,6 +46,7 @@ from indexing.prognosis import (
 )
 from indexing.snapshot import SearchParams, Snapshot
 from indexing.store import ACQUISITION_COLUMNS
+from indexing.thumbnails import BOX_COLUMN, SLICE_COLUMN, SOURCE_COLUMN, Region
 from indexing.thumbnails import COLUMN as THUMBNAIL_COLUMN
 
 DEFAULT_MAX_K = 1000
@@ -75,6 +76,21 @@ class NeighborResult:
     values: dict[str, float]
     weight: float
     thumbnail: bytes | None = None  # PNG, set by the caller when asked (see thumbnails())
+    region: Region | None = None  # where its embedding was cut, set with the thumbnail
+    explanation: Explanation | None = None  # set by the caller when asked
+
+
+@dataclass
+class Explanation:
+    """Why one neighbour is similar to the query (:mod:`encoders.explain`): a ``rows`` x
+    ``cols`` occlusion map over the query's region (``weights`` row-major, largest 1), its
+    overlay on the query's slice (PNG) and the unoccluded similarity."""
+
+    rows: int
+    cols: int
+    weights: list[float]
+    overlay_png: bytes | None
+    similarity: float
 
 
 @dataclass
@@ -153,6 +169,7 @@ class QueryResult:
     index_version: str
     model_version: str
     query_thumbnail: bytes | None = None  # PNG, set by the caller when asked
+    query_region: Region | None = None  # where the query's embedding was cut, idem
 
 
 def normalize_queries(vectors: Any, dimension: int) -> np.ndarray:
@@ -662,3 +679,18 @@ def thumbnails(snapshot: Snapshot, rows: Sequence[int]) -> list[bytes | None]:
         return [None] * len(rows)
     col = snapshot.metadata.column(THUMBNAIL_COLUMN).take(np.asarray(rows, dtype=np.int64))
     return [None if v is None else bytes(v) for v in col.to_pylist()]
+
+
+def regions(snapshot: Snapshot, rows: Sequence[int]) -> list[Region | None]:
+    """The stored embedded regions of ``rows`` (None where the snapshot has none)."""
+    meta = snapshot.metadata
+    if SLICE_COLUMN not in meta.column_names or not rows:
+        return [None] * len(rows)
+    take = np.asarray(rows, dtype=np.int64)
+    z = meta.column(SLICE_COLUMN).take(take).to_pylist()
+    box = meta.column(BOX_COLUMN).take(take).to_pylist()
+    src = meta.column(SOURCE_COLUMN).take(take).to_pylist()
+    return [
+        None if zi is None or b is None else Region(int(zi), tuple(int(v) for v in b), str(si or ""))  # type: ignore[arg-type]
+        for zi, b, si in zip(z, box, src, strict=True)
+    ]

@@ -616,9 +616,11 @@ def build_search_request(
     where: str = "",
     include_thumbnails: bool = False,
     regions: Sequence[tuple[str, Sequence[float]]] = (),
+    include_explanations: bool = False,
 ) -> cohortsim_pb2.SearchSimilarRequest:
     """The request for exactly one of ``embedding``, ``study_uid``, ``dicom_paths``;
-    ``regions``: ``(observer, (z0, y0, x0, z1, y1, x1))`` boxes of a DICOM query."""
+    ``regions``: ``(observer, (z0, y0, x0, z1, y1, x1))`` boxes of a DICOM query;
+    ``include_explanations`` (DICOM queries): per-neighbour occlusion maps."""
     given = [x is not None for x in (embedding, study_uid, dicom_paths)]
     if sum(given) != 1:
         raise ValueError("give exactly one of embedding, study_uid, dicom_paths")
@@ -626,6 +628,7 @@ def build_search_request(
         k=int(k),
         filter=cohortsim_pb2.Filter(where=where),
         include_thumbnails=bool(include_thumbnails),
+        include_explanations=bool(include_explanations),
     )
     if embedding is not None:
         values = np.asarray(embedding, dtype=np.float32).reshape(-1)
@@ -844,9 +847,12 @@ class CohortsimClient:
         where: str = "",
         include_thumbnails: bool = False,
         regions: Sequence[tuple[str, Sequence[float]]] = (),
+        include_explanations: bool = False,
     ) -> SearchResult:
         """The ``k`` most similar studies to one query (exactly one of the three kinds);
-        ``include_thumbnails`` asks for the query's and neighbours' PNG thumbnails;
+        ``include_thumbnails`` asks for the query's and neighbours' PNG thumbnails (the
+        embedded region's slice, box drawn) and regions; ``include_explanations`` (DICOM
+        queries) for each neighbour's occlusion map over the query's region;
         ``regions`` gives a DICOM query's regions of interest as ``(observer, box)``
         (see ``RegionOfInterest`` in the proto), answered in ``diagnostics.regions``."""
         req = build_search_request(
@@ -857,6 +863,7 @@ class CohortsimClient:
             where=where,
             include_thumbnails=include_thumbnails,
             regions=regions,
+            include_explanations=include_explanations,
         )
         return search_result_from_proto(self._call(self._stub.SearchSimilar, req))
 
@@ -990,6 +997,7 @@ class AsyncCohortsimClient:
         where: str = "",
         include_thumbnails: bool = False,
         regions: Sequence[tuple[str, Sequence[float]]] = (),
+        include_explanations: bool = False,
     ) -> SearchResult:
         """See :meth:`CohortsimClient.search`."""
         req = build_search_request(
@@ -1000,6 +1008,7 @@ class AsyncCohortsimClient:
             where=where,
             include_thumbnails=include_thumbnails,
             regions=regions,
+            include_explanations=include_explanations,
         )
         return search_result_from_proto(await self._call(self._stub.SearchSimilar, req))
 

@@ -49,6 +49,8 @@ class SearchQuery:
     # regions of interest of a DICOM query: (observer, (z0, y0, x0, z1, y1, x1)) in voxel
     # indices of the study's chosen series; empty = the encoder proposes the lesion
     regions: list[tuple[str, tuple[float, ...]]] = field(default_factory=list)
+    # per-neighbour occlusion maps over the query's region (DICOM queries only)
+    include_explanations: bool = False
 
 
 # --------------------------------------------------------------------------- requests
@@ -123,6 +125,13 @@ def parse_search_request(
     k = parse_k(request.k, default_k=default_k, max_k=max_k)
     where = request.filter.where.strip() if request.HasField("filter") else ""
     thumbs = bool(request.include_thumbnails)
+    explain = bool(request.include_explanations)
+    if explain and kind != "dicom":
+        raise invalid_argument(
+            "EXPLANATIONS_NEED_DICOM",
+            "include_explanations needs a DICOM query: the explanation blanks parts of the "
+            "query's image, which the server holds only for studies sent as DICOM",
+        )
     nprobe, ef_search = parse_search_parameters(request)
     if kind == "embedding":
         vec = parse_embedding(request.embedding, dimension=dimension)
@@ -143,6 +152,7 @@ def parse_search_request(
     return SearchQuery(
         "dicom", k, where, dicom_files=files, include_thumbnails=thumbs, nprobe=nprobe,
         ef_search=ef_search, regions=parse_regions(request.dicom.regions),
+        include_explanations=explain,
     )
 
 
@@ -234,6 +244,25 @@ def warning_to_proto(text: str) -> pb.Warning:
     return pb.Warning(code=pb.WarningCode.Value(f"WARNING_CODE_{code_of(text).value}"), message=str(text))
 
 
+def region_to_proto(region: Any) -> pb.EmbeddedRegion | None:
+    """An :class:`indexing.thumbnails.Region` -> ``EmbeddedRegion`` (None stays unset)."""
+    if region is None:
+        return None
+    return pb.EmbeddedRegion(
+        slice_index=int(region.slice_index), box=[int(v) for v in region.box], source=str(region.source)
+    )
+
+
+def explanation_to_proto(e: Any) -> pb.Explanation | None:
+    """An :class:`indexing.query.Explanation` -> ``Explanation`` (None stays unset)."""
+    if e is None:
+        return None
+    return pb.Explanation(
+        rows=int(e.rows), cols=int(e.cols), weights=[float(v) for v in e.weights],
+        overlay_png=e.overlay_png or b"", similarity=float(e.similarity),
+    )
+
+
 def neighbor_to_proto(n: NeighborResult) -> pb.Neighbor:
     outcome = pb.Outcome(labels=_str_map(n.labels), values=_float_map(n.values))
     _set_optional(outcome, "time", n.time)
@@ -248,6 +277,8 @@ def neighbor_to_proto(n: NeighborResult) -> pb.Neighbor:
         outcome=outcome,
         weight=float(n.weight),
         thumbnail_png=n.thumbnail or b"",
+        region=region_to_proto(n.region),
+        explanation=explanation_to_proto(n.explanation),
     )
 
 
@@ -389,6 +420,7 @@ def search_response(
         index_version=str(result.index_version),
         model_version=str(result.model_version),
         query_thumbnail_png=result.query_thumbnail or b"",
+        query_region=region_to_proto(result.query_region),
     )
 
 

@@ -523,6 +523,8 @@ class Governance:
             )
         if _has_field(query, "include_thumbnails"):
             query = dataclasses.replace(query, include_thumbnails=False)
+        if _has_field(query, "include_explanations"):  # per-neighbour maps: never released
+            query = dataclasses.replace(query, include_explanations=False)
         target = self.policy.aggregate_size(query.k)
         n = int(snapshot.num_studies)
         fetch = min(n, 2 * target + 16)

@@ -23,14 +23,17 @@ import numpy as np
 from encoders.errors import EncoderError
 from indexing.errors import ModelVersionError
 from indexing.query import (
+    Explanation,
     QueryResult,
     attach_regions,
     attach_stability,
     index_warnings,
+    regions,
     search_similar,
     thumbnails,
 )
 from indexing.snapshot import SearchParams, Snapshot, current_version, load_snapshot
+from indexing.thumbnails import Region
 from service import convert
 from service.api import cohortsim_pb2, cohortsim_pb2_grpc
 from service.batching import EmbedBatcher, SearchBatcher
@@ -71,6 +74,9 @@ class EmbeddedStudy:
     views: np.ndarray | None = None
     thumbnail: bytes | None = None
     regions: np.ndarray | None = None  # (r, d): one row per region of interest; row 0 = vector
+    region: Region | None = None  # where the encoder cut the study (with the thumbnail)
+    volume: np.ndarray | None = None  # (D, H, W) preprocessed HU, kept for explanations
+    roi: Any = None  # the first region of interest on the input grid (None: proposed)
 
 
 TTA_VIEWS = 4  # scanner-augmented copies of a DICOM query (stability diagnostics); 0 = off
@@ -290,11 +296,14 @@ class ServiceState:
         thumbnail: bool = False,
         snapshot: Snapshot | None = None,
         regions: Sequence[Sequence[float]] = (),
+        keep_volume: bool = False,
     ) -> EmbeddedStudy:
         """Decode, preprocess and embed one study's DICOM files; blocking.
 
         ``views`` > 0 also embeds that many scanner-augmented copies (:func:`scanner_views`);
-        ``thumbnail`` makes the PNG of the preprocessed volume's central slice.
+        ``thumbnail`` makes the PNG of the slice through the region the encoder embedded
+        (box drawn) and records the region; ``keep_volume`` keeps the preprocessed volume
+        (explanations).
         ``regions``: boxes ``(z0, y0, x0, z1, y1, x1)`` on the study's own voxel grid; each
         is embedded (``EmbeddedStudy.regions``, the first is ``vector``) and the
         augmented copies use the first one.
@@ -322,16 +331,42 @@ class ServiceState:
         acquisition = {
             str(k): str(v) for k, v in (study.acquisition or {}).items() if v is not None
         }
-        png = None
+        png = region = None
         if thumbnail:
-            from indexing.thumbnails import thumbnail_png
+            from encoders.model import embedded_regions
+            from indexing.thumbnails import region_thumbnail_png
 
-            png = thumbnail_png(volume)
+            cut = embedded_regions(encoder, volume[None], [boxes[0]] if boxes else None, device=self.device)
+            region = Region.of(cut[0])
+            png = region_thumbnail_png(volume, region)
         return EmbeddedStudy(
             out[0].astype(np.float32), card.version, acquisition,
             out[n:] if views > 0 else None, png,
             regions=out[:n].astype(np.float32) if boxes else None,
+            region=region,
+            volume=volume if keep_volume else None,
+            roi=boxes[0] if boxes else None,
         )
+
+    def explain(
+        self, embedded: EmbeddedStudy, neighbours: np.ndarray, snapshot: Snapshot | None = None
+    ) -> Any:
+        """Occlusion maps of an embedded DICOM study (kept volume) against ``neighbours``
+        ``(k, d)`` (:func:`encoders.explain.occlusion_maps`); blocking, through the same
+        one-forward-at-a-time queue as every embedding."""
+        from encoders.explain import encoder_forward, occlusion_maps
+
+        encoder, _ = self.encoder(snapshot)
+        if embedded.volume is None:
+            raise ValueError("the study's volume was not kept (embed_dicom(keep_volume=True))")
+
+        def forward(inputs: np.ndarray) -> np.ndarray:
+            def run(enc: Any, batch: np.ndarray) -> np.ndarray:
+                return encoder_forward(enc, batch, device=self.device)
+
+            return self.embedder.embed(encoder, inputs, run, shareable=False)
+
+        return occlusion_maps(encoder, embedded.volume, neighbours, roi=embedded.roi, forward=forward)
 
     @staticmethod
     def _region_boxes(
@@ -377,6 +412,8 @@ def search(
     views = None
     region_vectors = None
     query_thumbnail = None
+    query_region = None
+    embedded = None
     if query.where:
         snapshot.filter_mask(query.where)  # a bad filter fails before any DICOM is decoded
     if query.kind == "embedding":
@@ -389,18 +426,22 @@ def search(
         kwargs["exclude_patients"] = [patient]
         if query.include_thumbnails:
             query_thumbnail = thumbnails(snapshot, [row])[0]
+            query_region = regions(snapshot, [row])[0]
     else:
+        explain = bool(getattr(query, "include_explanations", False))
         embedded = state.embed_dicom(
             query.dicom_files,
             views=state.tta_views,
-            thumbnail=query.include_thumbnails,
+            thumbnail=query.include_thumbnails or explain,
             snapshot=snapshot,
             regions=[box for _, box in query.regions],
+            keep_volume=explain,
         )
         vector = embedded.vector
         views = embedded.views
         region_vectors = embedded.regions
         query_thumbnail = embedded.thumbnail
+        query_region = embedded.region
         kwargs["query_acquisition"] = [embedded.acquisition]
     kwargs["where"] = query.where
     if query.nprobe is not None or query.ef_search is not None:
@@ -421,13 +462,36 @@ def search(
         attach_stability(result, same_as_query(views))
     if region_vectors is not None:
         attach_regions(result, [obs for obs, _ in query.regions], results)
+    rows = [nb.row for nb in result.neighbors]
     if query.include_thumbnails:
         result.query_thumbnail = query_thumbnail
-        for nb, png in zip(
-            result.neighbors, thumbnails(snapshot, [nb.row for nb in result.neighbors]), strict=True
+        result.query_region = query_region
+        for nb, png, cut in zip(
+            result.neighbors, thumbnails(snapshot, rows), regions(snapshot, rows), strict=True
         ):
-            nb.thumbnail = png
+            nb.thumbnail, nb.region = png, cut
+    if embedded is not None and embedded.volume is not None and rows:
+        _attach_explanations(state, snapshot, embedded, result)
     return result
+
+
+def _attach_explanations(
+    state: ServiceState, snapshot: Snapshot, embedded: EmbeddedStudy, result: QueryResult
+) -> None:
+    """Set each neighbour's :class:`indexing.query.Explanation` (occlusion over the query's
+    region, one batched forward for all neighbours) with its overlay on the query's slice."""
+    from indexing.thumbnails import overlay_png
+
+    vectors = np.stack([snapshot.vector(nb.row) for nb in result.neighbors])
+    occ = state.explain(embedded, vectors, snapshot)
+    region, volume = embedded.region, embedded.volume
+    assert region is not None and volume is not None  # made with keep_volume and thumbnail
+    sl = volume[min(max(region.slice_index, 0), volume.shape[0] - 1)]
+    for nb, m, sim in zip(result.neighbors, occ.maps, occ.similarity, strict=True):
+        nb.explanation = Explanation(
+            rows=int(m.shape[0]), cols=int(m.shape[1]), weights=[float(v) for v in m.ravel()],
+            overlay_png=overlay_png(sl, m, region.box), similarity=float(sim),
+        )
 
 
 def search_many(

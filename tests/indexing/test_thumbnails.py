@@ -1,0 +1,80 @@
+"""Thumbnails show the region that was embedded: an off-centre lesion appears in them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from encoders.model import create_encoder, embedded_regions
+from encoders.spec import InputSpec
+from indexing.thumbnails import (
+    Region,
+    overlay_png,
+    region_thumbnail_png,
+    thumbnail_array,
+    thumbnail_png,
+)
+
+SHAPE = (16, 64, 64)
+SPEC = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=SHAPE)
+
+
+def chest(nodule: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """Air, a soft-tissue body, two lungs and one nodule (30 HU, radius 2.5 voxels)."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]].astype(float)
+    v = np.full(SHAPE, -1000.0)
+    body = ((y - 32) / 26) ** 2 + ((x - 32) / 30) ** 2 < 1
+    v[body] = 40.0
+    for cx in (20, 44):
+        v[body & (((y - 30) / 16) ** 2 + ((x - cx) / 9) ** 2 < 1)] = -850.0
+    nz, ny, nx = nodule
+    v[(z - nz) ** 2 + (y - ny) ** 2 + (x - nx) ** 2 <= 2.5**2] = 30.0
+    return (v + rng.normal(0, 10, SHAPE)).astype(np.int16)
+
+
+def _is_red(px: np.ndarray) -> np.ndarray:
+    return (px[..., 0] > 200) & (px[..., 1] < 80) & (px[..., 2] < 80)
+
+
+def test_a_lesion_off_the_central_slice_is_in_its_thumbnail() -> None:
+    torch.manual_seed(0)
+    enc = create_encoder("test_resnet", spec=SPEC, region="lesion", embedding_dim=16).eval()
+    nodule = (3, 25, 40)  # slice 3 of 16 (the central slice is 8), right lung, upper part
+    v = chest(nodule)
+    (cut,) = embedded_regions(enc, v[None])  # the encoder's own proposal, as at index build
+    region = Region.of(cut)
+    assert region.source == "proposal" and abs(region.slice_index - nodule[0]) <= 1
+    r0, c0, r1, c1 = region.box
+    assert r0 < nodule[1] < r1 and c0 < nodule[2] < c1
+
+    shown = thumbnail_array(region_thumbnail_png(v, region))
+    central = thumbnail_array(thumbnail_png(v))
+    assert shown.shape == (64, 64, 3) and central.shape == (64, 64)
+    # the nodule (30 HU -> grey ~190) is in the region thumbnail, not in the central slice
+    assert shown[nodule[1], nodule[2]].min() > 150
+    assert central[nodule[1], nodule[2]] < 60
+    # and the embedded box is drawn around it (red outline on the box's edges only)
+    red = _is_red(shown)
+    assert red[r0, c0:c1].all() and red[r1 - 1, c0:c1].all()
+    assert not red[r0 + 1 : r1 - 1, c0 + 1 : c1 - 1].any()
+
+
+def test_whole_volume_encoders_show_a_whole_slice_without_a_box() -> None:
+    torch.manual_seed(0)
+    enc = create_encoder("test_resnet", spec=SPEC, embedding_dim=16).eval()
+    v = chest((3, 25, 40))
+    (cut,) = embedded_regions(enc, v[None])
+    z, box, source = cut
+    assert source == "best_slice" and 0 <= z < SHAPE[0] and box == (0, 0, 64, 64)
+    assert not _is_red(thumbnail_array(region_thumbnail_png(v, Region.of(cut)))).any()
+
+
+def test_overlay_marks_the_heat_inside_the_box() -> None:
+    v = chest((3, 25, 40))
+    heat = np.zeros((3, 3), np.float32)
+    heat[0, 2] = 1.0
+    img = thumbnail_array(overlay_png(v[3], heat, (10, 10, 40, 40), size=64))
+    reddish = (img[..., 0].astype(int) - img[..., 1].astype(int)) > 60
+    assert reddish[12:18, 32:38].all()  # the hot cell (top right of the box)
+    assert not reddish[22:38, 12:28].any()  # a cold cell
