@@ -14,9 +14,11 @@ neighbour's stored vector). A large drop means that part of the query's region c
 similarity to that neighbour. Maps are clipped at 0 and scaled to a maximum of 1 per
 neighbour (all 0 when no cell lowers the similarity); the raw maximum is kept.
 
-Cost: ``1 + rows * cols`` encoder inputs in one forward, shared by all k neighbours (the
-3 x 3 default is 10 inputs). ``benchmarks/bench_explain.py`` measures it against one
-embedding of the query; results in ``benchmarks/RESULTS.md``.
+Cost: ``1 + rows * cols`` encoder inputs in one forward, shared by all k neighbours.
+Measured (``benchmarks/bench_explain.py``, ``benchmarks/RESULTS.md``) against one embedding
+of the query on CPU: about 1.1x for a lesion encoder with the 3 x 3 grid (its inputs are
+small boxes), about 2x for a whole-volume encoder with 2 x 2 and 6x with 3 x 3, hence the
+default grid per encoder kind (:func:`default_grid`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import torch
 from encoders.errors import EncoderError
 from encoders.model import StudyEncoder
 
-DEFAULT_GRID = (3, 3)
+DEFAULT_GRID = (3, 3)  # lesion encoders: 1 + 9 small inputs
+WHOLE_VOLUME_GRID = (2, 2)  # whole-volume encoders: 1 + 4 full volumes (cost, see below)
 
 
 @dataclass
@@ -74,6 +77,11 @@ def occluded_inputs(x: np.ndarray, grid: Sequence[int] = DEFAULT_GRID) -> tuple[
     return out, re, ce
 
 
+def default_grid(encoder: StudyEncoder) -> tuple[int, int]:
+    """3 x 3 for lesion encoders, 2 x 2 for whole-volume ones (cost within ~3x one embedding)."""
+    return DEFAULT_GRID if encoder.region.mode == "lesion" else WHOLE_VOLUME_GRID
+
+
 def encoder_forward(
     encoder: StudyEncoder, inputs: np.ndarray, *, device: str | torch.device = "cpu"
 ) -> np.ndarray:
@@ -90,7 +98,7 @@ def occlusion_maps(
     neighbours: np.ndarray,
     *,
     roi: Any = None,
-    grid: Sequence[int] = DEFAULT_GRID,
+    grid: Sequence[int] | None = None,
     device: str | torch.device = "cpu",
     forward: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Occlusion:
@@ -98,14 +106,15 @@ def occlusion_maps(
     preprocessed study, as embedded) against ``neighbours`` ``(k, d)`` vectors; ``roi``
     the query's region of interest for lesion encoders (None: the encoder's proposal).
     ``forward``: ``(m, D', H', W')`` encoder inputs -> ``(m, d)`` embeddings (a server
-    passes its serialised forward); by default :func:`encoder_forward` on ``device``."""
+    passes its serialised forward); by default :func:`encoder_forward` on ``device``.
+    ``grid``: ``(rows, cols)``; None takes :func:`default_grid`."""
     nb = np.asarray(neighbours, dtype=np.float32)
     if nb.ndim != 2 or nb.shape[1] != encoder.embedding_dim:
         raise EncoderError(
             f"neighbour vectors must be (k, {encoder.embedding_dim}), got shape {nb.shape}"
         )
     x = encoder.regions(np.asarray(volume)[None], rois=[roi] if roi is not None else None)[0]
-    batch, re, ce = occluded_inputs(np.asarray(x, np.float32), grid)
+    batch, re, ce = occluded_inputs(np.asarray(x, np.float32), grid or default_grid(encoder))
     e = np.asarray(
         encoder_forward(encoder, batch, device=device) if forward is None else forward(batch),
         dtype=np.float32,
@@ -121,4 +130,12 @@ def occlusion_maps(
     return Occlusion(maps, top.astype(np.float32), sims[0].astype(np.float32), re, ce)
 
 
-__all__ = ["DEFAULT_GRID", "Occlusion", "encoder_forward", "occluded_inputs", "occlusion_maps"]
+__all__ = [
+    "DEFAULT_GRID",
+    "WHOLE_VOLUME_GRID",
+    "Occlusion",
+    "default_grid",
+    "encoder_forward",
+    "occluded_inputs",
+    "occlusion_maps",
+]

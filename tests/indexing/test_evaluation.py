@@ -224,3 +224,22 @@ def test_skill_notices_for_few_outcomes_few_events_and_no_evaluation() -> None:
     assert "only 3 events" in skill_notices(few_events)[0]
     old = {"evaluated_studies": 400, "evaluated_events": 90, "c_index": 0.7}
     assert "without an interval" in skill_notices(old)[0]
+
+
+def test_harrell_pairs_give_the_c_index_of_any_resample() -> None:
+    from indexing.evaluation import harrell_pairs
+
+    rng = np.random.default_rng(8)
+    t = np.round(rng.exponential(10, 60), 0)  # rounding makes ties in time
+    e = rng.random(60) < 0.6
+    p = np.round(rng.random(60), 1)  # and ties in the prediction
+    p[3] = np.nan
+    a, b = harrell_pairs(t, e, p)
+    ok = np.isfinite(p)
+    ones = np.ones(60)
+    ones[~ok] = 0
+    assert (ones @ a @ ones) / (ones @ b @ ones) == pytest.approx(brute_harrell(t[ok], e[ok], p[ok]))
+    idx = rng.integers(0, 60, 60)  # a resample with repeats
+    idx = idx[ok[idx]]
+    m = np.bincount(idx, minlength=60).astype(float)
+    assert (m @ a @ m) / (m @ b @ m) == pytest.approx(brute_harrell(t[idx], e[idx], p[idx]))
