@@ -843,7 +843,11 @@ def query(
     ] = None,
     thumbnails: Annotated[
         Path | None,
-        typer.Option("--thumbnails", help="Write a PNG strip of the query's and the neighbours' central slices."),
+        typer.Option("--thumbnails", help="Write a PNG strip of the query's and the neighbours' embedded regions (the slice through each region, its box drawn)."),
+    ] = None,
+    explanations: Annotated[
+        Path | None,
+        typer.Option("--explanations", help="Write a PNG of what in the query's region drove the similarity to each neighbour (occlusion; --dicom queries only)."),
     ] = None,
     token: Annotated[
         str | None, typer.Option(envvar="COHORTSIM_TOKEN", help="Bearer token (prefer --token-file or $COHORTSIM_TOKEN).")
@@ -869,8 +873,10 @@ def query(
         raise CliError("give exactly one of --dicom PATH or --study-uid UID")
     if region and dicom is None:
         raise CliError("--region needs --dicom: regions of interest are drawn on a DICOM study")
+    if explanations is not None and dicom is None:
+        raise CliError("--explanations needs --dicom: the server blanks parts of the query's image")
     credentials, bearer = _client_security(token, token_file, tls_ca, tls_cert, tls_key)
-    for target in (plot, thumbnails):
+    for target in (plot, thumbnails, explanations):
         if target is not None and not target.parent.is_dir():
             raise CliError(f"cannot write {target}: folder {target.parent} does not exist")
     quality = None
@@ -880,6 +886,7 @@ def query(
             result = client.search(
                 dicom_paths=_dicom_files(dicom), k=k, where=where, include_thumbnails=want,
                 regions=[_parse_region(r) for r in region or []],
+                include_explanations=explanations is not None,
             )
         else:
             result = client.search(study_uid=study_uid, k=k, where=where, include_thumbnails=want)
@@ -894,8 +901,14 @@ def query(
         print_result(result)
         if quality is not None:
             print_quality(quality)
-    if plot is not None or thumbnails is not None:
-        from service.plots import plot_survival, plot_thumbnails
+    if plot is not None or thumbnails is not None or explanations is not None:
+        from service.plots import plot_explanations, plot_survival, plot_thumbnails
+
+        if explanations is not None:
+            try:
+                _say(f"wrote {plot_explanations(result, explanations)}")
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
 
         if plot is not None:
             _say(f"wrote {plot_survival(result, plot)}")

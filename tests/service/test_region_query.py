@@ -213,3 +213,12 @@ def test_thumbnails_show_the_region_and_explanations_come_per_neighbour(
     # the recomputed similarity is the served one (row 0 holds the box-A embedding itself)
     assert res.neighbors[0].explanation.similarity == pytest.approx(res.neighbors[0].similarity, abs=1e-3)
     assert all(nb.explanation is None for nb in plain.neighbors) and plain.query_region is None
+    # the figures: overlays per neighbour, thumbnails of the regions
+    from service.plots import plot_explanations, plot_thumbnails
+
+    out = region_setup["root"] / "figs"
+    out.mkdir(exist_ok=True)
+    assert plot_explanations(res, out / "why.png").stat().st_size > 0
+    assert plot_thumbnails(res, out / "strip.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no explanations"):
+        plot_explanations(plain, out / "none.png")
