@@ -129,3 +129,19 @@ def test_researchers_keep_the_code_but_not_a_message_with_numbers() -> None:
     buf = io.StringIO()
     print_result(res, Console(file=buf, width=200, color_system=None))
     assert buf.getvalue().startswith("NO_PROGNOSTIC_SKILL: (details withheld)")
+
+
+def test_cli_query_prints_the_skill_code_first_and_refuses_explanations_without_dicom(
+    unskilled_server: BackgroundServer, tmp_path: Path
+) -> None:
+    from tests.e2e.clirun import cli
+
+    uid = make_cohort(seed=3)[1]["study_uid"][50].as_py()
+    code, out, _ = cli("query", "--server", unskilled_server.target, "--study-uid", uid, "--k", "5")
+    assert code == 0
+    assert out.index("NO_PROGNOSTIC_SKILL") < out.index("most similar patients")
+    code, _, err = cli(
+        "query", "--server", unskilled_server.target, "--study-uid", uid,
+        "--explanations", str(tmp_path / "why.png"),
+    )
+    assert code != 0 and "--explanations needs --dicom" in err
