@@ -67,6 +67,7 @@ __all__ = [
     "lesion_boxes",
     "list_encoders",
     "load_encoder",
+    "region_rois",
     "resolve_device",
     "save_encoder",
     "weights_version",
@@ -246,6 +247,32 @@ def lesion_boxes(
 CutRegion = tuple[int, tuple[int, int, int, int], str]
 
 
+def region_rois(
+    encoder: StudyEncoder, volumes: np.ndarray, rois: Sequence[Any] | None = None
+) -> list[Any] | None:
+    """Lesion encoders: one :class:`encoders.roi.Roi` per volume of ``(n, D, H, W)`` (given
+    ones converted, ``None`` entries proposed, HU-calibrated first as :func:`lesion_boxes`
+    does). Pass them to :func:`embed` and :func:`embedded_regions` so that the proposal
+    runs once per study. Whole-volume encoders: None."""
+    if encoder.region.mode != "lesion":
+        return None
+    from encoders.harmonize import calibrate_hu
+    from encoders.roi import rois_for
+
+    n = volumes.shape[0]
+    given = [None] * n if rois is None else list(rois)
+    if len(given) != n:
+        raise EncoderError(f"rois must have one entry per volume ({n}), got {len(given)}")
+    out = []
+    for i in range(n):
+        vol = np.asarray(volumes[i])
+        if encoder.calibration == "tissue":
+            vol = calibrate_hu(vol, pad_value=encoder.spec.pad_value_hu)
+        out.append(rois_for(vol[None], [given[i]], spacing_mm=encoder.spec.spacing_mm,
+                            proposal=encoder.region.proposal)[0])
+    return out
+
+
 def embedded_regions(
     encoder: StudyEncoder,
     volumes: np.ndarray,
@@ -261,23 +288,12 @@ def embedded_regions(
     the whole slice whose projected features agree best (cosine) with the study's pooled
     feature, i.e. the slice that weighs most in the study's embedding (one extra forward).
     """
-    from encoders.roi import rois_for
-
     n, _, h, w = volumes.shape
-    if encoder.region.mode == "lesion":
-        from encoders.harmonize import calibrate_hu
-
-        given = [None] * n if rois is None else list(rois)
-        if len(given) != n:
-            raise EncoderError(f"rois must have one entry per volume ({n}), got {len(given)}")
+    found = region_rois(encoder, volumes, rois)
+    if found is not None:
         size = encoder.input_shape
         out: list[CutRegion] = []
-        for i in range(n):
-            vol = np.asarray(volumes[i])
-            if encoder.calibration == "tissue":
-                vol = calibrate_hu(vol, pad_value=encoder.spec.pad_value_hu)
-            r = rois_for(vol[None], [given[i]], spacing_mm=encoder.spec.spacing_mm,
-                         proposal=encoder.region.proposal)[0]
+        for r in found:
             z, y, x = (int(c) for c in r.centre)
             y0, x0 = y - size[1] // 2, x - size[2] // 2
             box = (max(y0, 0), max(x0, 0), min(y0 + size[1], h), min(x0 + size[2], w))

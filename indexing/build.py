@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from encoders.errors import EncoderError
-from encoders.model import EncoderCard, embed, embedded_regions, load_encoder
+from encoders.model import EncoderCard, embed, embedded_regions, load_encoder, region_rois
 from encoders.spec import InputSpec
 from encoders.train import resolve_device
 from indexing.errors import ModelVersionError, StoreError, StoreWriteError, describe_os_error
@@ -158,16 +158,19 @@ def embed_store(
             table = _read_shard(path, uids) if path is not None else None
             if table is None:
                 chunks = []
+                rois = region_rois(encoder, volumes)  # lesion proposals, once per study
                 for start in range(0, len(uids), batch_size):
+                    part = None if rois is None else rois[start : start + batch_size]
                     chunks.append(
-                        embed(encoder, volumes[start : start + batch_size], batch_size=batch_size, device=str(dev))
+                        embed(encoder, volumes[start : start + batch_size], batch_size=batch_size,
+                              device=str(dev), rois=part)
                     )
                     if progress is not None:
                         progress(min(done + start + batch_size, done + len(uids)), n)
                 vecs = np.concatenate(chunks, axis=0).astype(np.float32)
                 d = vecs.shape[1]
                 # where the encoder cut each study (shown in thumbnails; no re-proposal later)
-                cuts = [Region.of(c) for c in embedded_regions(encoder, volumes, device=dev)]
+                cuts = [Region.of(c) for c in embedded_regions(encoder, volumes, rois, device=dev)]
                 table = pa.table(
                     {
                         "study_uid": pa.array(uids, pa.string()),

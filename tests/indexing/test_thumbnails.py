@@ -78,3 +78,16 @@ def test_overlay_marks_the_heat_inside_the_box() -> None:
     reddish = (img[..., 0].astype(int) - img[..., 1].astype(int)) > 60
     assert reddish[12:18, 32:38].all()  # the hot cell (top right of the box)
     assert not reddish[22:38, 12:28].any()  # a cold cell
+
+
+def test_proposals_made_once_give_the_same_embeddings_and_regions() -> None:
+    from encoders.model import embed, region_rois
+
+    torch.manual_seed(0)
+    enc = create_encoder("test_resnet", spec=SPEC, region="lesion", embedding_dim=16).eval()
+    vols = np.stack([chest((3, 25, 40)), chest((11, 36, 18), seed=1)])
+    rois = region_rois(enc, vols)  # what index build does: propose once, reuse twice
+    assert rois is not None and len(rois) == 2
+    np.testing.assert_allclose(embed(enc, vols, rois=rois), embed(enc, vols), atol=1e-6)
+    assert embedded_regions(enc, vols, rois) == embedded_regions(enc, vols)
+    assert region_rois(create_encoder("test_resnet", spec=SPEC, embedding_dim=16), vols) is None
