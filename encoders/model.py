@@ -279,14 +279,17 @@ def embedded_regions(
     rois: Sequence[Any] | None = None,
     *,
     device: str | torch.device = "cpu",
+    match: np.ndarray | None = None,
 ) -> list[CutRegion]:
     """Where ``encoder`` cut its input from each of ``volumes`` ``(n, D, H, W)``, as
     :data:`CutRegion`, for showing the matched region (thumbnails, explanations).
 
     Lesion encoders: the box :func:`lesion_boxes` crops (same centres: the given ``rois``,
-    else the encoder's proposal), on the slice through its centre. Whole-volume encoders:
-    the whole slice whose projected features agree best (cosine) with the study's pooled
-    feature, i.e. the slice that weighs most in the study's embedding (one extra forward).
+    else the encoder's proposal), on the slice through its centre. Whole-volume encoders
+    (one extra forward): the whole slice whose features agree best (cosine) with the
+    study's pooled feature, i.e. the slice that weighs most in its embedding; with
+    ``match`` ``(n, d)`` (e.g. the best neighbour's vector), the slice whose projection
+    through the neck agrees best with it: the slice of the strongest match.
     """
     n, _, h, w = volumes.shape
     found = region_rois(encoder, volumes, rois)
@@ -306,8 +309,12 @@ def embedded_regions(
         for i in range(n):
             inp = torch.as_tensor(np.asarray(encoder.regions(volumes[i : i + 1]), np.float32), device=dev)
             feats = encoder.slice_features(inp)  # (1, D, f)
-            pooled = feats.mean(dim=1) if encoder.pool is None else encoder.pool(feats)
-            agree = torch.nn.functional.cosine_similarity(feats, pooled[:, None, :], dim=-1)[0]
+            if match is None:
+                pooled = feats.mean(dim=1) if encoder.pool is None else encoder.pool(feats)
+                agree = torch.nn.functional.cosine_similarity(feats, pooled[:, None, :], dim=-1)[0]
+            else:  # each slice's own embedding direction against the target vector
+                target = torch.as_tensor(np.asarray(match[i], np.float32), device=dev)
+                agree = torch.nn.functional.cosine_similarity(encoder.neck(feats)[0], target[None], dim=-1)
             slices.append((int(agree.argmax()), (0, 0, h, w), "best_slice"))
     return slices
 

@@ -368,6 +368,22 @@ class ServiceState:
 
         return occlusion_maps(encoder, embedded.volume, neighbours, roi=embedded.roi, forward=forward)
 
+    def match_region(
+        self, embedded: EmbeddedStudy, target: np.ndarray, snapshot: Snapshot | None = None
+    ) -> tuple[Region, bytes] | None:
+        """Whole-volume encoders: the query's slice that matches ``target`` (the best
+        neighbour's vector) most, and its thumbnail; None for lesion encoders (their region
+        is the box) or without the kept volume."""
+        from encoders.model import embedded_regions
+        from indexing.thumbnails import region_thumbnail_png
+
+        encoder, _ = self.encoder(snapshot)
+        if encoder.region.mode == "lesion" or embedded.volume is None:
+            return None
+        cut = embedded_regions(encoder, embedded.volume[None], device=self.device, match=target[None])
+        region = Region.of(cut[0])
+        return region, region_thumbnail_png(embedded.volume, region)
+
     @staticmethod
     def _region_boxes(
         card: Any, study: Any, regions: Sequence[Sequence[float]]
@@ -435,7 +451,7 @@ def search(
             thumbnail=query.include_thumbnails or explain,
             snapshot=snapshot,
             regions=[box for _, box in query.regions],
-            keep_volume=explain,
+            keep_volume=explain or query.include_thumbnails,
         )
         vector = embedded.vector
         views = embedded.views
@@ -463,6 +479,11 @@ def search(
     if region_vectors is not None:
         attach_regions(result, [obs for obs, _ in query.regions], results)
     rows = [nb.row for nb in result.neighbors]
+    if query.include_thumbnails and embedded is not None and rows:
+        # whole-volume encoders: show the query's slice of the strongest match
+        matched = state.match_region(embedded, snapshot.vector(rows[0]), snapshot)
+        if matched is not None:
+            query_region, query_thumbnail = matched
     if query.include_thumbnails:
         result.query_thumbnail = query_thumbnail
         result.query_region = query_region
@@ -470,7 +491,7 @@ def search(
             result.neighbors, thumbnails(snapshot, rows), regions(snapshot, rows), strict=True
         ):
             nb.thumbnail, nb.region = png, cut
-    if embedded is not None and embedded.volume is not None and rows:
+    if embedded is not None and getattr(query, "include_explanations", False) and rows:
         _attach_explanations(state, snapshot, embedded, result)
     return result
 

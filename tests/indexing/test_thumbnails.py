@@ -91,3 +91,16 @@ def test_proposals_made_once_give_the_same_embeddings_and_regions() -> None:
     np.testing.assert_allclose(embed(enc, vols, rois=rois), embed(enc, vols), atol=1e-6)
     assert embedded_regions(enc, vols, rois) == embedded_regions(enc, vols)
     assert region_rois(create_encoder("test_resnet", spec=SPEC, embedding_dim=16), vols) is None
+
+
+def test_whole_volume_match_picks_the_slice_of_the_strongest_match() -> None:
+    from encoders.model import embed
+
+    torch.manual_seed(0)
+    enc = create_encoder("test_resnet", spec=SPEC, embedding_dim=16).eval()
+    v = chest((3, 25, 40))
+    for z in (3, 8, 12):
+        # a volume made of slice z alone embeds as that slice's own projection
+        target = embed(enc, np.repeat(v[z][None], SHAPE[0], axis=0)[None])
+        (cut,) = embedded_regions(enc, v[None], match=target)
+        assert cut[0] == z and cut[2] == "best_slice"

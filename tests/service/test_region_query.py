@@ -222,3 +222,13 @@ def test_thumbnails_show_the_region_and_explanations_come_per_neighbour(
     assert plot_thumbnails(res, out / "strip.png").stat().st_size > 0
     with pytest.raises(ValueError, match="no explanations"):
         plot_explanations(plain, out / "none.png")
+
+
+def test_whole_volume_query_thumbnail_is_the_slice_of_the_strongest_match(region_setup: dict) -> None:
+    with BackgroundServer(region_setup["root"] / "whole-index", device="cpu") as srv, CohortsimClient(
+        srv.target, timeout=120
+    ) as client:
+        res = client.search(dicom_paths=region_setup["files"], k=3, include_thumbnails=True)
+    q = res.query_region
+    assert q is not None and q.source == "best_slice" and q.box[:2] == (0, 0)
+    assert res.query_thumbnail_png is not None and res.query_thumbnail_png.startswith(b"\x89PNG")
