@@ -23,7 +23,6 @@ import numpy as np
 from encoders.errors import EncoderError
 from indexing.errors import ModelVersionError
 from indexing.query import (
-    Explanation,
     QueryResult,
     attach_regions,
     attach_stability,
@@ -40,6 +39,7 @@ from service.batching import EmbedBatcher, SearchBatcher
 from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
 from service.governance import Governance, ResearcherAnswer
 from service.interceptors.call import add_facts, current_principal
+from service.matched import attach_explanations, match_region
 from service.rpcs import CohortRpcs
 
 log = logging.getLogger(__name__)
@@ -348,42 +348,6 @@ class ServiceState:
             roi=boxes[0] if boxes else None,
         )
 
-    def explain(
-        self, embedded: EmbeddedStudy, neighbours: np.ndarray, snapshot: Snapshot | None = None
-    ) -> Any:
-        """Occlusion maps of an embedded DICOM study (kept volume) against ``neighbours``
-        ``(k, d)`` (:func:`encoders.explain.occlusion_maps`); blocking, through the same
-        one-forward-at-a-time queue as every embedding."""
-        from encoders.explain import encoder_forward, occlusion_maps
-
-        encoder, _ = self.encoder(snapshot)
-        if embedded.volume is None:
-            raise ValueError("the study's volume was not kept (embed_dicom(keep_volume=True))")
-
-        def forward(inputs: np.ndarray) -> np.ndarray:
-            def run(enc: Any, batch: np.ndarray) -> np.ndarray:
-                return encoder_forward(enc, batch, device=self.device)
-
-            return self.embedder.embed(encoder, inputs, run, shareable=False)
-
-        return occlusion_maps(encoder, embedded.volume, neighbours, roi=embedded.roi, forward=forward)
-
-    def match_region(
-        self, embedded: EmbeddedStudy, target: np.ndarray, snapshot: Snapshot | None = None
-    ) -> tuple[Region, bytes] | None:
-        """Whole-volume encoders: the query's slice that matches ``target`` (the best
-        neighbour's vector) most, and its thumbnail; None for lesion encoders (their region
-        is the box) or without the kept volume."""
-        from encoders.model import embedded_regions
-        from indexing.thumbnails import region_thumbnail_png
-
-        encoder, _ = self.encoder(snapshot)
-        if encoder.region.mode == "lesion" or embedded.volume is None:
-            return None
-        cut = embedded_regions(encoder, embedded.volume[None], device=self.device, match=target[None])
-        region = Region.of(cut[0])
-        return region, region_thumbnail_png(embedded.volume, region)
-
     @staticmethod
     def _region_boxes(
         card: Any, study: Any, regions: Sequence[Sequence[float]]
@@ -481,7 +445,7 @@ def search(
     rows = [nb.row for nb in result.neighbors]
     if query.include_thumbnails and embedded is not None and rows:
         # whole-volume encoders: show the query's slice of the strongest match
-        matched = state.match_region(embedded, snapshot.vector(rows[0]), snapshot)
+        matched = match_region(state, embedded, snapshot.vector(rows[0]), snapshot)
         if matched is not None:
             query_region, query_thumbnail = matched
     if query.include_thumbnails:
@@ -492,27 +456,8 @@ def search(
         ):
             nb.thumbnail, nb.region = png, cut
     if embedded is not None and getattr(query, "include_explanations", False) and rows:
-        _attach_explanations(state, snapshot, embedded, result)
+        attach_explanations(state, snapshot, embedded, result)
     return result
-
-
-def _attach_explanations(
-    state: ServiceState, snapshot: Snapshot, embedded: EmbeddedStudy, result: QueryResult
-) -> None:
-    """Set each neighbour's :class:`indexing.query.Explanation` (occlusion over the query's
-    region, one batched forward for all neighbours) with its overlay on the query's slice."""
-    from indexing.thumbnails import overlay_png
-
-    vectors = np.stack([snapshot.vector(nb.row) for nb in result.neighbors])
-    occ = state.explain(embedded, vectors, snapshot)
-    region, volume = embedded.region, embedded.volume
-    assert region is not None and volume is not None  # made with keep_volume and thumbnail
-    sl = volume[min(max(region.slice_index, 0), volume.shape[0] - 1)]
-    for nb, m, sim in zip(result.neighbors, occ.maps, occ.similarity, strict=True):
-        nb.explanation = Explanation(
-            rows=int(m.shape[0]), cols=int(m.shape[1]), weights=[float(v) for v in m.ravel()],
-            overlay_png=overlay_png(sl, m, region.box), similarity=float(sim),
-        )
 
 
 def search_many(
