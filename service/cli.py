@@ -1088,10 +1088,13 @@ def print_quality(q: Any, console: Console | None = None, *, unit: str = "months
 
 
 def _print_manifest_quality(manifest: dict[str, Any]) -> None:
+    from indexing.notices import skill_notices
     from service.client import prognostic_quality_from_proto
     from service.convert import prognostic_quality_to_proto
 
     ev = manifest.get("prognosis_evaluation")
+    for note in skill_notices(ev):  # what every answer of this index will lead with
+        err.print(f"[bold red]{note.code.value}:[/bold red] {note}", highlight=False, soft_wrap=True)
     if ev:
         quality = prognostic_quality_from_proto(prognostic_quality_to_proto(ev))
         print_quality(quality, err, unit=str(manifest.get("time_unit") or "months"))
