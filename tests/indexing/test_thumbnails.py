@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import tarfile
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
 from encoders.model import create_encoder, embedded_regions
@@ -104,3 +108,39 @@ def test_whole_volume_match_picks_the_slice_of_the_strongest_match() -> None:
         target = embed(enc, np.repeat(v[z][None], SHAPE[0], axis=0)[None])
         (cut,) = embedded_regions(enc, v[None], match=target)
         assert cut[0] == z and cut[2] == "best_slice"
+
+
+LIDC = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lidc-idri-0001.tar.xz"
+
+
+@pytest.fixture(scope="session")
+def lidc_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The slices of the real LIDC-IDRI-0001 chest CT, unpacked to a temporary folder."""
+    if not LIDC.exists():
+        pytest.skip(f"real CT {LIDC} not found (see shared/data/README.md)")
+    out = tmp_path_factory.mktemp("lidc")
+    with tarfile.open(LIDC, "r:xz") as tar:
+        tar.extractall(out, filter="data")
+    return sorted(p for p in out.rglob("*") if p.is_file() and p.suffix != ".xml")
+
+
+def test_real_ct_nodule_off_the_central_slice_is_in_the_thumbnail(lidc_files: list[Path]) -> None:
+    from encoders.dicom import box_to_input_grid, preprocess, read_study
+
+    study = read_study(lidc_files)
+    spec = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(84, 96, 96))  # the whole chest
+    volume = preprocess(study, spec)
+    # the four readers' nodule: pixel (x 316, y 367) at z = -116 mm; slices from -340 mm
+    z = round((-116.0 + 340.0) / 2.5)
+    box = box_to_input_grid((z - 3, 352, 301, z + 4, 382, 331), study.volume.shape, study.spacing, spec)
+    enc = create_encoder("test_resnet", spec=spec, region="lesion", embedding_dim=16).eval()
+    (cut,) = embedded_regions(enc, volume[None], rois=[box])
+    region = Region.of(cut)
+    assert region.source == "reader" and abs(region.slice_index - spec.shape[0] // 2) > 10
+    shown = thumbnail_array(region_thumbnail_png(volume, region))
+    central = thumbnail_array(thumbnail_png(volume))
+    scale = shown.shape[0] / spec.shape[1]  # the 96-voxel slice shrunk to 64 pixels
+    cy, cx = (int((box[1] + box[4]) / 2 * scale), int((box[2] + box[5]) / 2 * scale))
+    assert shown[cy - 1 : cy + 2, cx - 1 : cx + 2, 1].max() > 180  # the nodule, soft tissue
+    assert central[cy - 1 : cy + 2, cx - 1 : cx + 2].max() < 80  # lung on the central slice
+    assert _is_red(shown).any()  # its box is drawn
