@@ -14,6 +14,16 @@ smaller version (tests/indexing/test_prognosis.py).
 
     python benchmarks/bench_band_coverage.py                  # 2000 cohorts per setting
     python benchmarks/bench_band_coverage.py --reps 300       # a quick look
+    python benchmarks/bench_band_coverage.py --tails          # the tails (issue #25)
+
+``--tails``: coverage where the true curve is near 1 (S = 0.99, 0.95) and near 0 (S = 0.05,
+0.01), for n_eff 5-50, with little censoring (administrative at 120-200, drop-out mean
+400) so that neighbour sets whose every member had the event (estimate S = 0) are common
+at the low end. A time counts where the answer reports it: within the follow-up, or past
+it when the curve has reached 0 (as ``indexing.prognosis`` reports horizons). Printed
+beside the band: the same band with the upper bound at S = 0 forced to 0 (the band
+before issue #25) and lifelines' band, and the share of sets whose estimate is exactly 0
+there.
 """
 
 from __future__ import annotations
@@ -87,6 +97,73 @@ def coverage(k: int, temperature: float | None, reps: int, seed: int, method) ->
     }
 
 
+TAIL_LEVELS = np.array([0.99, 0.95, 0.05, 0.01])
+TAIL_TIMES = -20.0 * np.log(TAIL_LEVELS)  # base rate 1/20: S(t) = exp(-t / 20)
+
+
+def simulate_tails(rng: np.random.Generator, k: int, temperature: float | None):
+    sims = rng.uniform(0.5, 0.9, k)
+    w = np.ones(k) if temperature is None else similarity_weights(sims, temperature=temperature)
+    rate = np.exp(1.0 * (sims - 0.7)) / 20.0
+    death = rng.exponential(1.0 / rate)
+    censor = np.minimum(rng.uniform(120, 200, k), rng.exponential(400, k))
+    time_, event = np.minimum(death, censor), death <= censor
+    truth = np.array([np.sum(w / w.sum() * np.exp(-rate * t)) for t in TAIL_TIMES])
+    return time_, event, w, truth
+
+
+def tail_coverage(k: int, temperature: float | None, reps: int, seed: int) -> dict:
+    """Pointwise coverage at TAIL_TIMES of: our band, ours with upper = 0 at S = 0, lifelines."""
+    rng = np.random.default_rng(seed)
+    hits = {name: np.zeros(TAIL_TIMES.size) for name in ("ours", "zero", "lifelines")}
+    counted = np.zeros(TAIL_TIMES.size)
+    at_zero = np.zeros(TAIL_TIMES.size)
+    n_eff = []
+    for _ in range(reps):
+        t, e, w, truth = simulate_tails(rng, k, temperature)
+        n_eff.append(effective_sample_size(w))
+        curve = kaplan_meier(t, e, w)
+        grid = np.array([p.time for p in curve])
+        s = np.array([p.survival for p in curve])
+        lo = np.array([p.lower for p in curve])
+        hi = np.array([p.upper for p in curve])
+        lgrid, llo, lhi = band_lifelines(t, e, w)
+        for j, x in enumerate(TAIL_TIMES):
+            i = int(np.searchsorted(grid, x, side="right")) - 1
+            if x > grid[-1] and s[-1] > 0:
+                continue  # beyond the follow-up with S > 0: not reported
+            counted[j] += 1
+            at_zero[j] += s[i] <= 0.0
+            hits["ours"][j] += lo[i] <= truth[j] <= hi[i]
+            hits["zero"][j] += lo[i] <= truth[j] <= (0.0 if s[i] <= 0.0 else hi[i])
+            li = int(np.searchsorted(lgrid, x, side="right")) - 1
+            hits["lifelines"][j] += bool(llo[li] <= truth[j] <= lhi[li])
+    out = {name: v / np.maximum(counted, 1) for name, v in hits.items()}
+    out["at_zero"] = at_zero / np.maximum(counted, 1)
+    out["reported"] = counted / reps
+    out["n_eff"] = float(np.mean(n_eff))
+    return out
+
+
+def main_tails(reps: int, seed: int) -> None:
+    levels = " ".join(f"{v:g}" for v in TAIL_LEVELS)
+    print(f"# tail coverage, nominal 95%; {reps} neighbour sets per setting; true S = {levels}")
+    print(f"# at t = {' '.join(f'{v:.1f}' for v in TAIL_TIMES)}; "
+          f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(f"{'k':>3} {'weights':>7} {'n_eff':>5} | {'ours (S=.99 .95 .05 .01)':>24} | "
+          f"{'upper 0 at S=0':>24} | {'lifelines':>24} | {'share S^=0':>18}")
+    t0 = time.perf_counter()
+    settings = [(5, None), (10, None), (20, None), (50, None), (20, 0.1), (50, 0.1), (100, 0.1)]
+    for k, temp in settings:
+        r = tail_coverage(k, temp, reps, seed)
+        f = {n: " ".join(f"{v:.3f}" for v in r[n]) for n in ("ours", "zero", "lifelines")}
+        z = " ".join(f"{v:.2f}" for v in r["at_zero"])
+        label = "unit" if temp is None else f"T={temp:g}"
+        print(f"{k:>3} {label:>7} {r['n_eff']:>5.1f} | {f['ours']:>24} | {f['zero']:>24} | "
+              f"{f['lifelines']:>24} | {z:>18}")
+    print(f"# {time.perf_counter() - t0:.0f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=2000, help="simulated cohorts per setting")
@@ -94,7 +171,11 @@ def main() -> None:
     ap.add_argument("--ks", default="10,20,50", help="neighbour counts k")
     ap.add_argument("--temperatures", default="unit,0.2,0.1,0.05,0.02",
                     help="'unit' (equal weights) or softmax temperatures")
+    ap.add_argument("--tails", action="store_true", help="coverage near S = 0 and S = 1 (issue #25)")
     args = ap.parse_args()
+    if args.tails:
+        main_tails(args.reps, args.seed)
+        return
     print(f"# band coverage, nominal 95%; {args.reps} cohorts per setting; times {CHECK_TIMES.tolist()}")
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}")
     header = (

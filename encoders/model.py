@@ -56,15 +56,18 @@ __all__ = [
     "POOLINGS",
     "REGIONS",
     "WEIGHTS_FILE",
+    "CutRegion",
     "EncoderCard",
     "GatedAttentionPool",
     "RegionSpec",
     "StudyEncoder",
     "create_encoder",
     "embed",
+    "embedded_regions",
     "lesion_boxes",
     "list_encoders",
     "load_encoder",
+    "region_rois",
     "resolve_device",
     "save_encoder",
     "weights_version",
@@ -235,6 +238,85 @@ def lesion_boxes(
                                pad_value=spec.pad_value_hu)
         centres.append(r.centre)
     return boxes, centres
+
+
+#: Where an encoder cut its input from one volume: ``(slice_index, (row0, col0, row1,
+#: col1), source)``: the axial slice through the region's centre and the region's box on
+#: it (half-open voxels, clipped to the volume); ``source`` "reader" (a given box or mask),
+#: "proposal" / "centre" (the label-free proposal, or its fallback) or "best_slice".
+CutRegion = tuple[int, tuple[int, int, int, int], str]
+
+
+def region_rois(
+    encoder: StudyEncoder, volumes: np.ndarray, rois: Sequence[Any] | None = None
+) -> list[Any] | None:
+    """Lesion encoders: one :class:`encoders.roi.Roi` per volume of ``(n, D, H, W)`` (given
+    ones converted, ``None`` entries proposed, HU-calibrated first as :func:`lesion_boxes`
+    does). Pass them to :func:`embed` and :func:`embedded_regions` so that the proposal
+    runs once per study. Whole-volume encoders: None."""
+    if encoder.region.mode != "lesion":
+        return None
+    from encoders.harmonize import calibrate_hu
+    from encoders.roi import rois_for
+
+    n = volumes.shape[0]
+    given = [None] * n if rois is None else list(rois)
+    if len(given) != n:
+        raise EncoderError(f"rois must have one entry per volume ({n}), got {len(given)}")
+    out = []
+    for i in range(n):
+        vol = np.asarray(volumes[i])
+        if encoder.calibration == "tissue":
+            vol = calibrate_hu(vol, pad_value=encoder.spec.pad_value_hu)
+        out.append(rois_for(vol[None], [given[i]], spacing_mm=encoder.spec.spacing_mm,
+                            proposal=encoder.region.proposal)[0])
+    return out
+
+
+def embedded_regions(
+    encoder: StudyEncoder,
+    volumes: np.ndarray,
+    rois: Sequence[Any] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    match: np.ndarray | None = None,
+) -> list[CutRegion]:
+    """Where ``encoder`` cut its input from each of ``volumes`` ``(n, D, H, W)``, as
+    :data:`CutRegion`, for showing the matched region (thumbnails, explanations).
+
+    Lesion encoders: the box :func:`lesion_boxes` crops (same centres: the given ``rois``,
+    else the encoder's proposal), on the slice through its centre. Whole-volume encoders
+    (one extra forward): the whole slice whose features agree best (cosine) with the
+    study's pooled feature, i.e. the slice that weighs most in its embedding; with
+    ``match`` ``(n, d)`` (e.g. the best neighbour's vector), the slice whose projection
+    through the neck agrees best with it: the slice of the strongest match.
+    """
+    n, _, h, w = volumes.shape
+    found = region_rois(encoder, volumes, rois)
+    if found is not None:
+        size = encoder.input_shape
+        out: list[CutRegion] = []
+        for r in found:
+            z, y, x = (int(c) for c in r.centre)
+            y0, x0 = y - size[1] // 2, x - size[2] // 2
+            box = (max(y0, 0), max(x0, 0), min(y0 + size[1], h), min(x0 + size[2], w))
+            source = "reader" if r.source in ("box", "mask") else r.source
+            out.append((z, box, source))
+        return out
+    dev = torch.device(device)
+    slices: list[CutRegion] = []
+    with torch.no_grad():
+        for i in range(n):
+            inp = torch.as_tensor(np.asarray(encoder.regions(volumes[i : i + 1]), np.float32), device=dev)
+            feats = encoder.slice_features(inp)  # (1, D, f)
+            if match is None:
+                pooled = feats.mean(dim=1) if encoder.pool is None else encoder.pool(feats)
+                agree = torch.nn.functional.cosine_similarity(feats, pooled[:, None, :], dim=-1)[0]
+            else:  # each slice's own embedding direction against the target vector
+                target = torch.as_tensor(np.asarray(match[i], np.float32), device=dev)
+                agree = torch.nn.functional.cosine_similarity(encoder.neck(feats)[0], target[None], dim=-1)
+            slices.append((int(agree.argmax()), (0, 0, h, w), "best_slice"))
+    return slices
 
 
 def _region(region: str | RegionSpec | None, spec: InputSpec) -> RegionSpec:

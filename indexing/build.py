@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from encoders.errors import EncoderError
-from encoders.model import EncoderCard, embed, load_encoder
+from encoders.model import EncoderCard, embed, embedded_regions, load_encoder, region_rois
 from encoders.spec import InputSpec
 from encoders.train import resolve_device
 from indexing.errors import ModelVersionError, StoreError, StoreWriteError, describe_os_error
@@ -38,8 +38,15 @@ from indexing.store import (
     opened_for_lock,
     write_parquet_atomic,
 )
+from indexing.thumbnails import (
+    BOX_COLUMN,
+    REGION_COLUMNS,
+    SLICE_COLUMN,
+    SOURCE_COLUMN,
+    Region,
+    region_thumbnail_png,
+)
 from indexing.thumbnails import COLUMN as THUMBNAIL_COLUMN
-from indexing.thumbnails import thumbnail_png
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +109,8 @@ def _read_shard(path: Path, uids: list[str]) -> pa.Table | None:
         return None  # a damaged checkpoint is simply embedded again
     if table.column("study_uid").to_pylist() != uids:
         return None
+    if any(c not in table.column_names for c in REGION_COLUMNS):
+        return None  # written before regions were stored: embed again
     return table
 
 
@@ -118,8 +127,9 @@ def embed_store(
     """Embed every study of ``store`` with the encoder in ``model_dir``.
 
     Returns ``(embeddings (n, d) float32, cohort table (row i = embedding i), model_version)``;
-    the table carries a ``thumbnail`` column (PNG of each study's central slice,
-    :mod:`indexing.thumbnails`). Volumes are streamed ``shard_size`` studies at a time
+    the table carries a ``thumbnail`` column (PNG of the slice through the region the
+    encoder embedded, box drawn) and the region itself (``region_slice``, ``region_box``,
+    ``region_source``; :mod:`indexing.thumbnails`). Volumes are streamed ``shard_size`` studies at a time
     (memory stays at one shard); with ``checkpoint_dir`` each finished shard is saved
     there (atomically) and a later run with the same encoder reuses every shard whose
     studies are unchanged, so a killed job resumes where it stopped. The encoder runs
@@ -148,19 +158,30 @@ def embed_store(
             table = _read_shard(path, uids) if path is not None else None
             if table is None:
                 chunks = []
+                rois = region_rois(encoder, volumes)  # lesion proposals, once per study
                 for start in range(0, len(uids), batch_size):
+                    part = None if rois is None else rois[start : start + batch_size]
                     chunks.append(
-                        embed(encoder, volumes[start : start + batch_size], batch_size=batch_size, device=str(dev))
+                        embed(encoder, volumes[start : start + batch_size], batch_size=batch_size,
+                              device=str(dev), rois=part)
                     )
                     if progress is not None:
                         progress(min(done + start + batch_size, done + len(uids)), n)
                 vecs = np.concatenate(chunks, axis=0).astype(np.float32)
                 d = vecs.shape[1]
+                # where the encoder cut each study (shown in thumbnails; no re-proposal later)
+                cuts = [Region.of(c) for c in embedded_regions(encoder, volumes, rois, device=dev)]
                 table = pa.table(
                     {
                         "study_uid": pa.array(uids, pa.string()),
                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), d),
-                        THUMBNAIL_COLUMN: pa.array([thumbnail_png(v) for v in volumes], pa.binary()),
+                        THUMBNAIL_COLUMN: pa.array(
+                            [region_thumbnail_png(v, c) for v, c in zip(volumes, cuts, strict=True)],
+                            pa.binary(),
+                        ),
+                        SLICE_COLUMN: pa.array([c.slice_index for c in cuts], pa.int32()),
+                        BOX_COLUMN: pa.array([list(c.box) for c in cuts], pa.list_(pa.int32())),
+                        SOURCE_COLUMN: pa.array([c.source for c in cuts], pa.string()),
                     }
                 )
                 if path is not None:
@@ -185,9 +206,10 @@ def embed_store(
     if missing:
         raise StoreError(f"{len(missing)} stored volumes have no study row; the store is inconsistent")
     table = table.take(pa.array([order[u] for u in uids_all], pa.int64()))
-    if THUMBNAIL_COLUMN in table.column_names:
-        table = table.drop_columns([THUMBNAIL_COLUMN])
-    table = table.append_column(THUMBNAIL_COLUMN, embedded.column(THUMBNAIL_COLUMN))
+    for col in (THUMBNAIL_COLUMN, *REGION_COLUMNS):
+        if col in table.column_names:
+            table = table.drop_columns([col])
+        table = table.append_column(col, embedded.column(col))
     return vectors, table, card.version
 
 

@@ -15,12 +15,19 @@ predictions:
   T is kept and ``temperature_source`` says so.
 * **C-index** (Harrell, via ``lifelines.utils.concordance_index``) of the predicted
   restricted mean survival time up to ``tau`` (the largest horizon, or the 90th percentile
-  of follow-up if shorter) against the members' observed outcomes.
+  of follow-up if shorter) against the members' observed outcomes, with a 95 % percentile
+  bootstrap interval (``c_index_interval``): ``n_boot`` resamples of the evaluated
+  *patients* (all of a patient's studies together, as ``cohort eval`` does,
+  :func:`encoders.evaluate.bootstrap_resamples`), the held-out predictions kept fixed.
+  An interval that includes 0.5 means the index has shown no prognostic skill
+  (:func:`indexing.notices.skill_notices` turns that into a warning on every answer).
 * **calibration** at each horizon: members are sorted by their predicted survival at the
   horizon and cut into (up to) ten groups of equal size (deciles); per group, the mean
   predicted survival beside the group's observed (unweighted) Kaplan–Meier survival with
   its 95 % interval. ``mean_absolute_error`` is the size-weighted mean |predicted -
-  observed| over the groups whose follow-up reaches the horizon. Predictions whose
+  observed| over the groups whose follow-up reaches the horizon, with a bootstrap interval
+  over patients (``mean_absolute_error_interval``, the first ``CALIBRATION_BOOTSTRAP`` of
+  the same resamples: each re-groups and re-fits ten KM curves). Predictions whose
   neighbours' follow-up ends before the horizon are not estimable (as in a query) and
   are left out there.
 
@@ -40,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 from lifelines.utils import concordance_index
 
+from encoders.evaluate import bootstrap_resamples, percentile_interval
 from indexing.prognosis import (
     DEFAULT_HORIZONS,
     DEFAULT_TEMPERATURE,
@@ -58,6 +66,9 @@ DEFAULT_SAMPLE = 2000
 MIN_EVALUATED = 20
 CALIBRATION_GROUPS = 10
 MIN_EVENTS_PER_HORIZON = 5
+DEFAULT_BOOTSTRAP = 200
+CALIBRATION_BOOTSTRAP = 50  # resamples (the first of the C-index's) for the calibration interval
+MAX_PAIR_MATRIX = 4000  # evaluated studies up to which the C-index bootstrap uses pair matrices
 
 
 # --------------------------------------------------------------------- neighbours
@@ -196,6 +207,27 @@ def c_index(times: np.ndarray, events: np.ndarray, predicted_survival: np.ndarra
         return None
 
 
+def harrell_pairs(
+    times: np.ndarray, events: np.ndarray, predicted_survival: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Harrell's pairs as ``(m, m)`` matrices: ``b[i, j] = 1`` where the pair is comparable
+    (i had the event and j outlived it: t_i < t_j, or t_i == t_j with j censored) and
+    ``a[i, j]`` its concordance (1 when i's predicted survival is lower, 1/2 on a tie).
+    For a bootstrap resample with multiplicities ``m``, C = m a m / m b m, the C-index of
+    the resampled studies (a study is never comparable with itself or its copies); rows
+    with a non-finite prediction take part in no pair."""
+    t = np.asarray(times, dtype=np.float64)
+    e = np.asarray(events, dtype=bool)
+    p = np.asarray(predicted_survival, dtype=np.float64)
+    ok = np.isfinite(p) & np.isfinite(t)
+    comparable = e[:, None] & ((t[:, None] < t[None, :]) | ((t[:, None] == t[None, :]) & ~e[None, :]))
+    comparable &= ok[:, None] & ok[None, :]
+    b = comparable.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        score = np.where(p[:, None] < p[None, :], 1.0, np.where(p[:, None] == p[None, :], 0.5, 0.0))
+    return (b * score).astype(np.float32), b
+
+
 def calibration(
     pred: np.ndarray,
     times: np.ndarray,
@@ -255,6 +287,7 @@ def evaluate_prognosis(
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
     sample: int = DEFAULT_SAMPLE,
     seed: int = 0,
+    n_boot: int = DEFAULT_BOOTSTRAP,
 ) -> dict[str, Any]:
     """Leave-one-out prognostic quality of the cohort (module docstring); JSON-able dict.
 
@@ -275,6 +308,8 @@ def evaluate_prognosis(
         "temperature_source": "default",
         "temperature_scores": [],
         "c_index": None,
+        "c_index_interval": None,
+        "n_boot": int(n_boot),
         "tau": None,
         "evaluated_studies": 0,
         "evaluated_events": 0,
@@ -335,12 +370,14 @@ def evaluate_prognosis(
         w = np.where(nb_known, similarity_weights(filled, temperature=chosen), 0.0)
         km = batched_km(np.where(nb_known, nb_t, np.inf), nb_e, w)
     result["tau"] = tau
-    result["c_index"] = c_index(t_m, e_m, restricted_mean(*km, tau))
+    rmst = restricted_mean(*km, tau)
+    result["c_index"] = c_index(t_m, e_m, rmst)
     result["evaluated_studies"] = int(members.size)
     result["evaluated_events"] = int(e_m.sum())
-    result["calibration"] = [
-        calibration(survival_at(*km, h), t_m, e_m, h) for h in horizons
-    ]
+    preds = [survival_at(*km, h) for h in horizons]
+    result["calibration"] = [calibration(p, t_m, e_m, h) for p, h in zip(preds, horizons, strict=True)]
+    patients = [str(v) for v in np.asarray(metadata["patient_id"].to_pylist(), dtype=object)[members]]
+    _bootstrap(result, patients, rmst, preds, t_m, e_m, n_boot=n_boot, seed=seed)
     log.info(
         "evaluation: %d studies, temperature %g, C-index %s",
         members.size,
@@ -350,7 +387,51 @@ def evaluate_prognosis(
     return result
 
 
+def _bootstrap(
+    result: dict[str, Any],
+    patients: Sequence[str],
+    rmst: np.ndarray,
+    preds: Sequence[np.ndarray],
+    times: np.ndarray,
+    events: np.ndarray,
+    *,
+    n_boot: int,
+    seed: int,
+) -> None:
+    """Percentile intervals of the C-index and of each horizon's calibration error over
+    ``n_boot`` resamples of the evaluated patients (held-out predictions fixed)."""
+    if n_boot < 1 or not patients:
+        return
+    resamples = bootstrap_resamples(patients, n_boot, seed=seed)
+
+    def interval(values: list[float | None]) -> list[float] | None:
+        lo, hi = percentile_interval([np.nan if v is None else v for v in values])
+        return None if not (np.isfinite(lo) and np.isfinite(hi)) else [lo, hi]
+
+    if result["c_index"] is not None:
+        if len(times) <= MAX_PAIR_MATRIX:
+            a, b = harrell_pairs(times, events, rmst)
+            m = np.stack([np.bincount(i, minlength=len(times)) for i in resamples]).astype(np.float32)
+            num = np.einsum("ri,ri->r", m @ a, m, dtype=np.float64)  # one matmul for all
+            den = np.einsum("ri,ri->r", m @ b, m, dtype=np.float64)
+            values = [float(x / y) if y > 0 else None for x, y in zip(num, den, strict=True)]
+        else:  # too many studies for the pair matrices: lifelines per resample
+            values = [c_index(times[i], events[i], rmst[i]) for i in resamples]
+        result["c_index_interval"] = interval(values)
+    for cal, pred in zip(result["calibration"], preds, strict=True):
+        if cal["mean_absolute_error"] is None:
+            cal["mean_absolute_error_interval"] = None
+            continue
+        cal["mean_absolute_error_interval"] = interval(
+            [
+                calibration(pred[i], times[i], events[i], cal["time"])["mean_absolute_error"]
+                for i in resamples[:CALIBRATION_BOOTSTRAP]  # ~16 ms each at 2000 studies
+            ]
+        )
+
+
 __all__ = [
+    "DEFAULT_BOOTSTRAP",
     "DEFAULT_K",
     "DEFAULT_TEMPERATURES",
     "EVALUATION_KEY",
@@ -358,6 +439,7 @@ __all__ = [
     "c_index",
     "calibration",
     "evaluate_prognosis",
+    "harrell_pairs",
     "ipcw_brier",
     "loo_neighbours",
     "restricted_mean",

@@ -17,18 +17,28 @@ w~_i = w_i * n_eff / sum w, so they sum to n_eff. At each distinct time t_j,
     c(t) = z * sqrt(V(t)) / |log S(t)|
     lower = S^exp(+c),  upper = S^exp(-c)
 
-(bounds are 0 where S == 0). Where S == 1 (no event yet, time 0 included) Greenwood's
-variance is 0 and the log(-log) band collapses to [1, 1], although the true curve lies
-below 1 for any t > 0; there the lower bound is the Wilson score bound for a proportion
+Where S == 0 (everyone still at risk at t_j had the event) the log(-log) band collapses
+to [0, 0], although the true curve lies above 0; there the upper bound is the band's upper
+bound just before t_j times the Wilson upper bound for a conditional survival observed as
+0 on the weighted number at risk Y_j (the mirror of the bound kept at S == 1):
+
+    lower = 0,   upper = upper(t_{j-1}) * z^2 / (Y_j + z^2).
+
+With n equally weighted neighbours and no censoring this is about z^2 / (n + z^2) (0.28
+for n = 10), the Wilson bound of a proportion observed as 0 on n.
+
+Where S == 1 (no event yet, time 0 included) Greenwood's variance is 0 and the log(-log)
+band collapses to [1, 1], although the true curve lies below 1 for any t > 0; there the lower bound is the Wilson score bound for a proportion
 observed as 1 on the weighted number still under observation after t_j (Rothman 1978):
 
     lower = A_j / (A_j + z^2),   A_j = sum_{i: T_i > t_j} w~_i (Y_j if that is 0),  upper = 1.
 
-With unit weights n_eff = n and, wherever S < 1, this is exactly lifelines' default
+With unit weights n_eff = n and, wherever 0 < S < 1, this is exactly lifelines' default
 ``KaplanMeierFitter`` curve and band (the tests check both; lifelines gives [1, 1] where
-S == 1). Coverage of the pointwise 95 % band, measured by simulation
+S == 1 and [0, 0] where S == 0). Coverage of the pointwise 95 % band, measured by simulation
 (``benchmarks/bench_band_coverage.py``, results in ``benchmarks/RESULTS.md``), is at
-least ~0.9 for k >= 10 neighbours, with unit and with similarity weights.
+least ~0.9 for k >= 10 neighbours, with unit and with similarity weights, and at the
+tails (true S near 0 and 1, n_eff 5-50; ``--tails``) 0.91-0.99.
 S(t) does not depend on the rescaling. Everything is computed here rather than by
 lifelines because, with fractional weights, lifelines (0.30) (a) computes the variance on
 weights truncated to integers and (b) gets the number at risk by subtraction
@@ -68,6 +78,8 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+
+from indexing.notices import Notice, WarningCode
 
 MIN_EFFECTIVE_N = 5.0
 DEFAULT_HORIZONS: tuple[float, ...] = (12.0, 24.0, 60.0)
@@ -287,6 +299,11 @@ def kaplan_meier(
         c = z * np.sqrt(var[mid]) / np.abs(log_s)
         lower[mid] = np.exp(-np.exp(np.log(-log_s) + c))
         upper[mid] = np.exp(-np.exp(np.log(-log_s) - c))
+    # everyone left had the event: keep an upper bound above 0 (module docstring)
+    for j in np.flatnonzero(dead & (np.append(1.0, s[:-1]) > 0.0)):
+        before = upper[j - 1] if j > 0 else 1.0
+        upper[j] = before * z * z / (at_risk_w[j] + z * z)
+        upper[j + 1 :][dead[j + 1 :]] = upper[j]
     return [
         SurvivalPoint(
             float(grid[j]), float(s[j]), float(lower[j]), float(upper[j]), int(at_risk_n[j])
@@ -510,11 +527,12 @@ def summarize(
     agreement = reader_agreement(labels)
     for name, ra in agreement.items():
         if ra.fleiss_kappa is not None and ra.fleiss_kappa < LOW_READER_KAPPA:
-            notes.append(
+            notes.append(Notice(
+                WarningCode.READERS_DISAGREE,
                 f"readers disagree on {name} among these neighbours (Fleiss' kappa "
                 f"{ra.fleiss_kappa:.2f} over {ra.rated_neighbors} neighbours); read its "
-                "distribution with care"
-            )
+                "distribution with care",
+            ))
 
     curve: list[SurvivalPoint] = []
     n_eff = 0.0
@@ -523,18 +541,26 @@ def summarize(
         n_eff = effective_sample_size(ws)
     n_events = int(e.sum())
     if not keep:
-        notes.append(f"none of the {k} neighbours has a survival outcome; no survival estimate")
+        notes.append(Notice(
+            WarningCode.NO_SURVIVAL_OUTCOMES,
+            f"none of the {k} neighbours has a survival outcome; no survival estimate",
+        ))
     elif len(keep) < k:
-        notes.append(
-            f"only {len(keep)} of {k} neighbours have survival outcomes; the curve uses those"
-        )
+        notes.append(Notice(
+            WarningCode.PARTIAL_SURVIVAL_OUTCOMES,
+            f"only {len(keep)} of {k} neighbours have survival outcomes; the curve uses those",
+        ))
     if keep and n_eff < MIN_EFFECTIVE_N:
-        notes.append(
+        notes.append(Notice(
+            WarningCode.SMALL_EFFECTIVE_SAMPLE,
             f"effective sample size {n_eff:.1f} is small (the weights rest on few neighbours); "
-            "intervals are wide and approximate - ask for more neighbours (a larger k)"
-        )
+            "intervals are wide and approximate - ask for more neighbours (a larger k)",
+        ))
     if keep and n_events == 0:
-        notes.append("no events among the neighbours with outcomes; median survival not reached")
+        notes.append(Notice(
+            WarningCode.NO_EVENTS,
+            "no events among the neighbours with outcomes; median survival not reached",
+        ))
 
     at_horizons = (
         [_at_horizon(curve, h) for h in horizons]
@@ -544,11 +570,12 @@ def summarize(
     if curve:
         beyond = [h.time for h in at_horizons if h.survival is None]
         if beyond:
-            notes.append(
+            notes.append(Notice(
+                WarningCode.HORIZON_BEYOND_FOLLOW_UP,
                 "survival at "
                 + ", ".join(f"{b:g}" for b in beyond)
-                + f" is beyond the longest follow-up ({curve[-1].time:g}); not estimated"
-            )
+                + f" is beyond the longest follow-up ({curve[-1].time:g}); not estimated",
+            ))
     return Prognosis(
         survival=curve,
         median=_first_at_or_below(curve, "survival"),

@@ -35,6 +35,7 @@ from scipy.stats import binom
 
 from indexing.errors import DimensionError, QueryError
 from indexing.evaluation import EVALUATION_KEY
+from indexing.notices import Notice, WarningCode, skill_notices
 from indexing.prognosis import (
     DEFAULT_TEMPERATURE,
     Prognosis,
@@ -45,6 +46,7 @@ from indexing.prognosis import (
 )
 from indexing.snapshot import SearchParams, Snapshot
 from indexing.store import ACQUISITION_COLUMNS
+from indexing.thumbnails import BOX_COLUMN, SLICE_COLUMN, SOURCE_COLUMN, Region
 from indexing.thumbnails import COLUMN as THUMBNAIL_COLUMN
 
 DEFAULT_MAX_K = 1000
@@ -52,8 +54,9 @@ OOD_WARN_PERCENTILE = 0.99
 SCANNER_EXCESS_WARN = 0.3
 SCANNER_P_WARN = 0.01
 STABILITY_WARN_OVERLAP = 0.5
-OOD_WARNING = (
-    "the cohort holds no one like this patient; treat neighbours and prognosis with caution"
+OOD_WARNING = Notice(
+    WarningCode.OUT_OF_DISTRIBUTION,
+    "the cohort holds no one like this patient; treat neighbours and prognosis with caution",
 )
 
 
@@ -73,6 +76,21 @@ class NeighborResult:
     values: dict[str, float]
     weight: float
     thumbnail: bytes | None = None  # PNG, set by the caller when asked (see thumbnails())
+    region: Region | None = None  # where its embedding was cut, set with the thumbnail
+    explanation: Explanation | None = None  # set by the caller when asked
+
+
+@dataclass
+class Explanation:
+    """Why one neighbour is similar to the query (:mod:`encoders.explain`): a ``rows`` x
+    ``cols`` occlusion map over the query's region (``weights`` row-major, largest 1), its
+    overlay on the query's slice (PNG) and the unoccluded similarity."""
+
+    rows: int
+    cols: int
+    weights: list[float]
+    overlay_png: bytes | None
+    similarity: float
 
 
 @dataclass
@@ -151,6 +169,7 @@ class QueryResult:
     index_version: str
     model_version: str
     query_thumbnail: bytes | None = None  # PNG, set by the caller when asked
+    query_region: Region | None = None  # where the query's embedding was cut, idem
 
 
 def normalize_queries(vectors: Any, dimension: int) -> np.ndarray:
@@ -326,6 +345,7 @@ def search_similar(
             horizons=horizons,
         )
         prognosis.cohort_survival, prognosis.cohort_median, prognosis.cohort_at_horizons = cohort
+        prognosis.warnings[:0] = index_warnings(snapshot)  # the index's skill comes first
         prognosis.temperature = float(temperature)
         diagnostics = _diagnostics(
             ood_sims[i][:k_ood],
@@ -354,7 +374,10 @@ def _diagnostics(
     mean_sim = float(np.mean(ood_sims, dtype=np.float64)) if ood_sims.size else float("nan")
     if reference.size == 0:
         pct = 0.0
-        notes.append("the index has no out-of-distribution reference (cohort too small)")
+        notes.append(Notice(
+            WarningCode.NO_OOD_REFERENCE,
+            "the index has no out-of-distribution reference (cohort too small)",
+        ))
     else:
         pct = ood_percentile(mean_sim, reference)
     if pct >= OOD_WARN_PERCENTILE:
@@ -372,18 +395,20 @@ def _diagnostics(
             if acquisition and acquisition.get(c)
         )
         if cohort_share == 0:
-            notes.append(
+            notes.append(Notice(
+                WarningCode.SCANNER_NOT_IN_COHORT,
                 f"the query's scanner ({label}) does not occur in the cohort; similarities "
-                "may be lower and neighbours chosen partly by scanner differences"
-            )
+                "may be lower and neighbours chosen partly by scanner differences",
+            ))
         elif same_share - cohort_share > SCANNER_EXCESS_WARN and _far_above(
             same, len(neighbors), cohort_share
         ):
-            notes.append(
+            notes.append(Notice(
+                WarningCode.SCANNER_DRIVEN,
                 f"{same_share:.0%} of neighbours come from the query's scanner ({label}) "
                 f"against {cohort_share:.0%} of the cohort; similarity may reflect the "
-                "scanner rather than the anatomy"
-            )
+                "scanner rather than the anatomy",
+            ))
     return Diagnostics(pct, mean_sim, same_share, cohort_share, notes)
 
 
@@ -419,6 +444,13 @@ def snapshot_temperature(snapshot: Snapshot) -> float:
     evaluation = snapshot.manifest.get(EVALUATION_KEY) or {}
     t = evaluation.get("temperature")
     return float(t) if isinstance(t, int | float) and t > 0 else DEFAULT_TEMPERATURE
+
+
+def index_warnings(snapshot: Any) -> list[Notice]:
+    """The index-level warnings (:func:`indexing.notices.skill_notices` of the manifest's
+    evaluation) that head every prognosis of ``snapshot``; computed once per snapshot."""
+    manifest = getattr(snapshot, "manifest", None) or {}
+    return list(_cached(snapshot, "skill_notices", lambda: skill_notices(manifest.get(EVALUATION_KEY))))
 
 
 def _cohort_summary(snapshot: Snapshot, horizons: tuple[float, ...]) -> Any:
@@ -524,27 +556,30 @@ def _acquisition_checks(
         known = {v for v in shares if v is not None}
         if attr == "kernel":
             if known and cohort_share == 0:
-                diagnostics.warnings.append(
+                diagnostics.warnings.append(Notice(
+                    WarningCode.KERNEL_NOT_IN_COHORT,
                     f"the query's {words} ({shown}) does not occur in the cohort; "
-                    "neighbours may be chosen partly by protocol differences"
-                )
+                    "neighbours may be chosen partly by protocol differences",
+                ))
             elif same / len(neighbors) - cohort_share > SCANNER_EXCESS_WARN and _far_above(
                 same, len(neighbors), cohort_share
             ):
-                diagnostics.warnings.append(
+                diagnostics.warnings.append(Notice(
+                    WarningCode.KERNEL_DRIVEN,
                     f"{same / len(neighbors):.0%} of neighbours share the query's {words} "
                     f"({shown}) against {cohort_share:.0%} of the cohort; similarity may "
-                    "reflect the protocol rather than the anatomy"
-                )
+                    "reflect the protocol rather than the anatomy",
+                ))
         else:  # slice thickness: warn when outside the cohort's range
             numbers = sorted(float(v) for v in known if _is_number(v))
             if numbers and _is_number(value):
                 lo, hi = numbers[0], numbers[-1]
                 if not lo <= float(value) <= hi:
-                    diagnostics.warnings.append(
+                    diagnostics.warnings.append(Notice(
+                        WarningCode.SLICE_THICKNESS_OUT_OF_RANGE,
                         f"the query's {words} ({float(value):g} mm) lies outside the cohort's "
-                        f"range ({lo:g}-{hi:g} mm); neighbours may be chosen partly by protocol"
-                    )
+                        f"range ({lo:g}-{hi:g} mm); neighbours may be chosen partly by protocol",
+                    ))
 
 
 def _is_number(v: Any) -> bool:
@@ -582,10 +617,11 @@ def attach_stability(result: QueryResult, views: Sequence[QueryResult]) -> Query
     st = stability(result, views)
     result.diagnostics.stability = st
     if st is not None and st.mean_overlap < STABILITY_WARN_OVERLAP:
-        result.diagnostics.warnings.append(
+        result.diagnostics.warnings.append(Notice(
+            WarningCode.UNSTABLE_NEIGHBOURS,
             f"under scanner-like perturbations of the query only {st.mean_overlap:.0%} of its "
-            "neighbours stay on average; neighbours and prognosis are unstable"
-        )
+            "neighbours stay on average; neighbours and prognosis are unstable",
+        ))
     return result
 
 
@@ -628,11 +664,12 @@ def attach_regions(
         if hi - lo > 0.25 * max(hi, 1e-9):
             notes.append(f"their median survival ranges {lo:.1f}-{hi:.1f}")
     if notes:
-        d.warnings.append(
+        d.warnings.append(Notice(
+            WarningCode.REGIONS_DISAGREE,
             f"the {len(per_region)} regions of interest (observers) give different answers: "
             + "; ".join(notes)
-            + "; the prognosis depends on where the lesion is drawn"
-        )
+            + "; the prognosis depends on where the lesion is drawn",
+        ))
     return result
 
 
@@ -642,3 +679,18 @@ def thumbnails(snapshot: Snapshot, rows: Sequence[int]) -> list[bytes | None]:
         return [None] * len(rows)
     col = snapshot.metadata.column(THUMBNAIL_COLUMN).take(np.asarray(rows, dtype=np.int64))
     return [None if v is None else bytes(v) for v in col.to_pylist()]
+
+
+def regions(snapshot: Snapshot, rows: Sequence[int]) -> list[Region | None]:
+    """The stored embedded regions of ``rows`` (None where the snapshot has none)."""
+    meta = snapshot.metadata
+    if SLICE_COLUMN not in meta.column_names or not rows:
+        return [None] * len(rows)
+    take = np.asarray(rows, dtype=np.int64)
+    z = meta.column(SLICE_COLUMN).take(take).to_pylist()
+    box = meta.column(BOX_COLUMN).take(take).to_pylist()
+    src = meta.column(SOURCE_COLUMN).take(take).to_pylist()
+    return [
+        None if zi is None or b is None else Region(int(zi), tuple(int(v) for v in b), str(si or ""))  # type: ignore[arg-type]
+        for zi, b, si in zip(z, box, src, strict=True)
+    ]

@@ -843,7 +843,11 @@ def query(
     ] = None,
     thumbnails: Annotated[
         Path | None,
-        typer.Option("--thumbnails", help="Write a PNG strip of the query's and the neighbours' central slices."),
+        typer.Option("--thumbnails", help="Write a PNG strip of the query's and the neighbours' embedded regions (the slice through each region, its box drawn)."),
+    ] = None,
+    explanations: Annotated[
+        Path | None,
+        typer.Option("--explanations", help="Write a PNG of what in the query's region drove the similarity to each neighbour (occlusion; --dicom queries only)."),
     ] = None,
     token: Annotated[
         str | None, typer.Option(envvar="COHORTSIM_TOKEN", help="Bearer token (prefer --token-file or $COHORTSIM_TOKEN).")
@@ -869,8 +873,10 @@ def query(
         raise CliError("give exactly one of --dicom PATH or --study-uid UID")
     if region and dicom is None:
         raise CliError("--region needs --dicom: regions of interest are drawn on a DICOM study")
+    if explanations is not None and dicom is None:
+        raise CliError("--explanations needs --dicom: the server blanks parts of the query's image")
     credentials, bearer = _client_security(token, token_file, tls_ca, tls_cert, tls_key)
-    for target in (plot, thumbnails):
+    for target in (plot, thumbnails, explanations):
         if target is not None and not target.parent.is_dir():
             raise CliError(f"cannot write {target}: folder {target.parent} does not exist")
     quality = None
@@ -880,6 +886,7 @@ def query(
             result = client.search(
                 dicom_paths=_dicom_files(dicom), k=k, where=where, include_thumbnails=want,
                 regions=[_parse_region(r) for r in region or []],
+                include_explanations=explanations is not None,
             )
         else:
             result = client.search(study_uid=study_uid, k=k, where=where, include_thumbnails=want)
@@ -894,8 +901,14 @@ def query(
         print_result(result)
         if quality is not None:
             print_quality(quality)
-    if plot is not None or thumbnails is not None:
-        from service.plots import plot_survival, plot_thumbnails
+    if plot is not None or thumbnails is not None or explanations is not None:
+        from service.plots import plot_explanations, plot_survival, plot_thumbnails
+
+        if explanations is not None:
+            try:
+                _say(f"wrote {plot_explanations(result, explanations)}")
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
 
         if plot is not None:
             _say(f"wrote {plot_survival(result, plot)}")
@@ -931,8 +944,12 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 
 def print_result(result: Any, console: Console | None = None) -> None:
-    """Print neighbours, prognosis and warnings as a clinician-readable report."""
+    """Print neighbours, prognosis and warnings as a clinician-readable report; warnings
+    about the index's skill (NO_PROGNOSTIC_SKILL, FEW_OUTCOMES) come first, before any number."""
     c = console or out
+    skill = list(getattr(result.prognosis, "skill_warnings", []))
+    for w in skill:
+        c.print(f"[bold red]{w.code}:[/bold red] {w.message or '(details withheld)'}", highlight=False, soft_wrap=True)
     table = Table(title=f"{len(result.neighbors)} most similar patients", title_justify="left")
     for col in ("#", "patient", "similarity", "weight", "site", "scanner", "time", "event", "labels"):
         table.add_column(col, justify="right" if col in ("#", "similarity", "weight", "time") else "left")
@@ -1020,8 +1037,10 @@ def print_result(result: Any, console: Console | None = None) -> None:
             f"neighbours; effective n {r.effective_sample_size:.1f}",
             highlight=False,
         )
+    shown = {w.message for w in skill}
     for w in [*p.warnings, *d.warnings]:
-        c.print(f"  [yellow]warning:[/yellow] {w}")
+        if w not in shown:
+            c.print(f"  [yellow]warning:[/yellow] {w}")
     dc = getattr(result, "disclosure", None)
     if dc is not None:
         c.print(
@@ -1045,6 +1064,8 @@ def print_quality(q: Any, console: Console | None = None, *, unit: str = "months
         soft_wrap=True,
     )
     c_txt = "–" if q.c_index is None else f"{q.c_index:.2f}"
+    if getattr(q, "c_index_lower", None) is not None and q.c_index_upper is not None:
+        c_txt += f" (95% CI {q.c_index_lower:.2f}–{q.c_index_upper:.2f}, bootstrap over patients)"
     c.print(
         f"  C-index {c_txt} (0.5 = chance, 1 = perfect ranking; restricted mean survival to "
         f"{q.restricted_mean_time:g} {unit})",
@@ -1052,7 +1073,14 @@ def print_quality(q: Any, console: Console | None = None, *, unit: str = "months
         soft_wrap=True,
     )
     cal = ", ".join(
-        f"{h.time:g} {unit} {_fmt(h.mean_absolute_error)}" for h in q.calibration
+        f"{h.time:g} {unit} {_fmt(h.mean_absolute_error)}"
+        + (
+            f" ({h.mean_absolute_error_lower:.2f}–{h.mean_absolute_error_upper:.2f})"
+            if getattr(h, "mean_absolute_error_lower", None) is not None
+            and h.mean_absolute_error_upper is not None
+            else ""
+        )
+        for h in q.calibration
     )
     if cal:
         c.print(f"  calibration, mean |predicted − observed survival| over deciles: {cal}", highlight=False, soft_wrap=True)
@@ -1060,10 +1088,13 @@ def print_quality(q: Any, console: Console | None = None, *, unit: str = "months
 
 
 def _print_manifest_quality(manifest: dict[str, Any]) -> None:
+    from indexing.notices import skill_notices
     from service.client import prognostic_quality_from_proto
     from service.convert import prognostic_quality_to_proto
 
     ev = manifest.get("prognosis_evaluation")
+    for note in skill_notices(ev):  # what every answer of this index will lead with
+        err.print(f"[bold red]{note.code.value}:[/bold red] {note}", highlight=False, soft_wrap=True)
     if ev:
         quality = prognostic_quality_from_proto(prognostic_quality_to_proto(ev))
         print_quality(quality, err, unit=str(manifest.get("time_unit") or "months"))

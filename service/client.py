@@ -64,6 +64,47 @@ class CohortsimClientError(Exception):
 
 
 @dataclass
+class CodedWarning:
+    """A warning with its code: ``code`` is the ``WarningCode`` name without its prefix
+    (``"NO_PROGNOSTIC_SKILL"``, ``"UNSPECIFIED"`` for free text); ``message`` the text."""
+
+    code: str
+    message: str
+
+
+#: Codes meaning the answer's survival figures carry no demonstrated prognostic value:
+#: front ends show them before any number.
+SKILL_CODES: frozenset[str] = frozenset({"NO_PROGNOSTIC_SKILL", "FEW_OUTCOMES"})
+
+
+@dataclass
+class EmbeddedRegion:
+    """Where a study's embedding was cut: axial ``slice_index`` of the stored volume and
+    ``box`` (row0, col0, row1, col1, half-open voxels) on it; ``source`` "reader",
+    "proposal" or "best_slice"."""
+
+    slice_index: int
+    box: tuple[int, ...]
+    source: str
+
+
+@dataclass
+class Explanation:
+    """Which parts of the query's region drove the similarity to one neighbour: a
+    ``(rows, cols)`` occlusion map (``weights``, largest = 1) and its PNG overlay."""
+
+    rows: int
+    cols: int
+    weights: list[float]
+    overlay_png: bytes | None
+    similarity: float
+
+    def grid(self) -> list[list[float]]:
+        """The map as ``rows`` lists of ``cols`` values."""
+        return [self.weights[r * self.cols:(r + 1) * self.cols] for r in range(self.rows)]
+
+
+@dataclass
 class Neighbor:
     """One similar study (``Neighbor`` + its ``Outcome`` in the proto)."""
 
@@ -78,6 +119,8 @@ class Neighbor:
     labels: dict[str, str] = field(default_factory=dict)
     values: dict[str, float] = field(default_factory=dict)
     thumbnail_png: bytes | None = None
+    region: EmbeddedRegion | None = None
+    explanation: Explanation | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +199,12 @@ class Prognosis:
     cohort_median_survival: float | None = None
     cohort_at_horizons: list[HorizonEstimate] = field(default_factory=list)
     temperature: float | None = None
+    warning_details: list[CodedWarning] = field(default_factory=list)
+
+    @property
+    def skill_warnings(self) -> list[CodedWarning]:
+        """The warnings saying the index has shown no prognostic skill (:data:`SKILL_CODES`)."""
+        return [w for w in self.warning_details if w.code in SKILL_CODES]
 
 
 @dataclass
@@ -207,6 +256,7 @@ class Diagnostics:
     stability: PredictionStability | None = None
     regions: list[RegionPrognosis] = field(default_factory=list)
     region_spread: PredictionStability | None = None
+    warning_details: list[CodedWarning] = field(default_factory=list)
 
 
 @dataclass
@@ -230,6 +280,7 @@ class SearchResult:
     query_thumbnail_png: bytes | None = None
     #: set when the caller's role gets aggregates only (researchers): how it was protected
     disclosure: DisclosureControl | None = None
+    query_region: EmbeddedRegion | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (``None`` for unknown values, never NaN; thumbnails
@@ -255,6 +306,8 @@ class HorizonCalibration:
     time: float
     groups: list[CalibrationGroup] = field(default_factory=list)
     mean_absolute_error: float | None = None
+    mean_absolute_error_lower: float | None = None
+    mean_absolute_error_upper: float | None = None
 
 
 @dataclass
@@ -269,6 +322,8 @@ class PrognosticQuality:
     evaluated_study_count: int
     evaluated_event_count: int
     calibration: list[HorizonCalibration] = field(default_factory=list)
+    c_index_lower: float | None = None
+    c_index_upper: float | None = None
 
 
 @dataclass
@@ -286,6 +341,7 @@ class IndexInfo:
     max_k: int = 0
     dicom_supported: bool = False
     prognostic_quality: PrognosticQuality | None = None
+    warnings: list[CodedWarning] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -369,6 +425,8 @@ def search_result_from_proto(resp: cohortsim_pb2.SearchSimilarResponse) -> Searc
             labels=dict(n.outcome.labels),
             values=dict(n.outcome.values),
             thumbnail_png=n.thumbnail_png or None,
+            region=_region(n.region) if n.HasField("region") else None,
+            explanation=_explanation(n.explanation) if n.HasField("explanation") else None,
         )
         for n in resp.neighbors
     ]
@@ -403,6 +461,7 @@ def search_result_from_proto(resp: cohortsim_pb2.SearchSimilarResponse) -> Searc
         cohort_median_survival=_opt(p, "cohort_median_survival"),
         cohort_at_horizons=_horizons(p.cohort_at_horizons),
         temperature=p.temperature if p.temperature > 0 else None,
+        warning_details=_warnings(p.warning_details),
     )
     d = resp.diagnostics
 
@@ -438,6 +497,7 @@ def search_result_from_proto(resp: cohortsim_pb2.SearchSimilarResponse) -> Searc
             for r in d.region_prognoses
         ],
         region_spread=stab(d.region_spread) if d.HasField("region_spread") else None,
+        warning_details=_warnings(d.warning_details),
     )
     return SearchResult(
         neighbors,
@@ -447,6 +507,26 @@ def search_result_from_proto(resp: cohortsim_pb2.SearchSimilarResponse) -> Searc
         resp.model_version,
         query_thumbnail_png=resp.query_thumbnail_png or None,
         disclosure=_disclosure(resp),
+        query_region=_region(resp.query_region) if resp.HasField("query_region") else None,
+    )
+
+
+def _warnings(items: Any) -> list[CodedWarning]:
+    prefix = "WARNING_CODE_"
+    return [
+        CodedWarning(cohortsim_pb2.WarningCode.Name(w.code).removeprefix(prefix), w.message)
+        for w in items
+    ]
+
+
+def _region(r: Any) -> EmbeddedRegion:
+    return EmbeddedRegion(int(r.slice_index), tuple(int(v) for v in r.box), r.source)
+
+
+def _explanation(e: Any) -> Explanation:
+    return Explanation(
+        int(e.rows), int(e.cols), [float(v) for v in e.weights], e.overlay_png or None,
+        float(e.similarity),
     )
 
 
@@ -482,9 +562,13 @@ def prognostic_quality_from_proto(q: cohortsim_pb2.PrognosticQuality) -> Prognos
                     for g in c.groups
                 ],
                 _opt(c, "mean_absolute_error"),
+                _opt(c, "mean_absolute_error_lower"),
+                _opt(c, "mean_absolute_error_upper"),
             )
             for c in q.calibration
         ],
+        c_index_lower=_opt(q, "c_index_lower"),
+        c_index_upper=_opt(q, "c_index_upper"),
     )
 
 
@@ -504,6 +588,7 @@ def index_info_from_proto(resp: cohortsim_pb2.GetIndexInfoResponse) -> IndexInfo
         prognostic_quality=prognostic_quality_from_proto(resp.prognostic_quality)
         if resp.HasField("prognostic_quality")
         else None,
+        warnings=_warnings(resp.warnings),
     )
 
 
@@ -531,9 +616,11 @@ def build_search_request(
     where: str = "",
     include_thumbnails: bool = False,
     regions: Sequence[tuple[str, Sequence[float]]] = (),
+    include_explanations: bool = False,
 ) -> cohortsim_pb2.SearchSimilarRequest:
     """The request for exactly one of ``embedding``, ``study_uid``, ``dicom_paths``;
-    ``regions``: ``(observer, (z0, y0, x0, z1, y1, x1))`` boxes of a DICOM query."""
+    ``regions``: ``(observer, (z0, y0, x0, z1, y1, x1))`` boxes of a DICOM query;
+    ``include_explanations`` (DICOM queries): per-neighbour occlusion maps."""
     given = [x is not None for x in (embedding, study_uid, dicom_paths)]
     if sum(given) != 1:
         raise ValueError("give exactly one of embedding, study_uid, dicom_paths")
@@ -541,6 +628,7 @@ def build_search_request(
         k=int(k),
         filter=cohortsim_pb2.Filter(where=where),
         include_thumbnails=bool(include_thumbnails),
+        include_explanations=bool(include_explanations),
     )
     if embedding is not None:
         values = np.asarray(embedding, dtype=np.float32).reshape(-1)
@@ -759,9 +847,12 @@ class CohortsimClient:
         where: str = "",
         include_thumbnails: bool = False,
         regions: Sequence[tuple[str, Sequence[float]]] = (),
+        include_explanations: bool = False,
     ) -> SearchResult:
         """The ``k`` most similar studies to one query (exactly one of the three kinds);
-        ``include_thumbnails`` asks for the query's and neighbours' PNG thumbnails;
+        ``include_thumbnails`` asks for the query's and neighbours' PNG thumbnails (the
+        embedded region's slice, box drawn) and regions; ``include_explanations`` (DICOM
+        queries) for each neighbour's occlusion map over the query's region;
         ``regions`` gives a DICOM query's regions of interest as ``(observer, box)``
         (see ``RegionOfInterest`` in the proto), answered in ``diagnostics.regions``."""
         req = build_search_request(
@@ -772,6 +863,7 @@ class CohortsimClient:
             where=where,
             include_thumbnails=include_thumbnails,
             regions=regions,
+            include_explanations=include_explanations,
         )
         return search_result_from_proto(self._call(self._stub.SearchSimilar, req))
 
@@ -905,6 +997,7 @@ class AsyncCohortsimClient:
         where: str = "",
         include_thumbnails: bool = False,
         regions: Sequence[tuple[str, Sequence[float]]] = (),
+        include_explanations: bool = False,
     ) -> SearchResult:
         """See :meth:`CohortsimClient.search`."""
         req = build_search_request(
@@ -915,6 +1008,7 @@ class AsyncCohortsimClient:
             where=where,
             include_thumbnails=include_thumbnails,
             regions=regions,
+            include_explanations=include_explanations,
         )
         return search_result_from_proto(await self._call(self._stub.SearchSimilar, req))
 
@@ -966,15 +1060,19 @@ class AsyncCohortsimClient:
 
 
 __all__ = [
+    "SKILL_CODES",
     "AcquisitionCheck",
     "AsyncCohortsimClient",
     "CalibrationGroup",
     "CategoryCount",
+    "CodedWarning",
     "CohortStats",
     "CohortsimClient",
     "CohortsimClientError",
     "Diagnostics",
     "DisclosureControl",
+    "EmbeddedRegion",
+    "Explanation",
     "HorizonCalibration",
     "HorizonEstimate",
     "IndexInfo",

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from google.protobuf import timestamp_pb2
 
+from indexing.notices import code_of, skill_notices
 from indexing.prognosis import Prognosis
 from indexing.query import Diagnostics, NeighborResult, QueryResult, Stability
 from service.api import cohortsim_pb2 as pb
@@ -48,6 +49,8 @@ class SearchQuery:
     # regions of interest of a DICOM query: (observer, (z0, y0, x0, z1, y1, x1)) in voxel
     # indices of the study's chosen series; empty = the encoder proposes the lesion
     regions: list[tuple[str, tuple[float, ...]]] = field(default_factory=list)
+    # per-neighbour occlusion maps over the query's region (DICOM queries only)
+    include_explanations: bool = False
 
 
 # --------------------------------------------------------------------------- requests
@@ -122,6 +125,13 @@ def parse_search_request(
     k = parse_k(request.k, default_k=default_k, max_k=max_k)
     where = request.filter.where.strip() if request.HasField("filter") else ""
     thumbs = bool(request.include_thumbnails)
+    explain = bool(request.include_explanations)
+    if explain and kind != "dicom":
+        raise invalid_argument(
+            "EXPLANATIONS_NEED_DICOM",
+            "include_explanations needs a DICOM query: the explanation blanks parts of the "
+            "query's image, which the server holds only for studies sent as DICOM",
+        )
     nprobe, ef_search = parse_search_parameters(request)
     if kind == "embedding":
         vec = parse_embedding(request.embedding, dimension=dimension)
@@ -142,6 +152,7 @@ def parse_search_request(
     return SearchQuery(
         "dicom", k, where, dicom_files=files, include_thumbnails=thumbs, nprobe=nprobe,
         ef_search=ef_search, regions=parse_regions(request.dicom.regions),
+        include_explanations=explain,
     )
 
 
@@ -227,6 +238,31 @@ def _float_map(d: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+def warning_to_proto(text: str) -> pb.Warning:
+    """An engine warning (:class:`indexing.notices.Notice` or plain text) -> ``Warning``
+    with the enum value of the same name (UNSPECIFIED for plain text)."""
+    return pb.Warning(code=pb.WarningCode.Value(f"WARNING_CODE_{code_of(text).value}"), message=str(text))
+
+
+def region_to_proto(region: Any) -> pb.EmbeddedRegion | None:
+    """An :class:`indexing.thumbnails.Region` -> ``EmbeddedRegion`` (None stays unset)."""
+    if region is None:
+        return None
+    return pb.EmbeddedRegion(
+        slice_index=int(region.slice_index), box=[int(v) for v in region.box], source=str(region.source)
+    )
+
+
+def explanation_to_proto(e: Any) -> pb.Explanation | None:
+    """An :class:`indexing.query.Explanation` -> ``Explanation`` (None stays unset)."""
+    if e is None:
+        return None
+    return pb.Explanation(
+        rows=int(e.rows), cols=int(e.cols), weights=[float(v) for v in e.weights],
+        overlay_png=e.overlay_png or b"", similarity=float(e.similarity),
+    )
+
+
 def neighbor_to_proto(n: NeighborResult) -> pb.Neighbor:
     outcome = pb.Outcome(labels=_str_map(n.labels), values=_float_map(n.values))
     _set_optional(outcome, "time", n.time)
@@ -241,6 +277,8 @@ def neighbor_to_proto(n: NeighborResult) -> pb.Neighbor:
         outcome=outcome,
         weight=float(n.weight),
         thumbnail_png=n.thumbnail or b"",
+        region=region_to_proto(n.region),
+        explanation=explanation_to_proto(n.explanation),
     )
 
 
@@ -293,6 +331,7 @@ def prognosis_to_proto(p: Prognosis, *, time_unit: str) -> pb.Prognosis:
     msg.neighbors_with_outcome = int(p.n_with_outcome)
     msg.events = int(p.n_events)
     msg.warnings.extend(list(p.warnings))
+    msg.warning_details.extend(warning_to_proto(w) for w in p.warnings)
     msg.time_unit = time_unit
     _set_optional(msg, "median_survival", p.median)
     _set_optional(msg, "median_lower", p.median_lower)
@@ -332,6 +371,7 @@ def diagnostics_to_proto(d: Diagnostics) -> pb.QueryDiagnostics:
         ood_percentile=_float(d.ood_percentile),
         mean_similarity=_float(d.mean_similarity),
         warnings=list(d.warnings),
+        warning_details=[warning_to_proto(w) for w in d.warnings],
     )
     _set_optional(msg, "same_scanner_share", d.same_scanner_share)
     _set_optional(msg, "cohort_scanner_share", d.cohort_scanner_share)
@@ -380,6 +420,7 @@ def search_response(
         index_version=str(result.index_version),
         model_version=str(result.model_version),
         query_thumbnail_png=result.query_thumbnail or b"",
+        query_region=region_to_proto(result.query_region),
     )
 
 
@@ -406,9 +447,15 @@ def prognostic_quality_to_proto(ev: Mapping[str, Any]) -> pb.PrognosticQuality:
         evaluated_event_count=int(ev.get("evaluated_events") or 0),
     )
     _set_optional(msg, "c_index", ev.get("c_index"))
+    ci = ev.get("c_index_interval") or (None, None)
+    _set_optional(msg, "c_index_lower", ci[0])
+    _set_optional(msg, "c_index_upper", ci[1])
     for cal in ev.get("calibration") or []:
         hc = msg.calibration.add(time=float(cal["time"]))
         _set_optional(hc, "mean_absolute_error", cal.get("mean_absolute_error"))
+        mae = cal.get("mean_absolute_error_interval") or (None, None)
+        _set_optional(hc, "mean_absolute_error_lower", mae[0])
+        _set_optional(hc, "mean_absolute_error_upper", mae[1])
         for g in cal.get("groups") or []:
             cg = hc.groups.add(predicted=float(g["predicted"]), study_count=int(g["study_count"]))
             _set_optional(cg, "observed", g.get("observed"))
@@ -424,7 +471,8 @@ def index_info_response(
     dicom_supported: bool,
     prognostic_quality: Mapping[str, Any] | None = None,
 ) -> pb.GetIndexInfoResponse:
-    """``Snapshot.info()`` (+ the manifest's ``prognosis_evaluation``) -> ``GetIndexInfoResponse``."""
+    """``Snapshot.info()`` (+ the manifest's ``prognosis_evaluation``) -> ``GetIndexInfoResponse``;
+    ``warnings`` are the index-level ones (:func:`indexing.notices.skill_notices`)."""
     msg = pb.GetIndexInfoResponse(
         num_studies=int(info["num_studies"]),
         dimension=int(info["dimension"]),
@@ -441,6 +489,7 @@ def index_info_response(
         msg.create_time.CopyFrom(ts)
     if prognostic_quality:
         msg.prognostic_quality.CopyFrom(prognostic_quality_to_proto(prognostic_quality))
+    msg.warnings.extend(warning_to_proto(w) for w in skill_notices(prognostic_quality))
     return msg
 
 
@@ -470,4 +519,5 @@ __all__ = [
     "prognosis_to_proto",
     "prognostic_quality_to_proto",
     "search_response",
+    "warning_to_proto",
 ]

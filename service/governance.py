@@ -89,6 +89,8 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
+from indexing.evaluation import EVALUATION_KEY
+from indexing.notices import skill_notices
 from indexing.prognosis import ood_percentile, summarize
 from indexing.query import OOD_WARN_PERCENTILE, OOD_WARNING, NeighborResult, QueryResult
 from service import convert
@@ -125,6 +127,7 @@ SEARCH_RULES: dict[str, str] = {
     "index_version": KEEP,
     "model_version": KEEP,
     "query_thumbnail_png": DROP,
+    "query_region": DROP,  # where the query's embedding was cut: per-study, like thumbnails
     "prognosis": KEEP,
     "prognosis.survival": KEEP,
     **_nest("prognosis.survival", _POINT),
@@ -155,6 +158,9 @@ SEARCH_RULES: dict[str, str] = {
     "prognosis.value_summaries.upper": DERIVED,
     "prognosis.value_summaries.count": COUNT,
     "prognosis.warnings": TEXT,
+    "prognosis.warning_details": KEEP,
+    "prognosis.warning_details.code": KEEP,  # a fixed enum: reveals no count
+    "prognosis.warning_details.message": TEXT,  # cleared when it holds digits
     "prognosis.time_unit": KEEP,
     "prognosis.cohort_survival": KEEP,
     **_nest("prognosis.cohort_survival", _POINT),
@@ -168,6 +174,9 @@ SEARCH_RULES: dict[str, str] = {
     "diagnostics.same_scanner_share": DERIVED,
     "diagnostics.cohort_scanner_share": DERIVED,
     "diagnostics.warnings": TEXT,
+    "diagnostics.warning_details": KEEP,
+    "diagnostics.warning_details.code": KEEP,
+    "diagnostics.warning_details.message": TEXT,
     "diagnostics.acquisition_checks": DROP,  # shares over the unfiltered neighbours
     "diagnostics.stability": DROP,  # overlaps of neighbour sets
     "diagnostics.region_prognoses": DROP,  # weighted, over unfiltered neighbours
@@ -197,18 +206,25 @@ INDEX_INFO_RULES: dict[str, str] = {
     "prognostic_quality.temperature": KEEP,
     "prognostic_quality.temperature_source": KEEP,
     "prognostic_quality.c_index": KEEP,
+    "prognostic_quality.c_index_lower": KEEP,  # a bootstrap interval of a KEEP figure
+    "prognostic_quality.c_index_upper": KEEP,
     "prognostic_quality.restricted_mean_time": KEEP,
     "prognostic_quality.evaluated_study_count": COUNT,
     "prognostic_quality.evaluated_event_count": COUNT,
     "prognostic_quality.calibration": KEEP,
     "prognostic_quality.calibration.time": KEEP,
     "prognostic_quality.calibration.mean_absolute_error": KEEP,
+    "prognostic_quality.calibration.mean_absolute_error_lower": KEEP,
+    "prognostic_quality.calibration.mean_absolute_error_upper": KEEP,
     "prognostic_quality.calibration.groups": KEEP,
     "prognostic_quality.calibration.groups.predicted": DERIVED,
     "prognostic_quality.calibration.groups.observed": DERIVED,
     "prognostic_quality.calibration.groups.observed_lower": DERIVED,
     "prognostic_quality.calibration.groups.observed_upper": DERIVED,
     "prognostic_quality.calibration.groups.study_count": COUNT,
+    "warnings": KEEP,  # the index's skill: the researcher sees the code always
+    "warnings.code": KEEP,
+    "warnings.message": TEXT,  # cleared when it holds digits (it may quote counts)
 }
 
 _CATEGORY = {"value": KEEP, "study_count": COUNT, "patient_count": COUNT}
@@ -507,6 +523,8 @@ class Governance:
             )
         if _has_field(query, "include_thumbnails"):
             query = dataclasses.replace(query, include_thumbnails=False)
+        if _has_field(query, "include_explanations"):  # per-neighbour maps: never released
+            query = dataclasses.replace(query, include_explanations=False)
         target = self.policy.aggregate_size(query.k)
         n = int(snapshot.num_studies)
         fetch = min(n, 2 * target + 16)
@@ -564,6 +582,8 @@ class Governance:
             [nb.values for nb in kept],
             horizons=horizons,
         )
+        # the index's skill heads the answer, as in every other view
+        p.warnings[:0] = skill_notices((getattr(snapshot, "manifest", None) or {}).get(EVALUATION_KEY))
         prog = convert.prognosis_to_proto(p, time_unit=time_unit)
         if _has(prog, "temperature"):
             prog.ClearField("temperature")
@@ -600,6 +620,7 @@ class Governance:
         withheld += self._labels(prog, kept)
         withheld += self._values(prog, size)
         withheld += _filter_text(prog.warnings, "prognosis.warnings")
+        withheld += _filter_details(prog.warning_details, "prognosis.warning_details")
 
         diag = self._diagnostics(snapshot, kept, acquisition, withheld)
         response = pb.SearchSimilarResponse(
@@ -742,6 +763,7 @@ class Governance:
         diag = pb.QueryDiagnostics(ood_percentile=pct, mean_similarity=mean_sim)
         if pct >= OOD_WARN_PERCENTILE:
             diag.warnings.append(OOD_WARNING)
+            diag.warning_details.append(convert.warning_to_proto(OOD_WARNING))
         key = _scanner(acquisition)
         if key is not None:
             same = sum(1 for nb in kept if _scanner(nb.acquisition) == key)
@@ -787,6 +809,7 @@ class Governance:
                         for f in ("predicted", "observed", "observed_lower", "observed_upper"):
                             g.ClearField(f)
                         g.study_count = 0
+        _filter_details(out.warnings, "warnings")
         enforce(out, INDEX_INFO_RULES, m)
         return out
 
@@ -866,6 +889,15 @@ def _filter_text(items: Any, path: str) -> list[str]:
     del items[:]
     items.extend(kept)
     return [path] if dropped else []
+
+
+def _filter_details(items: Any, path: str) -> list[str]:
+    """Clear the message of coded warnings whose text contains digits; the code stays
+    (a fixed enum value reveals no count)."""
+    cleared = [w for w in items if _DIGIT.search(w.message)]
+    for w in cleared:
+        w.message = ""
+    return [f"{path}.message"] if cleared else []
 
 
 __all__ = [

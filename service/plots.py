@@ -1,7 +1,11 @@
 """Figures of a search answer (matplotlib, no display needed): survival curves, thumbnails.
 
-    plot_survival(result, "km.png")        # neighbours' weighted KM + band vs the cohort
-    plot_thumbnails(result, "strip.png")   # query and neighbours' central slices
+    plot_survival(result, "km.png")          # neighbours' weighted KM + band vs the cohort
+    plot_thumbnails(result, "strip.png")     # query and neighbours' embedded regions
+    plot_explanations(result, "why.png")     # per neighbour: what in the query drove it
+
+When the index has shown no prognostic skill, the survival figure says so above its title
+(:func:`skill_banner`).
 
 ``result`` is a :class:`service.client.SearchResult`. matplotlib is imported on first use
 (the Agg backend: files only), so importing this module costs nothing.
@@ -17,6 +21,7 @@ from typing import Any
 
 NEIGHBOUR_COLOUR = "#1f5fa8"
 COHORT_COLOUR = "#6b6b6b"
+WARNING_COLOUR = "#b00020"
 
 
 def _pyplot() -> Any:
@@ -47,6 +52,20 @@ def _ticks(t_max: float) -> list[float]:
         if t_max / step <= 8:
             break
     return [float(step * i) for i in range(math.floor(t_max / step) + 1)]
+
+
+def skill_banner(result: Any) -> str:
+    """One line naming the index-level skill warnings of ``result`` (empty when none):
+    e.g. ``"NO PROGNOSTIC SKILL: not a prognosis (C-index interval includes 0.5)"``."""
+    codes = [w.code for w in getattr(result.prognosis, "skill_warnings", [])]
+    if not codes:
+        return ""
+    parts = []
+    if "NO_PROGNOSTIC_SKILL" in codes:
+        parts.append("NO PROGNOSTIC SKILL SHOWN by this index: not a prognosis")
+    if "FEW_OUTCOMES" in codes:
+        parts.append("index built from too few outcomes")
+    return "; ".join(parts)
 
 
 def plot_survival(result: Any, path: Path | str, *, title: str | None = None) -> Path:
@@ -110,6 +129,9 @@ def plot_survival(result: Any, path: Path | str, *, title: str | None = None) ->
         or f"median {med} vs cohort {cmed} {unit}; effective n {p.effective_sample_size:.1f}",
         fontsize=10.5,
     )
+    skill = skill_banner(result)
+    if skill:  # above the title, in red: the figure cannot be read without it
+        fig.suptitle(skill, fontsize=10.5, color=WARNING_COLOUR, weight="bold", y=0.985)
 
     # numbers at risk
     table = fig.add_axes((0.15, 0.04, 0.81, 0.17))
@@ -133,8 +155,39 @@ def plot_survival(result: Any, path: Path | str, *, title: str | None = None) ->
     return out
 
 
+def plot_explanations(result: Any, path: Path | str, *, columns: int = 5) -> Path:
+    """Per neighbour, the query's slice with the occlusion map over its embedded region
+    (red = the part whose blanking lowered the similarity to that neighbour most); writes a
+    PNG. Raises ValueError when the answer carries no explanations."""
+    items = [(i, n) for i, n in enumerate(result.neighbors, start=1) if n.explanation is not None]
+    if not items:
+        raise ValueError(
+            "the answer carries no explanations (ask with include_explanations, DICOM queries only)"
+        )
+    plt = _pyplot()
+    cols = max(1, min(columns, len(items)))
+    rows = math.ceil(len(items) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows), dpi=120, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (i, n) in zip(axes.ravel(), items, strict=False):
+        ex = n.explanation
+        if ex.overlay_png:
+            ax.imshow(plt.imread(io.BytesIO(ex.overlay_png), format="png"), interpolation="nearest")
+        ax.set_title(f"why #{i}  sim {n.similarity:.3f}", fontsize=8.5)
+    skill = skill_banner(result)
+    if skill:
+        fig.suptitle(skill, fontsize=9, color=WARNING_COLOUR, weight="bold")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_thumbnails(result: Any, path: Path | str, *, columns: int = 6) -> Path:
-    """The query's and the neighbours' central slices side by side, with similarity and
+    """The query's and the neighbours' thumbnails side by side (the slice through each
+    embedded region, box drawn, where the index stores regions), with similarity and
     outcome; writes a PNG. Raises ValueError when the answer carries no thumbnails."""
     unit = (result.prognosis.time_unit or "months")[:2]
     items: list[tuple[str, bytes | None, str]] = []
@@ -158,7 +211,7 @@ def plot_thumbnails(result: Any, path: Path | str, *, columns: int = 6) -> Path:
         ax.axis("off")
     for ax, (label, png, outcome) in zip(axes.ravel(), items, strict=False):
         if png:
-            img = plt.imread(io.BytesIO(png), format="png")  # grey PNG -> (h, w) in [0, 1]
+            img = plt.imread(io.BytesIO(png), format="png")  # (h, w) grey or (h, w, 3) RGB
             ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         else:
             ax.text(0.5, 0.5, "no thumbnail", ha="center", va="center", fontsize=8)
@@ -166,6 +219,9 @@ def plot_thumbnails(result: Any, path: Path | str, *, columns: int = 6) -> Path:
         ax.set_title(label, fontsize=8.5, color=colour, weight="bold" if label == "query" else None)
         if outcome:
             ax.text(0.5, -0.06, outcome, transform=ax.transAxes, ha="center", va="top", fontsize=8)
+    skill = skill_banner(result)
+    if skill:
+        fig.suptitle(skill, fontsize=9, color=WARNING_COLOUR, weight="bold")
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out)
@@ -173,4 +229,4 @@ def plot_thumbnails(result: Any, path: Path | str, *, columns: int = 6) -> Path:
     return out
 
 
-__all__ = ["plot_survival", "plot_thumbnails"]
+__all__ = ["plot_explanations", "plot_survival", "plot_thumbnails", "skill_banner"]

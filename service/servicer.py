@@ -22,14 +22,24 @@ import numpy as np
 
 from encoders.errors import EncoderError
 from indexing.errors import ModelVersionError
-from indexing.query import QueryResult, attach_regions, attach_stability, search_similar, thumbnails
+from indexing.query import (
+    QueryResult,
+    attach_regions,
+    attach_stability,
+    index_warnings,
+    regions,
+    search_similar,
+    thumbnails,
+)
 from indexing.snapshot import SearchParams, Snapshot, current_version, load_snapshot
+from indexing.thumbnails import Region
 from service import convert
 from service.api import cohortsim_pb2, cohortsim_pb2_grpc
 from service.batching import EmbedBatcher, SearchBatcher
 from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
 from service.governance import Governance, ResearcherAnswer
 from service.interceptors.call import add_facts, current_principal
+from service.matched import attach_explanations, match_region
 from service.rpcs import CohortRpcs
 
 log = logging.getLogger(__name__)
@@ -64,6 +74,9 @@ class EmbeddedStudy:
     views: np.ndarray | None = None
     thumbnail: bytes | None = None
     regions: np.ndarray | None = None  # (r, d): one row per region of interest; row 0 = vector
+    region: Region | None = None  # where the encoder cut the study (with the thumbnail)
+    volume: np.ndarray | None = None  # (D, H, W) preprocessed HU, kept for explanations
+    roi: Any = None  # the first region of interest on the input grid (None: proposed)
 
 
 TTA_VIEWS = 4  # scanner-augmented copies of a DICOM query (stability diagnostics); 0 = off
@@ -152,6 +165,7 @@ class ServiceState:
             state = cls(None, load_error=str(exc), **kw)
             state._skipped_version = _current_or_none(Path(index_dir))
             return state
+        _log_index_warnings(snapshot)
         return cls(snapshot, **kw)
 
     # live pickup of new versions ---------------------------------------------
@@ -193,6 +207,7 @@ class ServiceState:
                     del self._encoders[version]
                 self._encoder_errors.clear()
         log.info("now serving index version %s (was %s)", snapshot.version, old or "none")
+        _log_index_warnings(snapshot)
         for callback in list(self._listeners):
             try:
                 callback(snapshot)
@@ -281,11 +296,14 @@ class ServiceState:
         thumbnail: bool = False,
         snapshot: Snapshot | None = None,
         regions: Sequence[Sequence[float]] = (),
+        keep_volume: bool = False,
     ) -> EmbeddedStudy:
         """Decode, preprocess and embed one study's DICOM files; blocking.
 
         ``views`` > 0 also embeds that many scanner-augmented copies (:func:`scanner_views`);
-        ``thumbnail`` makes the PNG of the preprocessed volume's central slice.
+        ``thumbnail`` makes the PNG of the slice through the region the encoder embedded
+        (box drawn) and records the region; ``keep_volume`` keeps the preprocessed volume
+        (explanations).
         ``regions``: boxes ``(z0, y0, x0, z1, y1, x1)`` on the study's own voxel grid; each
         is embedded (``EmbeddedStudy.regions``, the first is ``vector``) and the
         augmented copies use the first one.
@@ -313,15 +331,21 @@ class ServiceState:
         acquisition = {
             str(k): str(v) for k, v in (study.acquisition or {}).items() if v is not None
         }
-        png = None
+        png = region = None
         if thumbnail:
-            from indexing.thumbnails import thumbnail_png
+            from encoders.model import embedded_regions
+            from indexing.thumbnails import region_thumbnail_png
 
-            png = thumbnail_png(volume)
+            cut = embedded_regions(encoder, volume[None], [boxes[0]] if boxes else None, device=self.device)
+            region = Region.of(cut[0])
+            png = region_thumbnail_png(volume, region)
         return EmbeddedStudy(
             out[0].astype(np.float32), card.version, acquisition,
             out[n:] if views > 0 else None, png,
             regions=out[:n].astype(np.float32) if boxes else None,
+            region=region,
+            volume=volume if keep_volume else None,
+            roi=boxes[0] if boxes else None,
         )
 
     @staticmethod
@@ -368,6 +392,8 @@ def search(
     views = None
     region_vectors = None
     query_thumbnail = None
+    query_region = None
+    embedded = None
     if query.where:
         snapshot.filter_mask(query.where)  # a bad filter fails before any DICOM is decoded
     if query.kind == "embedding":
@@ -380,18 +406,22 @@ def search(
         kwargs["exclude_patients"] = [patient]
         if query.include_thumbnails:
             query_thumbnail = thumbnails(snapshot, [row])[0]
+            query_region = regions(snapshot, [row])[0]
     else:
+        explain = bool(getattr(query, "include_explanations", False))
         embedded = state.embed_dicom(
             query.dicom_files,
             views=state.tta_views,
-            thumbnail=query.include_thumbnails,
+            thumbnail=query.include_thumbnails or explain,
             snapshot=snapshot,
             regions=[box for _, box in query.regions],
+            keep_volume=explain or query.include_thumbnails,
         )
         vector = embedded.vector
         views = embedded.views
         region_vectors = embedded.regions
         query_thumbnail = embedded.thumbnail
+        query_region = embedded.region
         kwargs["query_acquisition"] = [embedded.acquisition]
     kwargs["where"] = query.where
     if query.nprobe is not None or query.ef_search is not None:
@@ -412,12 +442,21 @@ def search(
         attach_stability(result, same_as_query(views))
     if region_vectors is not None:
         attach_regions(result, [obs for obs, _ in query.regions], results)
+    rows = [nb.row for nb in result.neighbors]
+    if query.include_thumbnails and embedded is not None and rows:
+        # whole-volume encoders: show the query's slice of the strongest match
+        matched = match_region(state, embedded, snapshot.vector(rows[0]), snapshot)
+        if matched is not None:
+            query_region, query_thumbnail = matched
     if query.include_thumbnails:
         result.query_thumbnail = query_thumbnail
-        for nb, png in zip(
-            result.neighbors, thumbnails(snapshot, [nb.row for nb in result.neighbors]), strict=True
+        result.query_region = query_region
+        for nb, png, cut in zip(
+            result.neighbors, thumbnails(snapshot, rows), regions(snapshot, rows), strict=True
         ):
-            nb.thumbnail = png
+            nb.thumbnail, nb.region = png, cut
+    if embedded is not None and getattr(query, "include_explanations", False) and rows:
+        attach_explanations(state, snapshot, embedded, result)
     return result
 
 
@@ -550,6 +589,12 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         if self.governance.restricts(current_principal()):
             return self.governance.index_info(response)
         return response
+
+
+def _log_index_warnings(snapshot: Snapshot) -> None:
+    """Log the index-level warnings (its prognostic skill) when a snapshot starts serving."""
+    for note in index_warnings(snapshot):
+        log.warning("index %s: %s: %s", snapshot.version, note.code.value, note)
 
 
 __all__ = [

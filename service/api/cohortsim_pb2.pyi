@@ -3,12 +3,54 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class WarningCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WARNING_CODE_UNSPECIFIED: _ClassVar[WarningCode]
+    WARNING_CODE_NO_PROGNOSTIC_SKILL: _ClassVar[WarningCode]
+    WARNING_CODE_FEW_OUTCOMES: _ClassVar[WarningCode]
+    WARNING_CODE_NO_SURVIVAL_OUTCOMES: _ClassVar[WarningCode]
+    WARNING_CODE_PARTIAL_SURVIVAL_OUTCOMES: _ClassVar[WarningCode]
+    WARNING_CODE_SMALL_EFFECTIVE_SAMPLE: _ClassVar[WarningCode]
+    WARNING_CODE_NO_EVENTS: _ClassVar[WarningCode]
+    WARNING_CODE_HORIZON_BEYOND_FOLLOW_UP: _ClassVar[WarningCode]
+    WARNING_CODE_READERS_DISAGREE: _ClassVar[WarningCode]
+    WARNING_CODE_NO_OOD_REFERENCE: _ClassVar[WarningCode]
+    WARNING_CODE_OUT_OF_DISTRIBUTION: _ClassVar[WarningCode]
+    WARNING_CODE_SCANNER_NOT_IN_COHORT: _ClassVar[WarningCode]
+    WARNING_CODE_SCANNER_DRIVEN: _ClassVar[WarningCode]
+    WARNING_CODE_KERNEL_NOT_IN_COHORT: _ClassVar[WarningCode]
+    WARNING_CODE_KERNEL_DRIVEN: _ClassVar[WarningCode]
+    WARNING_CODE_SLICE_THICKNESS_OUT_OF_RANGE: _ClassVar[WarningCode]
+    WARNING_CODE_UNSTABLE_NEIGHBOURS: _ClassVar[WarningCode]
+    WARNING_CODE_REGIONS_DISAGREE: _ClassVar[WarningCode]
+    WARNING_CODE_QUERY_MODEL_VERSION_UNKNOWN: _ClassVar[WarningCode]
+WARNING_CODE_UNSPECIFIED: WarningCode
+WARNING_CODE_NO_PROGNOSTIC_SKILL: WarningCode
+WARNING_CODE_FEW_OUTCOMES: WarningCode
+WARNING_CODE_NO_SURVIVAL_OUTCOMES: WarningCode
+WARNING_CODE_PARTIAL_SURVIVAL_OUTCOMES: WarningCode
+WARNING_CODE_SMALL_EFFECTIVE_SAMPLE: WarningCode
+WARNING_CODE_NO_EVENTS: WarningCode
+WARNING_CODE_HORIZON_BEYOND_FOLLOW_UP: WarningCode
+WARNING_CODE_READERS_DISAGREE: WarningCode
+WARNING_CODE_NO_OOD_REFERENCE: WarningCode
+WARNING_CODE_OUT_OF_DISTRIBUTION: WarningCode
+WARNING_CODE_SCANNER_NOT_IN_COHORT: WarningCode
+WARNING_CODE_SCANNER_DRIVEN: WarningCode
+WARNING_CODE_KERNEL_NOT_IN_COHORT: WarningCode
+WARNING_CODE_KERNEL_DRIVEN: WarningCode
+WARNING_CODE_SLICE_THICKNESS_OUT_OF_RANGE: WarningCode
+WARNING_CODE_UNSTABLE_NEIGHBOURS: WarningCode
+WARNING_CODE_REGIONS_DISAGREE: WarningCode
+WARNING_CODE_QUERY_MODEL_VERSION_UNKNOWN: WarningCode
 
 class Vector(_message.Message):
     __slots__ = ("values",)
@@ -39,7 +81,7 @@ class Filter(_message.Message):
     def __init__(self, where: _Optional[str] = ...) -> None: ...
 
 class SearchSimilarRequest(_message.Message):
-    __slots__ = ("embedding", "study_uid", "dicom", "k", "filter", "include_thumbnails", "search_parameters")
+    __slots__ = ("embedding", "study_uid", "dicom", "k", "filter", "include_thumbnails", "search_parameters", "include_explanations")
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     STUDY_UID_FIELD_NUMBER: _ClassVar[int]
     DICOM_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +89,7 @@ class SearchSimilarRequest(_message.Message):
     FILTER_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_THUMBNAILS_FIELD_NUMBER: _ClassVar[int]
     SEARCH_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
     embedding: Vector
     study_uid: str
     dicom: DicomStudy
@@ -54,7 +97,8 @@ class SearchSimilarRequest(_message.Message):
     filter: Filter
     include_thumbnails: bool
     search_parameters: SearchParameters
-    def __init__(self, embedding: _Optional[_Union[Vector, _Mapping]] = ..., study_uid: _Optional[str] = ..., dicom: _Optional[_Union[DicomStudy, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., include_thumbnails: _Optional[bool] = ..., search_parameters: _Optional[_Union[SearchParameters, _Mapping]] = ...) -> None: ...
+    include_explanations: bool
+    def __init__(self, embedding: _Optional[_Union[Vector, _Mapping]] = ..., study_uid: _Optional[str] = ..., dicom: _Optional[_Union[DicomStudy, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., include_thumbnails: _Optional[bool] = ..., search_parameters: _Optional[_Union[SearchParameters, _Mapping]] = ..., include_explanations: _Optional[bool] = ...) -> None: ...
 
 class SearchParameters(_message.Message):
     __slots__ = ("nprobe", "ef_search")
@@ -65,7 +109,7 @@ class SearchParameters(_message.Message):
     def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
 
 class SearchSimilarResponse(_message.Message):
-    __slots__ = ("neighbors", "prognosis", "diagnostics", "index_version", "model_version", "query_thumbnail_png", "disclosure_control")
+    __slots__ = ("neighbors", "prognosis", "diagnostics", "index_version", "model_version", "query_thumbnail_png", "disclosure_control", "query_region")
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     PROGNOSIS_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +117,7 @@ class SearchSimilarResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     QUERY_THUMBNAIL_PNG_FIELD_NUMBER: _ClassVar[int]
     DISCLOSURE_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    QUERY_REGION_FIELD_NUMBER: _ClassVar[int]
     neighbors: _containers.RepeatedCompositeFieldContainer[Neighbor]
     prognosis: Prognosis
     diagnostics: QueryDiagnostics
@@ -80,7 +125,40 @@ class SearchSimilarResponse(_message.Message):
     model_version: str
     query_thumbnail_png: bytes
     disclosure_control: DisclosureControl
-    def __init__(self, neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., prognosis: _Optional[_Union[Prognosis, _Mapping]] = ..., diagnostics: _Optional[_Union[QueryDiagnostics, _Mapping]] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., query_thumbnail_png: _Optional[bytes] = ..., disclosure_control: _Optional[_Union[DisclosureControl, _Mapping]] = ...) -> None: ...
+    query_region: EmbeddedRegion
+    def __init__(self, neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., prognosis: _Optional[_Union[Prognosis, _Mapping]] = ..., diagnostics: _Optional[_Union[QueryDiagnostics, _Mapping]] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., query_thumbnail_png: _Optional[bytes] = ..., disclosure_control: _Optional[_Union[DisclosureControl, _Mapping]] = ..., query_region: _Optional[_Union[EmbeddedRegion, _Mapping]] = ...) -> None: ...
+
+class Warning(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: WarningCode
+    message: str
+    def __init__(self, code: _Optional[_Union[WarningCode, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class EmbeddedRegion(_message.Message):
+    __slots__ = ("slice_index", "box", "source")
+    SLICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    slice_index: int
+    box: _containers.RepeatedScalarFieldContainer[int]
+    source: str
+    def __init__(self, slice_index: _Optional[int] = ..., box: _Optional[_Iterable[int]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("rows", "cols", "weights", "overlay_png", "similarity")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    cols: int
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    overlay_png: bytes
+    similarity: float
+    def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., overlay_png: _Optional[bytes] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class DisclosureControl(_message.Message):
     __slots__ = ("min_cell_count", "aggregated_patients", "withheld_fields")
@@ -93,7 +171,7 @@ class DisclosureControl(_message.Message):
     def __init__(self, min_cell_count: _Optional[int] = ..., aggregated_patients: _Optional[int] = ..., withheld_fields: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Neighbor(_message.Message):
-    __slots__ = ("patient_id", "study_uid", "similarity", "site", "acquisition", "outcome", "weight", "thumbnail_png")
+    __slots__ = ("patient_id", "study_uid", "similarity", "site", "acquisition", "outcome", "weight", "thumbnail_png", "region", "explanation")
     class AcquisitionEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +187,8 @@ class Neighbor(_message.Message):
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     THUMBNAIL_PNG_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     patient_id: str
     study_uid: str
     similarity: float
@@ -117,7 +197,9 @@ class Neighbor(_message.Message):
     outcome: Outcome
     weight: float
     thumbnail_png: bytes
-    def __init__(self, patient_id: _Optional[str] = ..., study_uid: _Optional[str] = ..., similarity: _Optional[float] = ..., site: _Optional[str] = ..., acquisition: _Optional[_Mapping[str, str]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ..., weight: _Optional[float] = ..., thumbnail_png: _Optional[bytes] = ...) -> None: ...
+    region: EmbeddedRegion
+    explanation: Explanation
+    def __init__(self, patient_id: _Optional[str] = ..., study_uid: _Optional[str] = ..., similarity: _Optional[float] = ..., site: _Optional[str] = ..., acquisition: _Optional[_Mapping[str, str]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ..., weight: _Optional[float] = ..., thumbnail_png: _Optional[bytes] = ..., region: _Optional[_Union[EmbeddedRegion, _Mapping]] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
 
 class Outcome(_message.Message):
     __slots__ = ("time", "event", "labels", "values")
@@ -216,7 +298,7 @@ class ValueSummary(_message.Message):
     def __init__(self, name: _Optional[str] = ..., mean: _Optional[float] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Prognosis(_message.Message):
-    __slots__ = ("survival", "median_survival", "median_lower", "median_upper", "at_horizons", "effective_sample_size", "neighbors_with_outcome", "events", "label_distributions", "value_summaries", "warnings", "time_unit", "cohort_survival", "cohort_median_survival", "cohort_at_horizons", "temperature")
+    __slots__ = ("survival", "median_survival", "median_lower", "median_upper", "at_horizons", "effective_sample_size", "neighbors_with_outcome", "events", "label_distributions", "value_summaries", "warnings", "time_unit", "cohort_survival", "cohort_median_survival", "cohort_at_horizons", "temperature", "warning_details")
     SURVIVAL_FIELD_NUMBER: _ClassVar[int]
     MEDIAN_SURVIVAL_FIELD_NUMBER: _ClassVar[int]
     MEDIAN_LOWER_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +315,7 @@ class Prognosis(_message.Message):
     COHORT_MEDIAN_SURVIVAL_FIELD_NUMBER: _ClassVar[int]
     COHORT_AT_HORIZONS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    WARNING_DETAILS_FIELD_NUMBER: _ClassVar[int]
     survival: _containers.RepeatedCompositeFieldContainer[SurvivalPoint]
     median_survival: float
     median_lower: float
@@ -249,7 +332,8 @@ class Prognosis(_message.Message):
     cohort_median_survival: float
     cohort_at_horizons: _containers.RepeatedCompositeFieldContainer[HorizonEstimate]
     temperature: float
-    def __init__(self, survival: _Optional[_Iterable[_Union[SurvivalPoint, _Mapping]]] = ..., median_survival: _Optional[float] = ..., median_lower: _Optional[float] = ..., median_upper: _Optional[float] = ..., at_horizons: _Optional[_Iterable[_Union[HorizonEstimate, _Mapping]]] = ..., effective_sample_size: _Optional[float] = ..., neighbors_with_outcome: _Optional[int] = ..., events: _Optional[int] = ..., label_distributions: _Optional[_Iterable[_Union[LabelDistribution, _Mapping]]] = ..., value_summaries: _Optional[_Iterable[_Union[ValueSummary, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., time_unit: _Optional[str] = ..., cohort_survival: _Optional[_Iterable[_Union[SurvivalPoint, _Mapping]]] = ..., cohort_median_survival: _Optional[float] = ..., cohort_at_horizons: _Optional[_Iterable[_Union[HorizonEstimate, _Mapping]]] = ..., temperature: _Optional[float] = ...) -> None: ...
+    warning_details: _containers.RepeatedCompositeFieldContainer[Warning]
+    def __init__(self, survival: _Optional[_Iterable[_Union[SurvivalPoint, _Mapping]]] = ..., median_survival: _Optional[float] = ..., median_lower: _Optional[float] = ..., median_upper: _Optional[float] = ..., at_horizons: _Optional[_Iterable[_Union[HorizonEstimate, _Mapping]]] = ..., effective_sample_size: _Optional[float] = ..., neighbors_with_outcome: _Optional[int] = ..., events: _Optional[int] = ..., label_distributions: _Optional[_Iterable[_Union[LabelDistribution, _Mapping]]] = ..., value_summaries: _Optional[_Iterable[_Union[ValueSummary, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., time_unit: _Optional[str] = ..., cohort_survival: _Optional[_Iterable[_Union[SurvivalPoint, _Mapping]]] = ..., cohort_median_survival: _Optional[float] = ..., cohort_at_horizons: _Optional[_Iterable[_Union[HorizonEstimate, _Mapping]]] = ..., temperature: _Optional[float] = ..., warning_details: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ...) -> None: ...
 
 class RegionPrognosis(_message.Message):
     __slots__ = ("observer", "neighbor_overlap", "median_survival", "median_lower", "median_upper", "at_horizons", "effective_sample_size")
@@ -270,7 +354,7 @@ class RegionPrognosis(_message.Message):
     def __init__(self, observer: _Optional[str] = ..., neighbor_overlap: _Optional[float] = ..., median_survival: _Optional[float] = ..., median_lower: _Optional[float] = ..., median_upper: _Optional[float] = ..., at_horizons: _Optional[_Iterable[_Union[HorizonEstimate, _Mapping]]] = ..., effective_sample_size: _Optional[float] = ...) -> None: ...
 
 class QueryDiagnostics(_message.Message):
-    __slots__ = ("ood_percentile", "mean_similarity", "same_scanner_share", "cohort_scanner_share", "warnings", "acquisition_checks", "stability", "region_prognoses", "region_spread")
+    __slots__ = ("ood_percentile", "mean_similarity", "same_scanner_share", "cohort_scanner_share", "warnings", "acquisition_checks", "stability", "region_prognoses", "region_spread", "warning_details")
     OOD_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
     MEAN_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     SAME_SCANNER_SHARE_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +364,7 @@ class QueryDiagnostics(_message.Message):
     STABILITY_FIELD_NUMBER: _ClassVar[int]
     REGION_PROGNOSES_FIELD_NUMBER: _ClassVar[int]
     REGION_SPREAD_FIELD_NUMBER: _ClassVar[int]
+    WARNING_DETAILS_FIELD_NUMBER: _ClassVar[int]
     ood_percentile: float
     mean_similarity: float
     same_scanner_share: float
@@ -289,7 +374,8 @@ class QueryDiagnostics(_message.Message):
     stability: PredictionStability
     region_prognoses: _containers.RepeatedCompositeFieldContainer[RegionPrognosis]
     region_spread: PredictionStability
-    def __init__(self, ood_percentile: _Optional[float] = ..., mean_similarity: _Optional[float] = ..., same_scanner_share: _Optional[float] = ..., cohort_scanner_share: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., acquisition_checks: _Optional[_Iterable[_Union[AcquisitionCheck, _Mapping]]] = ..., stability: _Optional[_Union[PredictionStability, _Mapping]] = ..., region_prognoses: _Optional[_Iterable[_Union[RegionPrognosis, _Mapping]]] = ..., region_spread: _Optional[_Union[PredictionStability, _Mapping]] = ...) -> None: ...
+    warning_details: _containers.RepeatedCompositeFieldContainer[Warning]
+    def __init__(self, ood_percentile: _Optional[float] = ..., mean_similarity: _Optional[float] = ..., same_scanner_share: _Optional[float] = ..., cohort_scanner_share: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., acquisition_checks: _Optional[_Iterable[_Union[AcquisitionCheck, _Mapping]]] = ..., stability: _Optional[_Union[PredictionStability, _Mapping]] = ..., region_prognoses: _Optional[_Iterable[_Union[RegionPrognosis, _Mapping]]] = ..., region_spread: _Optional[_Union[PredictionStability, _Mapping]] = ..., warning_details: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ...) -> None: ...
 
 class AcquisitionCheck(_message.Message):
     __slots__ = ("attribute", "query_value", "neighbor_share", "cohort_share", "seen_in_cohort")
@@ -349,7 +435,7 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("num_studies", "dimension", "metric", "index_kind", "model_version", "index_version", "gpu", "create_time", "max_k", "dicom_supported", "prognostic_quality")
+    __slots__ = ("num_studies", "dimension", "metric", "index_kind", "model_version", "index_version", "gpu", "create_time", "max_k", "dicom_supported", "prognostic_quality", "warnings")
     NUM_STUDIES_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +447,7 @@ class GetIndexInfoResponse(_message.Message):
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     DICOM_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
     PROGNOSTIC_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     num_studies: int
     dimension: int
     metric: str
@@ -372,10 +459,11 @@ class GetIndexInfoResponse(_message.Message):
     max_k: int
     dicom_supported: bool
     prognostic_quality: PrognosticQuality
-    def __init__(self, num_studies: _Optional[int] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., index_kind: _Optional[str] = ..., model_version: _Optional[str] = ..., index_version: _Optional[str] = ..., gpu: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_k: _Optional[int] = ..., dicom_supported: _Optional[bool] = ..., prognostic_quality: _Optional[_Union[PrognosticQuality, _Mapping]] = ...) -> None: ...
+    warnings: _containers.RepeatedCompositeFieldContainer[Warning]
+    def __init__(self, num_studies: _Optional[int] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., index_kind: _Optional[str] = ..., model_version: _Optional[str] = ..., index_version: _Optional[str] = ..., gpu: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_k: _Optional[int] = ..., dicom_supported: _Optional[bool] = ..., prognostic_quality: _Optional[_Union[PrognosticQuality, _Mapping]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ...) -> None: ...
 
 class PrognosticQuality(_message.Message):
-    __slots__ = ("k", "temperature", "temperature_source", "c_index", "restricted_mean_time", "evaluated_study_count", "evaluated_event_count", "calibration")
+    __slots__ = ("k", "temperature", "temperature_source", "c_index", "restricted_mean_time", "evaluated_study_count", "evaluated_event_count", "calibration", "c_index_lower", "c_index_upper")
     K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -384,6 +472,8 @@ class PrognosticQuality(_message.Message):
     EVALUATED_STUDY_COUNT_FIELD_NUMBER: _ClassVar[int]
     EVALUATED_EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    C_INDEX_LOWER_FIELD_NUMBER: _ClassVar[int]
+    C_INDEX_UPPER_FIELD_NUMBER: _ClassVar[int]
     k: int
     temperature: float
     temperature_source: str
@@ -392,17 +482,23 @@ class PrognosticQuality(_message.Message):
     evaluated_study_count: int
     evaluated_event_count: int
     calibration: _containers.RepeatedCompositeFieldContainer[HorizonCalibration]
-    def __init__(self, k: _Optional[int] = ..., temperature: _Optional[float] = ..., temperature_source: _Optional[str] = ..., c_index: _Optional[float] = ..., restricted_mean_time: _Optional[float] = ..., evaluated_study_count: _Optional[int] = ..., evaluated_event_count: _Optional[int] = ..., calibration: _Optional[_Iterable[_Union[HorizonCalibration, _Mapping]]] = ...) -> None: ...
+    c_index_lower: float
+    c_index_upper: float
+    def __init__(self, k: _Optional[int] = ..., temperature: _Optional[float] = ..., temperature_source: _Optional[str] = ..., c_index: _Optional[float] = ..., restricted_mean_time: _Optional[float] = ..., evaluated_study_count: _Optional[int] = ..., evaluated_event_count: _Optional[int] = ..., calibration: _Optional[_Iterable[_Union[HorizonCalibration, _Mapping]]] = ..., c_index_lower: _Optional[float] = ..., c_index_upper: _Optional[float] = ...) -> None: ...
 
 class HorizonCalibration(_message.Message):
-    __slots__ = ("time", "groups", "mean_absolute_error")
+    __slots__ = ("time", "groups", "mean_absolute_error", "mean_absolute_error_lower", "mean_absolute_error_upper")
     TIME_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     MEAN_ABSOLUTE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABSOLUTE_ERROR_LOWER_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABSOLUTE_ERROR_UPPER_FIELD_NUMBER: _ClassVar[int]
     time: float
     groups: _containers.RepeatedCompositeFieldContainer[CalibrationGroup]
     mean_absolute_error: float
-    def __init__(self, time: _Optional[float] = ..., groups: _Optional[_Iterable[_Union[CalibrationGroup, _Mapping]]] = ..., mean_absolute_error: _Optional[float] = ...) -> None: ...
+    mean_absolute_error_lower: float
+    mean_absolute_error_upper: float
+    def __init__(self, time: _Optional[float] = ..., groups: _Optional[_Iterable[_Union[CalibrationGroup, _Mapping]]] = ..., mean_absolute_error: _Optional[float] = ..., mean_absolute_error_lower: _Optional[float] = ..., mean_absolute_error_upper: _Optional[float] = ...) -> None: ...
 
 class CalibrationGroup(_message.Message):
     __slots__ = ("predicted", "observed", "observed_lower", "observed_upper", "study_count")

@@ -184,3 +184,62 @@ def test_build_stores_the_evaluation_in_the_manifest(tmp_path: Path) -> None:
     ev = snap.manifest[EVALUATION_KEY]
     assert ev == evaluate_prognosis(x, meta)
     assert ev["evaluated_studies"] == 120 and ev["c_index"] is not None
+
+
+def test_c_index_interval_excludes_chance_with_signal_and_includes_it_without() -> None:
+    from indexing.notices import WarningCode, skill_notices
+
+    x, meta = clustered_cohort()
+    ev = evaluate_prognosis(x, meta)
+    lo, hi = ev["c_index_interval"]
+    assert 0.5 < lo < ev["c_index"] < hi < 1.0
+    for cal in ev["calibration"]:
+        if cal["mean_absolute_error"] is not None:
+            a, b = cal["mean_absolute_error_interval"]
+            assert 0.0 <= a <= b and a < cal["mean_absolute_error"] + 0.05
+    assert skill_notices(ev) == []  # shown skill: no index-level warning
+
+    x, meta = clustered_cohort(signal=False, seed=4)
+    ev = evaluate_prognosis(x, meta)
+    lo, hi = ev["c_index_interval"]
+    assert lo <= 0.5 <= hi
+    notes = skill_notices(ev)
+    assert [n.code for n in notes] == [WarningCode.NO_PROGNOSTIC_SKILL]
+    assert "includes 0.5" in notes[0]
+
+
+def test_skill_notices_for_few_outcomes_few_events_and_no_evaluation() -> None:
+    from indexing.notices import MIN_OUTCOMES, WarningCode, skill_notices
+
+    x, meta = clustered_cohort(30)
+    notes = skill_notices(evaluate_prognosis(x, meta))  # 30 outcomes: skill cannot be shown
+    assert WarningCode.FEW_OUTCOMES in [n.code for n in notes]
+    assert any(str(MIN_OUTCOMES) in n and "30 studies" in n for n in notes)
+    meta = meta.set_column(2, "time", pa.array([None] * 20 + meta["time"].to_pylist()[20:]))
+    codes = [n.code for n in skill_notices(evaluate_prognosis(x, meta))]  # 10: not evaluated
+    assert codes == [WarningCode.NO_PROGNOSTIC_SKILL, WarningCode.FEW_OUTCOMES]
+    assert next(n.code for n in skill_notices(None)) == WarningCode.NO_PROGNOSTIC_SKILL
+    few_events = {"evaluated_studies": 400, "evaluated_events": 3, "c_index": 0.9,
+                  "c_index_interval": [0.8, 0.95]}
+    assert "only 3 events" in skill_notices(few_events)[0]
+    old = {"evaluated_studies": 400, "evaluated_events": 90, "c_index": 0.7}
+    assert "without an interval" in skill_notices(old)[0]
+
+
+def test_harrell_pairs_give_the_c_index_of_any_resample() -> None:
+    from indexing.evaluation import harrell_pairs
+
+    rng = np.random.default_rng(8)
+    t = np.round(rng.exponential(10, 60), 0)  # rounding makes ties in time
+    e = rng.random(60) < 0.6
+    p = np.round(rng.random(60), 1)  # and ties in the prediction
+    p[3] = np.nan
+    a, b = harrell_pairs(t, e, p)
+    ok = np.isfinite(p)
+    ones = np.ones(60)
+    ones[~ok] = 0
+    assert (ones @ a @ ones) / (ones @ b @ ones) == pytest.approx(brute_harrell(t[ok], e[ok], p[ok]))
+    idx = rng.integers(0, 60, 60)  # a resample with repeats
+    idx = idx[ok[idx]]
+    m = np.bincount(idx, minlength=60).astype(float)
+    assert (m @ a @ m) / (m @ b @ m) == pytest.approx(brute_harrell(t[idx], e[idx], p[idx]))

@@ -50,14 +50,14 @@ def test_unit_weights_match_lifelines(seed: int) -> None:
         got["survival"], kmf.survival_function_.to_numpy()[:, 0], rtol=0, atol=1e-9
     )
     ci = kmf.confidence_interval_.to_numpy()
-    below = got["survival"] < 1.0  # where S < 1 the band is lifelines' own
+    below = (got["survival"] < 1.0) & (got["survival"] > 0.0)  # 0 < S < 1: lifelines' band
     assert below.sum() > 10
     np.testing.assert_allclose(got["lower"][below], ci[below, 0], rtol=0, atol=1e-6)
     np.testing.assert_allclose(got["upper"][below], ci[below, 1], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(got["at_risk"], kmf.event_table["at_risk"].to_numpy())
     # before the first event lifelines gives [1, 1]; here the Wilson bound on those still
     # observed after each time: n / (n + z^2)
-    flat = ~below
+    flat = got["survival"] >= 1.0
     assert flat.sum() >= 2 and np.all(ci[flat, 0] == 1.0)
     still = np.array([(t > x).sum() for x in got["time"][flat]], dtype=float)
     np.testing.assert_allclose(got["lower"][flat], still / (still + Z95**2), atol=1e-12)
@@ -72,6 +72,7 @@ def greenwood_reference(t, e, w, alpha: float = 0.05) -> dict[str, np.ndarray]:
     z = Z95
     times = np.unique(np.concatenate([[0.0], t]))
     s, var, out = 1.0, 0.0, {k: [] for k in ("survival", "lower", "upper")}
+    hi = 1.0
     for x in times:
         y = ws[t >= x].sum()
         d = ws[(t == x) & e].sum()
@@ -79,8 +80,9 @@ def greenwood_reference(t, e, w, alpha: float = 0.05) -> dict[str, np.ndarray]:
             s *= 1 - d / y
             if y - d > 1e-12:
                 var += d / (y * (y - d))
-        if s <= 1e-15:
-            lo = hi = 0.0
+        if s <= 1e-15:  # at the drop to 0: the bound before times the Wilson bound on Y
+            first = not out["survival"] or out["survival"][-1] > 0
+            lo, hi = 0.0, (hi * z * z / (y + z * z) if first else hi)
         elif s >= 1.0:
             a = ws[t > x].sum() or ws[t >= x].sum()
             lo, hi = a / (a + z * z), 1.0
@@ -192,7 +194,24 @@ def test_last_death_drops_to_zero_with_fractional_weights() -> None:
     e[t == t.max()] = True
     for w in (np.full_like(t, 0.025), np.full_like(t, 1 / 3), similarity_weights(t / 100)):
         curve = kaplan_meier(t, e, w)
-        assert curve[-1].survival == 0.0 and curve[-1].lower == curve[-1].upper == 0.0
+        assert curve[-1].survival == 0.0 and curve[-1].lower == 0.0
+        # no false certainty: the upper bound stays above 0 (below the bound just before)
+        assert 0.0 < curve[-1].upper < curve[-2].upper
+
+
+def test_upper_bound_at_zero_mirrors_the_wilson_bound_at_one() -> None:
+    # n neighbours, all dead, no censoring: about the Wilson bound of 0 observed on n
+    for n in (5, 10, 50):
+        curve = kaplan_meier(np.arange(1.0, n + 1), np.ones(n, bool), np.ones(n))
+        wilson = Z95**2 / (n + Z95**2)
+        assert curve[-1].survival == 0.0
+        assert curve[-1].upper == pytest.approx(wilson, rel=0.25)
+    # everyone dies at once: exactly the mirror of the lower bound kept at S = 1
+    curve = kaplan_meier([5.0] * 4, [True] * 4, [1.0] * 4)
+    assert curve[-1].upper == pytest.approx(1.0 - curve[0].lower)
+    # a horizon past the last death reports survival 0 with that upper bound, not [0, 0]
+    p = summarize([1.0, 2.0, 3.0], [True] * 3, np.ones(3), [None] * 3, [None] * 3, horizons=[12.0])
+    assert p.at_horizons[0].survival == 0.0 and p.at_horizons[0].upper > 0.3
 
 
 def test_constant_weights_give_the_unit_band() -> None:

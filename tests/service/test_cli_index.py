@@ -136,6 +136,7 @@ def test_build_from_embeddings_fp16_and_keep(cohort: dict[str, Path]) -> None:
         )
         assert code == 0, err
     assert len(list_versions(out)) == 2 and "pruned 1" in err
+    assert "NO_PROGNOSTIC_SKILL" in err and "FEW_OUTCOMES" in err  # 40 studies, no outcomes
     snap = load_snapshot(out, device="cpu")
     assert snap.manifest["index_kind"] == "SQfp16" and snap.vectors.dtype == np.float16
     code, _, err = cli("index", "build", "--embeddings", str(root / "emb.parquet"), "--out", str(out),

@@ -185,3 +185,50 @@ def test_client_refuses_regions_without_dicom(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="DICOM"):
         build_search_request(study_uid="S-1", regions=[("r", BOX_A)])
+
+
+def test_thumbnails_show_the_region_and_explanations_come_per_neighbour(
+    lesion_server: BackgroundServer, region_setup: dict
+) -> None:
+    with CohortsimClient(lesion_server.target, timeout=120) as client:
+        res = client.search(
+            dicom_paths=region_setup["files"], k=3, regions=[("reader1", BOX_A)],
+            include_thumbnails=True, include_explanations=True,
+        )
+        plain = client.search(dicom_paths=region_setup["files"], k=3)
+        with pytest.raises(CohortsimClientError) as e:
+            client.search(study_uid=region_setup["uids"][5], k=3, include_explanations=True)
+    assert e.value.reason == "EXPLANATIONS_NEED_DICOM"
+    # the query's thumbnail is the slice through the reader's box, with the box drawn
+    q = res.query_region
+    assert q is not None and q.source == "reader"
+    assert q.box[2] - q.box[0] > 0 and q.box[3] - q.box[1] > 0
+    assert res.query_thumbnail_png is not None and res.query_thumbnail_png.startswith(b"\x89PNG")
+    for nb in res.neighbors:
+        ex = nb.explanation
+        assert ex is not None and (ex.rows, ex.cols) == (3, 3) and len(ex.weights) == 9
+        assert max(ex.weights) in (0.0, 1.0) and min(ex.weights) >= 0.0
+        assert ex.overlay_png is not None and ex.overlay_png.startswith(b"\x89PNG")
+        assert len(ex.grid()) == 3
+    # the recomputed similarity is the served one (row 0 holds the box-A embedding itself)
+    assert res.neighbors[0].explanation.similarity == pytest.approx(res.neighbors[0].similarity, abs=1e-3)
+    assert all(nb.explanation is None for nb in plain.neighbors) and plain.query_region is None
+    # the figures: overlays per neighbour, thumbnails of the regions
+    from service.plots import plot_explanations, plot_thumbnails
+
+    out = region_setup["root"] / "figs"
+    out.mkdir(exist_ok=True)
+    assert plot_explanations(res, out / "why.png").stat().st_size > 0
+    assert plot_thumbnails(res, out / "strip.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no explanations"):
+        plot_explanations(plain, out / "none.png")
+
+
+def test_whole_volume_query_thumbnail_is_the_slice_of_the_strongest_match(region_setup: dict) -> None:
+    with BackgroundServer(region_setup["root"] / "whole-index", device="cpu") as srv, CohortsimClient(
+        srv.target, timeout=120
+    ) as client:
+        res = client.search(dicom_paths=region_setup["files"], k=3, include_thumbnails=True)
+    q = res.query_region
+    assert q is not None and q.source == "best_slice" and q.box[:2] == (0, 0)
+    assert res.query_thumbnail_png is not None and res.query_thumbnail_png.startswith(b"\x89PNG")
