@@ -52,7 +52,7 @@ from indexing.errors import (
     describe_os_error,
 )
 from indexing.exact import BlasExactIndex, TorchExactIndex, cuda_visible, faiss_threads_for
-from indexing.filter import FilterCache
+from indexing.filter import FilterCache, canonical_where
 from indexing.store import fsync_dir
 from indexing.tombstones import TOMBSTONE_FILE, TombstoneWatch, read_tombstones
 
@@ -894,7 +894,7 @@ class Snapshot:
     def allowed(self, where: str = "", allowed: np.ndarray | None = None) -> RowMask | None:
         """The rows a search may return: ``where`` and ``allowed`` minus deleted rows."""
         sig, deleted, _ = self._deleted_state()
-        key = " ".join(where.split())
+        key = canonical_where(where)  # the parsed expression: spacing inside quotes counts
         if allowed is None:
             if not key:
                 return deleted
@@ -902,7 +902,7 @@ class Snapshot:
                 hit = self._masks.get((key, sig))
             if hit is not None:
                 return hit
-        mask = self.filter_mask(key) if key else None
+        mask = self.filter_mask(where) if key else None
         parts = [p for p in (mask, None if deleted is None else deleted.mask) if p is not None]
         if allowed is not None:
             a = np.asarray(allowed, dtype=bool)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from indexing.snapshot import build_snapshot
@@ -140,6 +141,21 @@ def test_delete_patient_and_reload_index(own_index: Path) -> None:
         version = build_snapshot(own_index, emb[:100], table.slice(0, 100), model_version=MODEL_VERSION, kind="Flat")
         assert c.reload_index() == (version, True)
         assert c.index_info().num_studies == 98  # the withdrawn patient's rows were dropped
+
+
+def test_list_studies_keeps_spacing_inside_quoted_values(tmp_path: Path) -> None:
+    # sites 'a  b' and 'a b': each filter selects its own rows, whichever ran first
+    emb, table = make_cohort(seed=5)
+    sites = ["a  b" if i % 2 else "a b" for i in range(table.num_rows)]
+    table = table.set_column(table.schema.get_field_index("site"), "site", pa.array(sites))
+    build_snapshot(tmp_path, emb, table, model_version=MODEL_VERSION, kind="Flat")
+    with BackgroundServer(tmp_path, device="cpu", watch_interval=None) as srv, CohortsimClient(srv.target) as c:
+        for where, want in [("site = 'a b'", "a b"), ("site = 'a  b'", "a  b"), (" site='a b' ", "a b")]:
+            page = c.list_studies(page_size=1000, where=where)
+            assert page.total_size == N_STUDIES // 2, where
+            assert {s.site for s in page.studies} == {want}, where
+        rows = c.cohort_stats(where="site = 'a  b'")
+        assert [(x.value, x.study_count) for x in rows.sites] == [("a  b", N_STUDIES // 2)]
 
 
 def test_ingest_without_a_store_is_a_failed_precondition(client: CohortsimClient) -> None:
