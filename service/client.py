@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -522,29 +522,52 @@ def _read_files(dicom_paths: Sequence[Path | str | bytes]) -> list[bytes]:
     return files
 
 
+class StudyEmbedding(NamedTuple):
+    """What EmbedStudy returns: the ``(d,)`` float32 vector and the encoder's version.
+
+    Unpacks as ``vector, model_version = client.embed(...)``; passed whole as
+    ``search(embedding=...)`` it sends its model version, so the server refuses it
+    (``MODEL_VERSION_MISMATCH``) if the index was built with another encoder.
+    """
+
+    vector: np.ndarray
+    model_version: str
+
+
 def build_search_request(
     *,
-    embedding: Sequence[float] | np.ndarray | None = None,
+    embedding: StudyEmbedding | Sequence[float] | np.ndarray | None = None,
     study_uid: str | None = None,
     dicom_paths: Sequence[Path | str | bytes] | None = None,
     k: int = 10,
     where: str = "",
     include_thumbnails: bool = False,
     regions: Sequence[tuple[str, Sequence[float]]] = (),
+    model_version: str | None = None,
 ) -> cohortsim_pb2.SearchSimilarRequest:
     """The request for exactly one of ``embedding``, ``study_uid``, ``dicom_paths``;
-    ``regions``: ``(observer, (z0, y0, x0, z1, y1, x1))`` boxes of a DICOM query."""
+    ``regions``: ``(observer, (z0, y0, x0, z1, y1, x1))`` boxes of a DICOM query.
+    ``model_version``: the encoder that made ``embedding`` (taken from a
+    :class:`StudyEmbedding` when not given); unset, the server answers with a warning."""
     given = [x is not None for x in (embedding, study_uid, dicom_paths)]
     if sum(given) != 1:
         raise ValueError("give exactly one of embedding, study_uid, dicom_paths")
+    if model_version is not None and embedding is None:
+        raise ValueError("model_version goes with an embedding query")
     req = cohortsim_pb2.SearchSimilarRequest(
         k=int(k),
         filter=cohortsim_pb2.Filter(where=where),
         include_thumbnails=bool(include_thumbnails),
     )
     if embedding is not None:
+        if isinstance(embedding, StudyEmbedding):
+            if model_version is None:
+                model_version = embedding.model_version
+            embedding = embedding.vector
         values = np.asarray(embedding, dtype=np.float32).reshape(-1)
         req.embedding.values.extend(values.tolist())
+        if model_version is not None:
+            req.embedding.model_version = str(model_version)
     elif study_uid is not None:
         req.study_uid = study_uid
     elif dicom_paths is not None:
@@ -555,6 +578,15 @@ def build_search_request(
         for observer, box in regions:
             req.dicom.regions.add(observer=str(observer), box=[float(v) for v in box])
     return req
+
+
+def _embedding(resp: cohortsim_pb2.EmbedStudyResponse) -> StudyEmbedding:
+    version = (
+        resp.embedding.model_version
+        if resp.embedding.HasField("model_version")
+        else resp.model_version
+    )
+    return StudyEmbedding(np.asarray(resp.embedding.values, dtype=np.float32), version)
 
 
 def _channel_options(max_message_mb: int) -> list[tuple[str, int]]:
@@ -752,18 +784,21 @@ class CohortsimClient:
     def search(
         self,
         *,
-        embedding: Sequence[float] | np.ndarray | None = None,
+        embedding: StudyEmbedding | Sequence[float] | np.ndarray | None = None,
         study_uid: str | None = None,
         dicom_paths: Sequence[Path | str | bytes] | None = None,
         k: int = 10,
         where: str = "",
         include_thumbnails: bool = False,
         regions: Sequence[tuple[str, Sequence[float]]] = (),
+        model_version: str | None = None,
     ) -> SearchResult:
         """The ``k`` most similar studies to one query (exactly one of the three kinds);
         ``include_thumbnails`` asks for the query's and neighbours' PNG thumbnails;
         ``regions`` gives a DICOM query's regions of interest as ``(observer, box)``
-        (see ``RegionOfInterest`` in the proto), answered in ``diagnostics.regions``."""
+        (see ``RegionOfInterest`` in the proto), answered in ``diagnostics.regions``;
+        ``model_version`` names the encoder of ``embedding`` (a :class:`StudyEmbedding`
+        from :meth:`embed` carries it)."""
         req = build_search_request(
             embedding=embedding,
             study_uid=study_uid,
@@ -772,16 +807,16 @@ class CohortsimClient:
             where=where,
             include_thumbnails=include_thumbnails,
             regions=regions,
+            model_version=model_version,
         )
         return search_result_from_proto(self._call(self._stub.SearchSimilar, req))
 
-    def embed(self, dicom_paths: Sequence[Path | str | bytes]) -> tuple[np.ndarray, str]:
+    def embed(self, dicom_paths: Sequence[Path | str | bytes]) -> StudyEmbedding:
         """Embed one study on the server: ``((d,) float32, model_version)``."""
         req = cohortsim_pb2.EmbedStudyRequest(
             dicom=cohortsim_pb2.DicomStudy(files=_read_files(dicom_paths))
         )
-        resp = self._call(self._stub.EmbedStudy, req)
-        return np.asarray(resp.embedding.values, dtype=np.float32), resp.model_version
+        return _embedding(self._call(self._stub.EmbedStudy, req))
 
     def index_info(self) -> IndexInfo:
         """Describe the served index."""
@@ -898,13 +933,14 @@ class AsyncCohortsimClient:
     async def search(
         self,
         *,
-        embedding: Sequence[float] | np.ndarray | None = None,
+        embedding: StudyEmbedding | Sequence[float] | np.ndarray | None = None,
         study_uid: str | None = None,
         dicom_paths: Sequence[Path | str | bytes] | None = None,
         k: int = 10,
         where: str = "",
         include_thumbnails: bool = False,
         regions: Sequence[tuple[str, Sequence[float]]] = (),
+        model_version: str | None = None,
     ) -> SearchResult:
         """See :meth:`CohortsimClient.search`."""
         req = build_search_request(
@@ -915,16 +951,16 @@ class AsyncCohortsimClient:
             where=where,
             include_thumbnails=include_thumbnails,
             regions=regions,
+            model_version=model_version,
         )
         return search_result_from_proto(await self._call(self._stub.SearchSimilar, req))
 
-    async def embed(self, dicom_paths: Sequence[Path | str | bytes]) -> tuple[np.ndarray, str]:
+    async def embed(self, dicom_paths: Sequence[Path | str | bytes]) -> StudyEmbedding:
         """See :meth:`CohortsimClient.embed`."""
         req = cohortsim_pb2.EmbedStudyRequest(
             dicom=cohortsim_pb2.DicomStudy(files=_read_files(dicom_paths))
         )
-        resp = await self._call(self._stub.EmbedStudy, req)
-        return np.asarray(resp.embedding.values, dtype=np.float32), resp.model_version
+        return _embedding(await self._call(self._stub.EmbedStudy, req))
 
     async def index_info(self) -> IndexInfo:
         """See :meth:`CohortsimClient.index_info`."""
@@ -987,6 +1023,7 @@ __all__ = [
     "PrognosticQuality",
     "RegionPrognosis",
     "SearchResult",
+    "StudyEmbedding",
     "StudyPage",
     "StudySummary",
     "SurvivalPoint",
