@@ -27,7 +27,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api import SERVICE_FULL_NAME, cohortsim_pb2, cohortsim_pb2_grpc
-from service.errors import reason_from_trailing
+from service.errors import reason_from_trailing, retry_delay_from_trailing
 
 DEFAULT_MAX_MESSAGE_MB = 64
 
@@ -37,13 +37,17 @@ DEFAULT_MAX_MESSAGE_MB = 64
 
 class CohortsimClientError(Exception):
     """A failed call: ``code`` is the gRPC status name (``"INVALID_ARGUMENT"``, ...),
-    ``reason`` the server's ErrorInfo reason (``"WRONG_DIMENSION"``, ...) or ``None``."""
+    ``reason`` the server's ErrorInfo reason (``"WRONG_DIMENSION"``, ...) or ``None``,
+    ``retry_after`` the server's RetryInfo delay in seconds (RESOURCE_EXHAUSTED) or ``None``."""
 
-    def __init__(self, code: str, message: str, reason: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, reason: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(code, message, reason)
         self.code = code
         self.message = message
         self.reason = reason
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         tail = f" [{self.reason}]" if self.reason and self.reason != self.code else ""
@@ -57,7 +61,7 @@ class CohortsimClientError(Exception):
         trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
         message = " ".join(str(details or name.lower().replace("_", " ")).split())
-        return cls(name, message, reason_from_trailing(trailing))
+        return cls(name, message, reason_from_trailing(trailing), retry_delay_from_trailing(trailing))
 
 
 # --------------------------------------------------------------------------- results

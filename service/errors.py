@@ -43,6 +43,8 @@ class ServiceError(Exception):
 
     ``reason`` is a stable UPPER_SNAKE_CASE code for programs; ``message`` is for people.
     ``metadata`` holds small non-identifying facts (e.g. ``{"expected": "128"}``).
+    ``retry_after`` (seconds) is sent as a ``google.rpc.RetryInfo`` detail: when a
+    RESOURCE_EXHAUSTED call may be retried.
     """
 
     def __init__(
@@ -51,12 +53,15 @@ class ServiceError(Exception):
         reason: str,
         message: str,
         metadata: Mapping[str, str] | None = None,
+        *,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
         self.metadata = dict(metadata or {})
+        self.retry_after = retry_after
 
 
 def invalid_argument(reason: str, message: str, **metadata: str) -> ServiceError:
@@ -149,11 +154,19 @@ def classify(exc: BaseException) -> ServiceError:
 
 
 def to_status(error: ServiceError) -> grpc.Status:
-    """A ``grpc.Status`` with code, message and the ErrorInfo detail in the trailer."""
+    """A ``grpc.Status`` with code, message and the ErrorInfo detail in the trailer (and a
+    RetryInfo detail when the error says when to retry)."""
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+    details = [detail]
+    if error.retry_after is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(max(0, round(error.retry_after * 1e9)))
+        packed = any_pb2.Any()
+        packed.Pack(retry)
+        details.append(packed)
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
     return rpc_status.to_status(status)
 
 
@@ -191,20 +204,34 @@ def grpc_errors(fn: Handler[Request, Response]) -> Handler[Request, Response]:
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
-def reason_from_trailing(trailing: Any) -> str | None:
-    """The ``google.rpc.ErrorInfo`` reason carried in a call's trailing metadata (the
-    ``grpc-status-details-bin`` entry), or None when there is none or it is unreadable."""
+def _status_details(trailing: Any) -> list[Any]:
+    """The ``google.rpc.Status`` details in a call's trailing metadata (the
+    ``grpc-status-details-bin`` entry); empty when there is none or it is unreadable."""
     for key, value in trailing or ():
         if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
             continue
         try:
-            status = status_pb2.Status.FromString(value)
+            return list(status_pb2.Status.FromString(value).details)
         except Exception:
-            return None
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):
-                return info.reason or None
+            return []
+    return []
+
+
+def reason_from_trailing(trailing: Any) -> str | None:
+    """The ``google.rpc.ErrorInfo`` reason carried in a call's trailing metadata, or None."""
+    for detail in _status_details(trailing):
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason or None
+    return None
+
+
+def retry_delay_from_trailing(trailing: Any) -> float | None:
+    """The ``google.rpc.RetryInfo`` delay (seconds) in a call's trailing metadata, or None."""
+    for detail in _status_details(trailing):
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(retry):
+            return retry.retry_delay.ToNanoseconds() / 1e9
     return None
 
 __all__ = [
@@ -217,6 +244,7 @@ __all__ = [
     "grpc_errors",
     "invalid_argument",
     "reason_from_trailing",
+    "retry_delay_from_trailing",
     "to_status",
     "unavailable",
 ]
