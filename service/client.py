@@ -27,7 +27,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api import SERVICE_FULL_NAME, cohortsim_pb2, cohortsim_pb2_grpc
-from service.errors import reason_from_trailing, retry_delay_from_trailing
+from service.status_details import reason_from_trailing, retry_delay_from_trailing
 
 DEFAULT_MAX_MESSAGE_MB = 64
 

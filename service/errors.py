@@ -32,10 +32,14 @@ from indexing.errors import (
     StoreError,
     UnknownStudyError,
 )
+from service.status_details import (
+    DOMAIN,
+    STATUS_DETAILS_KEY,
+    reason_from_trailing,
+    retry_delay_from_trailing,
+)
 
 log = logging.getLogger(__name__)
-
-DOMAIN = "cohortsim.v1"
 
 
 class ServiceError(Exception):
@@ -200,39 +204,6 @@ def grpc_errors(fn: Handler[Request, Response]) -> Handler[Request, Response]:
     return wrapper
 
 
-
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
-
-
-def _status_details(trailing: Any) -> list[Any]:
-    """The ``google.rpc.Status`` details in a call's trailing metadata (the
-    ``grpc-status-details-bin`` entry); empty when there is none or it is unreadable."""
-    for key, value in trailing or ():
-        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        try:
-            return list(status_pb2.Status.FromString(value).details)
-        except Exception:
-            return []
-    return []
-
-
-def reason_from_trailing(trailing: Any) -> str | None:
-    """The ``google.rpc.ErrorInfo`` reason carried in a call's trailing metadata, or None."""
-    for detail in _status_details(trailing):
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info.reason or None
-    return None
-
-
-def retry_delay_from_trailing(trailing: Any) -> float | None:
-    """The ``google.rpc.RetryInfo`` delay (seconds) in a call's trailing metadata, or None."""
-    for detail in _status_details(trailing):
-        retry = error_details_pb2.RetryInfo()
-        if detail.Unpack(retry):
-            return retry.retry_delay.ToNanoseconds() / 1e9
-    return None
 
 __all__ = [
     "DOMAIN",
