@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from indexing.errors import FilterError
+from indexing.exact import recall_at_k
 from indexing.filter import (
     FilterCache,
     canonical_where,
@@ -170,10 +171,6 @@ def brute(q: np.ndarray, x: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-s, axis=1, kind="stable")[:, :k]
 
 
-def recall(ref: np.ndarray, got: np.ndarray) -> float:
-    return float(np.mean([len(set(r) & set(g)) / len(r) for r, g in zip(ref, got, strict=True)]))
-
-
 @pytest.fixture(scope="module")
 def cohort() -> tuple[np.ndarray, pa.Table, np.ndarray]:
     x, meta = clustered()
@@ -240,7 +237,7 @@ def test_approximate_recall_under_filter(
         _, got = snap.search(q, 10, where=where)
         valid = got[got >= 0]
         assert mask[valid].all(), (kind, where)
-        r = recall(brute(q, x, mask, 10), got)
+        r = recall_at_k(brute(q, x, mask, 10), got)
         assert r >= 0.90, (kind, where, exact_below, r)
         if exact_below:
             assert r == 1.0  # every filter here passes fewer rows than the threshold
