@@ -180,16 +180,7 @@ def cli_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from encoders.errors import DicomError, EncoderError
-        from indexing.errors import (
-            DimensionError,
-            FilterError,
-            ModelVersionError,
-            QueryError,
-            SnapshotError,
-            StoreError,
-            UnknownStudyError,
-        )
+        from encoders.errors import CohortsimError
         from service.auth import AuthConfigError
         from service.client import CohortsimClientError
 
@@ -201,23 +192,10 @@ def cli_errors(fn: F) -> F:
             _fail(str(exc), exc.code)
         except CohortsimClientError as exc:
             _fail(str(exc), 1 if exc.code in ("UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED") else 2)
-        except (
-            DicomError,
-            EncoderError,
-            StoreError,
-            SnapshotError,
-            DimensionError,
-            FilterError,
-            ModelVersionError,
-            QueryError,
-            AuthConfigError,
-            FileNotFoundError,
-            NotADirectoryError,
-            PermissionError,
-        ) as exc:
+        except CohortsimError as exc:  # the encoders' and indexing's typed errors
+            _fail(exc.message, exc.exit_code)
+        except (AuthConfigError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
             _fail(str(exc) or type(exc).__name__)
-        except UnknownStudyError as exc:
-            _fail(str(exc.args[0]) if exc.args else "unknown study")
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except OSError as exc:

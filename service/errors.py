@@ -22,16 +22,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from encoders.errors import DicomError, EncoderError, EncoderOutOfMemoryError
-from indexing.errors import (
-    DimensionError,
-    FilterError,
-    ModelVersionError,
-    QueryError,
-    SnapshotError,
-    StoreError,
-    UnknownStudyError,
-)
+from encoders.errors import CohortsimError
 from service.status_details import (
     DOMAIN,
     STATUS_DETAILS_KEY,
@@ -80,71 +71,19 @@ def unavailable(reason: str, message: str, **metadata: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, reason, message, metadata)
 
 
-def _reason_code(exc: BaseException, default: str) -> str:
-    """An exception's own ``.reason`` (snake_case or UPPER) as UPPER_SNAKE_CASE, else default."""
-    reason = getattr(exc, "reason", None)
-    if isinstance(reason, str) and reason:
-        return reason.strip().upper().replace("-", "_").replace(" ", "_")
-    return default
-
-
-def _message(exc: BaseException, fallback: str) -> str:
-    text = str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)
-    text = " ".join(text.split())  # one line
-    return text or fallback
-
-
 def classify(exc: BaseException) -> ServiceError:
-    """Map any exception to the status, reason and message the client should get."""
+    """Map any exception to the status, reason and message the client should get.
+
+    The project's typed errors (:class:`encoders.errors.CohortsimError`) carry their
+    status, reason and public message as class attributes; anything else is INTERNAL.
+    """
     if isinstance(exc, ServiceError):
         return exc
-    arg = grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, DicomError):
-        reason = "DICOM_" + _reason_code(exc, "INVALID")
-        return ServiceError(arg, reason, _message(exc, "the DICOM study cannot be used"))
-    if isinstance(exc, DimensionError):
+    if isinstance(exc, CohortsimError):
         return ServiceError(
-            arg,
-            _reason_code(exc, "WRONG_DIMENSION"),
-            _message(exc, "the embedding has the wrong dimension"),
-        )
-    if isinstance(exc, FilterError):
-        return ServiceError(
-            arg, _reason_code(exc, "INVALID_FILTER"), _message(exc, "invalid filter")
-        )
-    if isinstance(exc, QueryError):
-        return ServiceError(arg, _reason_code(exc, "INVALID_QUERY"), _message(exc, "invalid query"))
-    if isinstance(exc, UnknownStudyError):
-        return ServiceError(
-            grpc.StatusCode.NOT_FOUND,
-            "UNKNOWN_STUDY",
-            _message(exc, "the study is not in the served index"),
-        )
-    if isinstance(exc, ModelVersionError):
-        return ServiceError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "MODEL_VERSION_MISMATCH",
-            _message(exc, "the query comes from another model version than the index"),
-        )
-    if isinstance(exc, EncoderOutOfMemoryError):
-        return ServiceError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "OUT_OF_MEMORY",
-            "the server ran out of memory embedding the study; retry later or send an "
-            "embedding instead of DICOM",
-        )
-    if isinstance(exc, EncoderError):
-        return ServiceError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "ENCODER_UNUSABLE",
-            "the index's encoder cannot be loaded on this server; rebuild the index with a "
-            "valid encoder, or send an embedding instead of DICOM",
-        )
-    if isinstance(exc, SnapshotError | StoreError):
-        return ServiceError(
-            grpc.StatusCode.UNAVAILABLE,
-            "INDEX_UNAVAILABLE",
-            _message(exc, "no index is loaded"),
+            grpc.StatusCode[exc.status],
+            exc.reason_code,
+            exc.public_message if exc.public_message is not None else exc.message,
         )
     ref = uuid.uuid4().hex[:12]
     frames = "".join(traceback.format_tb(exc.__traceback__)) if exc.__traceback__ else ""

@@ -135,3 +135,31 @@ def test_rate_limited_call_gives_the_client_a_retry_delay(index_dir, tmp_path) -
     error_info = error_details_pb2.ErrorInfo()
     assert any(d.Unpack(error_info) for d in rich.details)
     assert error_info.reason == "RATE_LIMITED" and "retry_after_ms" not in error_info.metadata
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+def test_one_error_table_for_the_servicer_and_the_cli() -> None:
+    # every typed error of encoders and indexing derives from CohortsimError, whose class
+    # attributes are the only table: the servicer and the CLI both read them
+    import encoders.evaluate  # noqa: F401  (defines more subclasses, if any)
+    import indexing.errors as ie
+    from encoders.errors import CohortsimError
+    from service.cli import _fail  # noqa: F401  (the CLI module imports cleanly)
+
+    classes = _subclasses(CohortsimError)
+    for cls in (DicomError, EncoderError, EncoderOutOfMemoryError, DimensionError, FilterError,
+                ModelVersionError, QueryError, SnapshotError, UnknownStudyError, ie.StoreError,
+                ie.StoreWriteError, ie.SnapshotWriteError):  # fmt: skip
+        assert cls in classes, cls
+    for cls in classes:
+        exc = cls("r", "msg") if cls is DicomError else cls("msg")
+        error = classify(exc)
+        assert error.code == getattr(C, cls.status) and error.code != C.INTERNAL, cls
+        assert error.reason == exc.reason_code and error.reason.isupper(), cls
+        assert cls.exit_code in (1, 2)
