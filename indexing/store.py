@@ -16,7 +16,7 @@ old or the new state, never half a file. Study part-file names are time-ordered 
 sorting the names gives the order of ingestion. Keys are pseudonyms (``P-...``/``S-...``);
 nothing here logs them.
 
-Durability and integrity (issue #9): a batch of studies is *acknowledged* when
+Durability and integrity: a batch of studies is *acknowledged* when
 :meth:`CohortStore.add_studies` returns; its part file was renamed into place and the
 folder fsynced before that, so it survives a kill -9 or power loss, and a killed writer
 leaves at most an invisible ``.part-*.tmp`` (removed by the next writer). Each part file's
@@ -69,7 +69,7 @@ ACQUISITION_COLUMNS: tuple[str, ...] = (
     "kvp",
     "slice_thickness",
     "pixel_spacing",
-    # added for issue #3 (harmonisation metadata; part files without them read as null)
+    # harmonisation metadata (part files written without these columns read them as null)
     "software",
     "exposure",
     "field_strength",
@@ -161,7 +161,7 @@ def _time_ordered_uuid() -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
-# part-<uuid>.parquet (before issue #9, no checksum) or part-<uuid>.<sha256>.parquet
+# part-<uuid>.parquet (an older store: no checksum in the name) or part-<uuid>.<sha256>.parquet
 _PART_NAME = re.compile(r"^part-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
                         r"(?:\.([0-9a-f]{64}))?\.parquet$")
 _CHECKSUM_NAME = re.compile(r"\.([0-9a-f]{64})\.parquet$")

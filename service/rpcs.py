@@ -1,4 +1,4 @@
-"""The RPCs beyond search (issue #6): streamed DICOM search, patient and study listing,
+"""The RPCs beyond search: streamed DICOM search, patient and study listing,
 cohort statistics, and the admin calls (ingest, delete, reload).
 
 :class:`CohortRpcs` is a mixin of :class:`service.servicer.PatientSimilarityServicer`:

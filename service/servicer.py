@@ -470,7 +470,7 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         self._executor = executor
         # micro-batching of concurrent embedding / study_uid searches (service.batching)
         self.batcher = batcher
-        # the researcher view (issue #8): applied to callers without the "identities" right
+        # the researcher view (service.governance): applied to callers without the "identities" right
         self.governance = governance or Governance()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
