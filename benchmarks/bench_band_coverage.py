@@ -1,4 +1,4 @@
-"""Coverage of the neighbours' Kaplan–Meier 95 % band, by simulation (issue #7).
+"""Coverage of the neighbours' Kaplan–Meier 95 % band, by simulation.
 
 Simulated "neighbour sets": k neighbours with similarities uniform in [0.5, 0.9], each
 with its own exponential event time whose rate depends on its similarity (closer

@@ -1,4 +1,4 @@
-"""Cost of the leave-one-out prognosis evaluation at index build (issue #7).
+"""Cost of the leave-one-out prognosis evaluation at index build.
 
 Times ``indexing.evaluation.evaluate_prognosis`` (exact neighbours of a sample of up to
 2000 members, 10 kernel temperatures, C-index, calibration) beside ``build_snapshot``

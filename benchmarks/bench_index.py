@@ -168,11 +168,6 @@ def metadata(n: int, rng: np.random.Generator) -> pa.Table:
     )
 
 
-def recall_at_k(reference: np.ndarray, candidate: np.ndarray) -> float:
-    hits = sum(len(set(r[r >= 0]) & set(c[c >= 0])) for r, c in zip(reference, candidate, strict=True))
-    return hits / max(int((reference >= 0).sum()), 1)
-
-
 def default_kinds(n: int, d: int) -> list[str]:
     nlist = 1 << round(math.log2(4 * math.sqrt(n)))  # 100k -> 1024, 1M -> 4096
     return ["Flat", "SQfp16", "HNSW32", f"IVF{nlist},Flat", f"IVF{nlist},PQ{d // 8}"]
@@ -354,7 +349,7 @@ def section_kinds(
     batches: list[int],
     seed: int,
 ) -> list[dict[str, Any]]:
-    from indexing.exact import BlasExactIndex
+    from indexing.exact import BlasExactIndex, recall_at_k
     from indexing.snapshot import build_snapshot, load_snapshot
 
     n = x.shape[0]

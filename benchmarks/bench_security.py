@@ -1,4 +1,4 @@
-"""What security and governance cost, and what researchers still get (issue #8).
+"""What security and governance cost, and what researchers still get.
 
 1. Latency of one GetIndexInfo and one SearchSimilar over gRPC (one client, sequential
    calls, median and p90) with: nothing (the reference, measured in the same run),

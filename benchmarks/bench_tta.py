@@ -1,4 +1,4 @@
-"""Cost of test-time augmentation (stability diagnostics) on a DICOM query (issue #7).
+"""Cost of test-time augmentation (stability diagnostics) on a DICOM query.
 
 Times the server's DICOM path (decode, preprocess, embed) without and with the
 ``TTA_VIEWS`` scanner-augmented copies, in the same run on the same study, with the

@@ -36,11 +36,6 @@ def loadavg() -> str:
         return "n/a"
 
 
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    k = truth.shape[1]
-    return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth, strict=True)]))
-
-
 def timed(search: Callable[[np.ndarray], np.ndarray], q: np.ndarray, m: int, seconds: float) -> tuple[float, float]:
     """(QPS, p50 ms per call) of ``search`` on batches of ``m`` queries for ~``seconds``."""
     search(q[:m])
@@ -67,6 +62,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     engines = set(args.engines.split(","))
+    from indexing.exact import recall_at_k
 
     rng = np.random.default_rng(args.seed)
     x = rng.standard_normal((args.n, args.dim), dtype=np.float32)
@@ -81,7 +77,7 @@ def main() -> None:
 
     def run(name: str, search: Callable[[np.ndarray], np.ndarray]) -> None:
         found = np.concatenate([search(q[i : i + 1]) for i in range(64)])
-        r = recall(found, truth)
+        r = recall_at_k(truth, found)
         one_qps, one_ms = timed(search, q, 1, args.seconds)
         b_qps, b_ms = timed(search, q, args.batch, args.seconds)
         rows.append((name, r, one_qps, one_ms, b_qps, b_ms))

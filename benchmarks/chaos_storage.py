@@ -1,4 +1,4 @@
-"""Storage chaos, long runs (issue #9): kill -9, disk full / I/O errors, corruption.
+"""Storage chaos, long runs: kill -9, disk full / I/O errors, corruption.
 
 Prints counts; asserts nothing. The short versions run in the test suite
 (``tests/indexing/test_crash_kill9.py``, ``test_io_faults.py``, ``test_corruption.py``);

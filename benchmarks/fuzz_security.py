@@ -1,4 +1,4 @@
-"""Longer fuzzing of the DICOM header pass and of request validation (issue #8).
+"""Longer fuzzing of the DICOM header pass and of request validation.
 
 Runs the hypothesis targets of ``tests/encoders/test_fuzz_dicom.py`` and
 ``tests/service/test_fuzz_requests.py`` with many random examples (the test suite runs

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from encoders.deid_table import BASIC_PROFILE_ACTIONS, BASIC_PROFILE_REPEATING
 from encoders.owner_only import read_owner_only
 
 __all__ = [
@@ -285,121 +286,12 @@ def day_offset(date: _dt.date, first_date: _dt.date) -> int:
 
 # ------------------------------------------------------------------ PS3.15 Basic Profile
 
-BASIC_PROFILE_KEYWORDS: frozenset[str] = frozenset(
-    (
-        "AccessionNumber", "AcquisitionComments", "AcquisitionContextSequence", "AcquisitionDate",
-        "AcquisitionDateTime", "AcquisitionDeviceProcessingDescription",
-        "AcquisitionDeviceTypeCodeSequence", "AcquisitionProtocolDescription", "AcquisitionTime",
-        "AcquisitionUID", "ActualHumanPerformersSequence", "AdditionalPatientHistory",
-        "AddressTrial", "AdmissionID", "AdmittingDate", "AdmittingDiagnosesCodeSequence",
-        "AdmittingDiagnosesDescription", "AdmittingTime", "AffectedSOPInstanceUID", "Allergies",
-        "Arbitrary", "AuthorObserverSequence", "BranchOfService", "CassetteID",
-        "ClinicalTrialCoordinatingCenterName",
-        "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
-        "ClinicalTrialProtocolEthicsCommitteeName", "ClinicalTrialProtocolID",
-        "ClinicalTrialProtocolName", "ClinicalTrialSeriesDescription", "ClinicalTrialSeriesID",
-        "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSponsorName",
-        "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
-        "ClinicalTrialTimePointDescription", "ClinicalTrialTimePointID",
-        "CommentsOnThePerformedProcedureStep", "ConcatenationUID",
-        "ConfidentialityConstraintOnPatientDataDescription",
-        "ConsultingPhysicianIdentificationSequence", "ConsultingPhysicianName",
-        "ContactDisplayName", "ContactURI", "ContentCreatorIdentificationCodeSequence",
-        "ContentCreatorName", "ContentDate", "ContentSequence", "ContentTime",
-        "ContextGroupExtensionCreatorUID", "ContrastBolusAgent", "ContributionDescription",
-        "CountryOfResidence", "CreatorVersionUID", "CurrentPatientLocation", "CurveDate",
-        "CurveTime", "CustodialOrganizationSequence", "DataSetTrailingPadding", "Date",
-        "DateOfLastCalibration", "DateOfLastDetectorCalibration", "DateOfSecondaryCapture",
-        "DateTime", "DerivationDescription", "DetectorID", "DeviceDescription",
-        "DeviceSerialNumber", "DeviceUID", "DigitalSignatureUID", "DigitalSignaturesSequence",
-        "DimensionOrganizationUID", "DischargeDiagnosisDescription", "DistributionAddress",
-        "DistributionName", "DoseReferenceUID", "EndAcquisitionDateTime", "EthnicGroup",
-        "ExpectedCompletionDateTime", "FailedSOPInstanceUIDList", "FiducialUID",
-        "FillerOrderNumberImagingServiceRequest", "FrameComments", "FrameOfReferenceUID",
-        "GantryID", "GeneratorID", "GraphicAnnotationSequence", "HumanPerformerName",
-        "HumanPerformerOrganization", "IconImageSequence", "IdentifyingComments", "ImageComments",
-        "ImagePresentationComments", "ImagingServiceRequestComments", "Impressions",
-        "InstanceCoercionDateTime", "InstanceCreationDate", "InstanceCreationTime",
-        "InstanceCreatorUID", "InstanceOriginStatus", "InstitutionAddress",
-        "InstitutionCodeSequence", "InstitutionName", "InstitutionalDepartmentName",
-        "InstitutionalDepartmentTypeCodeSequence", "InsurancePlanIdentification",
-        "IntendedRecipientsOfResultsIdentificationSequence", "InterpretationApproverSequence",
-        "InterpretationAuthor", "InterpretationDiagnosisDescription", "InterpretationIDIssuer",
-        "InterpretationRecorder", "InterpretationText", "InterpretationTranscriber",
-        "IrradiationEventUID", "IssuerOfAdmissionID", "IssuerOfAdmissionIDSequence",
-        "IssuerOfPatientID", "IssuerOfServiceEpisodeID", "IssuerOfServiceEpisodeIDSequence",
-        "LargePaletteColorLookupTableUID", "LastMenstrualDate", "MAC",
-        "MediaStorageSOPInstanceUID", "MedicalAlerts", "MedicalRecordLocator", "MilitaryRank",
-        "ModifiedAttributesSequence", "ModifiedImageDescription", "ModifyingDeviceID",
-        "NameOfPhysiciansReadingStudy", "NamesOfIntendedRecipientsOfResults",
-        "ObservationDateTime", "ObservationSubjectUIDTrial", "ObservationUID", "Occupation",
-        "OperatorIdentificationSequence", "OperatorsName", "OrderCallbackPhoneNumber",
-        "OrderCallbackTelecomInformation", "OrderEnteredBy", "OrderEntererLocation",
-        "OriginalAttributesSequence", "OtherPatientIDs", "OtherPatientIDsSequence",
-        "OtherPatientNames", "OverlayDate", "OverlayTime", "PaletteColorLookupTableUID",
-        "ParticipantSequence", "PatientAddress", "PatientAge", "PatientBirthDate",
-        "PatientBirthName", "PatientBirthTime", "PatientComments", "PatientID",
-        "PatientInsurancePlanCodeSequence", "PatientMotherBirthName", "PatientName",
-        "PatientPrimaryLanguageCodeSequence", "PatientPrimaryLanguageModifierCodeSequence",
-        "PatientReligiousPreference", "PatientSex", "PatientSexNeutered", "PatientSize",
-        "PatientState", "PatientTelecomInformation", "PatientTelephoneNumbers",
-        "PatientTransportArrangements", "PatientWeight", "PerformedLocation",
-        "PerformedProcedureStepDescription", "PerformedProcedureStepEndDate",
-        "PerformedProcedureStepEndDateTime", "PerformedProcedureStepEndTime",
-        "PerformedProcedureStepID", "PerformedProcedureStepStartDate",
-        "PerformedProcedureStepStartDateTime", "PerformedProcedureStepStartTime",
-        "PerformedStationAETitle", "PerformedStationGeographicLocationCodeSequence",
-        "PerformedStationName", "PerformedStationNameCodeSequence",
-        "PerformingPhysicianIdentificationSequence", "PerformingPhysicianName", "PersonAddress",
-        "PersonIdentificationCodeSequence", "PersonName", "PersonTelecomInformation",
-        "PersonTelephoneNumbers", "PhysicianApprovingInterpretation", "PhysiciansOfRecord",
-        "PhysiciansOfRecordIdentificationSequence", "PhysiciansReadingStudyIdentificationSequence",
-        "PlacerOrderNumberImagingServiceRequest", "PlateID", "PreMedication", "PregnancyStatus",
-        "ProcedureStepLabel", "ProtocolName", "ReasonForOmissionDescription",
-        "ReasonForRequestedProcedureCodeSequence", "ReasonForStudy",
-        "ReasonForTheImagingServiceRequest", "ReasonForTheRequestedProcedure",
-        "ReceivingApplicationEntityTitle", "ReferencedDigitalSignatureSequence",
-        "ReferencedFrameOfReferenceUID",
-        "ReferencedGeneralPurposeScheduledProcedureStepTransactionUID", "ReferencedImageSequence",
-        "ReferencedObservationUIDTrial", "ReferencedPatientAliasSequence",
-        "ReferencedPatientPhotoSequence", "ReferencedPatientSequence",
-        "ReferencedPerformedProcedureStepSequence", "ReferencedSOPInstanceMACSequence",
-        "ReferencedSOPInstanceUID", "ReferencedSOPInstanceUIDInFile", "ReferencedStudySequence",
-        "ReferringPhysicianAddress", "ReferringPhysicianIdentificationSequence",
-        "ReferringPhysicianName", "ReferringPhysicianTelephoneNumbers", "RegionOfResidence",
-        "RelatedFrameOfReferenceUID", "RequestAttributesSequence", "RequestedContrastAgent",
-        "RequestedProcedureComments", "RequestedProcedureDescription", "RequestedProcedureID",
-        "RequestedProcedureLocation", "RequestedSOPInstanceUID", "RequestingPhysician",
-        "RequestingPhysicianIdentificationSequence", "RequestingService",
-        "ResponsibleOrganization", "ResponsiblePerson", "ResultsComments",
-        "ResultsDistributionListSequence", "ResultsIDIssuer", "ReviewerName", "SOPInstanceUID",
-        "ScheduledHumanPerformersSequence", "ScheduledPatientInstitutionResidence",
-        "ScheduledPerformingPhysicianIdentificationSequence", "ScheduledPerformingPhysicianName",
-        "ScheduledProcedureStepDescription", "ScheduledProcedureStepEndDate",
-        "ScheduledProcedureStepEndTime", "ScheduledProcedureStepID",
-        "ScheduledProcedureStepLocation", "ScheduledProcedureStepModificationDateTime",
-        "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartDateTime",
-        "ScheduledProcedureStepStartTime", "ScheduledStationAETitle",
-        "ScheduledStationGeographicLocationCodeSequence", "ScheduledStationName",
-        "ScheduledStationNameCodeSequence", "ScheduledStudyLocation",
-        "ScheduledStudyLocationAETitle", "SeriesDate", "SeriesDescription", "SeriesInstanceUID",
-        "SeriesTime", "ServiceEpisodeDescription", "ServiceEpisodeID", "SmokingStatus",
-        "SoftwareVersions", "SourceImageSequence", "SourceSerialNumber", "SpecialNeeds",
-        "StationName", "StorageMediaFileSetUID", "StudyComments", "StudyDate", "StudyDescription",
-        "StudyID", "StudyIDIssuer", "StudyInstanceUID", "StudyTime",
-        "SynchronizationFrameOfReferenceUID", "TargetUID", "TelephoneNumberTrial",
-        "TemplateExtensionCreatorUID", "TemplateExtensionOrganizationUID", "TextComments",
-        "TextString", "Time", "TimeOfLastCalibration", "TimeOfSecondaryCapture",
-        "TimezoneOffsetFromUTC", "TopicAuthor", "TopicKeywords", "TopicSubject", "TopicTitle",
-        "TrackingUID", "TransactionUID", "UID", "VerifyingObserverIdentificationCodeSequence",
-        "VerifyingObserverName", "VerifyingObserverSequence", "VerifyingOrganization",
-        "VisitComments",
-    )
-)
+BASIC_PROFILE_KEYWORDS: frozenset[str] = frozenset(BASIC_PROFILE_ACTIONS)
 """Keywords of the attributes that DICOM PS3.15 Annex E, Table E.1-1 lists for the Basic
 Application Level Confidentiality Profile (names, ids, dates and times, addresses,
 accession, institution, physicians and operators, device serials and UIDs, free-text
-comments and descriptions). Together with private tags (odd groups) and the curve /
+comments and descriptions), generated from the standard's table into
+:mod:`encoders.deid_table` (edition and source in its header). Together with private tags (odd groups) and the curve /
 overlay groups (50xx, 60xx data and comments, see :func:`is_basic_profile_tag`) nothing
 from this list is copied into the store or a log. Reading some of them is necessary
 (PatientID and StudyInstanceUID become keyed pseudonyms, StudyDate a day offset,
@@ -430,10 +322,9 @@ def is_basic_profile_tag(tag: int) -> bool:
     group, element = tag >> 16, tag & 0xFFFF
     if group % 2 == 1:
         return True
-    if 0x5000 <= group <= 0x50FF:
-        return True
-    if 0x6000 <= group <= 0x60FF and element in (0x3000, 0x4000):
-        return True
+    for g, e, group_mask, element_mask, _ in BASIC_PROFILE_REPEATING:
+        if group & group_mask == g and element & element_mask == e:
+            return True
     return keyword_for_tag(tag) in BASIC_PROFILE_KEYWORDS
 
 

@@ -64,7 +64,7 @@ DEFAULT_SIGMAS_MM: tuple[float, ...] = (4.0, 6.0, 8.0, 12.0)
 THIN_MM = 3.0  # bright structures narrower than 2 * THIN_MM are removed before the search
 #: proposal name (stored in an encoder's card, ``RegionSpec.proposal``) -> ``thin_mm``; an
 #: encoder keeps proposing regions the way it was trained
-FIRST_PROPOSAL = "lung-dot-li2003"  # without thin-structure removal (cards up to session 3)
+FIRST_PROPOSAL = "lung-dot-li2003"  # without thin-structure removal (encoder cards that name it)
 DEFAULT_PROPOSAL = "lung-open3-dot-li2003"
 PROPOSALS: dict[str, float | None] = {FIRST_PROPOSAL: None, DEFAULT_PROPOSAL: THIN_MM}
 COARSE_MM = 4.0  # finer grids are searched coarse to fine (propose_lesion)

@@ -27,9 +27,9 @@ class InputSpec:
     ``windows`` are (centre, width) HU windows; each is one channel of the 2D backbone.
 
     The default grid is 2 mm (64 x 256 x 256 mm, 1 MiB per study): lesion texture (the
-    spicules of a 12-20 mm nodule) survives it, and did not survive the earlier 4 mm grid
+    spicules of a 12-20 mm nodule) survives it and does not survive a 4 mm grid
     (retrieval P@10 of the same method 0.63 at 4 mm vs 0.79 at 2 mm on a cohort scanned at
-    about 2 mm; benchmarks/RESULTS.md, issue #4).
+    about 2 mm; benchmarks/RESULTS.md).
     """
 
     spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)

@@ -6,8 +6,8 @@ five simulated scanners that differ in noise level and texture, reconstruction k
 signed vs unsigned pixel storage, padding outside the reconstruction circle and
 InstanceNumber order. Pixels are 1.9-2.4 mm (128-192 rows over 300-360 mm): coarser than
 a clinical CT (0.6-0.8 mm), yet fine enough that a small lesion's spicules span pixels. At
-the 3.8-4.7 mm of earlier versions they did not, and small solid and small spiculated
-lesions were barely separable even with labels. The anatomy (body, fat rim, lungs with
+3.8-4.7 mm pixels they do not, and small solid and small spiculated lesions are barely
+separable even with labels. The anatomy (body, fat rim, lungs with
 vessel texture, spine, ribs) varies per patient; a lung lesion carries the phenotype (size
 class x texture class). Survival depends on the phenotype only and the scanner is drawn
 independently of it, so an encoder that groups patients by scanner rather than by lesion is

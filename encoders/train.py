@@ -56,7 +56,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 ROI_JITTER_MM = 8.0  # default box jitter: 2 voxels at 4 mm, 4 at 2 mm
 # Views of each lesion box per step. Four raised held-out P@10 on all four benchmark
 # cohorts over two views (mean 0.740 -> 0.774) at 1.7x the training time
-# (benchmarks/RESULTS.md, issue #4).
+# (benchmarks/RESULTS.md).
 LESION_VIEWS = 4
 MAX_VIEWS = 16
 

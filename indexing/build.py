@@ -24,6 +24,7 @@ from encoders.errors import EncoderError
 from encoders.model import EncoderCard, embed, embedded_regions, load_encoder, region_rois
 from encoders.spec import InputSpec
 from encoders.train import resolve_device
+from indexing.durable import opened_for_lock, write_parquet_atomic
 from indexing.errors import ModelVersionError, StoreError, StoreWriteError, describe_os_error
 from indexing.evaluation import EVALUATION_KEY, evaluate_prognosis
 from indexing.snapshot import (
@@ -32,12 +33,7 @@ from indexing.snapshot import (
     load_snapshot,
     republish_metadata,
 )
-from indexing.store import (
-    ACQUISITION_COLUMNS,
-    CohortStore,
-    opened_for_lock,
-    write_parquet_atomic,
-)
+from indexing.store import ACQUISITION_COLUMNS, CohortStore
 from indexing.thumbnails import (
     BOX_COLUMN,
     REGION_COLUMNS,

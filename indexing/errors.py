@@ -1,34 +1,65 @@
-"""Typed errors of the indexing package; the service maps each to one gRPC status."""
+"""Typed errors of the indexing package: :class:`encoders.errors.CohortsimError`s whose
+class attributes give the gRPC status and reason the service answers with."""
 
 from __future__ import annotations
 
+from encoders.errors import CohortsimError
 
-class StoreError(RuntimeError):
+
+class StoreError(CohortsimError, RuntimeError):
     """The cohort store is missing, unreadable or inconsistent."""
 
+    status = "UNAVAILABLE"
+    default_reason = "INDEX_UNAVAILABLE"
+    fallback_message = "no index is loaded"
 
-class SnapshotError(RuntimeError):
+
+class SnapshotError(CohortsimError, RuntimeError):
     """An index snapshot is missing, incomplete or fails its checksums."""
 
+    status = "UNAVAILABLE"
+    default_reason = "INDEX_UNAVAILABLE"
+    fallback_message = "no index is loaded"
 
-class UnknownStudyError(LookupError):
+
+class UnknownStudyError(CohortsimError, LookupError):
     """A study id is not in the served index."""
 
+    status = "NOT_FOUND"
+    default_reason = "UNKNOWN_STUDY"
+    fallback_message = "the study is not in the served index"
 
-class DimensionError(ValueError):
+
+class DimensionError(CohortsimError, ValueError):
     """A query vector has the wrong dimension or non-finite values."""
 
+    status = "INVALID_ARGUMENT"
+    default_reason = "WRONG_DIMENSION"
+    fallback_message = "the embedding has the wrong dimension"
 
-class FilterError(ValueError):
+
+class FilterError(CohortsimError, ValueError):
     """A filter expression is malformed or names unknown columns."""
 
+    status = "INVALID_ARGUMENT"
+    default_reason = "INVALID_FILTER"
+    fallback_message = "invalid filter"
 
-class ModelVersionError(ValueError):
+
+class ModelVersionError(CohortsimError, ValueError):
     """Embeddings or an encoder come from another model version than the index."""
 
+    status = "FAILED_PRECONDITION"
+    default_reason = "MODEL_VERSION_MISMATCH"
+    fallback_message = "the query comes from another model version than the index"
 
-class QueryError(ValueError):
+
+class QueryError(CohortsimError, ValueError):
     """A query is malformed in some other way (k out of range, empty query...)."""
+
+    status = "INVALID_ARGUMENT"
+    default_reason = "INVALID_QUERY"
+    fallback_message = "invalid query"
 
 
 def describe_os_error(exc: OSError, action: str, path: object) -> str:

@@ -198,6 +198,20 @@ class BlasExactIndex:
         return best
 
 
+def recall_at_k(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Share of the reference neighbours that a search found: recall@k.
+
+    ``reference``: ``(m, k)`` rows of the exact top k (-1 = padding, not counted);
+    ``candidate``: ``(m, k')`` rows of the search scored, k' >= k (its first k columns
+    count). 1.0 when there is no reference neighbour at all.
+    """
+    ref = np.asarray(reference)
+    cand = np.asarray(candidate)[:, : ref.shape[1]]
+    hits = sum(len(set(r[r >= 0]) & set(c[c >= 0])) for r, c in zip(ref, cand, strict=True))
+    total = int((ref >= 0).sum())
+    return hits / total if total else 1.0
+
+
 @contextlib.contextmanager
 def faiss_threads_for(nq: int) -> Iterator[None]:
     """Run this thread's enclosed FAISS calls on at most ``nq`` OpenMP threads.
@@ -335,4 +349,11 @@ class TorchExactIndex:
         return _finish(out_v, out_r, k)
 
 
-__all__ = ["BlasExactIndex", "TorchExactIndex", "cuda_visible", "faiss_threads_for", "topk_rows"]
+__all__ = [
+    "BlasExactIndex",
+    "TorchExactIndex",
+    "cuda_visible",
+    "faiss_threads_for",
+    "recall_at_k",
+    "topk_rows",
+]

@@ -26,6 +26,7 @@ or, for an unknown column, lists the columns that exist.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections import OrderedDict
@@ -601,8 +602,63 @@ def compile_where(where: str, table: pa.Table) -> np.ndarray:
     return evaluate(parse_where(where), table)
 
 
+def _canonical(node: Expr | Column | Literal) -> str:
+    """A text form of a parsed node that differs whenever the meaning may differ.
+
+    Literals carry their Python type (``1``, ``1.0`` and ``true`` compare equal as
+    Python values but not as filter literals) and their exact ``repr`` (quoted text
+    keeps its whitespace and case); keywords and spacing outside literals vanish.
+    """
+    if isinstance(node, Literal):
+        return f"{type(node.value).__name__}:{node.value!r}"
+    if isinstance(node, Column):
+        return f"col({node.name!r},{node.key!r})"
+    if isinstance(node, Compare):
+        return f"cmp({node.op},{_canonical(node.left)},{_canonical(node.right)})"
+    if isinstance(node, InList):
+        values = ",".join(_canonical(Literal(v)) for v in node.values)
+        return f"in({_canonical(node.operand)},[{values}],{node.negated})"
+    if isinstance(node, Between):
+        return (
+            f"between({_canonical(node.operand)},{_canonical(node.low)},"
+            f"{_canonical(node.high)},{node.negated})"
+        )
+    if isinstance(node, Like):
+        return f"like({_canonical(node.operand)},{node.pattern!r},{node.ignore_case},{node.negated})"
+    if isinstance(node, IsNull):
+        return f"isnull({_canonical(node.operand)},{node.negated})"
+    if isinstance(node, BoolColumn):
+        return f"bool({_canonical(node.operand)})"
+    if isinstance(node, Not):
+        return f"not({_canonical(node.operand)})"
+    return f"{node.op.lower()}({','.join(_canonical(o) for o in node.operands)})"
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_keyed(where: str) -> tuple[Expr | None, str]:
+    """``parse_where`` plus the canonical key, memoised on the exact text."""
+    expr = parse_where(where)
+    return expr, "" if expr is None else _canonical(expr)
+
+
+def canonical_where(where: str) -> str:
+    """The cache key of a filter: a canonical text of its parsed expression ("" = none).
+
+    Two texts get one key only when they parse to the same tree, so a cache keyed on it
+    never answers one filter with another's rows (``'a  b'`` and ``'a b'`` stay apart).
+    Raises :class:`FilterError` like :func:`parse_where`.
+    """
+    if not isinstance(where, str):
+        raise FilterError(f"filter: where must be text, not {type(where).__name__}")
+    return _parse_keyed(where)[1]
+
+
 class FilterCache:
-    """A small LRU of evaluated filters for one metadata table (masks are read-only)."""
+    """A small LRU of evaluated filters for one metadata table (masks are read-only).
+
+    Keyed on :func:`canonical_where`, so spellings of one expression share an entry and
+    different expressions never do.
+    """
 
     def __init__(self, table: pa.Table, *, size: int = 32) -> None:
         self.table = table
@@ -612,15 +668,17 @@ class FilterCache:
 
     def mask(self, where: str) -> np.ndarray | None:
         """The mask of ``where`` (None when the filter is empty: every row passes)."""
-        key = " ".join(where.split())
-        if not key:
+        if not isinstance(where, str):
+            raise FilterError(f"filter: where must be text, not {type(where).__name__}")
+        expr, key = _parse_keyed(where)
+        if expr is None:
             return None
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        mask = compile_where(key, self.table)
+        mask = evaluate(expr, self.table)
         mask.setflags(write=False)
         with self._lock:
             self._cache[key] = mask
@@ -632,6 +690,7 @@ class FilterCache:
 __all__ = [
     "MAX_WHERE_LENGTH",
     "FilterCache",
+    "canonical_where",
     "compile_where",
     "evaluate",
     "filterable_columns",

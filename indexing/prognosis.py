@@ -215,16 +215,31 @@ def wilson_interval(share: float, n: float, *, alpha: float = 0.05) -> tuple[flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def ood_percentile(query_mean_sim: float, reference_sorted: Sequence[float] | np.ndarray) -> float:
+#: Similarities closer than this count as equal when ranking a query against the OOD
+#: reference. Float32 dot products differ by ~1e-7 between a batched and a single BLAS
+#: call; a cohort member queried alone ties exactly with its own reference entry, so
+#: without a tolerance that noise moves the percentile by one rank (1 / reference size).
+OOD_TIE_TOLERANCE = 1e-6
+
+
+def ood_percentile(
+    query_mean_sim: float,
+    reference_sorted: Sequence[float] | np.ndarray,
+    *,
+    tolerance: float = OOD_TIE_TOLERANCE,
+) -> float:
     """Share of cohort members whose mean neighbour similarity exceeds the query's.
 
     0 = the query sits as close to its neighbours as anyone; 1 = it is less similar to
     its neighbours than every cohort member is to theirs. 0 for an empty reference.
+    ``reference_sorted`` is ascending, shape (n,). A member counts as above only when it
+    exceeds the query by more than ``tolerance``, so values within float noise of the
+    query tie with it and the answer does not depend on how the query was batched.
     """
     ref = np.asarray(reference_sorted, dtype=np.float64)
     if ref.size == 0 or not math.isfinite(query_mean_sim):
         return 0.0 if ref.size == 0 else 1.0
-    above = ref.size - int(np.searchsorted(ref, query_mean_sim, side="right"))
+    above = ref.size - int(np.searchsorted(ref, query_mean_sim + tolerance, side="right"))
     return above / ref.size
 
 

@@ -22,7 +22,6 @@ and a rebuild never disturbs one being served.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -43,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from indexing.durable import AtomicWriteFailure, fsync_dir, fsync_file, sha256_file, write_atomic
 from indexing.errors import (
     DimensionError,
     QueryError,
@@ -52,8 +52,7 @@ from indexing.errors import (
     describe_os_error,
 )
 from indexing.exact import BlasExactIndex, TorchExactIndex, cuda_visible, faiss_threads_for
-from indexing.filter import FilterCache
-from indexing.store import fsync_dir
+from indexing.filter import FilterCache, canonical_where
 from indexing.tombstones import TOMBSTONE_FILE, TombstoneWatch, read_tombstones
 
 log = logging.getLogger(__name__)
@@ -113,16 +112,6 @@ def normalize_rows(x: np.ndarray, *, what: str = "embeddings") -> np.ndarray:
     if np.any(norms == 0):
         raise DimensionError(f"{what} hold all-zero rows; a zero vector has no direction")
     return np.ascontiguousarray(x / norms.astype(np.float32), dtype=np.float32)
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
 
 
 def new_version_id(versions_dir: Path | None = None) -> str:
@@ -408,7 +397,7 @@ def build_snapshot(
         files: dict[str, str] = {}
         for i, path in enumerate(payload):
             doing = ("syncing", path)
-            _fsync_file(path)
+            fsync_file(path)
             files[path.relative_to(tmp).as_posix()] = sha256_file(path)
             report("checksum", i + 1, len(payload))
         manifest = {
@@ -477,27 +466,22 @@ def publish(index_dir: Path | str, version: str) -> None:
     index_dir = Path(index_dir)
     if not (index_dir / VERSIONS_DIR / version / MANIFEST_FILE).exists():
         raise SnapshotError(f"version {version} does not exist under {index_dir}")
-    tmp = index_dir / f".{CURRENT_FILE}.{secrets.token_hex(4)}.tmp"
-    step = ("writing", tmp)
     try:
-        with open(tmp, "w") as fh:
-            fh.write(version + "\n")
-            fh.flush()
-            step = ("syncing", tmp)
-            os.fsync(fh.fileno())
-        step = ("renaming into place", index_dir / CURRENT_FILE)
-        os.replace(tmp, index_dir / CURRENT_FILE)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _write_error(exc, step, index_dir, published=False, version=version) from exc
-        raise
-    try:
-        fsync_dir(index_dir)
-    except OSError as exc:
-        step = ("syncing the folder", index_dir)
-        raise _write_error(exc, step, index_dir, published=True, version=version) from exc
+        write_atomic(index_dir / CURRENT_FILE, lambda fh: fh.write(version + "\n"), mode="w")
+    except AtomicWriteFailure as failure:
+        where = {
+            "writing": failure.tmp,
+            "syncing": failure.tmp,
+            "renaming into place": failure.path,
+            "syncing the folder": index_dir,
+        }[failure.step]
+        raise _write_error(
+            failure.error,
+            (failure.step, where),
+            index_dir,
+            published=failure.in_place,
+            version=version,
+        ) from failure.error
 
 
 def _write_error(
@@ -645,7 +629,7 @@ def republish_metadata(
         step = ("writing", tmp / METADATA_FILE)
         with open(tmp / METADATA_FILE, "wb") as fh:
             pq.write_table(metadata, fh, compression="zstd")
-        _fsync_file(tmp / METADATA_FILE)
+        fsync_file(tmp / METADATA_FILE)
         files[METADATA_FILE] = sha256_file(tmp / METADATA_FILE)
         manifest = dict(base)
         manifest.update(manifest_updates or {})
@@ -894,7 +878,7 @@ class Snapshot:
     def allowed(self, where: str = "", allowed: np.ndarray | None = None) -> RowMask | None:
         """The rows a search may return: ``where`` and ``allowed`` minus deleted rows."""
         sig, deleted, _ = self._deleted_state()
-        key = " ".join(where.split())
+        key = canonical_where(where)  # the parsed expression: spacing inside quotes counts
         if allowed is None:
             if not key:
                 return deleted
@@ -902,7 +886,7 @@ class Snapshot:
                 hit = self._masks.get((key, sig))
             if hit is not None:
                 return hit
-        mask = self.filter_mask(key) if key else None
+        mask = self.filter_mask(where) if key else None
         parts = [p for p in (mask, None if deleted is None else deleted.mask) if p is not None]
         if allowed is not None:
             a = np.asarray(allowed, dtype=bool)

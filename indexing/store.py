@@ -16,7 +16,7 @@ old or the new state, never half a file. Study part-file names are time-ordered 
 sorting the names gives the order of ingestion. Keys are pseudonyms (``P-...``/``S-...``);
 nothing here logs them.
 
-Durability and integrity (issue #9): a batch of studies is *acknowledged* when
+Durability and integrity: a batch of studies is *acknowledged* when
 :meth:`CohortStore.add_studies` returns; its part file was renamed into place and the
 folder fsynced before that, so it survives a kill -9 or power loss, and a killed writer
 leaves at most an invisible ``.part-*.tmp`` (removed by the next writer). Each part file's
@@ -30,11 +30,9 @@ Parquet page checksums are written and verified too. A failed write (disk full, 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 import shutil
@@ -42,7 +40,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +51,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from indexing.durable import (
+    exclusive_lock,
+    fsync_dir,
+    sha256_file,
+    write_parquet_atomic,
+)
 from indexing.errors import StoreError, StoreWriteError, describe_os_error
 from indexing.tombstones import TOMBSTONE_FILE, TombstoneWatch, add_tombstones
 
@@ -65,7 +69,7 @@ ACQUISITION_COLUMNS: tuple[str, ...] = (
     "kvp",
     "slice_thickness",
     "pixel_spacing",
-    # added for issue #3 (harmonisation metadata; part files without them read as null)
+    # harmonisation metadata (part files written without these columns read them as null)
     "software",
     "exposure",
     "field_strength",
@@ -157,85 +161,7 @@ def _time_ordered_uuid() -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_parquet_atomic(
-    table: pa.Table, path: Path, *, name_with_checksum: Callable[[str], Path] | None = None
-) -> Path:
-    """Write ``table`` to ``path`` via a fsynced temporary file in the same folder.
-
-    With ``name_with_checksum``, the final name is ``name_with_checksum(sha256 hex of the
-    file)`` instead of ``path`` (one atomic rename publishes the file and its checksum).
-    Returns the final path. An OSError (disk full, I/O error...) becomes
-    :class:`StoreWriteError` naming the path; nothing is left behind but the old state,
-    except when only the final folder fsync fails (the message then says the file is in
-    place but may not survive a power loss).
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    final = path
-    step = "writing"
-    try:
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd", write_page_checksum=True)
-            fh.flush()
-            step = "syncing"
-            os.fsync(fh.fileno())
-        if name_with_checksum is not None:
-            step = "reading back"
-            final = name_with_checksum(_sha256_file(tmp))
-        step = "renaming into place"
-        os.replace(tmp, final)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise StoreWriteError(
-                describe_os_error(exc, step, final) + "; nothing was written, the previous "
-                "state is intact (fix the cause and run the command again)",
-                path=final,
-                errno=exc.errno,
-            ) from exc
-        raise
-    try:
-        fsync_dir(final.parent)
-    except OSError as exc:
-        raise StoreWriteError(
-            describe_os_error(exc, "syncing the folder", final.parent)
-            + f"; {final.name} is in place but may not survive a power loss",
-            path=final.parent,
-            errno=exc.errno,
-        ) from exc
-    return final
-
-
-@contextlib.contextmanager
-def opened_for_lock(path: Path) -> Iterator[Any]:
-    """``open(path, "a")`` for an advisory lock; a failure is a :class:`StoreWriteError`."""
-    try:
-        fh = open(path, "a")  # noqa: SIM115 (closed below)
-    except OSError as exc:
-        raise StoreWriteError(
-            describe_os_error(exc, "creating the lock file", path) + "; nothing was written",
-            path=path,
-            errno=exc.errno,
-        ) from exc
-    with fh:
-        yield fh
-
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-# part-<uuid>.parquet (before issue #9, no checksum) or part-<uuid>.<sha256>.parquet
+# part-<uuid>.parquet (an older store: no checksum in the name) or part-<uuid>.<sha256>.parquet
 _PART_NAME = re.compile(r"^part-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
                         r"(?:\.([0-9a-f]{64}))?\.parquet$")
 _CHECKSUM_NAME = re.compile(r"\.([0-9a-f]{64})\.parquet$")
@@ -256,7 +182,7 @@ def verify_part_file(path: Path) -> None:
         with _VERIFIED_LOCK:
             if key in _VERIFIED:
                 return
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
     except OSError as exc:
         raise StoreError(
             describe_os_error(exc, "reading", path) + "; restore it from backup or re-ingest"
@@ -374,12 +300,8 @@ class CohortStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with opened_for_lock(self.root / _LOCK_FILE) as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with exclusive_lock(self.root / _LOCK_FILE):
+            yield
 
     def _read_part(self, path: Path, names: Sequence[str]) -> pa.Table:
         verify_part_file(path)

@@ -14,17 +14,16 @@ Pseudonyms only; nothing here logs them.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from indexing.durable import exclusive_lock, write_parquet_atomic
 from indexing.errors import StoreError
 
 TOMBSTONE_FILE = "tombstones.parquet"
@@ -36,17 +35,6 @@ TOMBSTONE_SCHEMA = pa.schema(
 )
 
 Signature = tuple[int, int, int] | None
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    lock = path.with_name(f".{path.name}.lock")
-    with open(lock, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def signature(path: Path) -> Signature:
@@ -78,13 +66,11 @@ def read_tombstones(path: Path) -> frozenset[str]:
 
 def add_tombstones(path: Path, patient_ids: Iterable[str]) -> int:
     """Add pseudonyms to the tombstone file at ``path``; returns how many were new."""
-    from indexing.store import write_parquet_atomic  # store imports this module
-
     ids = [str(p) for p in patient_ids]
     if any(not p for p in ids):
         raise StoreError("cannot delete an empty patient id")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
+    with exclusive_lock(path.with_name(f".{path.name}.lock")):
         old = read_table(path)
         known = set(old.column("patient_id").to_pylist())
         new = sorted({p for p in ids if p not in known})

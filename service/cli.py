@@ -17,11 +17,13 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -33,8 +35,59 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperGroup
 
 log = logging.getLogger("cohortsim")
+
+# Non-terminal output (pipes, logs) gets a wide console so tables do not fold.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+
+class _OneLineErrors(TyperGroup):
+    """The root command: click's usage errors (unknown option, bad choice, missing
+    argument) print as one ``cohortsim: error: ...`` line like every other error, with
+    the usual exit code 2, instead of typer's framed panel."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            rv = super().main(
+                args,
+                prog_name,
+                complete_var,
+                standalone_mode=False,
+                windows_expand_args=windows_expand_args,
+                **extra,
+            )
+        except click.exceptions.NoArgsIsHelpError as exc:  # the help was printed already
+            if not standalone_mode:
+                raise
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            if not standalone_mode:
+                raise
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see {ctx.command_path if ctx is not None else 'cohortsim'} --help)"
+            line = " ".join(exc.format_message().split())
+            err.print(f"cohortsim: error: {line}{hint}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            if not standalone_mode:
+                raise
+            err.print("cohortsim: error: aborted", markup=False, highlight=False)
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)  # an Exit(code) comes back as its code
+
 
 app = typer.Typer(
     name="cohortsim",
@@ -43,6 +96,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_OneLineErrors,
 )
 index_app = typer.Typer(help="Build and inspect index snapshots.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
@@ -51,9 +105,59 @@ app.add_typer(audit_app, name="audit")
 auth_app = typer.Typer(help="Make credentials for cohortsim serve --auth-tokens.", no_args_is_help=True)
 app.add_typer(auth_app, name="auth")
 
-# Non-terminal output (pipes, logs) gets a wide console so tables do not fold.
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cohortsim")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"cohortsim {_version()}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    pass
+
+
+# Fixed sets of option values: typer shows them in --help and refuses others.
+class Method(StrEnum):
+    simclr = "simclr"
+    vicreg = "vicreg"
+
+
+class Region(StrEnum):
+    lesion = "lesion"
+    whole = "whole"
+
+
+class Pooling(StrEnum):
+    attention = "attention"
+    mean = "mean"
+
+
+class Calibration(StrEnum):
+    tissue = "tissue"
+    none = "none"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+    cuda = "cuda"
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -76,16 +180,7 @@ def cli_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from encoders.errors import DicomError, EncoderError
-        from indexing.errors import (
-            DimensionError,
-            FilterError,
-            ModelVersionError,
-            QueryError,
-            SnapshotError,
-            StoreError,
-            UnknownStudyError,
-        )
+        from encoders.errors import CohortsimError
         from service.auth import AuthConfigError
         from service.client import CohortsimClientError
 
@@ -97,23 +192,10 @@ def cli_errors(fn: F) -> F:
             _fail(str(exc), exc.code)
         except CohortsimClientError as exc:
             _fail(str(exc), 1 if exc.code in ("UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED") else 2)
-        except (
-            DicomError,
-            EncoderError,
-            StoreError,
-            SnapshotError,
-            DimensionError,
-            FilterError,
-            ModelVersionError,
-            QueryError,
-            AuthConfigError,
-            FileNotFoundError,
-            NotADirectoryError,
-            PermissionError,
-        ) as exc:
+        except CohortsimError as exc:  # the encoders' and indexing's typed errors
+            _fail(exc.message, exc.exit_code)
+        except (AuthConfigError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
             _fail(str(exc) or type(exc).__name__)
-        except UnknownStudyError as exc:
-            _fail(str(exc.args[0]) if exc.args else "unknown study")
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except OSError as exc:
@@ -144,6 +226,12 @@ def progress_bar(description: str, total: int | None = None) -> Iterator[Callabl
 
 def _say(message: str) -> None:
     err.print(message, highlight=False)
+
+
+def _print_json(report: Any) -> None:
+    """One JSON document on stdout (plain: no colour codes, whatever the terminal)."""
+    sys.stdout.write(json.dumps(report, default=str) + "\n")
+    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------- synth
@@ -236,28 +324,20 @@ def train(
         typer.Option(min=1, max=10_000, help="Default: what cohortsim eval trains and scores (lesion 100, whole 8)."),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=2, max=4096)] = 16,
-    method: Annotated[str, typer.Option(help="simclr or vicreg.")] = "simclr",
+    method: Annotated[Method, typer.Option(help="Self-supervised objective.")] = Method.simclr,
     embedding_dim: Annotated[int, typer.Option(min=8, max=4096)] = 128,
     lr: Annotated[float, typer.Option(min=1e-7, max=1.0)] = 1e-3,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[Device, typer.Option(help="auto (a GPU when one is visible), cpu, gpu or cuda.")] = Device.auto,
     seed: Annotated[int, typer.Option()] = 0,
     time_budget: Annotated[float | None, typer.Option(help="Stop training after this many seconds.")] = None,
-    region: Annotated[str, typer.Option(help="lesion (embed a box around the lung lesion; see encoders/roi.py) or whole (the whole volume).")] = "lesion",
-    pooling: Annotated[str, typer.Option(help="Pooling over slices: attention or mean.")] = "attention",
-    calibration: Annotated[str, typer.Option(help="tissue (calibrate each study's HU on its air and soft tissue) or none.")] = "tissue",
+    region: Annotated[Region, typer.Option(help="lesion (embed a box around the lung lesion; see encoders/roi.py) or whole (the whole volume).")] = Region.lesion,
+    pooling: Annotated[Pooling, typer.Option(help="Pooling over slices.")] = Pooling.attention,
+    calibration: Annotated[Calibration, typer.Option(help="tissue (calibrate each study's HU on its air and soft tissue) or none.")] = Calibration.tissue,
     views: Annotated[int | None, typer.Option(min=2, max=16, help="Augmented views of each study per step (default: lesion 4, whole 2; a step costs about views/2 two-view steps; 8 scored higher still, at twice the time of 4).")] = None,
 ) -> None:
     """Train a self-supervised study encoder on the store's volumes (resumable)."""
     from indexing.store import CohortStore
 
-    if method not in ("simclr", "vicreg"):
-        raise CliError(f"--method must be simclr or vicreg, not {method!r}")
-    if region not in ("lesion", "whole"):
-        raise CliError(f"--region must be lesion or whole, not {region!r}")
-    if pooling not in ("attention", "mean"):
-        raise CliError(f"--pooling must be attention or mean, not {pooling!r}")
-    if calibration not in ("tissue", "none"):
-        raise CliError(f"--calibration must be tissue or none, not {calibration!r}")
     if epochs is None:  # the evaluation's protocol: the encoder trained is the one it scores
         from encoders.evaluate import EvalConfig
 
@@ -269,16 +349,16 @@ def train(
         out_dir,
         backbone=backbone,
         embedding_dim=embedding_dim,
-        method=method,
+        method=method.value,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        device=device,
+        device=_device(device),
         seed=seed,
         time_budget_s=time_budget,
-        region=region,
-        pooling=pooling,
-        calibration=calibration,
+        region=region.value,
+        pooling=pooling.value,
+        calibration=calibration.value,
         views=views,
     )
     _say(f"saved encoder {card.version} ({card.backbone}, {card.method}, {card.epochs} epochs, dim {card.embedding_dim}) to {out_dir}")
@@ -333,15 +413,15 @@ def eval_retrieval(
     query_fraction: Annotated[float, typer.Option(min=0.01, max=0.9, help="Share of patients held out as queries.")] = 0.25,
     seed: Annotated[int, typer.Option(help="Seed of the query split and of training.")] = 0,
     backbone: Annotated[str, typer.Option()] = "resnet10t",
-    method: Annotated[str, typer.Option(help="simclr or vicreg.")] = "simclr",
+    method: Annotated[Method, typer.Option(help="Self-supervised objective.")] = Method.simclr,
     regions: Annotated[str, typer.Option(help="Encoders to train on the reference studies: comma list of lesion, whole; empty for none.")] = "lesion,whole",
-    pooling: Annotated[str, typer.Option(help="attention or mean.")] = "attention",
-    calibration: Annotated[str, typer.Option(help="tissue or none (HU calibration of the trained encoders).")] = "tissue",
+    pooling: Annotated[Pooling, typer.Option(help="Pooling over slices.")] = Pooling.attention,
+    calibration: Annotated[Calibration, typer.Option(help="HU calibration of the trained encoders.")] = Calibration.tissue,
     epochs: Annotated[int, typer.Option(min=1, max=10_000, help="Epochs of the lesion encoder.")] = 100,
     whole_epochs: Annotated[int, typer.Option(min=1, max=10_000, help="Epochs of the whole-volume encoder.")] = 8,
     batch_size: Annotated[int, typer.Option(min=2, max=4096, help="Studies per training step (as cohortsim train).")] = 16,
     train_seconds: Annotated[float | None, typer.Option(min=1, help="Also stop each training after this many seconds.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[Device, typer.Option(help="auto (a GPU when one is visible), cpu, gpu or cuda.")] = Device.auto,
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
     spool_dir: Annotated[Path | None, typer.Option(help="Folder for the temporary memory-mapped copy of the volumes (default: the system's temporary folder, $TMPDIR).")] = None,
     bootstrap: Annotated[int, typer.Option(min=0, max=100_000, help="Bootstrap resamples of the query patients for the 95 % intervals (0: no intervals).")] = 1000,
@@ -359,10 +439,6 @@ def eval_retrieval(
     from encoders.evaluate import EvalConfig
     from indexing.store import CohortStore
 
-    if method not in ("simclr", "vicreg"):
-        raise CliError(f"--method must be simclr or vicreg, not {method!r}")
-    if calibration not in ("tissue", "none"):
-        raise CliError(f"--calibration must be tissue or none, not {calibration!r}")
     region_list = tuple(r.strip() for r in regions.split(",") if r.strip())
     bad = [r for r in region_list if r not in ("lesion", "whole")]
     if bad:
@@ -376,10 +452,10 @@ def eval_retrieval(
         uids, volumes = cohort.spool_volumes(Path(spool) / "volumes.npy")
         try:
             rows = _eval_rows(cohort, uids, volumes, label=label, model=model, cfg=EvalConfig(
-                k=k, query_fraction=query_fraction, seed=seed, backbone=backbone, method=method,
-                regions=region_list, pooling=pooling, calibration=calibration, epochs=epochs,
+                k=k, query_fraction=query_fraction, seed=seed, backbone=backbone, method=method.value,
+                regions=region_list, pooling=pooling.value, calibration=calibration.value, epochs=epochs,
                 whole_epochs=whole_epochs, time_budget_s=train_seconds,
-                device=device, bootstrap=bootstrap,
+                device=_device(device), bootstrap=bootstrap,
                 train_kw={"batch_size": batch_size, "views": views},
             ))
         finally:
@@ -443,9 +519,10 @@ _DEVICE_HELP = "auto (a GPU when one is visible), cpu or gpu."
 
 
 def _device(device: str) -> str:
-    if device not in ("auto", "cpu", "gpu", "cuda"):
+    """A --device value as the libraries name it (gpu -> cuda)."""
+    if device not in tuple(Device):
         raise CliError(f"--device must be auto, cpu or gpu, not {device!r}")
-    return "cuda" if device == "gpu" else device
+    return "cuda" if device == Device.gpu else str(Device(device).value)
 
 
 @index_app.command("build")
@@ -460,9 +537,10 @@ def index_build(
     ] = None,
     kind: Annotated[str, typer.Option(help="FAISS factory string: Flat (exact, default), HNSW32, IVF256,Flat, IVF256,PQ32, SQfp16...")] = "Flat",
     fp16: Annotated[bool, typer.Option("--fp16", help="Store vectors in half precision (Flat -> SQfp16, IVFn,Flat -> IVFn,SQfp16, HNSWm -> HNSWm,SQfp16).")] = False,
-    device: Annotated[str, typer.Option(help="Device for embedding: " + _DEVICE_HELP)] = "auto",
+    device: Annotated[Device, typer.Option(help="Device for embedding: " + _DEVICE_HELP)] = Device.auto,
     shard_size: Annotated[int, typer.Option(min=1, help="Studies per checkpointed shard; a killed build resumes from the last one.")] = 512,
     keep: Annotated[int | None, typer.Option(min=1, help="After publishing, delete all but the newest N versions (the served one stays).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")] = False,
 ) -> None:
     """Embed the cohort and publish a new index snapshot atomically (safe while a server reads it)."""
     from indexing.build import build_from_embeddings, build_from_store
@@ -496,10 +574,23 @@ def index_build(
         f"{info['index_kind']}, model {info['model_version']} -> {out_dir}"
     )
     _print_manifest_quality(snap.manifest)
+    removed: list[str] = []
     if keep is not None:
         removed = prune_versions(out_dir, keep=keep)
         if removed:
             _say(f"pruned {len(removed)} old version(s): {', '.join(removed)}")
+    if json_out:
+        _print_json(
+            {
+                "index_dir": str(out_dir),
+                "version": version,
+                "num_studies": info["num_studies"],
+                "dimension": info["dimension"],
+                "index_kind": info["index_kind"],
+                "model_version": info["model_version"],
+                "pruned": removed,
+            }
+        )
 
 
 @index_app.command("list")
@@ -577,13 +668,18 @@ def index_prune(
 
 @index_app.command("compact")
 @cli_errors
-def index_compact(index_dir: Annotated[Path, typer.Argument(metavar="INDEX_DIR")]) -> None:
+def index_compact(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX_DIR")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")] = False,
+) -> None:
     """Remove deleted patients' rows physically: rebuild the served version from its own vectors."""
     from indexing.build import compact_index
 
     with progress_bar("compact") as update:
         version = compact_index(index_dir, progress=lambda stage, d, t: update(d, t, extra=stage))
     _say("nothing to compact: no deleted patient in the served version" if version is None else f"published compacted index {version}")
+    if json_out:
+        _print_json({"index_dir": str(index_dir), "version": version, "compacted": version is not None})
 
 
 # --------------------------------------------------------------------------- delete, outcomes, compact
@@ -598,6 +694,7 @@ def delete(
     index: Annotated[Path | None, typer.Option(help="Index folder: servers stop returning the patient on their next call; rows go at the next rebuild.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Treat every --patient as a raw id, even if it looks like a pseudonym.")] = False,
     secret_file: Annotated[Path | None, typer.Option(help="Site secret for hashing raw ids (default $COHORTSIM_SITE_SECRET or ~/.config/cohortsim/site-secret).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")] = False,
 ) -> None:
     """Withdraw patients (consent revoked): hidden everywhere at once, removed at the next compaction."""
     from indexing.store import CohortStore
@@ -621,12 +718,18 @@ def delete(
 
             pseudo = Pseudonymizer.from_env_or_file(secret_file)
         pseudonyms.append(pseudo.patient(pid))
+    report: dict[str, Any] = {"patients": pseudonyms, "store_withdrawn": None, "index_hidden": None}
     if store is not None:
         added = CohortStore(store).delete_patients(pseudonyms)
+        report["store_withdrawn"] = added
         _say(f"store {store}: {added} patient(s) withdrawn; their rows go at `cohortsim compact --store`")
     if index is not None:
         added = add_tombstones(index / TOMBSTONE_FILE, pseudonyms)
+        report["index_hidden"] = added
         _say(f"index {index}: {added} patient(s) hidden from answers now; rows go at the next build or `cohortsim index compact`")
+    if json_out:
+        _print_json(report)
+        return
     for p in pseudonyms:
         out.print(p)
 
@@ -638,6 +741,7 @@ def outcomes(
     store: Annotated[Path, typer.Option(help="Cohort store to update.")],
     index: Annotated[Path | None, typer.Option(help="Also publish a new index version with these outcomes (no re-embedding).")] = None,
     secret_file: Annotated[Path | None, typer.Option(help="Site secret (default $COHORTSIM_SITE_SECRET or ~/.config/cohortsim/site-secret).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")] = False,
 ) -> None:
     """Update outcomes (follow-up, events, labels) without re-embedding anything."""
     from encoders.deid import Pseudonymizer
@@ -648,9 +752,12 @@ def outcomes(
     cohort = CohortStore(store)
     rows = cohort.set_outcomes(read_outcomes(table, Pseudonymizer.from_env_or_file(secret_file)))
     _say(f"store {store}: outcomes of {rows} patient(s) updated")
+    version = None
     if index is not None:
         version = update_outcomes(index, cohort)
         _say(f"published index {version} with the new outcomes (vectors shared with the previous version)")
+    if json_out:
+        _print_json({"store": str(store), "patients_updated": rows, "index_version": version})
 
 
 @app.command()
@@ -658,6 +765,7 @@ def outcomes(
 def compact(
     store: Annotated[Path | None, typer.Option(help="Cohort store: rewrite part files without withdrawn patients.")] = None,
     index: Annotated[Path | None, typer.Option(help="Index folder: rebuild the served version without withdrawn patients.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")] = False,
 ) -> None:
     """Physically remove withdrawn patients' rows (they are already hidden)."""
     from indexing.build import compact_index
@@ -665,12 +773,17 @@ def compact(
 
     if store is None and index is None:
         raise CliError("give --store and/or --index")
+    report: dict[str, Any] = {"store": None, "index_version": None}
     if store is not None:
         r = CohortStore(store).compact()
+        report["store"] = dict(r)
         _say(f"store {store}: {r['studies_removed']} studies and {r['outcomes_removed']} outcome rows removed ({r['parts_rewritten']} files rewritten)")
     if index is not None:
         version = compact_index(index)
+        report["index_version"] = version
         _say(f"index {index}: " + ("nothing to compact" if version is None else f"published compacted version {version}"))
+    if json_out:
+        _print_json(report)
 
 
 # --------------------------------------------------------------------------- serve
@@ -787,6 +900,7 @@ def audit_verify(
     expect_head: Annotated[
         str | None, typer.Option(help="The hash the log must end with (kept elsewhere), to catch lines cut from its end.")
     ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout (exit 1 still marks a broken chain).")] = False,
 ) -> None:
     """Check the SHA-256 chain of an audit log; names the first edited, removed or reordered record."""
     from service.audit import verify
@@ -794,6 +908,20 @@ def audit_verify(
     if not path.is_file():
         raise CliError(f"{path} is not a file")
     result = verify(path, expect_head=expect_head)
+    if json_out:
+        _print_json(
+            {
+                "path": str(path),
+                "ok": result.ok,
+                "records": result.records,
+                "head": result.head,
+                "bad_line": result.bad_line,
+                "reason": result.reason,
+            }
+        )
+        if not result.ok:
+            raise typer.Exit(1)
+        return
     if not result.ok:
         _fail(result.describe(path), 1)
     out.print(result.describe(path), highlight=False)

@@ -12,24 +12,27 @@ server's message and, when the server sent one, the machine-readable ``ErrorInfo
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api import SERVICE_FULL_NAME, cohortsim_pb2, cohortsim_pb2_grpc
-from service.errors import reason_from_trailing
+from service.status_details import reason_from_trailing, retry_delay_from_trailing
 
 DEFAULT_MAX_MESSAGE_MB = 64
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- errors
@@ -37,13 +40,17 @@ DEFAULT_MAX_MESSAGE_MB = 64
 
 class CohortsimClientError(Exception):
     """A failed call: ``code`` is the gRPC status name (``"INVALID_ARGUMENT"``, ...),
-    ``reason`` the server's ErrorInfo reason (``"WRONG_DIMENSION"``, ...) or ``None``."""
+    ``reason`` the server's ErrorInfo reason (``"WRONG_DIMENSION"``, ...) or ``None``,
+    ``retry_after`` the server's RetryInfo delay in seconds (RESOURCE_EXHAUSTED) or ``None``."""
 
-    def __init__(self, code: str, message: str, reason: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, reason: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(code, message, reason)
         self.code = code
         self.message = message
         self.reason = reason
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         tail = f" [{self.reason}]" if self.reason and self.reason != self.code else ""
@@ -57,7 +64,7 @@ class CohortsimClientError(Exception):
         trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
         message = " ".join(str(details or name.lower().replace("_", " ")).split())
-        return cls(name, message, reason_from_trailing(trailing))
+        return cls(name, message, reason_from_trailing(trailing), retry_delay_from_trailing(trailing))
 
 
 # --------------------------------------------------------------------------- results
@@ -607,9 +614,21 @@ def _read_files(dicom_paths: Sequence[Path | str | bytes]) -> list[bytes]:
     return files
 
 
+class StudyEmbedding(NamedTuple):
+    """What EmbedStudy returns: the ``(d,)`` float32 vector and the encoder's version.
+
+    Unpacks as ``vector, model_version = client.embed(...)``; passed whole as
+    ``search(embedding=...)`` it sends its model version, so the server refuses it
+    (``MODEL_VERSION_MISMATCH``) if the index was built with another encoder.
+    """
+
+    vector: np.ndarray
+    model_version: str
+
+
 def build_search_request(
     *,
-    embedding: Sequence[float] | np.ndarray | None = None,
+    embedding: StudyEmbedding | Sequence[float] | np.ndarray | None = None,
     study_uid: str | None = None,
     dicom_paths: Sequence[Path | str | bytes] | None = None,
     k: int = 10,
@@ -617,13 +636,18 @@ def build_search_request(
     include_thumbnails: bool = False,
     regions: Sequence[tuple[str, Sequence[float]]] = (),
     include_explanations: bool = False,
+    model_version: str | None = None,
 ) -> cohortsim_pb2.SearchSimilarRequest:
     """The request for exactly one of ``embedding``, ``study_uid``, ``dicom_paths``;
     ``regions``: ``(observer, (z0, y0, x0, z1, y1, x1))`` boxes of a DICOM query;
-    ``include_explanations`` (DICOM queries): per-neighbour occlusion maps."""
+    ``include_explanations`` (DICOM queries): per-neighbour occlusion maps.
+    ``model_version``: the encoder that made ``embedding`` (taken from a
+    :class:`StudyEmbedding` when not given); unset, the server answers with a warning."""
     given = [x is not None for x in (embedding, study_uid, dicom_paths)]
     if sum(given) != 1:
         raise ValueError("give exactly one of embedding, study_uid, dicom_paths")
+    if model_version is not None and embedding is None:
+        raise ValueError("model_version goes with an embedding query")
     req = cohortsim_pb2.SearchSimilarRequest(
         k=int(k),
         filter=cohortsim_pb2.Filter(where=where),
@@ -631,8 +655,14 @@ def build_search_request(
         include_explanations=bool(include_explanations),
     )
     if embedding is not None:
+        if isinstance(embedding, StudyEmbedding):
+            if model_version is None:
+                model_version = embedding.model_version
+            embedding = embedding.vector
         values = np.asarray(embedding, dtype=np.float32).reshape(-1)
         req.embedding.values.extend(values.tolist())
+        if model_version is not None:
+            req.embedding.model_version = str(model_version)
     elif study_uid is not None:
         req.study_uid = study_uid
     elif dicom_paths is not None:
@@ -643,6 +673,15 @@ def build_search_request(
         for observer, box in regions:
             req.dicom.regions.add(observer=str(observer), box=[float(v) for v in box])
     return req
+
+
+def _embedding(resp: cohortsim_pb2.EmbedStudyResponse) -> StudyEmbedding:
+    version = (
+        resp.embedding.model_version
+        if resp.embedding.HasField("model_version")
+        else resp.model_version
+    )
+    return StudyEmbedding(np.asarray(resp.embedding.values, dtype=np.float32), version)
 
 
 def _channel_options(max_message_mb: int) -> list[tuple[str, int]]:
@@ -786,165 +825,17 @@ def _list_request(page_size: int, page_token: str, where: str) -> Any:
     )
 
 
-# --------------------------------------------------------------------------- sync client
-
-
-class CohortsimClient:
-    """Blocking client; use as a context manager (or call :meth:`close`).
-
-    ``target`` is ``host:port``; ``timeout`` (seconds) applies to every call;
-    ``credentials`` switches to a TLS channel (:func:`service.tls.channel_credentials`);
-    ``token`` is sent as ``authorization: Bearer <token>`` on every call.
-    """
-
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float = 30.0,
-        credentials: grpc.ChannelCredentials | None = None,
-        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
-        token: str | None = None,
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self._metadata = _auth_metadata(token)
-        options = _channel_options(max_message_mb)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    def __enter__(self) -> CohortsimClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise CohortsimClientError.from_rpc_error(exc) from None
-
-    def search(
-        self,
-        *,
-        embedding: Sequence[float] | np.ndarray | None = None,
-        study_uid: str | None = None,
-        dicom_paths: Sequence[Path | str | bytes] | None = None,
-        k: int = 10,
-        where: str = "",
-        include_thumbnails: bool = False,
-        regions: Sequence[tuple[str, Sequence[float]]] = (),
-        include_explanations: bool = False,
-    ) -> SearchResult:
-        """The ``k`` most similar studies to one query (exactly one of the three kinds);
-        ``include_thumbnails`` asks for the query's and neighbours' PNG thumbnails (the
-        embedded region's slice, box drawn) and regions; ``include_explanations`` (DICOM
-        queries) for each neighbour's occlusion map over the query's region;
-        ``regions`` gives a DICOM query's regions of interest as ``(observer, box)``
-        (see ``RegionOfInterest`` in the proto), answered in ``diagnostics.regions``."""
-        req = build_search_request(
-            embedding=embedding,
-            study_uid=study_uid,
-            dicom_paths=dicom_paths,
-            k=k,
-            where=where,
-            include_thumbnails=include_thumbnails,
-            regions=regions,
-            include_explanations=include_explanations,
-        )
-        return search_result_from_proto(self._call(self._stub.SearchSimilar, req))
-
-    def embed(self, dicom_paths: Sequence[Path | str | bytes]) -> tuple[np.ndarray, str]:
-        """Embed one study on the server: ``((d,) float32, model_version)``."""
-        req = cohortsim_pb2.EmbedStudyRequest(
-            dicom=cohortsim_pb2.DicomStudy(files=_read_files(dicom_paths))
-        )
-        resp = self._call(self._stub.EmbedStudy, req)
-        return np.asarray(resp.embedding.values, dtype=np.float32), resp.model_version
-
-    def index_info(self) -> IndexInfo:
-        """Describe the served index."""
-        resp = self._call(self._stub.GetIndexInfo, cohortsim_pb2.GetIndexInfoRequest())
-        return index_info_from_proto(resp)
-
-    def health(self, service: str = SERVICE_FULL_NAME) -> str:
-        """``"SERVING"``, ``"NOT_SERVING"``, ... for ``service`` (``""`` = the whole server)."""
-        resp = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
-        return _HEALTH_NAMES.get(resp.status, "UNKNOWN")
-
-    def search_stream(
-        self, dicom_paths: Sequence[Path | str | bytes], *, k: int = 10, where: str = "",
-        include_thumbnails: bool = False, chunk_bytes: int = STREAM_CHUNK_BYTES,
-    ) -> SearchResult:
-        """:meth:`search` for a DICOM study of any size (SearchSimilarStream, chunked)."""
-        req = cohortsim_pb2.SearchSimilarRequest(
-            k=int(k), filter=cohortsim_pb2.Filter(where=where),
-            include_thumbnails=bool(include_thumbnails),
-        )
-        resp = self._call(
-            self._stub.SearchSimilarStream, stream_search_requests(dicom_paths, req, chunk_bytes)
-        )
-        return search_result_from_proto(resp.response)
-
-    def get_patient(self, patient_id: str) -> PatientRecord:
-        """A patient's studies and outcome (pseudonym ``P-...``)."""
-        req = cohortsim_pb2.GetPatientRequest(patient_id=patient_id)
-        return _patient(self._call(self._stub.GetPatient, req))
-
-    def list_studies(self, *, page_size: int = 0, page_token: str = "", where: str = "") -> StudyPage:
-        """One page of the index's studies (``where``: a filter)."""
-        return _page(self._call(self._stub.ListStudies, _list_request(page_size, page_token, where)))
-
-    def cohort_stats(self, *, where: str = "") -> CohortStats:
-        """Counts by site, scanner and label (researchers: small cells withheld)."""
-        req = cohortsim_pb2.GetCohortStatsRequest(filter=cohortsim_pb2.Filter(where=where))
-        return _stats(self._call(self._stub.GetCohortStats, req))
-
-    def ingest(self, studies: Sequence[Sequence[Path | str | bytes]]) -> dict[str, Any]:
-        """Admin: add studies (each a list of DICOM files) to the server's store."""
-        msgs = (
-            cohortsim_pb2.IngestStudiesRequest(study=cohortsim_pb2.DicomStudy(files=_read_files(s)))
-            for s in studies
-        )
-        resp = self._call(self._stub.IngestStudies, msgs)
-        return {
-            "received": resp.received_count, "ingested": resp.ingested_count,
-            "already_present": resp.already_present_count, "rejections": list(resp.rejections),
-        }
-
-    def delete_patient(self, patient_id: str) -> tuple[bool, int]:
-        """Admin: withdraw a patient; ``(newly_deleted, hidden_study_count)``."""
-        resp = self._call(
-            self._stub.DeletePatient, cohortsim_pb2.DeletePatientRequest(patient_id=patient_id)
-        )
-        return bool(resp.newly_deleted), int(resp.hidden_study_count)
-
-    def reload_index(self) -> tuple[str, bool]:
-        """Admin: serve what ``CURRENT`` names now; ``(index_version, reloaded)``."""
-        resp = self._call(self._stub.ReloadIndex, cohortsim_pb2.ReloadIndexRequest())
-        return resp.index_version, bool(resp.reloaded)
-
-
 # --------------------------------------------------------------------------- asyncio client
 
 
 class AsyncCohortsimClient:
-    """The asyncio twin of :class:`CohortsimClient` (``async with``; methods are coroutines).
+    """The client core (asyncio): ``async with``; every RPC is a coroutine method.
 
-    Create it inside the event loop that will use it.
+    ``target`` is ``host:port``; ``timeout`` (seconds) applies to every call;
+    ``credentials`` switches to a TLS channel (:func:`service.tls.channel_credentials`);
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call. Create it inside
+    the event loop that will use it. :class:`CohortsimClient` runs this class on a loop
+    of its own, so both offer the same methods with the same answers.
     """
 
     def __init__(
@@ -990,7 +881,7 @@ class AsyncCohortsimClient:
     async def search(
         self,
         *,
-        embedding: Sequence[float] | np.ndarray | None = None,
+        embedding: StudyEmbedding | Sequence[float] | np.ndarray | None = None,
         study_uid: str | None = None,
         dicom_paths: Sequence[Path | str | bytes] | None = None,
         k: int = 10,
@@ -998,8 +889,14 @@ class AsyncCohortsimClient:
         include_thumbnails: bool = False,
         regions: Sequence[tuple[str, Sequence[float]]] = (),
         include_explanations: bool = False,
+        model_version: str | None = None,
     ) -> SearchResult:
-        """See :meth:`CohortsimClient.search`."""
+        """The ``k`` most similar studies to one query (exactly one of the three kinds);
+        ``include_thumbnails`` asks for the query's and neighbours' PNG thumbnails;
+        ``regions`` gives a DICOM query's regions of interest as ``(observer, box)``
+        (see ``RegionOfInterest`` in the proto), answered in ``diagnostics.regions``;
+        ``model_version`` names the encoder of ``embedding`` (a :class:`StudyEmbedding`
+        from :meth:`embed` carries it)."""
         req = build_search_request(
             embedding=embedding,
             study_uid=study_uid,
@@ -1009,54 +906,233 @@ class AsyncCohortsimClient:
             include_thumbnails=include_thumbnails,
             regions=regions,
             include_explanations=include_explanations,
+            model_version=model_version,
         )
         return search_result_from_proto(await self._call(self._stub.SearchSimilar, req))
 
-    async def embed(self, dicom_paths: Sequence[Path | str | bytes]) -> tuple[np.ndarray, str]:
-        """See :meth:`CohortsimClient.embed`."""
+    async def embed(self, dicom_paths: Sequence[Path | str | bytes]) -> StudyEmbedding:
+        """Embed one study on the server: ``((d,) float32, model_version)``."""
         req = cohortsim_pb2.EmbedStudyRequest(
             dicom=cohortsim_pb2.DicomStudy(files=_read_files(dicom_paths))
         )
-        resp = await self._call(self._stub.EmbedStudy, req)
-        return np.asarray(resp.embedding.values, dtype=np.float32), resp.model_version
+        return _embedding(await self._call(self._stub.EmbedStudy, req))
 
     async def index_info(self) -> IndexInfo:
-        """See :meth:`CohortsimClient.index_info`."""
+        """Describe the served index."""
         resp = await self._call(self._stub.GetIndexInfo, cohortsim_pb2.GetIndexInfoRequest())
         return index_info_from_proto(resp)
 
     async def health(self, service: str = SERVICE_FULL_NAME) -> str:
-        """See :meth:`CohortsimClient.health`."""
+        """``"SERVING"``, ``"NOT_SERVING"``, ... for ``service`` (``""`` = the whole server)."""
         resp = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
         return _HEALTH_NAMES.get(resp.status, "UNKNOWN")
 
     async def search_stream(
         self, dicom_paths: Sequence[Path | str | bytes], *, k: int = 10, where: str = "",
-        chunk_bytes: int = STREAM_CHUNK_BYTES,
+        include_thumbnails: bool = False, chunk_bytes: int = STREAM_CHUNK_BYTES,
     ) -> SearchResult:
-        """See :meth:`CohortsimClient.search_stream`."""
-        req = cohortsim_pb2.SearchSimilarRequest(k=int(k), filter=cohortsim_pb2.Filter(where=where))
+        """:meth:`search` for a DICOM study of any size (SearchSimilarStream, chunked)."""
+        req = cohortsim_pb2.SearchSimilarRequest(
+            k=int(k), filter=cohortsim_pb2.Filter(where=where),
+            include_thumbnails=bool(include_thumbnails),
+        )
         resp = await self._call(
             self._stub.SearchSimilarStream, stream_search_requests(dicom_paths, req, chunk_bytes)
         )
         return search_result_from_proto(resp.response)
 
     async def get_patient(self, patient_id: str) -> PatientRecord:
-        """See :meth:`CohortsimClient.get_patient`."""
+        """A patient's studies and outcome (pseudonym ``P-...``)."""
         req = cohortsim_pb2.GetPatientRequest(patient_id=patient_id)
         return _patient(await self._call(self._stub.GetPatient, req))
 
     async def list_studies(
         self, *, page_size: int = 0, page_token: str = "", where: str = ""
     ) -> StudyPage:
-        """See :meth:`CohortsimClient.list_studies`."""
+        """One page of the index's studies (``where``: a filter)."""
         req = _list_request(page_size, page_token, where)
         return _page(await self._call(self._stub.ListStudies, req))
 
     async def cohort_stats(self, *, where: str = "") -> CohortStats:
-        """See :meth:`CohortsimClient.cohort_stats`."""
+        """Counts by site, scanner and label (researchers: small cells withheld)."""
         req = cohortsim_pb2.GetCohortStatsRequest(filter=cohortsim_pb2.Filter(where=where))
         return _stats(await self._call(self._stub.GetCohortStats, req))
+
+    async def ingest(self, studies: Sequence[Sequence[Path | str | bytes]]) -> dict[str, Any]:
+        """Admin: add studies (each a list of DICOM files) to the server's store."""
+        msgs = (
+            cohortsim_pb2.IngestStudiesRequest(study=cohortsim_pb2.DicomStudy(files=_read_files(s)))
+            for s in studies
+        )
+        resp = await self._call(self._stub.IngestStudies, msgs)
+        return {
+            "received": resp.received_count, "ingested": resp.ingested_count,
+            "already_present": resp.already_present_count, "rejections": list(resp.rejections),
+        }
+
+    async def delete_patient(self, patient_id: str) -> tuple[bool, int]:
+        """Admin: withdraw a patient; ``(newly_deleted, hidden_study_count)``."""
+        resp = await self._call(
+            self._stub.DeletePatient, cohortsim_pb2.DeletePatientRequest(patient_id=patient_id)
+        )
+        return bool(resp.newly_deleted), int(resp.hidden_study_count)
+
+    async def reload_index(self) -> tuple[str, bool]:
+        """Admin: serve what ``CURRENT`` names now; ``(index_version, reloaded)``."""
+        resp = await self._call(self._stub.ReloadIndex, cohortsim_pb2.ReloadIndexRequest())
+        return resp.index_version, bool(resp.reloaded)
+
+
+# --------------------------------------------------------------------------- sync client
+
+
+class _LoopThread:
+    """An event loop running in a daemon thread, for blocking callers of coroutines."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="cohortsim-client", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class CohortsimClient:
+    """Blocking client: :class:`AsyncCohortsimClient` run on an event loop of its own
+    (one thread per client). Use as a context manager (or call :meth:`close`); the
+    arguments and methods are the async client's, each returning its answer."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 30.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        token: str | None = None,
+    ) -> None:
+        _auth_metadata(token)  # a bad token fails here, before a thread starts
+        self.target = target
+        self.timeout = timeout
+        self._loop = _LoopThread()
+
+        async def make() -> AsyncCohortsimClient:
+            return AsyncCohortsimClient(
+                target,
+                timeout=timeout,
+                credentials=credentials,
+                max_message_mb=max_message_mb,
+                token=token,
+            )
+
+        self._core = self._loop.run(make())
+        self._closed = False
+
+    def __enter__(self) -> CohortsimClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.run(self._core.close())
+        finally:
+            self._loop.stop()
+
+    def search(
+        self,
+        *,
+        embedding: StudyEmbedding | Sequence[float] | np.ndarray | None = None,
+        study_uid: str | None = None,
+        dicom_paths: Sequence[Path | str | bytes] | None = None,
+        k: int = 10,
+        where: str = "",
+        include_thumbnails: bool = False,
+        regions: Sequence[tuple[str, Sequence[float]]] = (),
+        include_explanations: bool = False,
+        model_version: str | None = None,
+    ) -> SearchResult:
+        """See :meth:`AsyncCohortsimClient.search`."""
+        return self._loop.run(
+            self._core.search(
+                embedding=embedding,
+                study_uid=study_uid,
+                dicom_paths=dicom_paths,
+                k=k,
+                where=where,
+                include_thumbnails=include_thumbnails,
+                regions=regions,
+                include_explanations=include_explanations,
+                model_version=model_version,
+            )
+        )
+
+    def embed(self, dicom_paths: Sequence[Path | str | bytes]) -> StudyEmbedding:
+        """See :meth:`AsyncCohortsimClient.embed`."""
+        return self._loop.run(self._core.embed(dicom_paths))
+
+    def index_info(self) -> IndexInfo:
+        """See :meth:`AsyncCohortsimClient.index_info`."""
+        return self._loop.run(self._core.index_info())
+
+    def health(self, service: str = SERVICE_FULL_NAME) -> str:
+        """See :meth:`AsyncCohortsimClient.health`."""
+        return self._loop.run(self._core.health(service))
+
+    def search_stream(
+        self, dicom_paths: Sequence[Path | str | bytes], *, k: int = 10, where: str = "",
+        include_thumbnails: bool = False, chunk_bytes: int = STREAM_CHUNK_BYTES,
+    ) -> SearchResult:
+        """See :meth:`AsyncCohortsimClient.search_stream`."""
+        return self._loop.run(
+            self._core.search_stream(
+                dicom_paths, k=k, where=where, include_thumbnails=include_thumbnails,
+                chunk_bytes=chunk_bytes,
+            )
+        )
+
+    def get_patient(self, patient_id: str) -> PatientRecord:
+        """See :meth:`AsyncCohortsimClient.get_patient`."""
+        return self._loop.run(self._core.get_patient(patient_id))
+
+    def list_studies(self, *, page_size: int = 0, page_token: str = "", where: str = "") -> StudyPage:
+        """See :meth:`AsyncCohortsimClient.list_studies`."""
+        return self._loop.run(
+            self._core.list_studies(page_size=page_size, page_token=page_token, where=where)
+        )
+
+    def cohort_stats(self, *, where: str = "") -> CohortStats:
+        """See :meth:`AsyncCohortsimClient.cohort_stats`."""
+        return self._loop.run(self._core.cohort_stats(where=where))
+
+    def ingest(self, studies: Sequence[Sequence[Path | str | bytes]]) -> dict[str, Any]:
+        """See :meth:`AsyncCohortsimClient.ingest`."""
+        return self._loop.run(self._core.ingest(studies))
+
+    def delete_patient(self, patient_id: str) -> tuple[bool, int]:
+        """See :meth:`AsyncCohortsimClient.delete_patient`."""
+        return self._loop.run(self._core.delete_patient(patient_id))
+
+    def reload_index(self) -> tuple[str, bool]:
+        """See :meth:`AsyncCohortsimClient.reload_index`."""
+        return self._loop.run(self._core.reload_index())
 
 
 __all__ = [
@@ -1085,6 +1161,7 @@ __all__ = [
     "PrognosticQuality",
     "RegionPrognosis",
     "SearchResult",
+    "StudyEmbedding",
     "StudyPage",
     "StudySummary",
     "SurvivalPoint",

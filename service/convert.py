@@ -17,11 +17,11 @@ from typing import Any, Literal
 import numpy as np
 from google.protobuf import timestamp_pb2
 
-from indexing.notices import code_of, skill_notices
+from indexing.notices import Notice, WarningCode, code_of, skill_notices
 from indexing.prognosis import Prognosis
 from indexing.query import Diagnostics, NeighborResult, QueryResult, Stability
 from service.api import cohortsim_pb2 as pb
-from service.errors import invalid_argument
+from service.errors import failed_precondition, invalid_argument
 
 QueryKind = Literal["embedding", "study_uid", "dicom"]
 
@@ -51,6 +51,8 @@ class SearchQuery:
     regions: list[tuple[str, tuple[float, ...]]] = field(default_factory=list)
     # per-neighbour occlusion maps over the query's region (DICOM queries only)
     include_explanations: bool = False
+    # Vector.model_version of an embedding query; None when the client did not set it
+    model_version: str | None = None
 
 
 # --------------------------------------------------------------------------- requests
@@ -91,6 +93,36 @@ def parse_embedding(vector: pb.Vector, *, dimension: int) -> np.ndarray:
             "ZERO_EMBEDDING", "the embedding is the zero vector, which has no direction"
         )
     return values
+
+
+#: Added to SearchSimilar's diagnostics.warnings for an embedding without model_version.
+UNVERSIONED_EMBEDDING_WARNING = Notice(
+    WarningCode.QUERY_MODEL_VERSION_UNKNOWN,
+    "the embedding carries no model_version, so the server could not check that it was "
+    "made by the index's encoder; set Vector.model_version (EmbedStudy returns it)",
+)
+
+
+def check_embedding_model(query: SearchQuery, index_model_version: str) -> list[str]:
+    """Refuse an embedding made by another encoder than the index's.
+
+    FAILED_PRECONDITION ``MODEL_VERSION_MISMATCH`` when the query names a different
+    model version; returns the warnings for the answer (one when it names none).
+    """
+    if query.kind != "embedding":
+        return []
+    if query.model_version is None:
+        return [UNVERSIONED_EMBEDDING_WARNING]
+    if query.model_version != index_model_version:
+        raise failed_precondition(
+            "MODEL_VERSION_MISMATCH",
+            f"the embedding was made by model {query.model_version!r} but the index holds "
+            f"embeddings of model {index_model_version!r}; embed the study with the index's "
+            "model (EmbedStudy, or GetIndexInfo for its model_version)",
+            expected=index_model_version,
+            actual=query.model_version,
+        )
+    return []
 
 
 def parse_dicom(study: pb.DicomStudy, *, max_files: int) -> list[bytes]:
@@ -135,8 +167,20 @@ def parse_search_request(
     nprobe, ef_search = parse_search_parameters(request)
     if kind == "embedding":
         vec = parse_embedding(request.embedding, dimension=dimension)
+        model = (
+            request.embedding.model_version
+            if request.embedding.HasField("model_version")
+            else None
+        )
         return SearchQuery(
-            "embedding", k, where, embedding=vec, include_thumbnails=thumbs, nprobe=nprobe, ef_search=ef_search
+            "embedding",
+            k,
+            where,
+            embedding=vec,
+            include_thumbnails=thumbs,
+            nprobe=nprobe,
+            ef_search=ef_search,
+            model_version=model,
         )
     if kind == "study_uid":
         uid = request.study_uid.strip()
@@ -499,7 +543,7 @@ def embed_response(
     """An embedding ``(d,)`` -> ``EmbedStudyResponse``."""
     values = np.asarray(vector, dtype=np.float32).reshape(-1)
     return pb.EmbedStudyResponse(
-        embedding=pb.Vector(values=values.tolist()),
+        embedding=pb.Vector(values=values.tolist(), model_version=model_version),
         model_version=model_version,
         acquisition=_str_map(acquisition),
     )
@@ -507,7 +551,9 @@ def embed_response(
 
 __all__ = [
     "DEFAULT_TIME_UNIT",
+    "UNVERSIONED_EMBEDDING_WARNING",
     "SearchQuery",
+    "check_embedding_model",
     "diagnostics_to_proto",
     "embed_response",
     "index_info_response",

@@ -22,20 +22,15 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from encoders.errors import DicomError, EncoderError, EncoderOutOfMemoryError
-from indexing.errors import (
-    DimensionError,
-    FilterError,
-    ModelVersionError,
-    QueryError,
-    SnapshotError,
-    StoreError,
-    UnknownStudyError,
+from encoders.errors import CohortsimError
+from service.status_details import (
+    DOMAIN,
+    STATUS_DETAILS_KEY,
+    reason_from_trailing,
+    retry_delay_from_trailing,
 )
 
 log = logging.getLogger(__name__)
-
-DOMAIN = "cohortsim.v1"
 
 
 class ServiceError(Exception):
@@ -43,6 +38,8 @@ class ServiceError(Exception):
 
     ``reason`` is a stable UPPER_SNAKE_CASE code for programs; ``message`` is for people.
     ``metadata`` holds small non-identifying facts (e.g. ``{"expected": "128"}``).
+    ``retry_after`` (seconds) is sent as a ``google.rpc.RetryInfo`` detail: when a
+    RESOURCE_EXHAUSTED call may be retried.
     """
 
     def __init__(
@@ -51,12 +48,15 @@ class ServiceError(Exception):
         reason: str,
         message: str,
         metadata: Mapping[str, str] | None = None,
+        *,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
         self.metadata = dict(metadata or {})
+        self.retry_after = retry_after
 
 
 def invalid_argument(reason: str, message: str, **metadata: str) -> ServiceError:
@@ -71,71 +71,19 @@ def unavailable(reason: str, message: str, **metadata: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, reason, message, metadata)
 
 
-def _reason_code(exc: BaseException, default: str) -> str:
-    """An exception's own ``.reason`` (snake_case or UPPER) as UPPER_SNAKE_CASE, else default."""
-    reason = getattr(exc, "reason", None)
-    if isinstance(reason, str) and reason:
-        return reason.strip().upper().replace("-", "_").replace(" ", "_")
-    return default
-
-
-def _message(exc: BaseException, fallback: str) -> str:
-    text = str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)
-    text = " ".join(text.split())  # one line
-    return text or fallback
-
-
 def classify(exc: BaseException) -> ServiceError:
-    """Map any exception to the status, reason and message the client should get."""
+    """Map any exception to the status, reason and message the client should get.
+
+    The project's typed errors (:class:`encoders.errors.CohortsimError`) carry their
+    status, reason and public message as class attributes; anything else is INTERNAL.
+    """
     if isinstance(exc, ServiceError):
         return exc
-    arg = grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, DicomError):
-        reason = "DICOM_" + _reason_code(exc, "INVALID")
-        return ServiceError(arg, reason, _message(exc, "the DICOM study cannot be used"))
-    if isinstance(exc, DimensionError):
+    if isinstance(exc, CohortsimError):
         return ServiceError(
-            arg,
-            _reason_code(exc, "WRONG_DIMENSION"),
-            _message(exc, "the embedding has the wrong dimension"),
-        )
-    if isinstance(exc, FilterError):
-        return ServiceError(
-            arg, _reason_code(exc, "INVALID_FILTER"), _message(exc, "invalid filter")
-        )
-    if isinstance(exc, QueryError):
-        return ServiceError(arg, _reason_code(exc, "INVALID_QUERY"), _message(exc, "invalid query"))
-    if isinstance(exc, UnknownStudyError):
-        return ServiceError(
-            grpc.StatusCode.NOT_FOUND,
-            "UNKNOWN_STUDY",
-            _message(exc, "the study is not in the served index"),
-        )
-    if isinstance(exc, ModelVersionError):
-        return ServiceError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "MODEL_VERSION_MISMATCH",
-            _message(exc, "the query comes from another model version than the index"),
-        )
-    if isinstance(exc, EncoderOutOfMemoryError):
-        return ServiceError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "OUT_OF_MEMORY",
-            "the server ran out of memory embedding the study; retry later or send an "
-            "embedding instead of DICOM",
-        )
-    if isinstance(exc, EncoderError):
-        return ServiceError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "ENCODER_UNUSABLE",
-            "the index's encoder cannot be loaded on this server; rebuild the index with a "
-            "valid encoder, or send an embedding instead of DICOM",
-        )
-    if isinstance(exc, SnapshotError | StoreError):
-        return ServiceError(
-            grpc.StatusCode.UNAVAILABLE,
-            "INDEX_UNAVAILABLE",
-            _message(exc, "no index is loaded"),
+            grpc.StatusCode[exc.status],
+            exc.reason_code,
+            exc.public_message if exc.public_message is not None else exc.message,
         )
     ref = uuid.uuid4().hex[:12]
     frames = "".join(traceback.format_tb(exc.__traceback__)) if exc.__traceback__ else ""
@@ -149,11 +97,19 @@ def classify(exc: BaseException) -> ServiceError:
 
 
 def to_status(error: ServiceError) -> grpc.Status:
-    """A ``grpc.Status`` with code, message and the ErrorInfo detail in the trailer."""
+    """A ``grpc.Status`` with code, message and the ErrorInfo detail in the trailer (and a
+    RetryInfo detail when the error says when to retry)."""
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+    details = [detail]
+    if error.retry_after is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(max(0, round(error.retry_after * 1e9)))
+        packed = any_pb2.Any()
+        packed.Pack(retry)
+        details.append(packed)
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
     return rpc_status.to_status(status)
 
 
@@ -188,25 +144,6 @@ def grpc_errors(fn: Handler[Request, Response]) -> Handler[Request, Response]:
 
 
 
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
-
-
-def reason_from_trailing(trailing: Any) -> str | None:
-    """The ``google.rpc.ErrorInfo`` reason carried in a call's trailing metadata (the
-    ``grpc-status-details-bin`` entry), or None when there is none or it is unreadable."""
-    for key, value in trailing or ():
-        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        try:
-            status = status_pb2.Status.FromString(value)
-        except Exception:
-            return None
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):
-                return info.reason or None
-    return None
-
 __all__ = [
     "DOMAIN",
     "STATUS_DETAILS_KEY",
@@ -217,6 +154,7 @@ __all__ = [
     "grpc_errors",
     "invalid_argument",
     "reason_from_trailing",
+    "retry_delay_from_trailing",
     "to_status",
     "unavailable",
 ]

@@ -1,4 +1,4 @@
-"""The RPCs beyond search (issue #6): streamed DICOM search, patient and study listing,
+"""The RPCs beyond search: streamed DICOM search, patient and study listing,
 cohort statistics, and the admin calls (ingest, delete, reload).
 
 :class:`CohortRpcs` is a mixin of :class:`service.servicer.PatientSimilarityServicer`:
@@ -270,7 +270,7 @@ class CohortRpcs:
             raise invalid_argument(
                 "INVALID_PAGE_SIZE", f"page_size must lie in [0, {MAX_PAGE_SIZE}]; got {size}"
             )
-        where = " ".join(request.filter.where.split())
+        where = request.filter.where.strip()  # inner spacing is part of quoted values
         offset = (
             decode_page_token(request.page_token, snapshot.version, where)
             if request.page_token
@@ -292,7 +292,7 @@ class CohortRpcs:
         self, request: pb.GetCohortStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetCohortStatsResponse:
         snapshot = self.state.require_snapshot()
-        where = " ".join(request.filter.where.split())
+        where = request.filter.where.strip()  # inner spacing is part of quoted values
         restricted = self.governance.restricts(current_principal())
         if restricted and where:
             self.governance.check_filter(snapshot, where)  # small / differencing sub-cohorts

@@ -509,7 +509,7 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         self._executor = executor
         # micro-batching of concurrent embedding / study_uid searches (service.batching)
         self.batcher = batcher
-        # the researcher view (issue #8): applied to callers without the "identities" right
+        # the researcher view (service.governance): applied to callers without the "identities" right
         self.governance = governance or Governance()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -539,12 +539,14 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
             max_files=self.limits.max_files,
         )
         self._check_filter(query.where)
+        warnings = convert.check_embedding_model(query, snapshot.model_version)
         if query.kind == "dicom" and snapshot.encoder_dir is None:
             self.state.encoder(snapshot)  # raises FAILED_PRECONDITION without touching the files
         time_unit = str(snapshot.manifest.get("time_unit") or convert.DEFAULT_TIME_UNIT)
         if self.governance.restricts(current_principal()):  # aggregates only, governed
             answer = await self._run(self._governed_search, snapshot, query, time_unit)
             add_facts(**answer.facts)
+            answer.response.diagnostics.warnings.extend(warnings)
             return answer.response
         if self.batcher is not None and query.kind != "dicom":
             result = await self.batcher.search(snapshot, query)
@@ -552,7 +554,9 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
             result = await self._run(
                 functools.partial(search, max_k=self.limits.max_k), self.state, snapshot, query
             )
-        return convert.search_response(result, time_unit=time_unit)
+        response = convert.search_response(result, time_unit=time_unit)
+        response.diagnostics.warnings.extend(warnings)
+        return response
 
     def _governed_search(
         self, snapshot: Snapshot, query: convert.SearchQuery, time_unit: str

@@ -53,10 +53,12 @@ WARNING_CODE_REGIONS_DISAGREE: WarningCode
 WARNING_CODE_QUERY_MODEL_VERSION_UNKNOWN: WarningCode
 
 class Vector(_message.Message):
-    __slots__ = ("values",)
+    __slots__ = ("values", "model_version")
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class DicomStudy(_message.Message):
     __slots__ = ("files", "regions")

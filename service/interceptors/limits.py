@@ -75,7 +75,7 @@ class _LimitGuard:
                         "RATE_LIMITED",
                         f"more than {self.rate:g} calls per second from this caller; retry in "
                         f"{math.ceil(wait * 1000)} ms",
-                        {"retry_after_ms": str(math.ceil(wait * 1000))},
+                        retry_after=wait,  # sent as google.rpc.RetryInfo
                     )
             if (
                 error is None

@@ -137,6 +137,44 @@ def test_basic_profile_keywords_are_real_and_cover_the_issue_list() -> None:
     assert not is_basic_profile_tag(0x00180060)  # KVP
 
 
+def test_basic_profile_is_the_whole_2024b_table() -> None:
+    from pydicom.datadict import tag_for_keyword
+
+    from encoders.deid import BASIC_PROFILE_KEYWORDS, RETAINED_WITH_OPTIONS, is_basic_profile_tag
+    from encoders.deid_table import BASIC_PROFILE_ACTIONS, EDITION
+
+    assert EDITION == "2024b"
+    # Table E.1-1 of 2024b: 617 rows of one tag in the source + 9 supplemented (+3 repeating
+    # groups); a dropped row
+    # (a typo, an edit by hand, a broken source) fails here
+    assert len(BASIC_PROFILE_KEYWORDS) >= 626
+    for kw in (
+        "StationAETitle", "RequestedSeriesDescription", "ReasonForVisit",
+        "UniqueDeviceIdentifier", "RadiopharmaceuticalStartDateTime", "SoftwareVersions",
+        "PatientName", "PatientID", "StudyInstanceUID", "AccessionNumber", "InstitutionName",
+    ):  # fmt: skip
+        assert kw in BASIC_PROFILE_KEYWORDS, kw
+        tag = tag_for_keyword(kw)
+        assert tag is not None and is_basic_profile_tag(tag), kw
+    assert BASIC_PROFILE_ACTIONS["PatientName"] == "Z"
+    assert BASIC_PROFILE_ACTIONS["StudyInstanceUID"] == "U"
+    assert set(BASIC_PROFILE_ACTIONS.values()) <= {"D", "Z", "X", "U", "Z/D", "X/Z", "X/D", "X/Z/D", "X/Z/U*"}
+    assert set(RETAINED_WITH_OPTIONS) <= BASIC_PROFILE_KEYWORDS
+    assert is_basic_profile_tag(0x50021234)  # curve data (50xx,eeee)
+    assert is_basic_profile_tag(0x60024000)  # overlay comments (60xx,4000)
+    assert not is_basic_profile_tag(0x60020010)  # overlay rows
+
+
+def test_generated_table_equals_the_generator_output() -> None:
+    pytest.importorskip(
+        "dicomanonymizer", reason="dicom-anonymizer (the table's source, dev extra) is not installed"
+    )
+    from encoders import _deid_table_gen as gen
+
+    text = gen.render(*gen.load_source())
+    assert gen.TARGET.read_text(encoding="utf-8") == text, "run python -m encoders._deid_table_gen"
+
+
 def test_clean_descriptor() -> None:
     import pydicom
     from pydicom.dataset import Dataset

@@ -1,4 +1,4 @@
-"""GPU faults (issue #9), injected on the CPU: an out-of-memory error while embedding
+"""GPU faults, injected on the CPU: an out-of-memory error while embedding
 halves the batch, then moves the work to the CPU, with a warning, and never fails the call.
 
 A real CUDA out-of-memory error is ``torch.OutOfMemoryError`` (``torch.cuda`` re-exports

@@ -1,4 +1,4 @@
-"""Shared fixtures of the storage reliability tests (issue #9)."""
+"""Shared fixtures of the storage reliability tests."""
 
 from __future__ import annotations
 

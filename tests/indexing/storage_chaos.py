@@ -1,4 +1,4 @@
-"""Storage chaos kit (issue #9): kill -9 at random points, injected I/O faults, corruption.
+"""Storage chaos kit: kill -9 at random points, injected I/O faults, corruption.
 
 Shared by ``tests/indexing/test_crash_kill9.py``, ``test_io_faults.py``,
 ``test_corruption.py`` (short runs) and ``benchmarks/chaos_storage.py`` (long runs).

@@ -1,4 +1,4 @@
-"""Corrupt files are detected by checksum at load, never served (issue #9).
+"""Corrupt files are detected by checksum at load, never served.
 
 Every file of a snapshot version (index, id map = metadata, OOD reference, encoder copy,
 manifest) and every store Parquet file (study parts, outcomes) is bit-flipped at its first

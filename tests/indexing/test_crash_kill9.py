@@ -1,4 +1,4 @@
-"""Kill -9 at random points of ingest and index build (issue #9).
+"""Kill -9 at random points of ingest and index build.
 
 Each run of ``ingest`` or ``index build`` is a forked child killed with SIGKILL either at a
 random storage operation (just before its n-th write / fsync / rename / mkdir...) or after

@@ -291,3 +291,12 @@ def test_few_queries_masked_both_paths(data, share: float, nq: int) -> None:
     bs, br = BlasExactIndex(x).search(q[:nq], 10, allowed=mask)
     np.testing.assert_array_equal(br, fr)
     np.testing.assert_allclose(bs, fs, atol=1e-5)
+
+
+def test_recall_at_k() -> None:
+    from indexing.exact import recall_at_k
+
+    ref = np.array([[1, 2, 3], [4, 5, -1]])
+    assert recall_at_k(ref, np.array([[3, 2, 1], [5, 4, 9]])) == 1.0
+    assert recall_at_k(ref, np.array([[1, 9, 8, 2], [9, 4, 8, 5]])) == 2 / 5  # first k columns count
+    assert recall_at_k(np.full((2, 3), -1), np.zeros((2, 3), int)) == 1.0

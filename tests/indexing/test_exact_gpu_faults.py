@@ -1,4 +1,4 @@
-"""GPU faults (issue #9), injected on the CPU: the torch exact search backs off to smaller
+"""GPU faults, injected on the CPU: the torch exact search backs off to smaller
 query chunks, then to a CPU copy of the database, when the device runs out of memory."""
 
 from __future__ import annotations

@@ -9,7 +9,14 @@ import pyarrow as pa
 import pytest
 
 from indexing.errors import FilterError
-from indexing.filter import FilterCache, compile_where, filterable_columns, parse_where
+from indexing.exact import recall_at_k
+from indexing.filter import (
+    FilterCache,
+    canonical_where,
+    compile_where,
+    filterable_columns,
+    parse_where,
+)
 from indexing.snapshot import build_snapshot, load_snapshot
 
 
@@ -164,10 +171,6 @@ def brute(q: np.ndarray, x: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-s, axis=1, kind="stable")[:, :k]
 
 
-def recall(ref: np.ndarray, got: np.ndarray) -> float:
-    return float(np.mean([len(set(r) & set(g)) / len(r) for r, g in zip(ref, got, strict=True)]))
-
-
 @pytest.fixture(scope="module")
 def cohort() -> tuple[np.ndarray, pa.Table, np.ndarray]:
     x, meta = clustered()
@@ -234,7 +237,44 @@ def test_approximate_recall_under_filter(
         _, got = snap.search(q, 10, where=where)
         valid = got[got >= 0]
         assert mask[valid].all(), (kind, where)
-        r = recall(brute(q, x, mask, 10), got)
+        r = recall_at_k(brute(q, x, mask, 10), got)
         assert r >= 0.90, (kind, where, exact_below, r)
         if exact_below:
             assert r == 1.0  # every filter here passes fewer rows than the threshold
+
+
+def _spaced_sites() -> pa.Table:
+    return pa.table({"site": ["a  b", "a b", "a b ", "A B"], "kvp": ["1", "1.0", "true", "x"]})
+
+
+def test_cache_keeps_spacing_inside_quoted_values() -> None:
+    # the cache key is the parsed expression: spacing inside quotes is part of the value
+    cache = FilterCache(_spaced_sites())
+    one = cache.mask("site = 'a b'")
+    assert one is not None and np.flatnonzero(one).tolist() == [1]
+    two = cache.mask("site = 'a  b'")
+    assert two is not None and np.flatnonzero(two).tolist() == [0]
+    trailing = cache.mask("site   =   'a b '")
+    assert trailing is not None and np.flatnonzero(trailing).tolist() == [2]
+    # spacing and keyword case outside quotes do not matter: one entry
+    assert cache.mask("  site='a b'  ") is one
+    assert cache.mask("site = 'a b' and kvp is not null") is cache.mask("site = 'a b'   AND kvp IS NOT NULL")
+    assert canonical_where("site = 'a b'") != canonical_where("site = 'a  b'")
+    # literals of different types stay apart even where Python calls them equal
+    assert canonical_where("kvp = 1") != canonical_where("kvp = 1.0")
+    assert canonical_where("kvp = 1") != canonical_where("kvp = true")
+    assert canonical_where("   ") == ""
+
+
+def test_snapshot_allowed_keeps_spacing_inside_quoted_values(tmp_path: Path) -> None:
+    meta = _spaced_sites()
+    meta = meta.append_column("patient_id", pa.array([f"P-{i:016x}" for i in range(4)]))
+    meta = meta.append_column("study_uid", pa.array([f"S-{i:024x}" for i in range(4)]))
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    build_snapshot(tmp_path, x, meta, model_version="m")
+    snap = load_snapshot(tmp_path, device="cpu")
+    for where, want in [("site = 'a b'", [1]), ("site = 'a  b'", [0]), ("site = 'a b'", [1])]:
+        mask = snap.allowed(where)
+        assert mask is not None and np.flatnonzero(mask.mask).tolist() == want, where
+        _, got = snap.search(x[:1], 4, where=where)
+        assert [r for r in got[0].tolist() if r >= 0] == want, where

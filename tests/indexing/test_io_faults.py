@@ -1,4 +1,4 @@
-"""Disk full (ENOSPC) and I/O errors (EIO) at the N-th storage operation (issue #9).
+"""Disk full (ENOSPC) and I/O errors (EIO) at the N-th storage operation.
 
 N is swept over every distinct step of an ingest and of an index build (each file
 creation, fsync, rename, link and mkdir, and the first and last write of each file;

@@ -295,6 +295,19 @@ def test_ood_percentile() -> None:
     assert ood_percentile(0.3, []) == 0.0
 
 
+def test_ood_percentile_is_stable_to_float_noise_at_a_tie() -> None:
+    # a cohort member queried alone ties with its own reference entry; the batched BLAS
+    # call gives a mean similarity ~1e-7 off, which must not move the percentile a rank
+    ref = np.sort(np.random.default_rng(3).uniform(0.2, 0.9, 400))
+    tie = float(ref[200])
+    exact = ood_percentile(tie, ref)
+    assert exact == 199 / 400
+    for noise in (-1e-7, -3e-8, 3e-8, 1e-7, float(np.float32(tie)) - tie):
+        assert ood_percentile(tie + noise, ref) == exact
+    # a real difference still moves it
+    assert ood_percentile(tie - 1e-3, ref) > exact
+
+
 def test_similarity_weights_rowwise() -> None:
     sims = np.array([[0.9, 0.8, 0.1], [0.5, 0.5, 0.5]])
     w = similarity_weights(sims, temperature=0.2)

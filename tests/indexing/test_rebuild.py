@@ -15,6 +15,7 @@ import indexing.snapshot as snapshot
 from encoders.model import EncoderCard, create_encoder, save_encoder
 from encoders.spec import InputSpec
 from indexing.errors import QueryError, SnapshotError, StoreError
+from indexing.exact import recall_at_k
 from indexing.snapshot import (
     SearchParams,
     build_snapshot,
@@ -219,15 +220,12 @@ def test_per_query_search_params(tmp_path: Path) -> None:
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     _, ref = flat.search(q, 10)
 
-    def recall(rows: np.ndarray) -> float:
-        return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ref, rows, strict=True)]))
-
-    low = recall(ivf.search(q, 10, params=SearchParams(nprobe=1))[1])
-    full = recall(ivf.search(q, 10, params=SearchParams(nprobe=32))[1])
+    low = recall_at_k(ref, ivf.search(q, 10, params=SearchParams(nprobe=1))[1])
+    full = recall_at_k(ref, ivf.search(q, 10, params=SearchParams(nprobe=32))[1])
     assert full == 1.0 and low < full
     assert ivf._ivf.nprobe == ivf.manifest["search_params"]["nprobe"]  # the default is untouched
-    low = recall(hnsw.search(q, 10, params=SearchParams(ef_search=1))[1])
-    high = recall(hnsw.search(q, 10, params=SearchParams(ef_search=400))[1])
+    low = recall_at_k(ref, hnsw.search(q, 10, params=SearchParams(ef_search=1))[1])
+    high = recall_at_k(ref, hnsw.search(q, 10, params=SearchParams(ef_search=400))[1])
     assert high >= 0.99 and low < high
     with pytest.raises(QueryError, match="between 1 and 32"):
         ivf.search(q, 10, params=SearchParams(nprobe=33))
@@ -252,8 +250,4 @@ def test_pq_is_reranked_with_exact_similarities(tmp_path: Path) -> None:
     assert not np.allclose(raw_sims, sims, atol=1e-3)  # PQ's own estimates differ
     v = np.asarray(snap.vectors)
     truth = np.argsort(-(q @ v.T), axis=1)[:, :5]
-
-    def recall(r: np.ndarray) -> float:
-        return float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(truth, r, strict=True)]))
-
-    assert recall(rows) > recall(raw_rows)
+    assert recall_at_k(truth, rows) > recall_at_k(truth, raw_rows)

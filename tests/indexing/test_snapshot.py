@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from indexing.errors import DimensionError, SnapshotError, UnknownStudyError
+from indexing.exact import recall_at_k
 from indexing.snapshot import (
     CURRENT_FILE,
     OOD_SAMPLE,
@@ -35,11 +36,6 @@ def make_data(n: int = N, d: int = D, seed: int = 0) -> tuple[np.ndarray, pa.Tab
 
 def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def recall_at_k(reference: np.ndarray, candidate: np.ndarray) -> float:
-    hits = sum(len(set(r) & set(c)) for r, c in zip(reference, candidate, strict=True))
-    return hits / reference.size
 
 
 @pytest.fixture(scope="module")

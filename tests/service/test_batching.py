@@ -84,10 +84,10 @@ def test_batched_answers_equal_one_at_a_time(snapshot: Snapshot) -> None:
         assert (a.prognosis.median is None) == (b.prognosis.median is None)
         if b.prognosis.median is not None:
             assert a.prognosis.median == pytest.approx(b.prognosis.median, rel=1e-6)
-        # a cohort member's own mean similarity is one of the reference values, so a
-        # float32 rounding difference of the batched search can move it one rank (1/n)
-        tol = 1e-9 if q.kind == "embedding" else 1.0 / len(snapshot.ood_reference) + 1e-9
-        assert a.diagnostics.ood_percentile == pytest.approx(b.diagnostics.ood_percentile, abs=tol)
+        # a cohort member's own mean similarity is one of the reference values; the
+        # percentile ranks within a tolerance, so float32 noise of the batched search
+        # does not move it
+        assert a.diagnostics.ood_percentile == b.diagnostics.ood_percentile, q
     # the study_uid query of row 0 excludes its own patient's second study (row 1)
     rows0 = {nb.row for nb in got[12].neighbors}
     assert not rows0 & {0, 1}

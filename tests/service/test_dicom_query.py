@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,13 @@ from encoders.synth import synth_cohort
 from indexing.snapshot import build_snapshot
 from service.api import cohortsim_pb2, cohortsim_pb2_grpc
 from service.background import BackgroundServer
-from service.client import CohortsimClient, CohortsimClientError
+from service.client import (
+    AsyncCohortsimClient,
+    CohortsimClient,
+    CohortsimClientError,
+    SearchResult,
+)
+from service.convert import UNVERSIONED_EMBEDDING_WARNING
 
 from .conftest import make_cohort
 
@@ -78,6 +85,24 @@ def test_dicom_query_finds_the_study_itself(
     # EmbedStudy gives what in-process embedding gives
     assert version == dicom_setup["card"].version
     np.testing.assert_allclose(vector, dicom_setup["own"][1], atol=1e-5)
+
+
+def test_embedding_from_embed_study_is_resent_with_its_version(
+    dicom_server: BackgroundServer, dicom_setup: dict
+) -> None:
+    with CohortsimClient(dicom_server.target, timeout=60) as client:
+        study = client.embed(dicom_setup["studies"][0])
+        checked = client.search(embedding=study, k=3)  # sends study.model_version
+        unchecked = client.search(embedding=study.vector, k=3)
+
+    async def run() -> SearchResult:
+        async with AsyncCohortsimClient(dicom_server.target, timeout=60) as aclient:
+            return await aclient.search(embedding=await aclient.embed(dicom_setup["studies"][0]), k=3)
+
+    for res in (checked, asyncio.run(run())):
+        assert UNVERSIONED_EMBEDDING_WARNING not in res.diagnostics.warnings
+        assert res.neighbors[0].study_uid == dicom_setup["study0_uid"]
+    assert UNVERSIONED_EMBEDDING_WARNING in unchecked.diagnostics.warnings
 
 
 def test_not_dicom_is_invalid_argument(dicom_server: BackgroundServer) -> None:

@@ -1,4 +1,4 @@
-"""GPU faults at the service (issue #9), injected on the CPU: a DICOM query whose
+"""GPU faults at the service, injected on the CPU: a DICOM query whose
 embedding runs out of memory is answered anyway (smaller batches), and one that cannot be
 embedded at all gets RESOURCE_EXHAUSTED while the server keeps serving."""
 

@@ -1,4 +1,4 @@
-"""Live swap under load (issue #9): several clients query without pause while a rebuild
+"""Live swap under load: several clients query without pause while a rebuild
 publishes a new version and the server switches, then ``cohortsim index rollback``
 switches back. No call fails, and every answer is exactly the answer of the one version
 its ``index_version`` names (the same neighbours with the same scores), never a mix."""

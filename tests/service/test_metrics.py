@@ -9,9 +9,11 @@ import logging
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from service.api import cohortsim_pb2 as pb
+from service.api import cohortsim_pb2_grpc as pb_grpc
 from service.background import BackgroundServer
 from service.client import CohortsimClient, CohortsimClientError
 from service.logs import JsonFormatter, configure
@@ -71,8 +73,8 @@ def test_json_log_lines_carry_the_request_id_and_no_unknown_fields() -> None:
 
 def test_access_log_has_request_id_from_metadata(index_dir: Path, caplog) -> None:  # type: ignore[no-untyped-def]
     srv = BackgroundServer(index_dir, device="cpu", watch_interval=None)
-    with srv, caplog.at_level(logging.DEBUG, logger="cohortsim.access"), CohortsimClient(srv.target) as c:
-        c._stub.GetIndexInfo(
+    with srv, caplog.at_level(logging.DEBUG, logger="cohortsim.access"), grpc.insecure_channel(srv.target) as ch:
+        pb_grpc.PatientSimilarityServiceStub(ch).GetIndexInfo(
             pb.GetIndexInfoRequest(), metadata=(("x-request-id", "req-42"),), timeout=5
         )
     recs = [r for r in caplog.records if r.name == "cohortsim.access"]

@@ -1,4 +1,4 @@
-"""Regions of interest in DICOM queries (issue #7): several observers' boxes, the prognosis
+"""Regions of interest in DICOM queries: several observers' boxes, the prognosis
 of each and their spread; the box mapping from a study's voxel grid to the encoder's."""
 
 from __future__ import annotations

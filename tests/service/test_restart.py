@@ -1,4 +1,4 @@
-"""Restart equivalence (issue #9): the same queries give identical top-k (study ids and
+"""Restart equivalence: the same queries give identical top-k (study ids and
 scores, bit for bit) before and after a server restart, and after a rebuild from the same
 inputs. What is deterministic, and what is not, is written in docs/ARCHITECTURE.md
 ("Determinism")."""

@@ -8,10 +8,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import pyarrow as pa
 import pytest
 
 from indexing.snapshot import build_snapshot
 from service.api import cohortsim_pb2 as pb
+from service.api import cohortsim_pb2_grpc as pb_grpc
 from service.background import BackgroundServer
 from service.client import CohortsimClient, CohortsimClientError, stream_search_requests
 from service.governance import DisclosurePolicy, Governance
@@ -142,6 +145,21 @@ def test_delete_patient_and_reload_index(own_index: Path) -> None:
         assert c.index_info().num_studies == 98  # the withdrawn patient's rows were dropped
 
 
+def test_list_studies_keeps_spacing_inside_quoted_values(tmp_path: Path) -> None:
+    # sites 'a  b' and 'a b': each filter selects its own rows, whichever ran first
+    emb, table = make_cohort(seed=5)
+    sites = ["a  b" if i % 2 else "a b" for i in range(table.num_rows)]
+    table = table.set_column(table.schema.get_field_index("site"), "site", pa.array(sites))
+    build_snapshot(tmp_path, emb, table, model_version=MODEL_VERSION, kind="Flat")
+    with BackgroundServer(tmp_path, device="cpu", watch_interval=None) as srv, CohortsimClient(srv.target) as c:
+        for where, want in [("site = 'a b'", "a b"), ("site = 'a  b'", "a  b"), (" site='a b' ", "a b")]:
+            page = c.list_studies(page_size=1000, where=where)
+            assert page.total_size == N_STUDIES // 2, where
+            assert {s.site for s in page.studies} == {want}, where
+        rows = c.cohort_stats(where="site = 'a  b'")
+        assert [(x.value, x.study_count) for x in rows.sites] == [("a  b", N_STUDIES // 2)]
+
+
 def test_ingest_without_a_store_is_a_failed_precondition(client: CohortsimClient) -> None:
     with pytest.raises(CohortsimClientError) as err:
         client.ingest([[b"not dicom"]])
@@ -150,8 +168,8 @@ def test_ingest_without_a_store_is_a_failed_precondition(client: CohortsimClient
 
 def test_search_stream_framing_and_cap(index_dir: Path) -> None:
     srv = BackgroundServer(index_dir, device="cpu", max_stream_mb=1, watch_interval=None)
-    with srv, CohortsimClient(srv.target) as c:
-            stub = c._stub
+    with srv, CohortsimClient(srv.target) as c, grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.PatientSimilarityServiceStub(channel)
             # an embedding query belongs to SearchSimilar
             req = pb.SearchSimilarRequest(embedding=pb.Vector(values=[1.0] * 32))
             with pytest.raises(Exception) as err:
@@ -159,9 +177,9 @@ def test_search_stream_framing_and_cap(index_dir: Path) -> None:
             assert "STREAM_NOT_DICOM" in str(err.value.trailing_metadata())  # type: ignore[attr-defined]
             # chunks before the request
             chunk = pb.SearchSimilarStreamRequest(chunk=pb.DicomFileChunk(data=b"x", last=True))
-            with pytest.raises(CohortsimClientError) as cerr:
-                c._call(stub.SearchSimilarStream, iter([chunk]))
-            assert cerr.value.reason == "STREAM_WITHOUT_REQUEST"
+            with pytest.raises(grpc.RpcError) as rerr:
+                stub.SearchSimilarStream(iter([chunk]), timeout=10)
+            assert CohortsimClientError.from_rpc_error(rerr.value).reason == "STREAM_WITHOUT_REQUEST"
             # over the explicit cap (1 MiB here): RESOURCE_EXHAUSTED, the server lives on
             big = [b"\0" * (700 << 10), b"\0" * (700 << 10)]
             with pytest.raises(CohortsimClientError) as cerr:

@@ -1,4 +1,4 @@
-"""SIGTERM mid-load (issue #9): a real ``cohortsim serve`` process with DICOM and embedding
+"""SIGTERM mid-load: a real ``cohortsim serve`` process with DICOM and embedding
 calls in flight gets SIGTERM; every call it had received completes OK, and it exits 0."""
 
 from __future__ import annotations
