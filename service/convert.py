@@ -288,6 +288,13 @@ def warning_to_proto(text: str) -> pb.Warning:
     return pb.Warning(code=pb.WarningCode.Value(f"WARNING_CODE_{code_of(text).value}"), message=str(text))
 
 
+def add_warnings(msg: Any, warnings: list[str]) -> None:
+    """Append ``warnings`` to a message's ``warnings`` text list and, coded, to its
+    ``warning_details`` (the two lists stay in the same order)."""
+    msg.warnings.extend(str(w) for w in warnings)
+    msg.warning_details.extend(warning_to_proto(w) for w in warnings)
+
+
 def region_to_proto(region: Any) -> pb.EmbeddedRegion | None:
     """An :class:`indexing.thumbnails.Region` -> ``EmbeddedRegion`` (None stays unset)."""
     if region is None:

@@ -546,7 +546,7 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         if self.governance.restricts(current_principal()):  # aggregates only, governed
             answer = await self._run(self._governed_search, snapshot, query, time_unit)
             add_facts(**answer.facts)
-            answer.response.diagnostics.warnings.extend(warnings)
+            convert.add_warnings(answer.response.diagnostics, warnings)
             return answer.response
         if self.batcher is not None and query.kind != "dicom":
             result = await self.batcher.search(snapshot, query)
@@ -555,7 +555,7 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
                 functools.partial(search, max_k=self.limits.max_k), self.state, snapshot, query
             )
         response = convert.search_response(result, time_unit=time_unit)
-        response.diagnostics.warnings.extend(warnings)
+        convert.add_warnings(response.diagnostics, warnings)
         return response
 
     def _governed_search(

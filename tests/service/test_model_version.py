@@ -54,6 +54,7 @@ def test_model_version_checked_or_warned(server: BackgroundServer, cohort) -> No
         by_uid = client.search(study_uid=client.list_studies(page_size=1).studies[0].study_uid, k=3)
     assert (info.value.code, info.value.reason) == ("FAILED_PRECONDITION", "MODEL_VERSION_MISMATCH")
     assert UNVERSIONED_EMBEDDING_WARNING in bare.diagnostics.warnings
+    assert "QUERY_MODEL_VERSION_UNKNOWN" in [w.code for w in bare.diagnostics.warning_details]
     for res in (named, wrapped, by_uid):
         assert UNVERSIONED_EMBEDDING_WARNING not in res.diagnostics.warnings
     assert [n.study_uid for n in bare.neighbors] == [n.study_uid for n in named.neighbors]
