@@ -1,0 +1,69 @@
+"""One ingest path behind the three ways in: a folder of studies (from the C-STORE spool
+or a DICOMweb pull) goes through :func:`indexing.ingest.ingest_folder` (reading,
+de-identification with the site's pseudonymiser, preprocessing) and, when an index is
+given, the new studies are published into it (:func:`indexing.incremental.publish_new_studies`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from encoders.dicom import DEFAULT_SERIES_RULE, SeriesRule
+from indexing.incremental import DEFAULT_REBUILD_THRESHOLD, PublishResult, publish_new_studies
+from indexing.ingest import IngestReport, ingest_folder
+from indexing.store import CohortStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inflow:
+    """Where studies go: ``store_dir`` (created if missing) and, optionally, ``index_dir``
+    whose current version gains the new studies (embedded with its own encoder)."""
+
+    store_dir: Path
+    pseudonymizer: Any
+    index_dir: Path | None = None
+    site: str = "local"
+    workers: int | None = 1
+    series_rule: SeriesRule = DEFAULT_SERIES_RULE
+    rebuild_threshold: float = DEFAULT_REBUILD_THRESHOLD
+    device: str = "cpu"
+    last_report: IngestReport | None = None
+    last_publish: PublishResult | None = None
+
+    def store(self) -> CohortStore:
+        return CohortStore(self.store_dir, create=True)
+
+    def ingest(self, folder: Path) -> IngestReport:
+        """Ingest every study under ``folder``; no publish."""
+        report = ingest_folder(
+            folder, self.store(), pseudonymizer=self.pseudonymizer, site=self.site,
+            series_rule=self.series_rule, workers=self.workers,
+        )
+        self.last_report = report
+        log.info(
+            "inflow: %d studies ingested, %d already present, %d rejected",
+            report.studies_ingested, report.studies_already_present, len(report.studies_rejected),
+        )
+        return report
+
+    def publish(self) -> PublishResult | None:
+        """Publish the store's studies that the index lacks (None: no index or none new)."""
+        if self.index_dir is None:
+            return None
+        result = publish_new_studies(
+            self.store(), self.index_dir, rebuild_threshold=self.rebuild_threshold, device=self.device
+        )
+        self.last_publish = result
+        return result
+
+    def __call__(self, folder: Path) -> IngestReport:
+        """Ingest then publish (the listener's and the pull's callback)."""
+        report = self.ingest(folder)
+        if report.studies_ingested:
+            self.publish()
+        return report
