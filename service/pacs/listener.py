@@ -15,7 +15,8 @@ Spool (a private folder, mode 0700), files named by UID hashes, never by UIDs::
 
 An instance is acknowledged (``0x0000``) only after its file is written, fsynced and
 renamed into place; a write that fails (disk full, I/O error) is answered ``0xA700``
-(Refused: Out of resources) and leaves nothing behind, so nothing acknowledged is lost.
+(Refused: Out of resources) and leaves nothing behind, so nothing acknowledged is lost,
+and its study is held (as after a broken association) until the sender re-sends it.
 A study is ingested when no association is sending to it and nothing arrived for
 ``stable_s`` seconds. An association that ends without a release (aborted, connection
 lost, listener killed) leaves its ``.open-`` marker: the study is held, not
@@ -36,7 +37,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,16 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 INCOMING = "incoming"
 INGESTING = "ingesting"
 OPEN_MARKER = ".open-"
+
+
+@dataclass
+class _Sending:
+    """What one association has sent: its marker token, its studies, and those of which
+    an instance was refused."""
+
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    studies: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,7 @@ class StoreListener:
         self.ingesting = private_dir(self.spool / INGESTING)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._assoc: dict[int, tuple[str, set[str]]] = {}  # id(assoc) -> (token, study hashes)
+        self._assoc: dict[int, _Sending] = {}  # id(association) -> what it sent
         self._server: Any = None
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
@@ -178,17 +189,17 @@ class StoreListener:
             self.refused += 1
             return STATUS_CANNOT_UNDERSTAND
         study = uid_hash(study_uid)
-        key = id(event.assoc)
-        token, studies = self._assoc.setdefault(key, (uuid.uuid4().hex[:16], set()))
+        sending = self._assoc.setdefault(id(event.assoc), _Sending())
         try:
             with self._lock(study):
                 folder = self.incoming / study
                 folder.mkdir(mode=0o700, exist_ok=True)
-                if study not in studies:
-                    (folder / f"{OPEN_MARKER}{token}").touch()
-                    studies.add(study)
+                if study not in sending.studies:
+                    (folder / f"{OPEN_MARKER}{sending.token}").touch()
+                    sending.studies.add(study)
                 self._write(folder / f"{uid_hash(sop_uid)}.dcm", data)
         except OSError as exc:
+            sending.failed.add(study)  # held after the release: the sender must re-send
             what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or "I/O error")
             log.error("listen: cannot spool an instance (%s); answered Out of resources", what)
             self.refused += 1
@@ -216,9 +227,12 @@ class StoreListener:
 
     def _on_released(self, event: Any) -> None:
         """A clean release completes what the association sent: its studies (and any
-        study it re-sent after an earlier broken association) lose their markers."""
-        _token, studies = self._assoc.pop(id(event.assoc), ("", set()))
-        for study in studies:
+        study it re-sent after an earlier broken association) lose their markers, except
+        studies of which an instance was refused (they wait for a re-send)."""
+        sending = self._assoc.pop(id(event.assoc), None)
+        if sending is None:
+            return
+        for study in sending.studies - sending.failed:
             with self._lock(study):
                 for marker in (self.incoming / study).glob(f"{OPEN_MARKER}*"):
                     marker.unlink(missing_ok=True)

@@ -134,3 +134,45 @@ def echoscu(port: int, *, calling: str = "MODALITY", called: str = "COHORTSIM") 
 
 def which(name: str) -> str | None:
     return shutil.which(name)
+
+
+# ----------------------------------------------------------------- a small site
+
+
+def ct_study(folder: Path, seed: int, *, patient: str, n: int = 6) -> tuple[str, list[Path]]:
+    """One small CT study (``n`` slices of 32 x 32) written by the encoders' factory;
+    returns ``(StudyInstanceUID, files)``."""
+    import sys
+
+    from pydicom.uid import generate_uid
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "encoders"))
+    import dicom_factory as factory
+
+    uid = generate_uid(entropy_srcs=[str(folder), str(seed), "study"])
+    files = factory.ct_series(folder, n=n, rows=32, seed=seed, study_uid=uid, patient_id=patient)
+    return uid, files
+
+
+def make_site(root: Path, *, studies: int = 3) -> dict:
+    """A store of ``studies`` small CT studies, a tiny test_resnet encoder and a Flat index
+    built from them; the site secret in ``root/secret`` (mode 0600)."""
+    from encoders.deid import Pseudonymizer
+    from encoders.model import EncoderCard, create_encoder, save_encoder
+    from indexing.build import build_from_store
+    from indexing.ingest import ingest_folder
+    from indexing.store import CohortStore
+
+    secret = root / "secret"
+    secret.write_text("0123456789abcdef0123456789abcdef")
+    secret.chmod(0o600)
+    pseudo = Pseudonymizer.from_env_or_file(secret)
+    for i in range(studies):
+        ct_study(root / "dicom" / f"s{i}", seed=100 + i, patient=f"SITE-{i}")
+    store = CohortStore(root / "store", create=True)
+    ingest_folder(root / "dicom", store, pseudonymizer=pseudo, workers=1)
+    encoder = create_encoder("test_resnet", embedding_dim=16)
+    save_encoder(encoder, EncoderCard.for_encoder(encoder, seed=0), root / "model")
+    build_from_store(root / "store", root / "model", root / "index", device="cpu")
+    return {"root": root, "store": root / "store", "index": root / "index", "model": root / "model",
+            "secret": secret, "pseudo": pseudo}
