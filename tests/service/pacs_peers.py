@@ -163,6 +163,7 @@ def make_site(root: Path, *, studies: int = 3) -> dict:
     from indexing.ingest import ingest_folder
     from indexing.store import CohortStore
 
+    root.mkdir(parents=True, exist_ok=True)
     secret = root / "secret"
     secret.write_text("0123456789abcdef0123456789abcdef")
     secret.chmod(0o600)
