@@ -110,6 +110,7 @@ def register(app: typer.Typer) -> None:
         secret_file: Annotated[Path | None, typer.Option(help="Site secret for pseudonyms (default $COHORTSIM_SITE_SECRET or ~/.config/cohortsim/site-secret).")] = None,
         workers: Annotated[int, typer.Option(min=1, help="Processes reading studies (1 = in the listener; more isolates a crashing decoder).")] = 1,
         allow_burned_in: Annotated[bool, typer.Option(help="Accept series flagged BurnedInAnnotation YES.")] = False,
+        fsync: Annotated[bool, typer.Option(help="fsync each instance before acknowledging it (survives power loss; a killed process loses nothing either way).")] = True,
     ) -> None:
         """Receive studies over DICOM (C-STORE SCP with C-ECHO) and ingest each once stable.
 
@@ -129,7 +130,7 @@ def register(app: typer.Typer) -> None:
         config = ListenerConfig(
             spool=spool or Path(f"{store}.spool"), ae_title=ae_title, host=host, port=port,
             allowed_aets=tuple(allow_ae or ()), allowed_hosts=tuple(allow_host or ()),
-            stable_s=stable_s, incomplete_hold_s=incomplete_hold_s,
+            stable_s=stable_s, incomplete_hold_s=incomplete_hold_s, fsync=fsync,
         )
         listener = StoreListener(config, inflow)
         stop = threading.Event()

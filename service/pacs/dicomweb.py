@@ -218,11 +218,25 @@ def dataset_bytes(ds: Any) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_dataset(folder: Path, ds: Any) -> bool:
+    """Write a retrieved dataset as ``folder/<series hash>/<instance hash>.dcm``
+    atomically (tmp + rename); False when it carries no instance UID."""
+    import pydicom
+
+    sop = str(getattr(ds, "SOPInstanceUID", "") or "")
+    series = str(getattr(ds, "SeriesInstanceUID", "") or "")
+    if not sop:
+        return False
+    sub = folder / uid_hash(series)
+    sub.mkdir(exist_ok=True, mode=0o700)
+    path = sub / f"{uid_hash(sop)}.dcm"
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
+    try:
+        pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+    except (ValueError, AttributeError):  # no usable file meta: write as received
+        pydicom.dcmwrite(tmp, ds)
     os.replace(tmp, path)
+    return True
 
 
 @dataclass
@@ -244,13 +258,28 @@ def fetch_study(
 ) -> FetchResult:
     """Retrieve the instances of one study that ``dest`` lacks (WADO-RS) into ``dest``.
 
-    ``dest/<series hash>/<instance hash>.dcm``, each written atomically. A series of which
-    nothing is held yet comes in one request (``retrieve_series``, streamed); the missing
-    instances of a partly held series one by one. ``progress(n)`` after each instance.
+    ``dest/<series hash>/<instance hash>.dcm``, each written atomically as it arrives. A
+    study of which nothing is held comes in one streamed request (``iter_study``, no QIDO
+    listing); otherwise QIDO-RS lists its instances, a series of which nothing is held
+    comes in one streamed request and the missing instances of a partly held series one
+    by one. ``progress(n)`` after each instance.
     """
     client = client or cfg.client()
-    instances = list_instances(cfg, study_uid, client=client)
     result = FetchResult(dest)
+    if not (dest.is_dir() and any(dest.rglob("*.dcm"))):
+        dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            for ds in client.iter_study(study_uid, media_types=ANY_TRANSFER_SYNTAX):
+                if _write_dataset(dest, ds):
+                    result.fetched += 1
+                    if progress is not None:
+                        progress(1)
+        except Exception as exc:
+            raise translate(exc, cfg) from None
+        if not result.fetched:
+            raise PacsError("not_found", "study_not_in_pacs", f"the study is not in the PACS at {cfg.label}")
+        return result
+    instances = list_instances(cfg, study_uid, client=client)
     by_series: dict[str, list[str]] = {}
     for series, sop in instances:
         by_series.setdefault(series, []).append(sop)
@@ -273,13 +302,10 @@ def fetch_study(
                     for sop in missing
                 )
             for ds in datasets:
-                sop = str(getattr(ds, "SOPInstanceUID", "") or "")
-                if not sop:
-                    continue
-                _write_atomic(folder / f"{uid_hash(sop)}.dcm", dataset_bytes(ds))
-                result.fetched += 1
-                if progress is not None:
-                    progress(1)
+                if _write_dataset(dest, ds):
+                    result.fetched += 1
+                    if progress is not None:
+                        progress(1)
     except PacsError:
         raise
     except Exception as exc:

@@ -121,11 +121,11 @@ def test_full_disk_refuses_with_a700_and_keeps_what_was_acknowledged(
     real = StoreListener._write
     calls = {"n": 0}
 
-    def failing(path: Path, data: bytes) -> None:
+    def failing(path: Path, data: bytes, *, fsync: bool = True) -> None:
         calls["n"] += 1
         if calls["n"] >= 3:  # the disk fills up at the third instance
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
+        real(path, data, fsync=fsync)
 
     monkeypatch.setattr(StoreListener, "_write", staticmethod(failing))
     res = subprocess.run(
