@@ -897,6 +897,7 @@ def query(
     server: Annotated[str, typer.Option(help="HOST:PORT of a cohortsim server.")] = "127.0.0.1:50051",
     dicom: Annotated[Path | None, typer.Option(help="A DICOM file or a folder holding one study.")] = None,
     study_uid: Annotated[str | None, typer.Option(help="Pseudonymous study id already in the index.")] = None,
+    pacs_study: Annotated[str | None, typer.Option(help="StudyInstanceUID of a study the server retrieves from its PACS (serve --dicomweb).")] = None,
     k: Annotated[int, typer.Option(min=1, max=1000, help="Number of neighbours.")] = 10,
     where: Annotated[
         str, typer.Option(help="Only neighbours matching this SQL condition, e.g. \"site = 'north' AND manufacturer IN ('GE')\".")
@@ -931,10 +932,10 @@ def query(
     """Ask a server for the patients most similar to a study, with their outcomes and a prognosis."""
     from service.client import CohortsimClient, CohortsimClientError
 
-    if (dicom is None) == (study_uid is None):
-        raise CliError("give exactly one of --dicom PATH or --study-uid UID")
-    if region and dicom is None:
-        raise CliError("--region needs --dicom: regions of interest are drawn on a DICOM study")
+    if sum(x is not None for x in (dicom, study_uid, pacs_study)) != 1:
+        raise CliError("give exactly one of --dicom PATH, --study-uid UID or --pacs-study UID")
+    if region and dicom is None and pacs_study is None:
+        raise CliError("--region needs --dicom or --pacs-study: regions of interest are drawn on a DICOM study")
     credentials, bearer = _client_security(token, token_file, tls_ca, tls_cert, tls_key)
     for target in (plot, thumbnails):
         if target is not None and not target.parent.is_dir():
@@ -945,6 +946,11 @@ def query(
         if dicom is not None:
             result = client.search(
                 dicom_paths=_dicom_files(dicom), k=k, where=where, include_thumbnails=want,
+                regions=[_parse_region(r) for r in region or []],
+            )
+        elif pacs_study is not None:
+            result = client.search(
+                pacs_study_uid=pacs_study, k=k, where=where, include_thumbnails=want,
                 regions=[_parse_region(r) for r in region or []],
             )
         else:

@@ -531,12 +531,14 @@ def build_search_request(
     where: str = "",
     include_thumbnails: bool = False,
     regions: Sequence[tuple[str, Sequence[float]]] = (),
+    pacs_study_uid: str | None = None,
 ) -> cohortsim_pb2.SearchSimilarRequest:
-    """The request for exactly one of ``embedding``, ``study_uid``, ``dicom_paths``;
-    ``regions``: ``(observer, (z0, y0, x0, z1, y1, x1))`` boxes of a DICOM query."""
-    given = [x is not None for x in (embedding, study_uid, dicom_paths)]
+    """The request for exactly one of ``embedding``, ``study_uid``, ``dicom_paths``,
+    ``pacs_study_uid`` (a StudyInstanceUID the server retrieves from its PACS);
+    ``regions``: ``(observer, (z0, y0, x0, z1, y1, x1))`` boxes of a DICOM or PACS query."""
+    given = [x is not None for x in (embedding, study_uid, dicom_paths, pacs_study_uid)]
     if sum(given) != 1:
-        raise ValueError("give exactly one of embedding, study_uid, dicom_paths")
+        raise ValueError("give exactly one of embedding, study_uid, dicom_paths, pacs_study_uid")
     req = cohortsim_pb2.SearchSimilarRequest(
         k=int(k),
         filter=cohortsim_pb2.Filter(where=where),
@@ -549,11 +551,14 @@ def build_search_request(
         req.study_uid = study_uid
     elif dicom_paths is not None:
         req.dicom.files.extend(_read_files(dicom_paths))
+    elif pacs_study_uid is not None:
+        req.pacs.study_instance_uid = pacs_study_uid
     if regions:
-        if dicom_paths is None:
-            raise ValueError("regions of interest go with a DICOM query (dicom_paths)")
+        if dicom_paths is None and pacs_study_uid is None:
+            raise ValueError("regions of interest go with a DICOM query (dicom_paths or pacs_study_uid)")
+        target = req.dicom if dicom_paths is not None else req.pacs
         for observer, box in regions:
-            req.dicom.regions.add(observer=str(observer), box=[float(v) for v in box])
+            target.regions.add(observer=str(observer), box=[float(v) for v in box])
     return req
 
 
@@ -759,8 +764,10 @@ class CohortsimClient:
         where: str = "",
         include_thumbnails: bool = False,
         regions: Sequence[tuple[str, Sequence[float]]] = (),
+        pacs_study_uid: str | None = None,
     ) -> SearchResult:
-        """The ``k`` most similar studies to one query (exactly one of the three kinds);
+        """The ``k`` most similar studies to one query (exactly one of the four kinds;
+        ``pacs_study_uid``: a study the server retrieves from its PACS);
         ``include_thumbnails`` asks for the query's and neighbours' PNG thumbnails;
         ``regions`` gives a DICOM query's regions of interest as ``(observer, box)``
         (see ``RegionOfInterest`` in the proto), answered in ``diagnostics.regions``."""
@@ -772,6 +779,7 @@ class CohortsimClient:
             where=where,
             include_thumbnails=include_thumbnails,
             regions=regions,
+            pacs_study_uid=pacs_study_uid,
         )
         return search_result_from_proto(self._call(self._stub.SearchSimilar, req))
 

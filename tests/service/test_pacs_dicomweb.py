@@ -250,3 +250,12 @@ def test_researchers_may_not_query_by_pacs_reference() -> None:
         asyncio.run(pacs_query.fetch(DicomwebConfig("http://127.0.0.1:9/dicom-web"), pb.PacsStudy(study_instance_uid="1.2.3"),
                                      None, max_files=10, restricted=True))
     assert info.value.code == grpc.StatusCode.PERMISSION_DENIED and info.value.reason == "PACS_QUERY_NOT_ALLOWED"
+
+
+def test_cli_query_by_pacs_reference(env: dict, pacs_server: BackgroundServer) -> None:
+    uid = env["studies"][0][0]
+    code, out, err = _cli("query", "--server", pacs_server.target, "--pacs-study", uid, "--k", "2", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["neighbors"]) == 2
+    code, _, err = _cli("query", "--server", pacs_server.target, "--pacs-study", "1.2.3.4.99")
+    assert code == 2 and err.startswith("cohortsim: error:") and "not in the PACS" in err
