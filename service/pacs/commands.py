@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
         incomplete_hold_s: Annotated[float, typer.Option(min=0.0, help="A study whose association broke is held this long for a re-send, then ingested as it is.")] = 86400.0,
         site: Annotated[str, typer.Option(help="Site name recorded with each study.")] = "local",
         secret_file: Annotated[Path | None, typer.Option(help="Site secret for pseudonyms (default $COHORTSIM_SITE_SECRET or ~/.config/cohortsim/site-secret).")] = None,
-        workers: Annotated[int, typer.Option(min=1, help="Processes reading studies (1 = in the listener; more isolates a crashing decoder).")] = 1,
+        workers: Annotated[int, typer.Option(min=1, help="Processes reading studies (default 2: a decoder that crashes on a hostile file costs only its study; 1 = in the listener itself).")] = 2,
         allow_burned_in: Annotated[bool, typer.Option(help="Accept series flagged BurnedInAnnotation YES.")] = False,
         fsync: Annotated[bool, typer.Option(help="fsync each instance before acknowledging it (survives power loss; a killed process loses nothing either way).")] = True,
     ) -> None:
