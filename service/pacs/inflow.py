@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from encoders.dicom import DEFAULT_SERIES_RULE, SeriesRule
-from indexing.incremental import DEFAULT_REBUILD_THRESHOLD, PublishResult, publish_new_studies
 from indexing.ingest import IngestReport, ingest_folder
 from indexing.store import CohortStore
+
+if TYPE_CHECKING:
+    from indexing.incremental import PublishResult
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ class Inflow:
     site: str = "local"
     workers: int | None = 1
     series_rule: SeriesRule = DEFAULT_SERIES_RULE
-    rebuild_threshold: float = DEFAULT_REBUILD_THRESHOLD
+    rebuild_threshold: float | None = None  # None: indexing.incremental's default
     device: str = "cpu"
     last_report: IngestReport | None = None
     last_publish: PublishResult | None = None
@@ -55,9 +57,11 @@ class Inflow:
         """Publish the store's studies that the index lacks (None: no index or none new)."""
         if self.index_dir is None:
             return None
-        result = publish_new_studies(
-            self.store(), self.index_dir, rebuild_threshold=self.rebuild_threshold, device=self.device
-        )
+        # imported here: it pulls in torch, which a listener without an index never needs
+        from indexing.incremental import DEFAULT_REBUILD_THRESHOLD, publish_new_studies
+
+        threshold = self.rebuild_threshold if self.rebuild_threshold is not None else DEFAULT_REBUILD_THRESHOLD
+        result = publish_new_studies(self.store(), self.index_dir, rebuild_threshold=threshold, device=self.device)
         self.last_publish = result
         return result
 

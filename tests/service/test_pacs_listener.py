@@ -175,7 +175,7 @@ def _listen_cli(site: dict, tmp_path: Path, port: int, stable_s: float) -> subpr
     args = [
         sys.executable, "-c", "from service.cli import main; main()", "listen",
         "--store", str(tmp_path / "store"), "--spool", str(tmp_path / "spool"), "--port", str(port),
-        "--stable-s", str(stable_s), "--secret-file", str(site["secret"]),
+        "--stable-s", str(stable_s), "--secret-file", str(site["secret"]), "--workers", "1",
     ]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
