@@ -57,8 +57,8 @@ def ingest_dicomweb(
     the folder ingest's fields plus ``pacs`` (what was fetched) and ``published``."""
     from dataclasses import asdict
 
-    from service.pacs.dicomweb import pull_studies
     from service.pacs.inflow import Inflow
+    from service.pacs.pull import pull_studies
 
     since_date = None
     if since:

@@ -24,8 +24,9 @@ from service.api import cohortsim_pb2_grpc
 from service.background import BackgroundServer
 from service.errors import ServiceError, reason_from_trailing
 from service.pacs import query as pacs_query
-from service.pacs.dicomweb import DicomwebConfig, fetch_study, pull_studies, uid_hash
+from service.pacs.dicomweb import DicomwebConfig, fetch_study, uid_hash
 from service.pacs.inflow import Inflow
+from service.pacs.pull import pull_studies
 
 from . import pacs_peers as pp
 

@@ -13,9 +13,10 @@ import pytest
 
 from encoders.deid import Pseudonymizer
 from indexing.store import CohortStore
-from service.pacs.dicomweb import DicomwebConfig, pull_studies
+from service.pacs.dicomweb import DicomwebConfig
 from service.pacs.inflow import Inflow
 from service.pacs.listener import ListenerConfig, StoreListener
+from service.pacs.pull import pull_studies
 
 from . import pacs_peers as pp
 
