@@ -260,3 +260,19 @@ def test_cli_query_by_pacs_reference(env: dict, pacs_server: BackgroundServer) -
     assert len(json.loads(out)["neighbors"]) == 2
     code, _, err = _cli("query", "--server", pacs_server.target, "--pacs-study", "1.2.3.4.99")
     assert code == 2 and err.startswith("cohortsim: error:") and "not in the PACS" in err
+
+
+def test_folder_ingest_publishes_into_the_index(env: dict, tmp_path: Path) -> None:
+    """The first way in, with --index: the same incremental publish as the PACS paths."""
+    from indexing.snapshot import load_snapshot
+
+    store, index = _copy_site(env, tmp_path)
+    uid, _ = pp.ct_study(tmp_path / "dicom" / "new", seed=300, patient="FOLDER-1")
+    before = load_snapshot(index, device="cpu").num_studies
+    code, _, err = _cli("ingest", str(tmp_path / "dicom"), "--store", str(store), "--index", str(index),
+                        "--secret-file", str(env["secret"]), "--workers", "1")
+    assert code == 0, err
+    assert "published index version" in err
+    snap = load_snapshot(index, device="cpu")
+    assert snap.num_studies == before + 1
+    assert env["pseudo"].study(uid) in set(snap.metadata.column("study_uid").to_pylist())
