@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
             allowed_aets=tuple(allow_ae or ()), allowed_hosts=tuple(allow_host or ()),
             stable_s=stable_s, incomplete_hold_s=incomplete_hold_s, fsync=fsync,
         )
-        listener = StoreListener(config, inflow)
+        listener = StoreListener(config, inflow, on_tick=inflow.publish_pending)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

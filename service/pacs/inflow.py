@@ -36,6 +36,7 @@ class Inflow:
     device: str = "cpu"
     last_report: IngestReport | None = None
     last_publish: PublishResult | None = None
+    pending: bool = False  # studies ingested but not yet published
 
     def store(self) -> CohortStore:
         return CohortStore(self.store_dir, create=True)
@@ -66,8 +67,19 @@ class Inflow:
         return result
 
     def __call__(self, folder: Path) -> IngestReport:
-        """Ingest then publish (the listener's and the pull's callback)."""
+        """Ingest then publish (the listener's callback). A publish that fails (the index
+        folder's disk full, say) is retried by :meth:`publish_pending`; the studies are
+        in the store already, so nothing is lost meanwhile."""
         report = self.ingest(folder)
         if report.studies_ingested:
-            self.publish()
+            self.pending = True
+        self.publish_pending()
         return report
+
+    def publish_pending(self) -> PublishResult | None:
+        """Publish when studies were ingested since the last successful publish."""
+        if not self.pending:
+            return None
+        result = self.publish()
+        self.pending = False
+        return result

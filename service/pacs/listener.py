@@ -105,11 +105,19 @@ class StoreListener:
     ``ingest(folder)`` ingests every study folder under ``folder`` (called on the timer
     thread, one call at a time; it must return only once the studies are in the store,
     and may raise: the studies then stay spooled and are retried on the next tick).
+    ``on_tick()`` runs after each tick's ingest (e.g. a publish that failed, retried).
     """
 
-    def __init__(self, config: ListenerConfig, ingest: Callable[[Path], Any]) -> None:
+    def __init__(
+        self,
+        config: ListenerConfig,
+        ingest: Callable[[Path], Any],
+        *,
+        on_tick: Callable[[], Any] | None = None,
+    ) -> None:
         self.config = config
         self._ingest = ingest
+        self._on_tick = on_tick
         self.spool = private_dir(config.spool)
         self.incoming = private_dir(self.spool / INCOMING)
         self.ingesting = private_dir(self.spool / INGESTING)
@@ -252,8 +260,10 @@ class StoreListener:
         while not self._stop.wait(self.config.poll_s):
             try:
                 self.ingest_stable()
+                if self._on_tick is not None:
+                    self._on_tick()
             except Exception as exc:  # keep listening; the studies stay spooled
-                log.error("listen: ingest failed (%s); retrying on the next tick", type(exc).__name__)
+                log.error("listen: ingest or publish failed (%s); retrying on the next tick", type(exc).__name__)
 
     def stable_studies(self, now: float | None = None) -> list[str]:
         """Study hashes that may be ingested now."""

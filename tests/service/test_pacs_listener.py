@@ -253,3 +253,39 @@ def test_stored_study_is_searchable_by_the_running_server(site: dict, tmp_path: 
             assert info_rsp.num_studies == 4
     finally:
         lst.stop()
+
+
+def test_a_failed_publish_is_retried_without_losing_the_study(
+    site: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import indexing.incremental as incremental
+    from indexing.snapshot import load_snapshot
+
+    index, store = tmp_path / "index", tmp_path / "store"
+    shutil.copytree(site["index"], index)
+    shutil.copytree(site["store"], store)
+    real = incremental.publish_new_studies
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:  # the index folder's disk is full once
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(incremental, "publish_new_studies", flaky)
+    inflow = Inflow(store, site["pseudo"], index_dir=index)
+    lst = StoreListener(ListenerConfig(spool=tmp_path / "spool", port=0, stable_s=0.5, poll_s=0.2), inflow,
+                        on_tick=inflow.publish_pending)
+    lst.start()
+    try:
+        uid, files = pp.ct_study(tmp_path / "study", seed=20, patient="NEW-20")
+        assert pp.storescu(lst.port, files).returncode == 0
+        _wait(lambda: inflow.last_publish is not None, 90)
+    finally:
+        lst.stop()
+    assert calls["n"] >= 2
+    assert site["pseudo"].study(uid) in set(load_snapshot(index, device="cpu").metadata.column("study_uid").to_pylist())
+    assert _spooled(lst) == []
