@@ -183,6 +183,7 @@ def cli_errors(fn: F) -> F:
         from encoders.errors import CohortsimError
         from service.auth import AuthConfigError
         from service.client import CohortsimClientError
+        from service.pacs.errors import PacsError
 
         try:
             return fn(*args, **kwargs)
@@ -196,6 +197,8 @@ def cli_errors(fn: F) -> F:
             _fail(exc.message, exc.exit_code)
         except (AuthConfigError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
             _fail(str(exc) or type(exc).__name__)
+        except PacsError as exc:
+            _fail(str(exc), 1 if exc.kind in ("unavailable", "deadline") else 2)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except OSError as exc:
@@ -257,8 +260,8 @@ def synth(
 @app.command()
 @cli_errors
 def ingest(
-    dicom_dir: Annotated[Path, typer.Argument(help="Folder of DICOM files (searched recursively; grouped by UIDs).")],
     store: Annotated[Path, typer.Option(help="Cohort store folder (created if missing).")],
+    dicom_dir: Annotated[Path | None, typer.Argument(help="Folder of DICOM files (searched recursively; grouped by UIDs); or use --dicomweb.")] = None,
     outcomes: Annotated[Path | None, typer.Option(help="Outcomes CSV/Parquet: patient_id,time,event,<labels...>.")] = None,
     site: Annotated[str, typer.Option(help="Site name recorded with each study.")] = "local",
     secret_file: Annotated[
@@ -273,16 +276,59 @@ def ingest(
         bool,
         typer.Option(help="Accept series flagged BurnedInAnnotation YES (text in the pixels may identify the patient)."),
     ] = False,
+    dicomweb: Annotated[str | None, typer.Option(help="Pull from this PACS's DICOMweb service (QIDO-RS / WADO-RS) instead of a folder; resumable.")] = None,
+    study: Annotated[list[str] | None, typer.Option(help="--dicomweb: this StudyInstanceUID only (repeat); default every study the PACS lists.")] = None,
+    since: Annotated[str | None, typer.Option(help="--dicomweb: studies on or after this date (YYYY-MM-DD).")] = None,
+    modality: Annotated[str | None, typer.Option(help="--dicomweb: studies with this modality (e.g. CT).")] = None,
+    pacs_user: Annotated[str | None, typer.Option(help="--dicomweb: HTTP basic user (with --pacs-password-file).")] = None,
+    pacs_password_file: Annotated[Path | None, typer.Option(help="--dicomweb: file holding the password (mode 0600).")] = None,
+    pacs_token_file: Annotated[Path | None, typer.Option(help="--dicomweb: file holding a bearer token (mode 0600).")] = None,
+    pacs_ca_file: Annotated[Path | None, typer.Option(help="--dicomweb: CA bundle (PEM) of an https PACS.")] = None,
+    pacs_timeout_s: Annotated[float, typer.Option(min=0.1, help="--dicomweb: longest wait for one PACS read.")] = 30.0,
+    spool: Annotated[Path | None, typer.Option(help="--dicomweb: private folder for retrieved files until ingested (default STORE.dicomweb-spool).")] = None,
+    index: Annotated[Path | None, typer.Option(help="Also publish the new studies into this index (embedded with its encoder; running servers pick them up).")] = None,
 ) -> None:
-    """Read DICOM studies into the cohort store (pseudonymised, preprocessed, with acquisition metadata)."""
+    """Read DICOM studies into the cohort store (pseudonymised, preprocessed, with acquisition metadata),
+    from a folder or from a PACS over DICOMweb (--dicomweb URL)."""
     from encoders.deid import Pseudonymizer
     from encoders.dicom import SeriesRule
     from indexing.ingest import ingest_folder, read_outcomes
     from indexing.store import CohortStore
 
-    if not dicom_dir.is_dir():
-        raise CliError(f"{dicom_dir} is not a folder")
+    if (dicom_dir is None) == (dicomweb is None):
+        raise CliError("give a DICOM folder or --dicomweb URL (one of them)")
     pseudo = Pseudonymizer.from_env_or_file(secret_file)
+    if dicomweb is not None:
+        from service.pacs.commands import dicomweb_config, ingest_dicomweb
+
+        cfg = dicomweb_config(
+            dicomweb, user=pacs_user, password_file=pacs_password_file,
+            token_file=pacs_token_file, ca_file=pacs_ca_file, timeout_s=pacs_timeout_s,
+        )
+        with progress_bar("dicomweb pull") as update:
+            pulled = ingest_dicomweb(
+                cfg, store=store, pseudonymizer=pseudo, study=list(study or []), since=since,
+                modality=modality, spool=spool, index=index, site=site, workers=workers,
+                series_rule=SeriesRule(allow_burned_in=allow_burned_in),
+                progress=lambda d, t: update(d, t),
+            )
+        if outcomes is not None:
+            pulled["outcomes_rows"] = CohortStore(store).set_outcomes(read_outcomes(outcomes, pseudo))
+        if json_out:
+            out.print_json(json.dumps(pulled))
+        else:
+            p = pulled["pacs"]
+            _say(
+                f"pulled {p['studies_fetched']} studies ({p['instances_fetched']} instances fetched, "
+                f"{p['instances_reused']} already spooled) from {p['pacs']}; ingested "
+                f"{pulled['studies_ingested']} new studies ({pulled['studies_already_present']} already "
+                f"present, {len(pulled['studies_rejected'])} rejected) into {store}"
+            )
+            if pulled["published"]:
+                _say(f"published index version {pulled['published']['version']}")
+        return
+    if dicom_dir is None or not dicom_dir.is_dir():
+        raise CliError(f"{dicom_dir} is not a folder")
     cohort = CohortStore(store, create=True)
     with progress_bar("ingest") as update:
         report = ingest_folder(
@@ -297,6 +343,11 @@ def ingest(
     if outcomes is not None:
         table = read_outcomes(outcomes, pseudo)
         report.outcomes_rows = cohort.set_outcomes(table)
+    published = None
+    if index is not None:
+        from indexing.incremental import publish_new_studies
+
+        published = publish_new_studies(cohort, index)
     if json_out:
         out.print_json(json.dumps(report.to_dict()))
     else:
@@ -310,6 +361,8 @@ def ingest(
             _say(f"  rejected study {r['study']}: {r['message']}")
         if outcomes is not None:
             _say(f"outcomes: {report.outcomes_rows} patients updated")
+        if published is not None:
+            _say(f"published index version {published.version} (+{published.added} studies)")
 
 
 # --------------------------------------------------------------------------- train
@@ -827,6 +880,12 @@ def serve(
     stop_delay_s: Annotated[
         float | None, typer.Option(min=0.0, help="On SIGTERM, seconds health says NOT_SERVING while calls are still taken (default 1).")
     ] = None,
+    dicomweb: Annotated[str | None, typer.Option(help="PACS DICOMweb URL: SearchSimilar / EmbedStudy accept a study by StudyInstanceUID (PacsStudy).")] = None,
+    pacs_user: Annotated[str | None, typer.Option(help="--dicomweb: HTTP basic user (with --pacs-password-file).")] = None,
+    pacs_password_file: Annotated[Path | None, typer.Option(help="--dicomweb: file holding the password (mode 0600).")] = None,
+    pacs_token_file: Annotated[Path | None, typer.Option(help="--dicomweb: file holding a bearer token (mode 0600).")] = None,
+    pacs_ca_file: Annotated[Path | None, typer.Option(help="--dicomweb: CA bundle (PEM) of an https PACS.")] = None,
+    pacs_timeout_s: Annotated[float, typer.Option(min=0.1, help="--dicomweb: longest wait for a study (a call's own deadline may be shorter).")] = 30.0,
 ) -> None:
     """Serve the index over gRPC (health and reflection included) until SIGTERM/Ctrl-C.
 
@@ -882,6 +941,13 @@ def serve(
     }
     if audit_log is not None:
         security["audit_log"] = AuditLog(audit_log)
+    if dicomweb is not None:
+        from service.pacs.commands import dicomweb_config
+
+        security["pacs"] = dicomweb_config(
+            dicomweb, user=pacs_user, password_file=pacs_password_file,
+            token_file=pacs_token_file, ca_file=pacs_ca_file, timeout_s=pacs_timeout_s,
+        )
     asyncio.run(
         serve_async(
             index, host=host, port=port, device=dev, ready=lambda p: _say(f"serving {index} on {host}:{p}"),
@@ -959,6 +1025,7 @@ def query(
     server: Annotated[str, typer.Option(help="HOST:PORT of a cohortsim server.")] = "127.0.0.1:50051",
     dicom: Annotated[Path | None, typer.Option(help="A DICOM file or a folder holding one study.")] = None,
     study_uid: Annotated[str | None, typer.Option(help="Pseudonymous study id already in the index.")] = None,
+    pacs_study: Annotated[str | None, typer.Option(help="StudyInstanceUID of a study the server retrieves from its PACS (serve --dicomweb).")] = None,
     k: Annotated[int, typer.Option(min=1, max=1000, help="Number of neighbours.")] = 10,
     where: Annotated[
         str, typer.Option(help="Only neighbours matching this SQL condition, e.g. \"site = 'north' AND manufacturer IN ('GE')\".")
@@ -997,10 +1064,10 @@ def query(
     """Ask a server for the patients most similar to a study, with their outcomes and a prognosis."""
     from service.client import CohortsimClient, CohortsimClientError
 
-    if (dicom is None) == (study_uid is None):
-        raise CliError("give exactly one of --dicom PATH or --study-uid UID")
-    if region and dicom is None:
-        raise CliError("--region needs --dicom: regions of interest are drawn on a DICOM study")
+    if sum(x is not None for x in (dicom, study_uid, pacs_study)) != 1:
+        raise CliError("give exactly one of --dicom PATH, --study-uid UID or --pacs-study UID")
+    if region and dicom is None and pacs_study is None:
+        raise CliError("--region needs --dicom or --pacs-study: regions of interest are drawn on a DICOM study")
     if explanations is not None and dicom is None:
         raise CliError("--explanations needs --dicom: the server blanks parts of the query's image")
     credentials, bearer = _client_security(token, token_file, tls_ca, tls_cert, tls_key)
@@ -1015,6 +1082,11 @@ def query(
                 dicom_paths=_dicom_files(dicom), k=k, where=where, include_thumbnails=want,
                 regions=[_parse_region(r) for r in region or []],
                 include_explanations=explanations is not None,
+            )
+        elif pacs_study is not None:
+            result = client.search(
+                pacs_study_uid=pacs_study, k=k, where=where, include_thumbnails=want,
+                regions=[_parse_region(r) for r in region or []],
             )
         else:
             result = client.search(study_uid=study_uid, k=k, where=where, include_thumbnails=want)
@@ -1365,6 +1437,15 @@ def _print_demo_truth(result: Any, query_dir: Path, synth_dir: Path, pseudo: Any
         f"  neighbours with its phenotype: {same_pheno}/{ks} (cohort share {base_pheno:.2f}); "
         f"from its scanner: {same_scanner}/{ks} (cohort share {base_scanner:.2f})"
     )
+
+
+def _register_pacs() -> None:
+    from service.pacs.commands import register
+
+    register(app)  # cohortsim listen (service/pacs)
+
+
+_register_pacs()
 
 
 def main() -> None:

@@ -122,6 +122,20 @@ def _nest(prefix: str, rules: dict[str, str]) -> dict[str, str]:
 
 
 #: What the researcher view does with every field of SearchSimilarResponse.
+# What a researcher may send as the query of SearchSimilar (the request's `query` oneof)
+# and EmbedStudy (its fields): "allowed", or the ErrorInfo reason of the refusal
+# (PERMISSION_DENIED). A study id of the cohort or a PACS reference would tell whether a
+# study exists (in the cohort, in the hospital's PACS). A test fails when the proto gains
+# a query kind without a rule here.
+RESEARCHER_QUERY_RULES: dict[str, str] = {
+    "SearchSimilarRequest.embedding": "allowed",
+    "SearchSimilarRequest.dicom": "allowed",
+    "SearchSimilarRequest.study_uid": "STUDY_QUERY_NOT_ALLOWED",
+    "SearchSimilarRequest.pacs": "PACS_QUERY_NOT_ALLOWED",
+    "EmbedStudyRequest.dicom": "allowed",
+    "EmbedStudyRequest.pacs": "PACS_QUERY_NOT_ALLOWED",
+}
+
 SEARCH_RULES: dict[str, str] = {
     "neighbors": DROP,
     "index_version": KEEP,
@@ -909,6 +923,7 @@ __all__ = [
     "KEEP",
     "NOT_COUNTS",
     "RESEARCHER_FILTER_COLUMNS",
+    "RESEARCHER_QUERY_RULES",
     "SEARCH_RULES",
     "TEXT",
     "CoarseCurve",

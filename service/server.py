@@ -39,6 +39,7 @@ from service.auth import TokenStore
 from service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_WINDOW_S, SearchBatcher
 from service.governance import DisclosurePolicy, Governance
 from service.metrics import MetricsInterceptor, ServerMetrics
+from service.pacs.dicomweb import DicomwebConfig
 from service.rpcs import DEFAULT_MAX_STREAM_MB
 from service.servicer import (
     WATCH_INTERVAL_S,
@@ -103,6 +104,7 @@ async def create_server(
     metrics_host: str = "127.0.0.1",
     blas_threads: int | None = DEFAULT_BLAS_THREADS,
     warm_encoder: bool = True,
+    pacs: DicomwebConfig | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Build a ``grpc.aio`` server for the current snapshot of ``index_dir``; not started.
 
@@ -125,6 +127,7 @@ async def create_server(
     ``warm_encoder``: when the index carries an encoder, load it (and torch) before the
     server listens; otherwise the first DICOM query loads it, and while torch imports
     (seconds on a busy CPU) every other call waits too.
+    ``pacs``: the PACS that queries by reference (``PacsStudy``) retrieve from.
     Bad security settings (a key or token file others can
     read, an unwritable or broken audit log) raise before anything listens.
     """
@@ -170,6 +173,7 @@ async def create_server(
         batcher=batcher,
     )
     servicer.store_dir = Path(store_dir) if store_dir is not None else None
+    servicer.pacs = pacs
     servicer.max_stream_bytes = int(max_stream_mb) << 20
     size = int(max_receive_mb) * 1024 * 1024
     server = grpc.aio.server(

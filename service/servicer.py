@@ -40,6 +40,8 @@ from service.errors import failed_precondition, grpc_errors, invalid_argument, u
 from service.governance import Governance, ResearcherAnswer
 from service.interceptors.call import add_facts, current_principal
 from service.matched import attach_explanations, match_region
+from service.pacs import query as pacs_query
+from service.pacs.dicomweb import DicomwebConfig
 from service.rpcs import CohortRpcs
 
 log = logging.getLogger(__name__)
@@ -495,6 +497,9 @@ def search_many(
 class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
     """Thin asyncio servicer over a :class:`ServiceState`."""
 
+    # the PACS that queries by reference retrieve from (service.pacs.query); None: none
+    pacs: DicomwebConfig | None = None
+
     def __init__(
         self,
         state: ServiceState,
@@ -531,6 +536,11 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         self, request: cohortsim_pb2.SearchSimilarRequest, context: grpc.aio.ServicerContext
     ) -> cohortsim_pb2.SearchSimilarResponse:
         snapshot = self.state.require_snapshot()
+        if request.WhichOneof("query") == "pacs":  # retrieved, then searched as DICOM files
+            request = await pacs_query.resolve_search(
+                request, context, pacs=self.pacs, max_files=self.limits.max_files,
+                restricted=self.governance.restricts(current_principal()),
+            )
         query = convert.parse_search_request(
             request,
             dimension=snapshot.dimension,
@@ -573,6 +583,11 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         self, request: cohortsim_pb2.EmbedStudyRequest, context: grpc.aio.ServicerContext
     ) -> cohortsim_pb2.EmbedStudyResponse:
         snapshot = self.state.require_snapshot()
+        if request.HasField("pacs"):
+            request = await pacs_query.resolve_embed(
+                request, context, pacs=self.pacs, max_files=self.limits.max_files,
+                restricted=self.governance.restricts(current_principal()),
+            )
         files = convert.parse_dicom(request.dicom, max_files=self.limits.max_files)
         if snapshot.encoder_dir is None:
             self.state.encoder()  # raises NO_ENCODER
