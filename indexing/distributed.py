@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ GPU_BATCH_MAX = 256
 # GPU batch size: free memory / (voxels per study x this many bytes), a rough bound on
 # activations of a small 2.5D backbone per input voxel (float32, with workspace)
 GPU_BYTES_PER_VOXEL = 256
+UNIT_RETRIES = 2  # a unit whose actor died is tried this many more times
 
 
 def import_ray() -> Any:
@@ -279,22 +281,27 @@ def build_from_store_ray(
             [{"unit": i, "spec": json.dumps(u)} for i, u in enumerate(units)],
             override_num_blocks=max(1, len(units)),
         )
-        ds = ds.map_batches(
-            EmbedActor,
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=pool),
-            num_gpus=1 if gpus else 0,
-            num_cpus=0 if gpus else threads,
-            fn_constructor_kwargs={
-                "model_dir": str(Path(model_dir).resolve()),
-                "store_root": str(store.root.resolve()),
-                "checkpoint_dir": str(ckpt.resolve()),
-                "device": "cuda" if gpus else ("cpu" if device == "auto" else device),
-                "batch_size": batch_size,
-                "threads": threads,
-            },
-        )
+        with warnings.catch_warnings():  # max_task_retries has no named parameter (Ray 2.60)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map_batches(
+                EmbedActor,
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=pool),
+                num_gpus=1 if gpus else 0,
+                num_cpus=0 if gpus else threads,
+                fn_constructor_kwargs={
+                    "model_dir": str(Path(model_dir).resolve()),
+                    "store_root": str(store.root.resolve()),
+                    "checkpoint_dir": str(ckpt.resolve()),
+                    "device": "cuda" if gpus else ("cpu" if device == "auto" else device),
+                    "batch_size": batch_size,
+                    "threads": threads,
+                },
+                # an actor that dies is restarted (a lost node), but a unit that kills
+                # its actor again and again fails the job instead of looping for ever
+                max_task_retries=UNIT_RETRIES,
+            )
         done = reused = 0
         per_actor: dict[str, list[float]] = {}
         finished: set[int] = set()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from indexing.store import CohortStore
 log = logging.getLogger(__name__)
 
 RAY_BATCH_SIZE = 32  # studies per Ray task (one store part file each)
+TASK_RETRIES = 2  # a task whose worker died is tried this many more times
 
 
 # ------------------------------------------------------------------------ worker side
@@ -143,24 +145,49 @@ def _scan(ray: Any, files: list[Path]) -> tuple[list[FileHeader], list[Rejection
 
 
 def _run_tasks(
-    ray: Any, tasks: list[str], batch_size: int, kwargs: dict[str, Any],
-    on_result: Callable[[dict[str, Any]], None],
+    ray: Any, tasks: list[str], batch_size: int, stage: Callable[..., dict[str, list[str]]],
+    kwargs: dict[str, Any], on_result: Callable[[dict[str, Any]], None],
 ) -> None:  # fmt: skip
-    """Run the study tasks in batches; a batch whose task fails is skipped here (the
-    caller re-runs what did not come back)."""
+    """Run the tasks through ``stage`` in batches; a batch whose Ray task fails (after
+    Ray's retries) is skipped: the caller re-runs what did not come back."""
     ctx = ray.data.DataContext.get_current()
     before = ctx.max_errored_blocks
     ctx.max_errored_blocks = -1  # a failed batch does not stop the others
     try:
         blocks = max(1, (len(tasks) + batch_size - 1) // batch_size)
         ds = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=blocks)
-        ds = ds.map_batches(
-            ingest_stage, batch_size=batch_size, batch_format="numpy", fn_kwargs=kwargs
-        )
+        with warnings.catch_warnings():  # max_retries has no named parameter (Ray 2.60)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # Ray Data retries a task whose worker died without end by default: a study
+            # that crashes its decoder would loop forever
+            ds = ds.map_batches(stage, batch_size=batch_size, batch_format="numpy",
+                                fn_kwargs=kwargs, max_retries=TASK_RETRIES)  # fmt: skip
         for row in ds.iter_rows():
             on_result(json.loads(row["result"]))
     finally:
         ctx.max_errored_blocks = before
+
+
+def run_isolating_failures(
+    ray: Any, tasks: dict[str, str], batch_size: int, stage: Callable[..., dict[str, list[str]]],
+    kwargs: dict[str, Any], on_result: Callable[[dict[str, Any]], None],
+) -> list[str]:  # fmt: skip
+    """Run ``tasks`` (key -> JSON task) through ``stage`` in batches of ``batch_size``;
+    the tasks of a batch that failed are run again one per batch. Returns the keys that
+    failed alone too. ``stage`` returns one JSON row per batch whose ``studies`` and
+    ``rejected`` lists name the keys (``study``) it answered."""
+    answered: set[str] = set()
+
+    def collect(result: dict[str, Any]) -> None:
+        answered.update(s["study"] for s in result["studies"] + result["rejected"])
+        on_result(result)
+
+    _run_tasks(ray, list(tasks.values()), batch_size, stage, kwargs, collect)
+    lost = [key for key in tasks if key not in answered]
+    if lost and batch_size > 1:  # one per batch, to find the culprit
+        log.warning("ingest: batches of %d studies failed; re-running them one by one", len(lost))
+        _run_tasks(ray, [tasks[key] for key in lost], 1, stage, kwargs, collect)
+    return [key for key in lost if key not in answered]
 
 
 def ingest_folder_ray(
@@ -217,7 +244,6 @@ def ingest_folder_ray(
         total, done = len(groups), report.studies_already_present
         if progress is not None and done:
             progress(done, total)
-        answered: set[str] = set()
         kwargs = {"store_root": str(store.root.resolve()), "spec": json.dumps(spec.to_dict()),
                   "rule": series_rule, "site": site}  # fmt: skip
 
@@ -226,17 +252,12 @@ def ingest_folder_ray(
             report.studies_ingested += int(result["added"])
             report.studies.extend(result["studies"])
             report.studies_rejected.extend(result["rejected"])
-            answered.update(s["study"] for s in result["studies"] + result["rejected"])
             done += int(result["n"])
             if progress is not None:
                 progress(done, total)
 
-        _run_tasks(ray, list(tasks.values()), batch_size, kwargs, on_result)
-        lost = [u for u in tasks if u not in answered]
-        if lost:  # their batch failed twice: one study per task, to find the culprit
-            log.warning("ingest: a batch of %d studies failed; re-running them one by one", len(lost))
-            _run_tasks(ray, [tasks[u] for u in lost], 1, kwargs, on_result)
-        for uid in (u for u in lost if u not in answered):
+        failed = run_isolating_failures(ray, tasks, batch_size, ingest_stage, kwargs, on_result)
+        for uid in failed:
             report.studies_rejected.append({
                 "study": uid, "reason": "worker_failed",
                 "message": "reading this study failed its Ray worker twice (a crash in a "

@@ -24,7 +24,7 @@ from encoders.spec import InputSpec  # noqa: E402
 from encoders.synth import synth_cohort  # noqa: E402
 from indexing.build import build_from_store  # noqa: E402
 from indexing.distributed import build_from_store_ray, plan_units  # noqa: E402
-from indexing.distributed_ingest import ingest_folder_ray  # noqa: E402
+from indexing.distributed_ingest import ingest_folder_ray, run_isolating_failures  # noqa: E402
 from indexing.ingest import ingest_folder  # noqa: E402
 from indexing.snapshot import load_snapshot  # noqa: E402
 from indexing.store import CohortStore, StudyRecord  # noqa: E402
@@ -97,6 +97,33 @@ def test_ray_ingest_matches_single_process_and_resumes(
     for part in (tmp_path / "fresh").rglob("*.parquet"):  # nothing identifying was written
         data = part.read_bytes()
         assert not any(raw in data for raw in raw_ids)
+
+
+def _crashing_stage(batch: dict, *, poison: str) -> dict[str, list[str]]:
+    """A stage whose worker process dies on the task ``poison`` (as on a segfault in a
+    native decoder) and answers every other task."""
+    import json
+    import os
+
+    keys = [json.loads(str(t))["study"] for t in batch["task"]]
+    if poison in keys:
+        os._exit(7)
+    studies = [{"study": k} for k in keys]
+    return {"result": [json.dumps({"studies": studies, "rejected": [], "n": len(keys)})]}
+
+
+@pytest.mark.slow  # each death costs a worker start (seconds), six of them
+def test_a_dying_worker_costs_only_its_study(local_ray: None) -> None:
+    import json
+
+    tasks = {f"s{i}": json.dumps({"study": f"s{i}"}) for i in range(6)}
+    seen: list[str] = []
+    failed = run_isolating_failures(
+        ray, tasks, 3, _crashing_stage, {"poison": "s4"},
+        lambda result: seen.extend(s["study"] for s in result["studies"]),
+    )  # fmt: skip
+    assert failed == ["s4"]  # its batch (s3, s4, s5) failed, then s4 alone failed again
+    assert sorted(seen) == ["s0", "s1", "s2", "s3", "s5"]
 
 
 @pytest.fixture(scope="module")
