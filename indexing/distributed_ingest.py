@@ -204,7 +204,8 @@ def ingest_folder_ray(
 ) -> IngestReport:
     """:func:`indexing.ingest.ingest_folder` on a Ray cluster (``address`` as in
     :func:`indexing.distributed.ray_session`); the store must be on a file system every
-    node sees at the same path. ``batch_size``: studies per task and per part file.
+    node sees at the same path. ``batch_size``: studies per task and per part file at
+most (fewer when that leaves less than two tasks a CPU).
     ``report.workers`` is the cluster's CPU count."""
     spec = store_spec(store, spec)
     dicom_dir = Path(dicom_dir)
@@ -256,7 +257,9 @@ def ingest_folder_ray(
             if progress is not None:
                 progress(done, total)
 
-        failed = run_isolating_failures(ray, tasks, batch_size, ingest_stage, kwargs, on_result)
+        # at least two tasks a CPU, so that a small ingest is spread too
+        per_task = max(1, min(batch_size, -(-len(tasks) // (2 * report.workers))))
+        failed = run_isolating_failures(ray, tasks, per_task, ingest_stage, kwargs, on_result)
         for uid in failed:
             report.studies_rejected.append({
                 "study": uid, "reason": "worker_failed",
