@@ -275,6 +275,10 @@ def build_from_store_ray(
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
         cpus = max(1, int(resources.get("CPU", 1)))
+        if device.startswith("cuda") and gpus == 0:
+            raise StoreError(
+                "device cuda was asked for but the Ray cluster has no GPU; use --device auto or cpu"
+            )
         pool = actors or (gpus if gpus else cpus)
         threads = 1 if gpus == 0 else max(1, cpus // max(1, pool))
         ds = ray.data.from_items(
