@@ -29,8 +29,10 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from encoders.model import embed, load_encoder
+from encoders.model import load_encoder
 from encoders.spec import InputSpec
+from indexing.build import embed_shard
+from indexing.durable import opened_for_lock
 from indexing.errors import ModelVersionError, SnapshotError
 from indexing.snapshot import (
     BUILD_MANIFEST_KEYS,
@@ -39,10 +41,9 @@ from indexing.snapshot import (
     build_snapshot,
     load_snapshot,
 )
-from indexing.durable import opened_for_lock
 from indexing.store import CohortStore
 from indexing.thumbnails import COLUMN as THUMBNAIL_COLUMN
-from indexing.thumbnails import thumbnail_png
+from indexing.thumbnails import REGION_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -134,22 +135,20 @@ def _publish(
             f"the index's encoder expects input {card.input.to_dict()} but the store holds "
             f"{spec.to_dict()}; ingest into a store made with the encoder's spec"
         )
-    new = np.concatenate(
-        [
-            embed(encoder, volumes[i : i + batch_size], batch_size=batch_size, device=device)
-            for i in range(0, len(uids), batch_size)
-        ]
-    ).astype(np.float32)
+    shard = embed_shard(encoder, uids, volumes, batch_size=batch_size, device=device)
+    new = np.asarray(
+        shard.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+        dtype=np.float32,
+    ).reshape(len(uids), -1)
     metadata = snap.metadata.drop_columns(["row_id"])
-    rows = _rows_for(
-        store, uids, metadata.drop_columns([THUMBNAIL_COLUMN]) if THUMBNAIL_COLUMN in metadata.column_names else metadata
-    )
-    if THUMBNAIL_COLUMN in metadata.column_names:
-        rows = rows.append_column(
-            metadata.schema.field(THUMBNAIL_COLUMN),
-            pa.array([thumbnail_png(v) for v in volumes], pa.binary()),
-        )
-        rows = rows.select(metadata.column_names)
+    # the new rows carry what the index's rows carry: thumbnail and embedded region
+    # columns from the shard, where the index has them (older indexes may lack them)
+    shard_cols = [c for c in (THUMBNAIL_COLUMN, *REGION_COLUMNS) if c in metadata.column_names]
+    rows = _rows_for(store, uids, metadata.drop_columns(shard_cols))
+    for col in shard_cols:
+        rows = rows.append_column(metadata.schema.field(col), shard.column(col).cast(
+            metadata.schema.field(col).type))
+    rows = rows.select(metadata.column_names)
     vectors = np.concatenate([np.asarray(snap.vectors, dtype=np.float32), new])
     m = snap.manifest
     kind = str(m["index_kind"])

@@ -235,6 +235,25 @@ def _print_json(report: Any) -> None:
     """One JSON document on stdout (plain: no colour codes, whatever the terminal)."""
     sys.stdout.write(json.dumps(report, default=str) + "\n")
     sys.stdout.flush()
+_RAY_HELP = (
+    "Run on Ray (pip install 'cohortsim[ray]'): a bare --ray starts a local Ray; an ADDRESS "
+    "(auto, HOST:PORT, ray://HOST:PORT) joins a cluster. Store and index folders must be "
+    "on a file system every node sees at the same path."
+)
+
+
+def ray_address_argv(argv: list[str]) -> list[str]:
+    """``argv`` with a bare ``--ray`` given the value ``local``, so ``--ray`` works as a flag
+    and as ``--ray ADDRESS``: the next word is taken as the address only when it is
+    ``auto`` or ``local`` or holds a ``:`` (HOST:PORT, ray://...)."""
+    out: list[str] = []
+    for i, word in enumerate(argv):
+        out.append(word)
+        if word == "--ray":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or not (nxt in ("auto", "local") or ":" in nxt):
+                out.append("local")
+    return out
 
 
 # --------------------------------------------------------------------------- synth
@@ -287,6 +306,7 @@ def ingest(
     pacs_timeout_s: Annotated[float, typer.Option(min=0.1, help="--dicomweb: longest wait for one PACS read.")] = 30.0,
     spool: Annotated[Path | None, typer.Option(help="--dicomweb: private folder for retrieved files until ingested (default STORE.dicomweb-spool).")] = None,
     index: Annotated[Path | None, typer.Option(help="Also publish the new studies into this index (embedded with its encoder; running servers pick them up).")] = None,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="[ADDRESS]", help=_RAY_HELP)] = None,
 ) -> None:
     """Read DICOM studies into the cohort store (pseudonymised, preprocessed, with acquisition metadata),
     from a folder or from a PACS over DICOMweb (--dicomweb URL)."""
@@ -331,15 +351,28 @@ def ingest(
         raise CliError(f"{dicom_dir} is not a folder")
     cohort = CohortStore(store, create=True)
     with progress_bar("ingest") as update:
-        report = ingest_folder(
-            dicom_dir,
-            cohort,
-            pseudonymizer=pseudo,
-            site=site,
-            series_rule=SeriesRule(allow_burned_in=allow_burned_in),
-            workers=workers,
-            progress=lambda d, t: update(d, t),
-        )
+        if ray is not None:
+            from indexing.distributed_ingest import ingest_folder_ray
+
+            report = ingest_folder_ray(
+                dicom_dir,
+                cohort,
+                pseudonymizer=pseudo,
+                address=ray,
+                site=site,
+                series_rule=SeriesRule(allow_burned_in=allow_burned_in),
+                progress=lambda d, t: update(d, t),
+            )
+        else:
+            report = ingest_folder(
+                dicom_dir,
+                cohort,
+                pseudonymizer=pseudo,
+                site=site,
+                series_rule=SeriesRule(allow_burned_in=allow_burned_in),
+                workers=workers,
+                progress=lambda d, t: update(d, t),
+            )
     if outcomes is not None:
         table = read_outcomes(outcomes, pseudo)
         report.outcomes_rows = cohort.set_outcomes(table)
@@ -594,6 +627,7 @@ def index_build(
     shard_size: Annotated[int, typer.Option(min=1, help="Studies per checkpointed shard; a killed build resumes from the last one.")] = 512,
     keep: Annotated[int | None, typer.Option(min=1, help="After publishing, delete all but the newest N versions (the served one stays).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")] = False,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="[ADDRESS]", help=_RAY_HELP)] = None,
 ) -> None:
     """Embed the cohort and publish a new index snapshot atomically (safe while a server reads it)."""
     from indexing.build import build_from_embeddings, build_from_store
@@ -611,15 +645,29 @@ def index_build(
     else:
         assert store is not None and model is not None  # for the type checker; checked above
         with progress_bar("build") as update:
-            version = build_from_store(
-                store,
-                model,
-                out_dir,
-                kind=kind,
-                device=dev,
-                shard_size=shard_size,
-                progress=lambda stage, d, t: update(d, t, extra=stage),
-            )
+            if ray is not None:
+                from indexing.distributed import build_from_store_ray
+
+                version = build_from_store_ray(
+                    store,
+                    model,
+                    out_dir,
+                    address=ray,
+                    kind=kind,
+                    device=dev,
+                    shard_size=shard_size,
+                    progress=lambda stage, d, t: update(d, t, extra=stage),
+                )
+            else:
+                version = build_from_store(
+                    store,
+                    model,
+                    out_dir,
+                    kind=kind,
+                    device=dev,
+                    shard_size=shard_size,
+                    progress=lambda stage, d, t: update(d, t, extra=stage),
+                )
     snap = load_snapshot(out_dir, version=version, device="cpu")
     info = snap.info()
     _say(
@@ -1451,6 +1499,7 @@ _register_pacs()
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.argv = ray_address_argv(sys.argv)
     try:
         app()
     except SystemExit:
