@@ -299,7 +299,7 @@ class CohortRpcs:
         rows = await self._run(live_rows, snapshot, where)
         response = await self._run(cohort_stats, snapshot, rows)
         if restricted:
-            return self.governance.cohort_stats(response)
+            return self.governance.cohort_stats(response, snapshot, rows)
         return response
 
     # ------------------------------------------------------------------ admin
