@@ -691,6 +691,9 @@ def serve(
     audit_log: Annotated[
         Path | None, typer.Option(help="Append one SHA-256-chained JSON line per call; a call fails if its line cannot be written.")
     ] = None,
+    audit_max_mb: Annotated[
+        float | None, typer.Option(min=0.01, help="Rotate the audit log at this size: PATH.000001, ... continue one chain (`cohortsim audit verify PATH` checks them all).")
+    ] = None,
     min_cell: Annotated[
         int, typer.Option(min=2, help="Researchers: smallest group a released count may describe; smaller counts are withheld.")
     ] = 11,
@@ -768,7 +771,8 @@ def serve(
         "max_concurrent_per_principal": max_concurrent_per_principal,
     }
     if audit_log is not None:
-        security["audit_log"] = AuditLog(audit_log)
+        max_bytes = max(4096, int(audit_max_mb * 2**20)) if audit_max_mb is not None else None
+        security["audit_log"] = AuditLog(audit_log, max_bytes=max_bytes)
     asyncio.run(
         serve_async(
             index, host=host, port=port, device=dev, ready=lambda p: _say(f"serving {index} on {host}:{p}"),
@@ -788,10 +792,11 @@ def audit_verify(
         str | None, typer.Option(help="The hash the log must end with (kept elsewhere), to catch lines cut from its end.")
     ] = None,
 ) -> None:
-    """Check the SHA-256 chain of an audit log; names the first edited, removed or reordered record."""
-    from service.audit import verify
+    """Check the SHA-256 chain of an audit log (and its rotated files PATH.000001, ...);
+    names the first edited, removed or reordered record."""
+    from service.audit import rotated_files, verify
 
-    if not path.is_file():
+    if not path.is_file() and not rotated_files(path):
         raise CliError(f"{path} is not a file")
     result = verify(path, expect_head=expect_head)
     if not result.ok:

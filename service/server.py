@@ -12,7 +12,7 @@ Security (issue #8, all optional): ``tls`` (TLS, or mutual TLS with a client CA:
 port then speaks TLS only), ``auth_tokens`` (bearer tokens -> roles; health stays open),
 ``audit_log`` (a chained record of every call, fail closed), ``policy`` (the researcher
 view: small-cell threshold, re-identification guard), ``rate_limit`` /
-``max_concurrent_per_principal``. Interceptors run audit -> auth -> limits.
+``max_concurrent_per_principal``. Interceptors run audit -> rate per peer -> auth -> limits per principal.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ DEFAULT_GRACE_S = 20.0  # SIGTERM: how long in-flight calls may take (cohortsim 
 # calls already sent (on the wire, or queued in gRPC but not yet picked up by the busy
 # event loop, which gRPC would cancel at stop) are served rather than failed
 DEFAULT_STOP_DELAY_S = 1.0
+# --rate-limit per peer host, before authentication, is this many times the rate per
+# principal: several principals (an application's users) may share one host
+PEER_RATE_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -310,6 +313,12 @@ class _Security:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if audit is not None:
             interceptors.append(AuditInterceptor(audit))
+        if rate_limit is not None and tokens is not None:
+            # the rate per peer host before authentication: callers without a valid token
+            # are held to it too (their refusals are audited, with bounded request text)
+            interceptors.append(
+                RateLimitInterceptor(rate=rate_limit * PEER_RATE_FACTOR, by_peer=True)
+            )
         if tokens is not None:
             interceptors.append(AuthInterceptor(tokens))
         if rate_limit is not None or max_concurrent is not None:
