@@ -92,7 +92,9 @@ def classify(exc: BaseException) -> ServiceError:
     arg = grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, DicomError):
         reason = "DICOM_" + _reason_code(exc, "INVALID")
-        return ServiceError(arg, reason, _message(exc, "the DICOM study cannot be used"))
+        # the decode budget's "server busy" (encoders.budget) is worth a retry
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if getattr(exc, "retryable", False) else arg
+        return ServiceError(code, reason, _message(exc, "the DICOM study cannot be used"))
     if isinstance(exc, DimensionError):
         return ServiceError(
             arg,

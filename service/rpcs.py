@@ -11,6 +11,7 @@ before a handler runs; researchers' GetCohortStats answers go through
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -27,7 +28,7 @@ from indexing.snapshot import Snapshot
 from indexing.store import ACQUISITION_COLUMNS
 from service.api import cohortsim_pb2 as pb
 from service.errors import ServiceError, failed_precondition, grpc_errors, invalid_argument
-from service.interceptors.call import current_principal
+from service.interceptors.call import current_call, current_principal
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_MAX_STREAM_MB = 512  # explicit cap of a streamed study (SearchSimilarStream)
 DEFAULT_MAX_INGEST_MB = 2048  # cap of one IngestStudies call
+MAX_STREAM_MESSAGES = 1 << 16  # messages of one SearchSimilarStream (64 KiB chunks: 4 GiB)
 
 
 def resource_exhausted(reason: str, message: str, **metadata: str) -> ServiceError:
@@ -172,6 +174,16 @@ def cohort_stats(snapshot: Snapshot, rows: np.ndarray) -> pb.GetCohortStatsRespo
     )
 
 
+def caller_key() -> str:
+    """Who is calling, for per-caller limits: the principal, else the peer host."""
+    call = current_call()
+    if call is None:
+        return ""
+    if call.principal is not None:
+        return f"principal:{call.principal.id}"
+    return "peer:" + call.peer.rpartition(":")[0]
+
+
 class CohortRpcs:
     """The non-search RPCs (mixed into the servicer; see the module docstring)."""
 
@@ -191,11 +203,35 @@ class CohortRpcs:
         request_iterator: AsyncIterator[pb.SearchSimilarStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.SearchSimilarStreamResponse:
+        """Buffer a streamed study, then answer it as SearchSimilar. Refused before
+        anything is buffered when the index has no encoder or the caller already has its
+        DICOM calls in progress; empty chunks and more than :data:`MAX_STREAM_MESSAGES`
+        messages are refused as they arrive."""
+        with contextlib.ExitStack() as stack:
+            header = await self._buffer_stream(request_iterator, stack)
+        search = getattr(self, "SearchSimilar")  # noqa: B009  (the servicer's handler)
+        response = await search(header, context)
+        return pb.SearchSimilarStreamResponse(response=response)
+
+    async def _buffer_stream(
+        self,
+        request_iterator: AsyncIterator[pb.SearchSimilarStreamRequest],
+        stack: contextlib.ExitStack,
+    ) -> pb.SearchSimilarRequest:
         header: pb.SearchSimilarRequest | None = None
         files: list[bytes] = []
         current = bytearray()
         total = 0
+        messages = 0
+        max_files = int(getattr(getattr(self, "limits", None), "max_files", 4096))
         async for msg in request_iterator:
+            messages += 1
+            if messages > MAX_STREAM_MESSAGES:
+                raise invalid_argument(
+                    "TOO_MANY_CHUNKS",
+                    f"a SearchSimilarStream may carry {MAX_STREAM_MESSAGES} messages; send "
+                    "larger chunks (e.g. 1 MiB)",
+                )
             part = msg.WhichOneof("part")
             if header is None:
                 if part != "request":
@@ -213,10 +249,20 @@ class CohortRpcs:
                         "study ids with SearchSimilar",
                     )
                 total = sum(len(f) for f in header.dicom.files)
+                snapshot = self.state.require_snapshot()
+                if snapshot.encoder_dir is None:
+                    self.state.encoder(snapshot)  # NO_ENCODER before anything is buffered
+                stack.enter_context(self.state.decode_budget.slot(caller_key()))
                 continue
             if part != "chunk":
                 raise invalid_argument(
                     "STREAM_REQUEST_TWICE", "only the first message may carry `request`"
+                )
+            if not msg.chunk.data and not (msg.chunk.last and current):
+                raise invalid_argument(
+                    "EMPTY_CHUNK",
+                    "a SearchSimilarStream chunk carried no data; only a `last` marker may be "
+                    "empty, and only after data of its file",
                 )
             total += len(msg.chunk.data)
             if total > self.max_stream_bytes:
@@ -230,14 +276,16 @@ class CohortRpcs:
             if msg.chunk.last:
                 files.append(bytes(current))
                 current = bytearray()
+                if len(files) + len(header.dicom.files) > max_files:
+                    raise invalid_argument(
+                        "TOO_MANY_FILES", f"a study may carry {max_files} files at most"
+                    )
         if header is None:
             raise invalid_argument("STREAM_EMPTY", "the stream carried no request")
         if current:
             files.append(bytes(current))  # a last file without `last` set
         header.dicom.files.extend(files)
-        search = getattr(self, "SearchSimilar")  # noqa: B009  (the servicer's handler)
-        response = await search(header, context)
-        return pb.SearchSimilarStreamResponse(response=response)
+        return header
 
     # ------------------------------------------------------------------ patients, studies
     @grpc_errors

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from encoders.budget import DecodeBudget
 from encoders.errors import EncoderError
 from indexing.errors import ModelVersionError
 from indexing.query import QueryResult, attach_regions, attach_stability, search_similar, thumbnails
@@ -30,7 +31,7 @@ from service.batching import EmbedBatcher, SearchBatcher
 from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
 from service.governance import Governance, ResearcherAnswer
 from service.interceptors.call import add_facts, current_principal
-from service.rpcs import CohortRpcs
+from service.rpcs import CohortRpcs, caller_key
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class ServiceState:
         self._encoder_errors: dict[str, BaseException] = {}
         self._encoder_lock = threading.Lock()
         self.embedder = EmbedBatcher()  # concurrent DICOM embeddings share encoder forwards
+        # decoded bytes per DICOM request and for the process, DICOM calls per caller
+        self.decode_budget = DecodeBudget()
         self._swap_lock = threading.Lock()
         self._skipped_version: str | None = None
         self._listeners: list[Callable[[Snapshot], None]] = []
@@ -294,8 +297,9 @@ class ServiceState:
         from encoders.model import embed
 
         encoder, card = self.encoder(snapshot)  # the encoder of the snapshot searched
-        study = read_study(files)
-        volume = preprocess(study, card.input)
+        with self.decode_budget.request(received=sum(len(f) for f in files)):
+            study = read_study(files)
+            volume = preprocess(study, card.input)
         boxes = self._region_boxes(card, study, regions) if regions else []
         n = max(1, len(boxes))  # rows embedded for the query itself
         stack = volume[None] if n == 1 else np.repeat(volume[None], n, axis=0)
@@ -500,8 +504,16 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
             max_files=self.limits.max_files,
         )
         self._check_filter(query.where)
-        if query.kind == "dicom" and snapshot.encoder_dir is None:
-            self.state.encoder(snapshot)  # raises FAILED_PRECONDITION without touching the files
+        if query.kind == "dicom":
+            if snapshot.encoder_dir is None:
+                self.state.encoder(snapshot)  # raises FAILED_PRECONDITION, files untouched
+            with self.state.decode_budget.slot(caller_key()):  # DICOM calls per caller
+                return await self._search(snapshot, query)
+        return await self._search(snapshot, query)
+
+    async def _search(
+        self, snapshot: Snapshot, query: convert.SearchQuery
+    ) -> cohortsim_pb2.SearchSimilarResponse:
         time_unit = str(snapshot.manifest.get("time_unit") or convert.DEFAULT_TIME_UNIT)
         if self.governance.restricts(current_principal()):  # aggregates only, governed
             answer = await self._run(self._governed_search, snapshot, query, time_unit)
@@ -533,7 +545,8 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         files = convert.parse_dicom(request.dicom, max_files=self.limits.max_files)
         if snapshot.encoder_dir is None:
             self.state.encoder()  # raises NO_ENCODER
-        embedded = await self._run(self.state.embed_dicom, files)
+        with self.state.decode_budget.slot(caller_key()):
+            embedded = await self._run(self.state.embed_dicom, files)
         return convert.embed_response(embedded.vector, embedded.model_version, embedded.acquisition)
 
     @grpc_errors

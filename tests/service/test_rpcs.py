@@ -164,11 +164,12 @@ def test_search_stream_framing_and_cap(index_dir: Path) -> None:
             with pytest.raises(CohortsimClientError) as cerr:
                 c._call(stub.SearchSimilarStream, iter([chunk]))
             assert cerr.value.reason == "STREAM_WITHOUT_REQUEST"
-            # over the explicit cap (1 MiB here): RESOURCE_EXHAUSTED, the server lives on
+            # this index has no encoder: refused at the request, before any chunk is
+            # buffered (the cap itself: tests/service/test_upload_budget.py)
             big = [b"\0" * (700 << 10), b"\0" * (700 << 10)]
             with pytest.raises(CohortsimClientError) as cerr:
                 c.search_stream(big, k=3, chunk_bytes=256 << 10)
-            assert (cerr.value.code, cerr.value.reason) == ("RESOURCE_EXHAUSTED", "STUDY_TOO_LARGE")
+            assert (cerr.value.code, cerr.value.reason) == ("FAILED_PRECONDITION", "NO_ENCODER")
             assert c.index_info().num_studies == N_STUDIES
     # the chunking reassembles files exactly
     msgs = list(stream_search_requests([b"a" * 5, b"b" * 3], pb.SearchSimilarRequest(), chunk_bytes=2))
@@ -198,8 +199,8 @@ def test_max_concurrent_rpcs_answers_resource_exhausted(index_dir: Path) -> None
             gate = asyncio.Event()
 
             async def held():  # type: ignore[no-untyped-def]
-                yield pb.SearchSimilarStreamRequest(request=pb.SearchSimilarRequest(k=3))
                 await gate.wait()
+                yield pb.SearchSimilarStreamRequest(request=pb.SearchSimilarRequest(k=3))
 
             call = stub.SearchSimilarStream(held(), timeout=10)
             await asyncio.sleep(0.3)
@@ -229,4 +230,4 @@ def test_max_concurrent_rpcs_answers_resource_exhausted(index_dir: Path) -> None
             else:
                 raise AssertionError("the server never freed its call slot")
     assert second == "RESOURCE_EXHAUSTED"
-    assert first == "INVALID_ARGUMENT"  # the held stream carried no DICOM study
+    assert first == "FAILED_PRECONDITION"  # the held stream's index has no encoder
