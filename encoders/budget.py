@@ -6,7 +6,7 @@ whole *request* (every file of one study together) and the whole *process* (all
 requests decoding at once):
 
     budget = DecodeBudget(per_request=1 << 30, per_process=1 << 30)
-    with budget.slot("caller-1"), budget.request(received=sum(len(f) for f in files)):
+    with budget.request(received=sum(len(f) for f in files)):
         study = read_study(files)        # encoders.dicom charges as it goes
 
 :func:`charge` is called by the read path (inflating a deflated dataset, allocating the
@@ -21,8 +21,6 @@ nothing (command-line ingest reads one study at a time). A charge is refused whe
 * all requests together would exceed ``per_process`` (:class:`DecodeCapacityExhausted`,
   reason ``server_busy``, retryable: other studies are being decoded now).
 
-:meth:`DecodeBudget.slot` lets one caller hold at most ``per_key`` DICOM requests at once
-(``server_busy`` too; taken before the upload is decoded, or queued behind the workers).
 Charges are kept until the request ends (a high-water mark: the read path holds what it
 decoded until the study is built).
 """
@@ -41,7 +39,6 @@ DEFAULT_PER_REQUEST = 1 << 30  # 1 GiB: a 1000 x 512 x 512 CT as float32
 DEFAULT_PER_PROCESS = 1 << 30
 DEFAULT_MAX_EXPANSION = 256.0  # decoded bytes per byte received (deflated CT: ~2-20x)
 DEFAULT_SLACK = 64 << 20  # what a small upload may decode regardless of its ratio
-DEFAULT_PER_KEY = 2  # decoding requests one caller may have at once
 
 
 class DecodeBudgetExceeded(DicomError):
@@ -92,8 +89,7 @@ def remaining() -> int | None:
 
 
 class DecodeBudget:
-    """Decoded bytes per request and per process, and requests per key (module docstring).
-    Thread-safe."""
+    """Decoded bytes per request and per process (module docstring). Thread-safe."""
 
     def __init__(
         self,
@@ -102,21 +98,16 @@ class DecodeBudget:
         per_process: int = DEFAULT_PER_PROCESS,
         max_expansion: float = DEFAULT_MAX_EXPANSION,
         slack: int = DEFAULT_SLACK,
-        per_key: int | None = DEFAULT_PER_KEY,
     ) -> None:
         if per_request < 1 or per_process < 1:
             raise ValueError("decode budgets must be >= 1 byte")
         if max_expansion <= 0:
             raise ValueError(f"max_expansion must be > 0, got {max_expansion}")
-        if per_key is not None and per_key < 1:
-            raise ValueError(f"per_key must be >= 1, got {per_key}")
         self.per_request = int(per_request)
         self.per_process = int(per_process)
         self.max_expansion = float(max_expansion)
         self.slack = int(slack)
-        self.per_key = per_key
         self._used = 0
-        self._keys: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @property
@@ -129,25 +120,6 @@ class DecodeBudget:
         own = min(self.per_request, int(req.received * self.max_expansion) + self.slack)
         with self._lock:
             return max(0, min(own - req.charged, self.per_process - self._used))
-
-    @contextlib.contextmanager
-    def slot(self, key: str) -> Iterator[None]:
-        """One of the ``per_key`` DICOM requests caller ``key`` may have at once."""
-        with self._lock:
-            if self.per_key is not None and self._keys.get(key, 0) >= self.per_key:
-                raise DecodeCapacityExhausted(
-                    "server_busy",
-                    f"this caller already has {self.per_key} DICOM studies in progress; "
-                    "wait for one to finish",
-                )
-            self._keys[key] = self._keys.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._keys[key] -= 1
-                if not self._keys[key]:
-                    del self._keys[key]
 
     @contextlib.contextmanager
     def request(self, *, received: int) -> Iterator[RequestBudget]:
@@ -190,7 +162,6 @@ class DecodeBudget:
 
 __all__ = [
     "DEFAULT_MAX_EXPANSION",
-    "DEFAULT_PER_KEY",
     "DEFAULT_PER_PROCESS",
     "DEFAULT_PER_REQUEST",
     "DecodeBudget",

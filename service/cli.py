@@ -723,12 +723,13 @@ def serve(
     A newer version published into the index folder (or a rollback) is picked up within
     seconds, without a restart and without failing a call."""
     import asyncio
+    import dataclasses
 
     from indexing.snapshot import load_snapshot
     from service import logs
     from service.audit import AuditLog
     from service.auth import TokenStore
-    from service.config import ConfigError, load_config
+    from service.config import ConfigError, SecurityConfig, load_config
     from service.governance import DisclosurePolicy
     from service.server import serve as serve_async
     from service.tls import TlsConfig
@@ -763,22 +764,19 @@ def serve(
     if tls_cert is not None and tls_key is not None:
         tls = TlsConfig(tls_cert, tls_key, tls_client_ca)
         tls.server_credentials()  # checks the files (and the key's permissions) now
-    security: dict[str, Any] = {
-        "tls": tls,
-        "auth_tokens": TokenStore.load(auth_tokens) if auth_tokens is not None else None,
-        "policy": DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity),
-        "rate_limit": rate_limit,
-        "max_concurrent_per_principal": max_concurrent_per_principal,
-    }
-    if audit_log is not None:
-        max_bytes = max(4096, int(audit_max_mb * 2**20)) if audit_max_mb is not None else None
-        security["audit_log"] = AuditLog(audit_log, max_bytes=max_bytes)
+    max_bytes = max(4096, int(audit_max_mb * 2**20)) if audit_max_mb is not None else None
+    security = SecurityConfig(
+        tls=tls,
+        auth_tokens=TokenStore.load(auth_tokens) if auth_tokens is not None else None,
+        audit_log=AuditLog(audit_log, max_bytes=max_bytes) if audit_log is not None else None,
+        policy=DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity),
+        rate_limit=rate_limit,
+        max_concurrent_per_principal=max_concurrent_per_principal,
+    )
+    settings = dataclasses.replace(settings, host=host, port=port, device=dev)
     asyncio.run(
         serve_async(
-            index, host=host, port=port, device=dev, ready=lambda p: _say(f"serving {index} on {host}:{p}"),
-            metrics_port=settings.metrics_port, metrics_host=settings.metrics_host, grace=settings.grace_s,
-            stop_delay=settings.stop_delay_s,
-            **settings.server_kwargs(), **security,
+            index, settings, security, ready=lambda p: _say(f"serving {index} on {host}:{p}")
         )
     )
 

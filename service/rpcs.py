@@ -10,6 +10,7 @@ before a handler runs; researchers' GetCohortStats answers go through
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -174,6 +175,39 @@ def cohort_stats(snapshot: Snapshot, rows: np.ndarray) -> pb.GetCohortStatsRespo
     )
 
 
+class CallerSlots:
+    """DICOM calls per caller: ``per_caller`` run at once, up to ``waiting`` more wait
+    their turn (before anything is decoded), beyond that RESOURCE_EXHAUSTED
+    ``TOO_MANY_DICOM_CALLS``. One caller's uploads then never hold more than its share
+    of the workers and the decode budget while others wait."""
+
+    def __init__(self, per_caller: int = 2, waiting: int = 8) -> None:
+        if per_caller < 1 or waiting < 0:
+            raise ValueError("per_caller must be >= 1 and waiting >= 0")
+        self.per_caller = per_caller
+        self.waiting = waiting
+        self._slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: str) -> AsyncIterator[None]:
+        sem, count = self._slots.setdefault(key, (asyncio.Semaphore(self.per_caller), [0]))
+        if count[0] >= self.per_caller + self.waiting:
+            raise resource_exhausted(
+                "TOO_MANY_DICOM_CALLS",
+                f"this caller already has {count[0]} DICOM calls in progress or waiting; "
+                "wait for them to finish",
+                limit=str(self.per_caller + self.waiting),
+            )
+        count[0] += 1
+        try:
+            async with sem:
+                yield
+        finally:
+            count[0] -= 1
+            if not count[0]:
+                self._slots.pop(key, None)
+
+
 def caller_key() -> str:
     """Who is calling, for per-caller limits: the principal, else the peer host."""
     call = current_call()
@@ -192,6 +226,7 @@ class CohortRpcs:
     store_dir: Path | None = None  # the cohort store IngestStudies / DeletePatient write to
     max_stream_bytes: int = DEFAULT_MAX_STREAM_MB << 20
     max_ingest_bytes: int = DEFAULT_MAX_INGEST_MB << 20
+    dicom_slots: CallerSlots = CallerSlots()  # the server sets its own
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:  # the servicer's
         raise NotImplementedError
@@ -207,7 +242,7 @@ class CohortRpcs:
         anything is buffered when the index has no encoder or the caller already has its
         DICOM calls in progress; empty chunks and more than :data:`MAX_STREAM_MESSAGES`
         messages are refused as they arrive."""
-        with contextlib.ExitStack() as stack:
+        async with contextlib.AsyncExitStack() as stack:
             header = await self._buffer_stream(request_iterator, stack)
         search = getattr(self, "SearchSimilar")  # noqa: B009  (the servicer's handler)
         response = await search(header, context)
@@ -216,7 +251,7 @@ class CohortRpcs:
     async def _buffer_stream(
         self,
         request_iterator: AsyncIterator[pb.SearchSimilarStreamRequest],
-        stack: contextlib.ExitStack,
+        stack: contextlib.AsyncExitStack,
     ) -> pb.SearchSimilarRequest:
         header: pb.SearchSimilarRequest | None = None
         files: list[bytes] = []
@@ -252,7 +287,7 @@ class CohortRpcs:
                 snapshot = self.state.require_snapshot()
                 if snapshot.encoder_dir is None:
                     self.state.encoder(snapshot)  # NO_ENCODER before anything is buffered
-                stack.enter_context(self.state.decode_budget.slot(caller_key()))
+                await stack.enter_async_context(self.dicom_slots.slot(caller_key()))
                 continue
             if part != "chunk":
                 raise invalid_argument(
@@ -445,7 +480,9 @@ def _ingest(folder: Path, store_dir: Path) -> Any:
 
 __all__ = [
     "DEFAULT_MAX_STREAM_MB",
+    "CallerSlots",
     "CohortRpcs",
+    "caller_key",
     "cohort_stats",
     "decode_page_token",
     "encode_page_token",

@@ -507,7 +507,7 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         if query.kind == "dicom":
             if snapshot.encoder_dir is None:
                 self.state.encoder(snapshot)  # raises FAILED_PRECONDITION, files untouched
-            with self.state.decode_budget.slot(caller_key()):  # DICOM calls per caller
+            async with self.dicom_slots.slot(caller_key()):  # DICOM calls per caller
                 return await self._search(snapshot, query)
         return await self._search(snapshot, query)
 
@@ -545,7 +545,7 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         files = convert.parse_dicom(request.dicom, max_files=self.limits.max_files)
         if snapshot.encoder_dir is None:
             self.state.encoder()  # raises NO_ENCODER
-        with self.state.decode_budget.slot(caller_key()):
+        async with self.dicom_slots.slot(caller_key()):
             embedded = await self._run(self.state.embed_dicom, files)
         return convert.embed_response(embedded.vector, embedded.model_version, embedded.acquisition)
 
