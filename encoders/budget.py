@@ -37,8 +37,8 @@ from encoders.errors import DicomError
 
 DEFAULT_PER_REQUEST = 1 << 30  # 1 GiB: a 1000 x 512 x 512 CT as float32
 DEFAULT_PER_PROCESS = 1 << 30
-DEFAULT_MAX_EXPANSION = 256.0  # decoded bytes per byte received (deflated CT: ~2-20x)
-DEFAULT_SLACK = 64 << 20  # what a small upload may decode regardless of its ratio
+DEFAULT_MAX_EXPANSION = 64.0  # decoded bytes per byte received (deflated CT ~3x, lossy JPEG ~20x)
+DEFAULT_SLACK = 16 << 20  # what a small upload may decode regardless of its ratio
 
 
 class DecodeBudgetExceeded(DicomError):

@@ -49,7 +49,8 @@ class ServeConfig:
     max_queue: int = 1024  # searches waiting before RESOURCE_EXHAUSTED
     batch_inflight: int = 1  # batches searched at once (<= max_workers)
     max_concurrent_rpcs: int | None = None  # calls in progress before RESOURCE_EXHAUSTED
-    max_workers: int = 2  # worker threads (searches, DICOM decoding and embedding)
+    max_workers: int = 2  # worker threads (searches and the other RPCs)
+    dicom_workers: int = 1  # threads that decode and embed DICOM uploads (apart from searches)
     blas_threads: int | None = 1  # BLAS/OpenMP threads per search (None: the environment's)
     max_receive_mb: int = 64  # largest request message
     max_stream_mb: int = 512  # largest SearchSimilarStream study
@@ -62,6 +63,7 @@ class ServeConfig:
     decode_budget_server_mb: int = 1024
     dicom_calls_per_caller: int = 2
     dicom_calls_waiting: int = 8  # more DICOM calls of one caller wait (beyond: refused)
+    dicom_cooldown_s: float = 10.0  # a caller's DICOM calls refused this long after a bomb
     store: Path | None = None  # cohort store for IngestStudies / DeletePatient
     log_format: str = "text"  # "text" or "json"
     log_level: str = "INFO"
@@ -80,7 +82,7 @@ class ServeConfig:
         for name in (
             "max_batch", "max_queue", "batch_inflight", "max_workers", "max_receive_mb",
             "max_stream_mb", "max_k", "max_files", "decode_budget_mb", "decode_budget_server_mb",
-            "dicom_calls_per_caller",
+            "dicom_calls_per_caller", "dicom_workers",
         ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
@@ -94,6 +96,8 @@ class ServeConfig:
             raise bad("max_concurrent_rpcs", "must be >= 1 (or unset)")
         if not 0 <= self.port <= 65535:
             raise bad("port", "must lie in [0, 65535]")
+        if self.dicom_cooldown_s < 0:
+            raise bad("dicom_cooldown_s", "must be >= 0 seconds")
         if self.dicom_calls_waiting < 0:
             raise bad("dicom_calls_waiting", "must be >= 0")
         if self.watch_interval_s is not None and self.watch_interval_s <= 0:

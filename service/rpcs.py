@@ -15,8 +15,10 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import re
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -179,17 +181,38 @@ class CallerSlots:
     """DICOM calls per caller: ``per_caller`` run at once, up to ``waiting`` more wait
     their turn (before anything is decoded), beyond that RESOURCE_EXHAUSTED
     ``TOO_MANY_DICOM_CALLS``. One caller's uploads then never hold more than its share
-    of the workers and the decode budget while others wait."""
+    of the workers and the decode budget while others wait. A caller whose upload was
+    refused by the decode budget (:meth:`penalise`) has its DICOM calls refused at once
+    for ``cooldown_s`` (``DICOM_COOLDOWN``): parsing the headers of a bomb costs CPU (and
+    the interpreter lock), so bombs sent back to back must not each get that far."""
 
-    def __init__(self, per_caller: int = 2, waiting: int = 8) -> None:
-        if per_caller < 1 or waiting < 0:
-            raise ValueError("per_caller must be >= 1 and waiting >= 0")
+    def __init__(self, per_caller: int = 2, waiting: int = 8, cooldown_s: float = 10.0) -> None:
+        if per_caller < 1 or waiting < 0 or cooldown_s < 0:
+            raise ValueError("per_caller must be >= 1, waiting and cooldown_s >= 0")
         self.per_caller = per_caller
         self.waiting = waiting
+        self.cooldown_s = cooldown_s
         self._slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        self._until: dict[str, float] = {}
+
+    def penalise(self, key: str) -> None:
+        """Refuse ``key``'s DICOM calls for ``cooldown_s`` from now."""
+        if self.cooldown_s > 0:
+            if len(self._until) > 10_000:  # forget expired entries
+                now = time.monotonic()
+                self._until = {k: t for k, t in self._until.items() if t > now}
+            self._until[key] = time.monotonic() + self.cooldown_s
 
     @contextlib.asynccontextmanager
     async def slot(self, key: str) -> AsyncIterator[None]:
+        wait = self._until.get(key, 0.0) - time.monotonic()
+        if wait > 0:
+            raise resource_exhausted(
+                "DICOM_COOLDOWN",
+                "an upload of this caller was refused by the decode budget; its DICOM calls "
+                f"are refused for {math.ceil(wait)} s more",
+                retry_after_ms=str(math.ceil(wait * 1000)),
+            )
         sem, count = self._slots.setdefault(key, (asyncio.Semaphore(self.per_caller), [0]))
         if count[0] >= self.per_caller + self.waiting:
             raise resource_exhausted(

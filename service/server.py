@@ -70,6 +70,7 @@ class _ServerParts:
     health: health.aio.HealthServicer
     state: ServiceState
     executor: ThreadPoolExecutor
+    dicom_executor: ThreadPoolExecutor
     audit: AuditLog | None = None
     batcher: SearchBatcher | None = None
     metrics: ServerMetrics | None = None
@@ -136,6 +137,9 @@ async def create_server(
     if cfg.warm_encoder and state.dicom_supported:
         await asyncio.to_thread(_warm_encoder, state)
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cohortsim-worker")
+    dicom_executor = ThreadPoolExecutor(
+        max_workers=cfg.dicom_workers, thread_name_prefix="cohortsim-dicom"
+    )
     governance = Governance(sec.policy)
     if guards.audit is not None:
         replayed = governance.replay(read_records(guards.audit.path), state.snapshot)
@@ -169,7 +173,10 @@ async def create_server(
     )
     servicer.store_dir = Path(cfg.store) if cfg.store is not None else None
     servicer.max_stream_bytes = int(cfg.max_stream_mb) << 20
-    servicer.dicom_slots = CallerSlots(cfg.dicom_calls_per_caller, cfg.dicom_calls_waiting)
+    servicer.dicom_slots = CallerSlots(
+        cfg.dicom_calls_per_caller, cfg.dicom_calls_waiting, cfg.dicom_cooldown_s
+    )
+    servicer.dicom_executor = dicom_executor
     size = int(max_receive_mb) * 1024 * 1024
     server = grpc.aio.server(
         options=[
@@ -208,6 +215,7 @@ async def create_server(
         cause = None
     if bound == 0:
         executor.shutdown(wait=False)
+        dicom_executor.shutdown(wait=False)
         if guards.audit is not None:
             guards.audit.close()
         raise OSError(f"cannot listen on {address}: the port is in use or not allowed") from cause
@@ -219,6 +227,7 @@ async def create_server(
             )
         except OSError as exc:
             executor.shutdown(wait=False)
+            dicom_executor.shutdown(wait=False)
             if guards.audit is not None:
                 guards.audit.close()
             raise OSError(
@@ -232,7 +241,8 @@ async def create_server(
                 "on loopback or set metrics_tls", metrics_host,
             )
     _PARTS[server] = _ServerParts(
-        health_servicer, state, executor, guards.audit, batcher, metrics, bound_metrics
+        health_servicer, state, executor, dicom_executor, guards.audit, batcher, metrics,
+        bound_metrics,
     )
     loop = asyncio.get_running_loop()
 
@@ -276,6 +286,7 @@ async def shutdown(
     if parts is not None:
         parts.state.close()
         parts.executor.shutdown(wait=False, cancel_futures=True)
+        parts.dicom_executor.shutdown(wait=False, cancel_futures=True)
         if parts.metrics is not None:
             parts.metrics.close()
         if parts.audit is not None:

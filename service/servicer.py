@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from encoders.budget import DecodeBudget
+from encoders.budget import DecodeBudget, DecodeBudgetExceeded
 from encoders.errors import EncoderError
 from indexing.errors import ModelVersionError
 from indexing.query import QueryResult, attach_regions, attach_stability, search_similar, thumbnails
@@ -472,6 +472,9 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         self.state = state
         self.limits = limits or Limits()
         self._executor = executor
+        # DICOM decoding and embedding run on their own threads (ServeConfig.dicom_workers)
+        # so that uploads never hold the workers searches need; None: the same workers
+        self.dicom_executor: Executor | None = None
         # micro-batching of concurrent embedding / study_uid searches (service.batching)
         self.batcher = batcher
         # the researcher view (issue #8): applied to callers without the "identities" right
@@ -480,6 +483,12 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def _run_dicom(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the DICOM threads (decoding, embedding, their searches)."""
+        loop = asyncio.get_running_loop()
+        pool = self.dicom_executor or self._executor
+        return await loop.run_in_executor(pool, functools.partial(fn, *args))
 
     def _check_filter(self, where: str) -> str:
         """The one place that decides whether a filter can be honoured."""
@@ -507,22 +516,28 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         if query.kind == "dicom":
             if snapshot.encoder_dir is None:
                 self.state.encoder(snapshot)  # raises FAILED_PRECONDITION, files untouched
-            async with self.dicom_slots.slot(caller_key()):  # DICOM calls per caller
-                return await self._search(snapshot, query)
+            key = caller_key()
+            async with self.dicom_slots.slot(key):  # DICOM calls per caller
+                try:
+                    return await self._search(snapshot, query)
+                except DecodeBudgetExceeded:
+                    self.dicom_slots.penalise(key)
+                    raise
         return await self._search(snapshot, query)
 
     async def _search(
         self, snapshot: Snapshot, query: convert.SearchQuery
     ) -> cohortsim_pb2.SearchSimilarResponse:
         time_unit = str(snapshot.manifest.get("time_unit") or convert.DEFAULT_TIME_UNIT)
+        run = self._run_dicom if query.kind == "dicom" else self._run
         if self.governance.restricts(current_principal()):  # aggregates only, governed
-            answer = await self._run(self._governed_search, snapshot, query, time_unit)
+            answer = await run(self._governed_search, snapshot, query, time_unit)
             add_facts(**answer.facts)
             return answer.response
         if self.batcher is not None and query.kind != "dicom":
             result = await self.batcher.search(snapshot, query)
         else:
-            result = await self._run(
+            result = await run(
                 functools.partial(search, max_k=self.limits.max_k), self.state, snapshot, query
             )
         return convert.search_response(result, time_unit=time_unit)
@@ -545,8 +560,13 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         files = convert.parse_dicom(request.dicom, max_files=self.limits.max_files)
         if snapshot.encoder_dir is None:
             self.state.encoder()  # raises NO_ENCODER
-        async with self.dicom_slots.slot(caller_key()):
-            embedded = await self._run(self.state.embed_dicom, files)
+        key = caller_key()
+        async with self.dicom_slots.slot(key):
+            try:
+                embedded = await self._run_dicom(self.state.embed_dicom, files)
+            except DecodeBudgetExceeded:
+                self.dicom_slots.penalise(key)
+                raise
         return convert.embed_response(embedded.vector, embedded.model_version, embedded.acquisition)
 
     @grpc_errors

@@ -180,3 +180,27 @@ def test_stream_cap_and_one_caller_holds_a_bounded_number_of_dicom_calls(dicom_s
             for f in calls:
                 f.exception()
         assert c.index_info().num_studies > 0
+
+
+def test_a_caller_whose_upload_was_a_bomb_is_refused_at_once_for_a_while() -> None:
+    import asyncio
+
+    from service.errors import ServiceError
+    from service.rpcs import CallerSlots
+
+    async def scenario() -> None:
+        slots = CallerSlots(per_caller=1, waiting=0, cooldown_s=30.0)
+        async with slots.slot("mallory"):
+            with pytest.raises(ServiceError) as busy:
+                async with slots.slot("mallory"):
+                    pass
+            assert busy.value.reason == "TOO_MANY_DICOM_CALLS"
+        slots.penalise("mallory")
+        with pytest.raises(ServiceError) as info:
+            async with slots.slot("mallory"):
+                pass
+        assert info.value.reason == "DICOM_COOLDOWN" and "retry_after_ms" in info.value.metadata
+        async with slots.slot("alice"):  # other callers are not affected
+            pass
+
+    asyncio.run(scenario())
