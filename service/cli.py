@@ -905,6 +905,9 @@ def serve(
     audit_log: Annotated[
         Path | None, typer.Option(help="Append one SHA-256-chained JSON line per call; a call fails if its line cannot be written.")
     ] = None,
+    audit_max_mb: Annotated[
+        float | None, typer.Option(min=0.01, help="Rotate the audit log at this size: PATH.000001, ... continue one chain (`cohortsim audit verify PATH` checks them all).")
+    ] = None,
     min_cell: Annotated[
         int, typer.Option(min=2, help="Researchers: smallest group a released count may describe; smaller counts are withheld.")
     ] = 11,
@@ -940,12 +943,13 @@ def serve(
     A newer version published into the index folder (or a rollback) is picked up within
     seconds, without a restart and without failing a call."""
     import asyncio
+    import dataclasses
 
     from indexing.snapshot import load_snapshot
     from service import logs
     from service.audit import AuditLog
     from service.auth import TokenStore
-    from service.config import ConfigError, load_config
+    from service.config import ConfigError, SecurityConfig, load_config
     from service.governance import DisclosurePolicy
     from service.server import serve as serve_async
     from service.tls import TlsConfig
@@ -980,28 +984,28 @@ def serve(
     if tls_cert is not None and tls_key is not None:
         tls = TlsConfig(tls_cert, tls_key, tls_client_ca)
         tls.server_credentials()  # checks the files (and the key's permissions) now
-    security: dict[str, Any] = {
-        "tls": tls,
-        "auth_tokens": TokenStore.load(auth_tokens) if auth_tokens is not None else None,
-        "policy": DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity),
-        "rate_limit": rate_limit,
-        "max_concurrent_per_principal": max_concurrent_per_principal,
-    }
-    if audit_log is not None:
-        security["audit_log"] = AuditLog(audit_log)
+    max_bytes = max(4096, int(audit_max_mb * 2**20)) if audit_max_mb is not None else None
+    pacs = None
     if dicomweb is not None:
         from service.pacs.commands import dicomweb_config
 
-        security["pacs"] = dicomweb_config(
+        pacs = dicomweb_config(
             dicomweb, user=pacs_user, password_file=pacs_password_file,
             token_file=pacs_token_file, ca_file=pacs_ca_file, timeout_s=pacs_timeout_s,
         )
+    security = SecurityConfig(
+        tls=tls,
+        auth_tokens=TokenStore.load(auth_tokens) if auth_tokens is not None else None,
+        audit_log=AuditLog(audit_log, max_bytes=max_bytes) if audit_log is not None else None,
+        policy=DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity),
+        rate_limit=rate_limit,
+        max_concurrent_per_principal=max_concurrent_per_principal,
+        pacs=pacs,
+    )
+    settings = dataclasses.replace(settings, host=host, port=port, device=dev)
     asyncio.run(
         serve_async(
-            index, host=host, port=port, device=dev, ready=lambda p: _say(f"serving {index} on {host}:{p}"),
-            metrics_port=settings.metrics_port, metrics_host=settings.metrics_host, grace=settings.grace_s,
-            stop_delay=settings.stop_delay_s,
-            **settings.server_kwargs(), **security,
+            index, settings, security, ready=lambda p: _say(f"serving {index} on {host}:{p}")
         )
     )
 
@@ -1016,10 +1020,11 @@ def audit_verify(
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout (exit 1 still marks a broken chain).")] = False,
 ) -> None:
-    """Check the SHA-256 chain of an audit log; names the first edited, removed or reordered record."""
-    from service.audit import verify
+    """Check the SHA-256 chain of an audit log (and its rotated files PATH.000001, ...);
+    names the first edited, removed or reordered record."""
+    from service.audit import rotated_files, verify
 
-    if not path.is_file():
+    if not path.is_file() and not rotated_files(path):
         raise CliError(f"{path} is not a file")
     result = verify(path, expect_head=expect_head)
     if json_out:
