@@ -158,7 +158,7 @@ def test_one_error_table_for_the_servicer_and_the_cli() -> None:
                 ie.StoreWriteError, ie.SnapshotWriteError):  # fmt: skip
         assert cls in classes, cls
     for cls in classes:
-        exc = cls("r", "msg") if cls in (DicomError, RegionError) else cls("msg")
+        exc = cls("r", "msg") if issubclass(cls, (DicomError, RegionError)) else cls("msg")
         error = classify(exc)
         assert error.code == getattr(C, cls.status) and error.code != C.INTERNAL, cls
         assert error.reason == exc.reason_code and error.reason.isupper(), cls

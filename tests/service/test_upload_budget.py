@@ -154,7 +154,7 @@ def test_empty_chunks_are_refused_as_they_arrive(dicom_setup: dict) -> None:  # 
 def test_stream_cap_and_one_caller_holds_a_bounded_number_of_dicom_calls(dicom_setup: dict) -> None:  # noqa: F811
     srv = BackgroundServer(dicom_setup["index"], device="cpu", max_stream_mb=1, watch_interval=None,
                            dicom_calls_per_caller=1, dicom_calls_waiting=1)
-    with srv, CohortsimClient(srv.target) as c:
+    with srv, CohortsimClient(srv.target) as c, grpc.insecure_channel(srv.target) as channel:
         big = [b"\0" * (700 << 10), b"\0" * (700 << 10)]
         with pytest.raises(CohortsimClientError) as cerr:
             c.search_stream(big, k=3, chunk_bytes=256 << 10)
@@ -166,7 +166,7 @@ def test_stream_cap_and_one_caller_holds_a_bounded_number_of_dicom_calls(dicom_s
             yield pb.SearchSimilarStreamRequest(request=pb.SearchSimilarRequest(k=3))
             gate.wait(20)
 
-        stub = c._stub
+        stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(channel)
         calls = [stub.SearchSimilarStream.future(held(), timeout=30) for _ in range(2)]
         try:
             import time
