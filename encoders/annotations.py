@@ -145,9 +145,14 @@ def _reader_name(ds: Dataset, fallback: str) -> str:
     return fallback
 
 
-def _lesion_name(ds: Dataset, label: str, number: int) -> str:
-    """A segment label / ROI name if it passes ``clean_descriptor``, else its number."""
-    clean = clean_descriptor(label, identifying_values(ds)) if label else None
+def _lesion_name(ds: Dataset, label: str, number: int, keyword: str) -> str:
+    """A segment label / ROI name if it passes ``clean_descriptor`` against the object's
+    other identifying values (the names' own element ``keyword`` left out: PS3.15 lists
+    it, so it would always match itself), else its number."""
+    clean = (
+        clean_descriptor(label, identifying_values(ds, exclude=frozenset({keyword})))
+        if label else None
+    )
     return clean or str(number)
 
 
@@ -190,7 +195,7 @@ def _seg_regions(ds: Dataset, study: Any, label: str) -> list[ReaderRegion]:
         if box is None:
             raise RegionError("outside_study", f"{label}: segment {number} lies outside the study's volume")
         desc = seg.get_segment_description(number)
-        name = _lesion_name(ds, str(getattr(desc, "SegmentLabel", "") or ""), number)
+        name = _lesion_name(ds, str(getattr(desc, "SegmentLabel", "") or ""), number, "SegmentLabel")
         out.append(ReaderRegion(reader=reader, box=box, lesion=name))
     return out
 
@@ -226,7 +231,7 @@ def _seg_regions_by_frame(ds: Dataset, seg: Any, study: Any, label: str, reader:
         if box is None:
             raise RegionError("outside_study", f"{label}: segment {number} lies outside the study's volume")
         desc = seg.get_segment_description(number)
-        name = _lesion_name(ds, str(getattr(desc, "SegmentLabel", "") or ""), number)
+        name = _lesion_name(ds, str(getattr(desc, "SegmentLabel", "") or ""), number, "SegmentLabel")
         out.append(ReaderRegion(reader=reader, box=box, lesion=name))
     return out
 
@@ -267,6 +272,6 @@ def _rtstruct_regions(ds: Dataset, study: Any, label: str) -> list[ReaderRegion]
         box = box_of(patient_to_voxel(study, np.concatenate(points)), study.volume.shape)
         if box is None:
             raise RegionError("outside_study", f"{label}: ROI {number} lies outside the study's volume")
-        name = _lesion_name(ds, names.get(number, ""), number)
+        name = _lesion_name(ds, names.get(number, ""), number, "ROIName")
         out.append(ReaderRegion(reader=reader, box=box, lesion=name))
     return out

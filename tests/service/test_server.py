@@ -214,7 +214,7 @@ def test_unknown_study(stub) -> None:
 def test_empty_request(stub) -> None:
     code, message, reason = error_of(stub.SearchSimilar, cohortsim_pb2.SearchSimilarRequest())
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "EMPTY_QUERY")
-    assert message == "set one of embedding, study_uid, dicom"
+    assert message == "set one of embedding, study_uid, dicom, pacs"
 
 
 def test_filter_restricts_neighbours(stub) -> None:
