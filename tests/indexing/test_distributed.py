@@ -241,6 +241,38 @@ def test_cli_index_build_on_ray(local_ray: None, embedded_store: dict[str, Path]
     assert "published index" in res.stderr and load_snapshot(out, device="cpu").num_studies == 19
 
 
+@pytest.mark.slow
+def test_cli_ingest_on_ray(
+    local_ray: None, dicom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    monkeypatch.setenv("COHORTSIM_SITE_SECRET", SECRET.decode())
+    res = CliRunner().invoke(app, ["ingest", str(dicom), "--store", str(tmp_path / "s"),
+                                   "--json", "--ray", "local"])  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["studies_ingested"] == 4 and len(report["files_rejected"]) == 1
+    assert len(CohortStore(tmp_path / "s").study_uids()) == 4
+
+
+def test_cuda_on_a_cluster_without_gpu_is_refused(
+    local_ray: None, embedded_store: dict[str, Path], tmp_path: Path
+) -> None:
+    from indexing.errors import StoreError
+
+    if ray.cluster_resources().get("GPU", 0):
+        pytest.skip("this Ray has a GPU")
+    with pytest.raises(StoreError, match="no GPU"):
+        build_from_store_ray(embedded_store["store"], embedded_store["model"], tmp_path / "i",
+                             device="cuda")  # fmt: skip
+    assert not list(tmp_path.glob("i/versions/*"))
+
+
 def test_bare_ray_flag_means_a_local_ray() -> None:
     assert ray_address_argv(["cohortsim", "ingest", "--ray"]) == ["cohortsim", "ingest", "--ray", "local"]
     assert ray_address_argv(["x", "--ray", "dicom/", "--store", "s"]) == [
