@@ -39,9 +39,11 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     a = ap.parse_args()
 
+    from indexing.distributed import build_from_store_ray, loopback_only
+
+    loopback_only()  # the local Ray on 127.0.0.1
     import ray
 
-    from indexing.distributed import build_from_store_ray
     from indexing.distributed_ingest import ingest_folder_ray
 
     work = Path(tempfile.mkdtemp(dir=a.workdir, prefix="bench-ray-"))

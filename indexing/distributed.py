@@ -75,15 +75,24 @@ def import_ray() -> Any:
     return ray
 
 
+def loopback_only() -> None:
+    """Make a local Ray (started by this process from now on) bind its node address to
+    127.0.0.1 instead of the machine's network address: Ray reads this switch when it is
+    first imported, so it has no effect once ``ray`` is loaded with another value."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[Any]:
     """A connected Ray: the running one when this process already called ``ray.init``,
     else ``ray.init(address)`` (a local single-node cluster when ``address`` is None or
     "local"; ``num_cpus`` only for a local one). Shuts down only what it started."""
+    local = address in (None, "", "local")
+    if local:
+        loopback_only()
     ray = import_ray()
     started = False
     if not ray.is_initialized():
-        local = address in (None, "", "local")
         try:
             ray.init(
                 address=None if local else address,

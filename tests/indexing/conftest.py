@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from storage_chaos import Workload
+
+# the Ray tests start local clusters: bind them to 127.0.0.1, not the machine's network
+# address (indexing.distributed.loopback_only; Ray reads it when first imported)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")
