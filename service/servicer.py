@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from encoders.errors import EncoderError
+from indexing.engine import Prefetched
 from indexing.errors import ModelVersionError
 from indexing.query import (
     QueryResult,
@@ -378,7 +379,12 @@ class ServiceState:
         return boxes
 
 def search(
-    state: ServiceState, snapshot: Snapshot, query: convert.SearchQuery, *, max_k: int
+    state: ServiceState,
+    snapshot: Snapshot,
+    query: convert.SearchQuery,
+    *,
+    max_k: int,
+    prefetched: Prefetched | None = None,
 ) -> QueryResult:
     """Run one validated query against ``snapshot``; blocking.
 
@@ -386,7 +392,9 @@ def search(
     patient (their outcome is the query patient's own, so it must not predict it).
     A DICOM query is also re-embedded under ``state.tta_views`` scanner-like augmentations,
     searched the same way, and the result's ``diagnostics.stability`` compares the two.
-    Thumbnails are attached when the query asks for them.
+    Thumbnails are attached when the query asks for them. ``prefetched``: rows of the
+    query's own vector that the micro-batcher's shared search already fetched (used by
+    the engine's search step when deep enough; the TTA views and regions search anew).
     """
     kwargs: dict[str, Any] = {}
     views = None
@@ -427,16 +435,19 @@ def search(
     if query.nprobe is not None or query.ef_search is not None:
         kwargs["search_params"] = SearchParams(nprobe=query.nprobe, ef_search=query.ef_search)
 
-    def same_as_query(vectors: np.ndarray) -> list[QueryResult]:
+    def same_as_query(vectors: np.ndarray, pre: Prefetched | None = None) -> list[QueryResult]:
         """Search ``vectors`` with the query's k, filter and exclusions (per-query lists
         repeated for each row)."""
         same: dict[str, Any] = {
             key: v * len(vectors) if isinstance(v, list) else v for key, v in kwargs.items()
         }
-        return search_similar(snapshot, vectors, query.k, max_k=max_k, **same)
+        return search_similar(snapshot, vectors, query.k, max_k=max_k, prefetched=pre, **same)
 
     # with regions of interest, the answer is the first region's (its vector is `vector`)
-    results = same_as_query(region_vectors if region_vectors is not None else vector[None, :])
+    if region_vectors is not None:
+        results = same_as_query(region_vectors)
+    else:
+        results = same_as_query(vector[None, :], prefetched)
     result = results[0]
     if views is not None and len(views):
         attach_stability(result, same_as_query(views))
