@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from indexing.errors import QueryError
-from indexing.prognosis import Prognosis, similarity_weights, summarize
+from indexing.prognosis import Prognosis, ood_percentile, similarity_weights, summarize
 from indexing.query import (
     DEFAULT_MAX_K,
     NeighborResult,
@@ -180,6 +180,27 @@ def search(snapshot: Snapshot, p: Plan, *, prefetched: Prefetched | None = None)
     return Hits([s for s, _ in kept], [r for _, r in kept], ood)
 
 
+@dataclass
+class SitePart:
+    """What a federated site returns for one query: its top-k neighbours (best first,
+    ``weight`` 0), its out-of-distribution percentile of the query and its kernel
+    temperature; the coordinator merges parts and weights the merged neighbours."""
+
+    neighbors: list[NeighborResult]
+    ood_percentile: float
+    temperature: float
+
+
+def ood_of(snapshot: Snapshot, p: Plan, hits: Hits, i: int) -> float:
+    """Query i's out-of-distribution percentile against ``snapshot``'s cohort (0 when the
+    index has no reference)."""
+    reference = snapshot.ood_reference
+    sims = hits.ood_sims[i][: p.k_ood]
+    if reference.size == 0 or sims.size == 0:
+        return 0.0
+    return float(ood_percentile(float(np.mean(sims, dtype=np.float64)), reference))
+
+
 def gather_neighbors(
     snapshot: Snapshot, sims: Sequence[np.ndarray], rows: Sequence[np.ndarray]
 ) -> list[list[NeighborResult]]:
@@ -281,4 +302,15 @@ def assemble(
     return results
 
 
-__all__ = ["Hits", "Plan", "Prefetched", "assemble", "gather_neighbors", "plan", "prognose", "search"]
+__all__ = [
+    "Hits",
+    "Plan",
+    "Prefetched",
+    "SitePart",
+    "assemble",
+    "gather_neighbors",
+    "ood_of",
+    "plan",
+    "prognose",
+    "search",
+]

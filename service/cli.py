@@ -790,7 +790,12 @@ def compact(
 @app.command()
 @cli_errors
 def serve(
-    index: Annotated[Path, typer.Option(help="Index folder from cohortsim index build.")],
+    index: Annotated[Path | None, typer.Option(help="Index folder from cohortsim index build (a site).")] = None,
+    federate: Annotated[
+        Path | None,
+        typer.Option(help="Serve a federated coordinator over the sites of this TOML file ([[site]] name, address, tls_ca/tls_cert/tls_key) instead of an index."),
+    ] = None,
+    site_deadline_s: Annotated[float, typer.Option(min=0.01, help="Coordinator: seconds to wait for the slowest site.")] = 5.0,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="0 picks a free port.")] = 50051,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM); with --tls-key the port speaks TLS only.")] = None,
@@ -847,6 +852,14 @@ def serve(
         raise CliError("give both --tls-cert and --tls-key (or neither)")
     if tls_client_ca is not None and tls_cert is None:
         raise CliError("--tls-client-ca needs --tls-cert and --tls-key")
+    if (index is None) == (federate is None):
+        raise CliError("give --index (serve a site) or --federate SITES.toml (a coordinator), not both")
+    if federate is not None:
+        _serve_coordinator(
+            federate, host, port, site_deadline_s, tls_cert, tls_key, tls_client_ca, auth_tokens, audit_log
+        )
+        return
+    assert index is not None
     dev = _device(device)
     try:
         settings = load_config(
@@ -888,6 +901,45 @@ def serve(
             metrics_port=settings.metrics_port, metrics_host=settings.metrics_host, grace=settings.grace_s,
             stop_delay=settings.stop_delay_s,
             **settings.server_kwargs(), **security,
+        )
+    )
+
+
+def _serve_coordinator(
+    sites_file: Path,
+    host: str,
+    port: int,
+    deadline_s: float,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    auth_tokens: Path | None,
+    audit_log: Path | None,
+) -> None:
+    """``serve --federate``: the coordinator (service.coordinator) until SIGTERM/Ctrl-C."""
+    import asyncio
+
+    from service.audit import AuditLog
+    from service.auth import TokenStore
+    from service.coordinator import serve_coordinator
+    from service.federation import SitesConfigError, load_sites
+    from service.tls import TlsConfig
+
+    try:
+        sites = load_sites(sites_file)
+    except SitesConfigError as exc:
+        raise CliError(str(exc)) from None
+    tls = None
+    if tls_cert is not None and tls_key is not None:
+        tls = TlsConfig(tls_cert, tls_key, tls_client_ca)
+        tls.server_credentials()
+    names = ", ".join(s.name for s in sites)
+    asyncio.run(
+        serve_coordinator(
+            sites, host=host, port=port, deadline_s=deadline_s, tls=tls,
+            auth_tokens=TokenStore.load(auth_tokens) if auth_tokens is not None else None,
+            audit_log=AuditLog(audit_log) if audit_log is not None else None,
+            ready=lambda p: _say(f"coordinating {len(sites)} sites ({names}) on {host}:{p}"),
         )
     )
 

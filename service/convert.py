@@ -333,6 +333,37 @@ def neighbor_to_proto(n: NeighborResult) -> pb.Neighbor:
     )
 
 
+def neighbor_from_proto(msg: pb.Neighbor, row: int) -> NeighborResult:
+    """A site's ``Neighbor`` -> ``NeighborResult`` (``row``: its place in the coordinator's
+    merge, not a row of any index the coordinator holds)."""
+    out = msg.outcome
+    return NeighborResult(
+        row=int(row),
+        patient_id=msg.patient_id,
+        study_uid=msg.study_uid,
+        similarity=float(msg.similarity),
+        site=msg.site or None,
+        acquisition=dict(msg.acquisition),
+        time=out.time if out.HasField("time") else None,
+        event=out.event if out.HasField("event") else None,
+        labels=dict(out.labels),
+        values=dict(out.values),
+        weight=0.0,
+    )
+
+
+def site_response(part: Any, snapshot: Any) -> pb.SearchSiteResponse:
+    """A site's :class:`indexing.engine.SitePart` -> ``SearchSiteResponse``."""
+    return pb.SearchSiteResponse(
+        neighbors=[neighbor_to_proto(n) for n in part.neighbors],
+        index_version=str(snapshot.version),
+        model_version=str(snapshot.model_version),
+        num_studies=int(snapshot.num_studies),
+        ood_percentile=float(part.ood_percentile),
+        temperature=float(part.temperature),
+    )
+
+
 def _survival_points(curve: Any) -> list[pb.SurvivalPoint]:
     return [
         pb.SurvivalPoint(

@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from encoders.errors import EncoderError
+from indexing import engine
 from indexing.engine import Prefetched
 from indexing.errors import ModelVersionError
 from indexing.query import (
@@ -30,6 +31,7 @@ from indexing.query import (
     index_warnings,
     regions,
     search_similar,
+    snapshot_temperature,
     thumbnails,
 )
 from indexing.snapshot import SearchParams, Snapshot, current_version, load_snapshot
@@ -471,6 +473,22 @@ def search(
     return result
 
 
+def site_search(
+    snapshot: Snapshot, vector: np.ndarray, k: int, where: str, max_k: int
+) -> engine.SitePart:
+    """The engine's plan and search steps for one vector, then the neighbours' rows: what
+    a federated site returns (no weights, no prognosis: the coordinator assembles)."""
+    p = engine.plan(snapshot, vector, k, max_k=max_k, where=where)
+    hits = engine.search(snapshot, p)
+    sims, rows = hits.top(0, p.k)
+    (neighbors,) = engine.gather_neighbors(snapshot, [sims], [rows])
+    return engine.SitePart(
+        neighbors=neighbors,
+        ood_percentile=engine.ood_of(snapshot, p, hits, 0),
+        temperature=snapshot_temperature(snapshot),
+    )
+
+
 def search_many(
     state: ServiceState,
     snapshot: Snapshot,
@@ -578,6 +596,29 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         return self.governance.researcher_search(
             snapshot, query, run=run, embed=self.state.embed_dicom, time_unit=time_unit
         )
+
+    @grpc_errors
+    async def SearchSite(
+        self, request: cohortsim_pb2.SearchSiteRequest, context: grpc.aio.ServicerContext
+    ) -> cohortsim_pb2.SearchSiteResponse:
+        """A federated site's partial result: top-k neighbours of one vector, unweighted."""
+        snapshot = self.state.require_snapshot()
+        vector = convert.parse_embedding(request.embedding, dimension=snapshot.dimension)
+        k = convert.parse_k(request.k, default_k=self.limits.default_k, max_k=self.limits.max_k)
+        where = self._check_filter(request.filter.where)
+        if not request.embedding.HasField("model_version"):
+            raise invalid_argument(
+                "MODEL_VERSION_REQUIRED",
+                "a federated query must name the encoder version of its embedding "
+                "(Vector.model_version); sites answer only vectors of their own encoder",
+            )
+        query = convert.SearchQuery(
+            kind="embedding", k=k, embedding=vector, model_version=request.embedding.model_version
+        )
+        convert.check_embedding_model(query, snapshot.model_version)
+        part = await self._run(site_search, snapshot, vector, k, where, self.limits.max_k)
+        add_facts(site_neighbors=len(part.neighbors))
+        return convert.site_response(part, snapshot)
 
     @grpc_errors
     async def EmbedStudy(

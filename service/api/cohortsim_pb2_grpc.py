@@ -91,6 +91,11 @@ class PatientSimilarityServiceStub:
                 request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexRequest.SerializeToString,
                 response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexResponse.FromString,
                 _registered_method=True)
+        self.SearchSite = channel.unary_unary(
+                '/cohortsim.v1.PatientSimilarityService/SearchSite',
+                request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteRequest.SerializeToString,
+                response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteResponse.FromString,
+                _registered_method=True)
 
 
 class PatientSimilarityServiceServicer:
@@ -179,6 +184,17 @@ class PatientSimilarityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchSite(self, request, context):
+        """Federation: this site's top-k neighbours (similarities and rows, outcomes included)
+        of one query vector, for a coordinator (cohortsim serve --federate) that merges the
+        sites' answers. Needs the identities right (clinicians). Refused with
+        FAILED_PRECONDITION MODEL_VERSION_MISMATCH when the vector's encoder version is not
+        the site index's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PatientSimilarityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +247,11 @@ def add_PatientSimilarityServiceServicer_to_server(servicer, server):
                     servicer.ReloadIndex,
                     request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexRequest.FromString,
                     response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexResponse.SerializeToString,
+            ),
+            'SearchSite': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchSite,
+                    request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteRequest.FromString,
+                    response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -509,6 +530,33 @@ class PatientSimilarityService:
             '/cohortsim.v1.PatientSimilarityService/ReloadIndex',
             cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexRequest.SerializeToString,
             cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchSite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohortsim.v1.PatientSimilarityService/SearchSite',
+            cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteRequest.SerializeToString,
+            cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,322 @@
+"""Federation: three ``cohortsim serve`` site processes on loopback, each holding a
+disjoint part of one cohort, behind a coordinator (``cohortsim serve --federate`` and
+in process). The merged answer equals one index over every site's vectors; a site that
+is down, slow past the deadline or on another encoder is left out and named."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from indexing.snapshot import build_snapshot
+from service.api import cohortsim_pb2 as pb
+from service.api import cohortsim_pb2_grpc
+from service.background import BackgroundServer
+from service.coordinator import create_coordinator
+from service.federation import Site, SitesConfigError, load_sites
+
+from .conftest import MODEL_VERSION, make_cohort
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes")
+
+REPO = Path(__file__).resolve().parents[2]
+SITES = ("north", "south", "east")
+K = 10
+
+
+def _cli() -> list[str]:
+    exe = Path(sys.executable).parent / "cohortsim"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
+
+
+def _start(args: list[str], log_path: Path, pattern: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``cohortsim ARGS``; wait for its log to say it listens; (process, port)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [*_cli(), *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env=dict(os.environ, COLUMNS="400"),
+        )
+    end = time.monotonic() + 120
+    while True:
+        text = log_path.read_text()
+        if m := re.search(pattern + r" on [^\s:]+:(\d+)", text):
+            return proc, int(m.group(1))
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"cohortsim {' '.join(args[:1])} did not start:\n{text}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def cohort_parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One cohort split by row into three disjoint site indexes, plus the union index and
+    a site index made by another encoder version."""
+    root = tmp_path_factory.mktemp("federation")
+    emb, table = make_cohort(seed=7)
+    part = np.arange(table.num_rows) % len(SITES)
+    dirs: dict[str, Path] = {}
+    for s, name in enumerate(SITES):
+        rows = np.flatnonzero(part == s)
+        dirs[name] = root / name
+        build_snapshot(dirs[name], emb[rows], table.take(rows), model_version=MODEL_VERSION, kind="Flat")
+    build_snapshot(root / "union", emb, table, model_version=MODEL_VERSION, kind="Flat")
+    other = np.flatnonzero(part == 0)
+    build_snapshot(root / "other", emb[other], table.take(other), model_version="enc-0123456789ab", kind="Flat")
+    return {"root": root, "emb": emb, "dirs": dirs, "union": root / "union", "other": root / "other"}
+
+
+@pytest.fixture(scope="module")
+def site_processes(cohort_parts: dict[str, Any]) -> Iterator[dict[str, int]]:
+    """The three sites as ``cohortsim serve`` processes; name -> port."""
+    procs: list[subprocess.Popen[bytes]] = []
+    ports: dict[str, int] = {}
+    try:
+        for name in SITES:
+            proc, port = _start(
+                ["serve", "--index", str(cohort_parts["dirs"][name]), "--port", "0", "--device", "cpu"],
+                cohort_parts["root"] / f"{name}.log",
+                r"serving .*",
+            )
+            procs.append(proc)
+            ports[name] = port
+        yield ports
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class _InProcessCoordinator:
+    """A coordinator over ``sites`` on a thread with its own event loop."""
+
+    def __init__(self, sites: list[Site], deadline_s: float = 5.0) -> None:
+        self.sites, self.deadline_s = sites, deadline_s
+        self.port = 0
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+    def _run(self) -> None:
+        async def main() -> None:
+            server, self.port, fanout = await create_coordinator(
+                self.sites, port=0, deadline_s=self.deadline_s
+            )
+            self._stop = asyncio.Event()
+            await server.start()
+            self._ready.set()
+            await self._stop.wait()
+            await server.stop(0)
+            await fanout.close()
+
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(main())
+        self._loop.close()
+
+    def __enter__(self) -> _InProcessCoordinator:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def _search(port: int, vector: np.ndarray, *, k: int = K, model: str = MODEL_VERSION,
+            timeout: float = 30) -> pb.SearchSimilarResponse:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(channel)
+        request = pb.SearchSimilarRequest(
+            embedding=pb.Vector(values=vector.tolist(), model_version=model), k=k
+        )
+        return stub.SearchSimilar(request, timeout=timeout)
+
+
+def _sites(ports: dict[str, int]) -> list[Site]:
+    return [Site(name, f"127.0.0.1:{port}") for name, port in ports.items()]
+
+
+def _queries(emb: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    near = emb[[3, 50, 101, 152]] + 0.2 * rng.normal(size=(4, emb.shape[1]))
+    return np.concatenate([near, rng.normal(size=(2, emb.shape[1]))]).astype(np.float32)
+
+
+def _states(response: pb.SearchSimilarResponse) -> dict[str, tuple[str, str]]:
+    return {
+        s.name: (pb.SiteState.Name(s.state), s.reason) for s in response.federation.sites
+    }
+
+
+def test_merged_top_k_equals_one_index_over_all_sites(
+    cohort_parts: dict[str, Any], site_processes: dict[str, int], tmp_path: Path
+) -> None:
+    toml = "".join(
+        f'[[site]]\nname = "{n}"\naddress = "127.0.0.1:{p}"\n\n' for n, p in site_processes.items()
+    )
+    (tmp_path / "sites.toml").write_text(toml)
+    coordinator, port = _start(
+        ["serve", "--federate", str(tmp_path / "sites.toml"), "--port", "0"],
+        tmp_path / "coordinator.log",
+        r"coordinating 3 sites .*",
+    )
+    try:
+        with BackgroundServer(cohort_parts["union"], device="cpu") as union:
+            for q in _queries(cohort_parts["emb"]):
+                got = _search(port, q)
+                want = _search(union.port, q)
+                assert [n.study_uid for n in got.neighbors] == [n.study_uid for n in want.neighbors]
+                np.testing.assert_allclose(
+                    [n.similarity for n in got.neighbors], [n.similarity for n in want.neighbors],
+                    atol=1e-5,
+                )
+                np.testing.assert_allclose(
+                    [n.weight for n in got.neighbors], [n.weight for n in want.neighbors], atol=1e-5
+                )
+                assert got.prognosis.events == want.prognosis.events
+                assert got.prognosis.HasField("median_survival") == want.prognosis.HasField("median_survival")
+                np.testing.assert_allclose(
+                    [(p.time, p.survival, p.lower, p.upper) for p in got.prognosis.survival],
+                    [(p.time, p.survival, p.lower, p.upper) for p in want.prognosis.survival],
+                    atol=1e-6,
+                )
+                assert {s: st for s, (st, _) in _states(got).items()} == {
+                    s: "SITE_STATE_ANSWERED" for s in SITES
+                }
+                assert sum(s.neighbors for s in got.federation.sites) == K
+                assert got.federation.cohort_studies == len(cohort_parts["emb"])
+                assert not [w for w in got.diagnostics.warnings if "missing" in w]
+    finally:
+        coordinator.terminate()
+        coordinator.wait(timeout=20)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _SlowSite(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
+    def SearchSite(self, request: Any, context: Any) -> Any:
+        time.sleep(3.0)
+        return pb.SearchSiteResponse()
+
+
+def test_site_down_and_slow_site_are_left_out_and_named(
+    cohort_parts: dict[str, Any], site_processes: dict[str, int]
+) -> None:
+    slow = grpc.server(futures.ThreadPoolExecutor(2))
+    cohortsim_pb2_grpc.add_PatientSimilarityServiceServicer_to_server(_SlowSite(), slow)
+    slow_port = slow.add_insecure_port("127.0.0.1:0")
+    slow.start()
+    sites = [
+        *_sites(site_processes),
+        Site("down", f"127.0.0.1:{_free_port()}"),
+        Site("slow", f"127.0.0.1:{slow_port}"),
+    ]
+    try:
+        with _InProcessCoordinator(sites, deadline_s=1.0) as coord:
+            q = _queries(cohort_parts["emb"])[0]
+            started = time.monotonic()
+            got = _search(coord.port, q)
+            elapsed = time.monotonic() - started
+            full = _search(coord.port, q)  # the same query again: same answer
+    finally:
+        slow.stop(0)
+    states = _states(got)
+    assert states["down"][0] == "SITE_STATE_UNAVAILABLE"
+    assert states["slow"] == ("SITE_STATE_TIMED_OUT", "DEADLINE_EXCEEDED")
+    assert all(states[s][0] == "SITE_STATE_ANSWERED" for s in SITES)
+    assert elapsed < 3.0  # the slow site's 3 s were not waited for
+    missing = [w for w in got.diagnostics.warning_details if w.code == pb.WARNING_CODE_FEDERATION_SITE_MISSING]
+    assert len(missing) == 1 and "down" in missing[0].message and "slow" in missing[0].message
+    assert [n.study_uid for n in got.neighbors] == [n.study_uid for n in full.neighbors]
+    assert len(got.neighbors) == K
+
+
+def test_encoder_mismatch_is_left_out_or_refused(
+    cohort_parts: dict[str, Any], site_processes: dict[str, int]
+) -> None:
+    with BackgroundServer(cohort_parts["other"], device="cpu") as other:
+        sites = [*_sites(site_processes), Site("other", other.target)]
+        with _InProcessCoordinator(sites) as coord:
+            q = _queries(cohort_parts["emb"])[1]
+            got = _search(coord.port, q)
+            assert _states(got)["other"] == ("SITE_STATE_REFUSED", "MODEL_VERSION_MISMATCH")
+            assert {n.site for n in got.neighbors} <= {"north", "south"}  # the cohort's sites
+            with pytest.raises(grpc.RpcError) as info:  # no site holds this encoder's vectors
+                _search(coord.port, q, model="enc-ffffffffffff")
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "no site holds" in (info.value.details() or "")
+            with (  # unversioned vectors are not sent
+                pytest.raises(grpc.RpcError) as info,
+                grpc.insecure_channel(f"127.0.0.1:{coord.port}") as channel,
+            ):
+                cohortsim_pb2_grpc.PatientSimilarityServiceStub(channel).SearchSimilar(
+                    pb.SearchSimilarRequest(embedding=pb.Vector(values=q.tolist()), k=3), timeout=30
+                )
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_site_rpc_needs_the_encoder_version(cohort_parts: dict[str, Any], site_processes: dict[str, int]) -> None:
+    q = _queries(cohort_parts["emb"])[2]
+    with grpc.insecure_channel(f"127.0.0.1:{site_processes['north']}") as channel:
+        stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(channel)
+        ok = stub.SearchSite(
+            pb.SearchSiteRequest(embedding=pb.Vector(values=q.tolist(), model_version=MODEL_VERSION), k=4),
+            timeout=30,
+        )
+        assert len(ok.neighbors) == 4 and ok.model_version == MODEL_VERSION
+        assert ok.num_studies == (cohort_parts["emb"].shape[0] + 2) // 3
+        assert all(n.weight == 0 for n in ok.neighbors)
+        sims = [n.similarity for n in ok.neighbors]
+        assert sims == sorted(sims, reverse=True)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SearchSite(pb.SearchSiteRequest(embedding=pb.Vector(values=q.tolist()), k=4), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "no [[site]]"),
+        ('[[site]]\nname = "a"\n', "'address'"),
+        ('[[site]]\nname = "a"\naddress = "h:1"\ncolour = "red"\n', "unknown key"),
+        ('[[site]]\nname = "a"\naddress = "h:1"\n[[site]]\nname = "a"\naddress = "h:2"\n', "unique"),
+        ('[[site]]\nname = "a"\naddress = "h:1"\ntls_cert = "c.pem"\n', "tls_key"),
+        ("[[site]\n", "not valid TOML"),
+    ],
+)
+def test_bad_sites_file_is_refused(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "sites.toml"
+    path.write_text(text)
+    with pytest.raises(SitesConfigError, match=re.escape(fragment)):
+        load_sites(path)
+
+
+def test_sites_file_paths_are_relative_to_it(tmp_path: Path) -> None:
+    path = tmp_path / "sites.toml"
+    path.write_text('[[site]]\nname = "a"\naddress = "h:1"\ntls_ca = "ca.pem"\n')
+    (site,) = load_sites(path)
+    assert site.tls_ca == tmp_path / "ca.pem" and site.secure
