@@ -815,6 +815,9 @@ def serve(
     reid_similarity: Annotated[
         float, typer.Option(min=0.5, max=1.0, help="Researchers: a neighbour this similar to the query counts as the same patient and is left out.")
     ] = 0.95,
+    time_bins: Annotated[
+        str | None, typer.Option(help="Federated site: comma-separated time bin edges of the counts released to researchers (default 0,6,12,24,36,60,120).")
+    ] = None,
     rate_limit: Annotated[float | None, typer.Option(min=0.001, help="Calls per second per principal (bursts of twice that).")] = None,
     max_concurrent_per_principal: Annotated[int | None, typer.Option(min=1, help="Calls one principal may have in flight.")] = None,
     device: Annotated[str, typer.Option(help="Where the index is searched: " + _DEVICE_HELP)] = "auto",
@@ -856,7 +859,8 @@ def serve(
         raise CliError("give --index (serve a site) or --federate SITES.toml (a coordinator), not both")
     if federate is not None:
         _serve_coordinator(
-            federate, host, port, site_deadline_s, tls_cert, tls_key, tls_client_ca, auth_tokens, audit_log
+            federate, host, port, site_deadline_s, tls_cert, tls_key, tls_client_ca, auth_tokens, audit_log,
+            min_cell,
         )
         return
     assert index is not None
@@ -889,7 +893,7 @@ def serve(
     security: dict[str, Any] = {
         "tls": tls,
         "auth_tokens": TokenStore.load(auth_tokens) if auth_tokens is not None else None,
-        "policy": DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity),
+        "policy": DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity, time_bins=_time_bins(time_bins)),
         "rate_limit": rate_limit,
         "max_concurrent_per_principal": max_concurrent_per_principal,
     }
@@ -905,6 +909,18 @@ def serve(
     )
 
 
+def _time_bins(text: str | None) -> tuple[float, ...]:
+    """``--time-bins "0,24,60"`` -> DisclosurePolicy's ``time_bins`` (None: the default)."""
+    from indexing.aggregates import DEFAULT_BIN_EDGES, check_edges
+
+    if text is None:
+        return DEFAULT_BIN_EDGES
+    try:
+        return check_edges([float(v) for v in text.split(",")])
+    except ValueError as exc:
+        raise CliError(f"--time-bins: {exc}") from None
+
+
 def _serve_coordinator(
     sites_file: Path,
     host: str,
@@ -915,6 +931,7 @@ def _serve_coordinator(
     tls_client_ca: Path | None,
     auth_tokens: Path | None,
     audit_log: Path | None,
+    min_cell: int,
 ) -> None:
     """``serve --federate``: the coordinator (service.coordinator) until SIGTERM/Ctrl-C."""
     import asyncio
@@ -939,6 +956,7 @@ def _serve_coordinator(
             sites, host=host, port=port, deadline_s=deadline_s, tls=tls,
             auth_tokens=TokenStore.load(auth_tokens) if auth_tokens is not None else None,
             audit_log=AuditLog(audit_log) if audit_log is not None else None,
+            min_cell=min_cell,
             ready=lambda p: _say(f"coordinating {len(sites)} sites ({names}) on {host}:{p}"),
         )
     )

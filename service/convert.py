@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from google.protobuf import timestamp_pb2
 
+from indexing.aggregates import Aggregates
 from indexing.notices import Notice, WarningCode, code_of, skill_notices
 from indexing.prognosis import Prognosis
 from indexing.query import Diagnostics, NeighborResult, QueryResult, Stability
@@ -361,6 +362,44 @@ def site_response(part: Any, snapshot: Any) -> pb.SearchSiteResponse:
         num_studies=int(snapshot.num_studies),
         ood_percentile=float(part.ood_percentile),
         temperature=float(part.temperature),
+    )
+
+
+def aggregates_to_proto(agg: Aggregates, *, min_cell: int, snapshot: Any) -> pb.AggregateSiteResponse:
+    """A site's suppressed :class:`indexing.aggregates.Aggregates` -> ``AggregateSiteResponse``."""
+    return pb.AggregateSiteResponse(
+        bin_edges=list(agg.edges),
+        at_risk=[int(c) for c in agg.at_risk],
+        events=[int(c) for c in agg.events],
+        weighted_at_risk=[float(w) for w in agg.w_at_risk],
+        weighted_events=[float(w) for w in agg.w_events],
+        label_counts=[
+            pb.LabelCount(name=name, value=value, patient_count=int(c))
+            for name, values in sorted(agg.labels.items())
+            for value, c in sorted(values.items())
+        ],
+        patients=int(agg.patients),
+        withheld=sorted(agg.withheld),
+        min_cell=int(min_cell),
+        model_version=str(snapshot.model_version),
+        num_studies=int(snapshot.num_studies),
+    )
+
+
+def aggregates_from_proto(msg: pb.AggregateSiteResponse) -> Aggregates:
+    """``AggregateSiteResponse`` -> :class:`indexing.aggregates.Aggregates`."""
+    labels: dict[str, dict[str, int]] = {}
+    for lc in msg.label_counts:
+        labels.setdefault(lc.name, {})[lc.value] = int(lc.patient_count)
+    return Aggregates(
+        tuple(msg.bin_edges),
+        np.asarray(msg.at_risk, dtype=np.int64),
+        np.asarray(msg.events, dtype=np.int64),
+        np.asarray(msg.weighted_at_risk, dtype=np.float64),
+        np.asarray(msg.weighted_events, dtype=np.float64),
+        labels,
+        int(msg.patients),
+        set(msg.withheld),
     )
 
 

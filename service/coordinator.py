@@ -11,9 +11,13 @@ version are left out and named; when none answers the call is refused. The answe
 ``FEDERATION_SITE_MISSING`` warning says when one is missing.
 
 Each site enforces its own policy: the coordinator needs a clinician's credential at each
-site (``SearchSite`` needs the identities right) and answers only callers that hold the
-identities right themselves (without authentication, as an unsecured server does).
-Researchers' federated aggregates are not implemented: they are refused here.
+site for ``SearchSite`` (the identities right); callers with the identities right (or
+any caller without authentication, as an unsecured server does) get merged neighbours.
+Researchers (search right without identities) get pooled additive counts instead
+(``AggregateSite``, :mod:`indexing.aggregates`): each site withholds counts below its min
+cell before they leave, the coordinator needs at least :data:`MIN_SITES` sites
+contributing and withholds small pooled counts again; the answer carries a binned
+Kaplan-Meier curve, event and label counts, and no neighbour.
 
 Not held by a coordinator: the cohort's own survival curve (it has no cohort), study_uid
 and DICOM queries (no index, no encoder: embed with the sites' encoder, ``EmbedStudy`` at
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,13 +39,14 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from indexing import engine
+from indexing import aggregates, engine
 from indexing.notices import Notice, WarningCode
 from indexing.prognosis import DEFAULT_TEMPERATURE
 from indexing.query import OOD_WARN_PERCENTILE, OOD_WARNING, Diagnostics, QueryResult
 from service import convert
 from service.api import SERVICE_FULL_NAME, cohortsim_pb2_grpc
 from service.api import cohortsim_pb2 as pb
+from service.disclosure import DEFAULT_MIN_CELL
 from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
 from service.federation import DEFAULT_SITE_DEADLINE_S, Fanout, Site, SiteCall, merge
 from service.governance import permission_denied
@@ -48,6 +54,9 @@ from service.interceptors.call import add_facts, current_principal
 from service.tls import TlsConfig
 
 log = logging.getLogger(__name__)
+
+#: Sites that must contribute before a researcher's pooled counts are released.
+MIN_SITES = 3
 
 _STATE_WORDS: dict[int, str] = {
     pb.SITE_STATE_TIMED_OUT: "timed out",
@@ -67,8 +76,12 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         default_k: int = 10,
         max_k: int = 1000,
         horizons: Sequence[float] = (12, 24, 60),
+        min_cell: int = DEFAULT_MIN_CELL,
+        min_sites: int = MIN_SITES,
     ) -> None:
         self.fanout = fanout
+        self.min_cell = int(min_cell)
+        self.min_sites = int(min_sites)
         self.deadline_s = float(deadline_s)
         self.default_k = int(default_k)
         self.max_k = int(max_k)
@@ -86,12 +99,8 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         self, request: pb.SearchSimilarRequest, context: grpc.aio.ServicerContext
     ) -> pb.SearchSimilarResponse:
         principal = current_principal()
-        if principal is not None and not principal.has("identities"):
-            raise permission_denied(
-                "FEDERATED_AGGREGATES_UNAVAILABLE",
-                "this coordinator answers clinicians (the identities right) only; "
-                "researchers' federated aggregates are not available",
-            )
+        if principal is not None and not principal.has("search"):
+            raise permission_denied("ROLE_NOT_ALLOWED", f"the role {principal.role} may not search")
         if request.WhichOneof("query") != "embedding":
             raise invalid_argument(
                 "FEDERATED_EMBEDDING_ONLY",
@@ -111,6 +120,8 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
             )
         k = convert.parse_k(request.k, default_k=self.default_k, max_k=self.max_k)
         site_request = pb.SearchSiteRequest(embedding=request.embedding, k=k, filter=request.filter)
+        if principal is not None and not principal.has("identities"):  # researchers: counts
+            return await self._researcher(site_request, context)
         calls = await self.fanout.search(site_request, self._deadline(context))
         answered = [c for c in calls if c.answered]
         add_facts(
@@ -122,21 +133,60 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         neighbors = merge(calls, k)
         result = self._assemble(calls, answered, neighbors, request.embedding.model_version)
         response = convert.search_response(result)
-        report = response.federation
-        for c in calls:
-            version = c.response.model_version if c.response is not None else ""
-            report.sites.append(
-                pb.SiteReport(
-                    name=c.site.name,
-                    state=c.state,  # type: ignore[arg-type]
-                    reason=c.reason,
-                    neighbors=len(c.neighbors),
-                    model_version=version,
-                )
-            )
-        report.cohort_studies = sum(
-            int(c.response.num_studies) for c in answered if c.response is not None
+        _report(response, calls, answered)
+        return response
+
+    async def _researcher(
+        self, site_request: pb.SearchSiteRequest, context: Any
+    ) -> pb.SearchSimilarResponse:
+        """Pooled additive counts of at least ``min_sites`` sites, suppressed again after
+        pooling; a binned Kaplan-Meier curve, label counts, no neighbour."""
+        calls = await self.fanout.search(
+            site_request, self._deadline(context), method="AggregateSite"
         )
+        answered = [c for c in calls if c.answered]
+        add_facts(sites_answered=len(answered))
+        if len(answered) < self.min_sites:
+            named = "; ".join(f"{c.site.name}: {c.reason or 'answered'}" for c in calls)
+            raise failed_precondition(
+                "TOO_FEW_SITES",
+                f"researchers' answers need at least {self.min_sites} sites contributing; "
+                f"{len(answered)} answered ({named})",
+            )
+        parts = [convert.aggregates_from_proto(c.response) for c in answered]
+        try:
+            pooled = aggregates.pool(parts)
+        except ValueError as exc:
+            raise failed_precondition("SITES_DISAGREE", f"the sites' aggregates differ: {exc}") from None
+        min_cell = max([self.min_cell, *(int(c.response.min_cell) for c in answered)])
+        released = aggregates.suppress(pooled, min_cell)
+        response = pb.SearchSimilarResponse(model_version=site_request.embedding.model_version)
+        prog = response.prognosis
+        prog.time_unit = convert.DEFAULT_TIME_UNIT
+        var = 0.0
+        for j, (t, s, n) in enumerate(aggregates.binned_km(released)):
+            d = int(released.events[j])
+            var += d / (n * (n - d)) if n > d else 0.0
+            half = 1.959964 * s * math.sqrt(var)
+            prog.survival.append(
+                pb.SurvivalPoint(time=t, survival=s, lower=max(0.0, s - half), upper=min(1.0, s + half), at_risk=n)
+            )
+        events = int(released.events.sum())
+        prog.events = events if events >= min_cell else 0
+        prog.neighbors_with_outcome = int(released.patients)
+        for name, values in sorted(released.labels.items()):
+            total = sum(values.values())
+            dist = prog.label_distributions.add(name=name)
+            for value, c in sorted(values.items()):
+                dist.shares.add(label=value, share=c / total if total else 0.0, count=c)
+        dc = response.disclosure_control
+        dc.min_cell_count = min_cell
+        dc.aggregated_patients = int(released.patients)
+        dc.withheld_fields.extend(sorted(released.withheld))
+        _report(response, calls, answered)
+        missing = [c for c in calls if not c.answered]
+        if missing:
+            convert.add_warnings(response.diagnostics, [_missing_notice(calls, missing)])
         return response
 
     def _assemble(
@@ -165,23 +215,40 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
             notes.append(OOD_WARNING)
         missing = [c for c in calls if not c.answered]
         if missing:
-            named = ", ".join(
-                f"{c.site.name} ({_STATE_WORDS.get(c.state, 'missing')}: {c.reason})"
-                for c in missing
-            )
-            notes.insert(
-                0,
-                Notice(
-                    WarningCode.FEDERATION_SITE_MISSING,
-                    f"{len(missing)} of {len(calls)} sites are missing from this answer: "
-                    f"{named}; neighbours and prognosis rest on the sites that answered",
-                ),
-            )
+            notes.insert(0, _missing_notice(calls, missing))
         diagnostics = Diagnostics(ood, mean_sim, warnings=notes)
         versions = ",".join(
             f"{c.site.name}={c.response.index_version}" for c in answered if c.response is not None
         )
         return QueryResult(neighbors, prognosis, diagnostics, versions, model_version)
+
+
+def _missing_notice(calls: list[SiteCall], missing: list[SiteCall]) -> Notice:
+    named = ", ".join(
+        f"{c.site.name} ({_STATE_WORDS.get(c.state, 'missing')}: {c.reason})" for c in missing
+    )
+    return Notice(
+        WarningCode.FEDERATION_SITE_MISSING,
+        f"{len(missing)} of {len(calls)} sites are missing from this answer: {named}; "
+        "the answer rests on the sites that answered",
+    )
+
+
+def _report(response: pb.SearchSimilarResponse, calls: list[SiteCall], answered: list[SiteCall]) -> None:
+    """Fill ``response.federation``: every site's state and share of the answer."""
+    report = response.federation
+    for c in calls:
+        version = c.response.model_version if c.response is not None else ""
+        report.sites.append(
+            pb.SiteReport(
+                name=c.site.name,
+                state=c.state,  # type: ignore[arg-type]
+                reason=c.reason,
+                neighbors=len(c.neighbors),
+                model_version=version,
+            )
+        )
+    report.cohort_studies = sum(int(c.response.num_studies) for c in answered if c.response is not None)
 
 
 def _nobody(calls: list[SiteCall], model_version: str) -> Exception:
@@ -213,10 +280,12 @@ async def create_coordinator(
     rate_limit: float | None = None,
     max_concurrent_per_principal: int | None = None,
     max_k: int = 1000,
+    min_cell: int = DEFAULT_MIN_CELL,
 ) -> tuple[grpc.aio.Server, int, Fanout]:
     """A coordinator server over ``sites`` (not started): ``(server, bound port, fanout)``;
     the caller closes ``fanout`` after stopping the server. Security as
-    :func:`service.server.create_server` (TLS, tokens, audit, rate limits)."""
+    :func:`service.server.create_server` (TLS, tokens, audit, rate limits); ``min_cell``:
+    the coordinator's own threshold for pooled counts (the sites' larger ones win)."""
     from service.server import _Security
 
     if not sites:
@@ -229,7 +298,7 @@ async def create_coordinator(
         options=[("grpc.so_reuseport", 0)], interceptors=list(security.interceptors)
     )
     cohortsim_pb2_grpc.add_PatientSimilarityServiceServicer_to_server(
-        CoordinatorServicer(fanout, deadline_s=deadline_s, max_k=max_k), server
+        CoordinatorServicer(fanout, deadline_s=deadline_s, max_k=max_k, min_cell=min_cell), server
     )
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_FULL_NAME):

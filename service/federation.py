@@ -128,7 +128,7 @@ class SiteCall:
     site: Site
     state: int
     reason: str = ""
-    response: pb.SearchSiteResponse | None = None
+    response: Any = None  # SearchSiteResponse or AggregateSiteResponse
     neighbors: list[NeighborResult] = field(default_factory=list)
 
     @property
@@ -162,14 +162,17 @@ class Fanout:
                     (site, cohortsim_pb2_grpc.PatientSimilarityServiceStub(channel), channel)
                 )
 
-    async def search(self, request: pb.SearchSiteRequest, deadline_s: float) -> list[SiteCall]:
-        """Every site's answer to ``request`` (in ``sites.toml`` order), each call bounded
-        by ``deadline_s`` seconds; a missing site is a :class:`SiteCall` saying why."""
+    async def search(
+        self, request: pb.SearchSiteRequest, deadline_s: float, *, method: str = "SearchSite"
+    ) -> list[SiteCall]:
+        """Every site's answer to ``request`` (in ``sites.toml`` order) from ``method``
+        (SearchSite, or AggregateSite for researchers), each call bounded by
+        ``deadline_s`` seconds; a missing site is a :class:`SiteCall` saying why."""
         self._open()
 
         async def one(site: Site, stub: Any) -> SiteCall:
             try:
-                response = await stub.SearchSite(
+                response = await getattr(stub, method)(
                     request, timeout=deadline_s, metadata=site.metadata()
                 )
             except grpc.RpcError as exc:

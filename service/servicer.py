@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from encoders.errors import EncoderError
-from indexing import engine
+from indexing import aggregates, engine
 from indexing.engine import Prefetched
 from indexing.errors import ModelVersionError
 from indexing.query import (
@@ -619,6 +619,42 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         part = await self._run(site_search, snapshot, vector, k, where, self.limits.max_k)
         add_facts(site_neighbors=len(part.neighbors))
         return convert.site_response(part, snapshot)
+
+    @grpc_errors
+    async def AggregateSite(
+        self, request: cohortsim_pb2.SearchSiteRequest, context: grpc.aio.ServicerContext
+    ) -> cohortsim_pb2.AggregateSiteResponse:
+        """A federated site's researcher part: additive counts over its top-k neighbours,
+        suppressed here (the site's min cell) before they leave."""
+        snapshot = self.state.require_snapshot()
+        vector = convert.parse_embedding(request.embedding, dimension=snapshot.dimension)
+        k = convert.parse_k(request.k, default_k=self.limits.default_k, max_k=self.limits.max_k)
+        where = self._check_filter(request.filter.where)
+        if not request.embedding.HasField("model_version"):
+            raise invalid_argument(
+                "MODEL_VERSION_REQUIRED",
+                "a federated query must name the encoder version of its embedding "
+                "(Vector.model_version); sites answer only vectors of their own encoder",
+            )
+        query = convert.SearchQuery(
+            kind="embedding", k=k, embedding=vector, model_version=request.embedding.model_version
+        )
+        convert.check_embedding_model(query, snapshot.model_version)
+        part = await self._run(site_search, snapshot, vector, k, where, self.limits.max_k)
+        min_cell = self.governance.policy.min_cell
+        counts = aggregates.suppress(
+            aggregates.aggregate(
+                [nb.time for nb in part.neighbors],
+                [nb.event for nb in part.neighbors],
+                [nb.similarity for nb in part.neighbors],
+                [nb.labels for nb in part.neighbors],
+                edges=self.governance.policy.time_bins,
+                temperature=part.temperature,
+            ),
+            min_cell,
+        )
+        add_facts(site_aggregate=aggregates.to_dict(counts))
+        return convert.aggregates_to_proto(counts, min_cell=min_cell, snapshot=snapshot)
 
     @grpc_errors
     async def EmbedStudy(

@@ -215,6 +215,32 @@ class SearchSiteResponse(_message.Message):
     temperature: float
     def __init__(self, neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., num_studies: _Optional[int] = ..., ood_percentile: _Optional[float] = ..., temperature: _Optional[float] = ...) -> None: ...
 
+class AggregateSiteResponse(_message.Message):
+    __slots__ = ("bin_edges", "at_risk", "events", "weighted_at_risk", "weighted_events", "label_counts", "patients", "withheld", "min_cell", "model_version", "num_studies")
+    BIN_EDGES_FIELD_NUMBER: _ClassVar[int]
+    AT_RISK_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_AT_RISK_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    PATIENTS_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    MIN_CELL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_STUDIES_FIELD_NUMBER: _ClassVar[int]
+    bin_edges: _containers.RepeatedScalarFieldContainer[float]
+    at_risk: _containers.RepeatedScalarFieldContainer[int]
+    events: _containers.RepeatedScalarFieldContainer[int]
+    weighted_at_risk: _containers.RepeatedScalarFieldContainer[float]
+    weighted_events: _containers.RepeatedScalarFieldContainer[float]
+    label_counts: _containers.RepeatedCompositeFieldContainer[LabelCount]
+    patients: int
+    withheld: _containers.RepeatedScalarFieldContainer[str]
+    min_cell: int
+    model_version: str
+    num_studies: int
+    def __init__(self, bin_edges: _Optional[_Iterable[float]] = ..., at_risk: _Optional[_Iterable[int]] = ..., events: _Optional[_Iterable[int]] = ..., weighted_at_risk: _Optional[_Iterable[float]] = ..., weighted_events: _Optional[_Iterable[float]] = ..., label_counts: _Optional[_Iterable[_Union[LabelCount, _Mapping]]] = ..., patients: _Optional[int] = ..., withheld: _Optional[_Iterable[str]] = ..., min_cell: _Optional[int] = ..., model_version: _Optional[str] = ..., num_studies: _Optional[int] = ...) -> None: ...
+
 class FederationReport(_message.Message):
     __slots__ = ("sites", "cohort_studies")
     SITES_FIELD_NUMBER: _ClassVar[int]

@@ -22,9 +22,12 @@ import grpc
 import numpy as np
 import pytest
 
-from indexing.snapshot import build_snapshot
+from indexing.aggregates import aggregate, binned_km, pool, suppress
+from indexing.query import search_similar, snapshot_temperature
+from indexing.snapshot import build_snapshot, load_snapshot
 from service.api import cohortsim_pb2 as pb
 from service.api import cohortsim_pb2_grpc
+from service.auth import TokenStore
 from service.background import BackgroundServer
 from service.coordinator import create_coordinator
 from service.federation import Site, SitesConfigError, load_sites
@@ -36,6 +39,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes
 REPO = Path(__file__).resolve().parents[2]
 SITES = ("north", "south", "east")
 K = 10
+EDGES = (0.0, 24.0, 60.0, 120.0)  # the sites' configured bins of researchers' counts
 
 
 def _cli() -> list[str]:
@@ -87,7 +91,8 @@ def site_processes(cohort_parts: dict[str, Any]) -> Iterator[dict[str, int]]:
     try:
         for name in SITES:
             proc, port = _start(
-                ["serve", "--index", str(cohort_parts["dirs"][name]), "--port", "0", "--device", "cpu"],
+                ["serve", "--index", str(cohort_parts["dirs"][name]), "--port", "0", "--device", "cpu",
+                 "--time-bins", ",".join(str(e) for e in EDGES)],
                 cohort_parts["root"] / f"{name}.log",
                 r"serving .*",
             )
@@ -107,8 +112,8 @@ def site_processes(cohort_parts: dict[str, Any]) -> Iterator[dict[str, int]]:
 class _InProcessCoordinator:
     """A coordinator over ``sites`` on a thread with its own event loop."""
 
-    def __init__(self, sites: list[Site], deadline_s: float = 5.0) -> None:
-        self.sites, self.deadline_s = sites, deadline_s
+    def __init__(self, sites: list[Site], deadline_s: float = 5.0, **kw: Any) -> None:
+        self.sites, self.deadline_s, self.kw = sites, deadline_s, kw
         self.port = 0
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -117,7 +122,7 @@ class _InProcessCoordinator:
     def _run(self) -> None:
         async def main() -> None:
             server, self.port, fanout = await create_coordinator(
-                self.sites, port=0, deadline_s=self.deadline_s
+                self.sites, port=0, deadline_s=self.deadline_s, **self.kw
             )
             self._stop = asyncio.Event()
             await server.start()
@@ -143,13 +148,14 @@ class _InProcessCoordinator:
 
 
 def _search(port: int, vector: np.ndarray, *, k: int = K, model: str = MODEL_VERSION,
-            timeout: float = 30) -> pb.SearchSimilarResponse:
+            timeout: float = 30, token: str | None = None) -> pb.SearchSimilarResponse:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(channel)
         request = pb.SearchSimilarRequest(
             embedding=pb.Vector(values=vector.tolist(), model_version=model), k=k
         )
-        return stub.SearchSimilar(request, timeout=timeout)
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        return stub.SearchSimilar(request, timeout=timeout, metadata=metadata)
 
 
 def _sites(ports: dict[str, int]) -> list[Site]:
@@ -320,3 +326,69 @@ def test_sites_file_paths_are_relative_to_it(tmp_path: Path) -> None:
     path.write_text('[[site]]\nname = "a"\naddress = "h:1"\ntls_ca = "ca.pem"\n')
     (site,) = load_sites(path)
     assert site.tls_ca == tmp_path / "ca.pem" and site.secure
+
+
+RESEARCHER, CLINICIAN = "r" * 40, "c" * 40
+
+
+def _expected_counts(cohort_parts: dict[str, Any], q: np.ndarray, k: int) -> list[tuple[float, float, int]]:
+    """The pooled binned curve computed here from each site's own index (site-suppressed
+    counts, pooled, suppressed again)."""
+    parts = []
+    for name in SITES:
+        snap = load_snapshot(cohort_parts["dirs"][name], device="cpu")
+        (res,) = search_similar(snap, q, k)
+        nbs = res.neighbors
+        parts.append(suppress(aggregate(
+            [n.time for n in nbs], [n.event for n in nbs], [n.similarity for n in nbs],
+            [n.labels for n in nbs], edges=EDGES, temperature=snapshot_temperature(snap),
+        ), 11))
+    return binned_km(suppress(pool(parts), 11))
+
+
+def test_researchers_get_pooled_counts_from_at_least_three_sites(
+    cohort_parts: dict[str, Any], site_processes: dict[str, int]
+) -> None:
+    tokens = TokenStore.from_mapping({RESEARCHER: "researcher", CLINICIAN: "clinician"})
+    q = _queries(cohort_parts["emb"])[0]
+    with _InProcessCoordinator(_sites(site_processes), auth_tokens=tokens) as coord:
+        got = _search(coord.port, q, k=60, token=RESEARCHER)
+        clinician = _search(coord.port, q, k=60, token=CLINICIAN)
+    assert not got.neighbors and len(clinician.neighbors) == 60
+    want = _expected_counts(cohort_parts, q, 60)
+    assert want, "the test cohort must give at least one releasable bin"
+    assert [(p.time, p.at_risk) for p in got.prognosis.survival] == [(t, n) for t, _, n in want]
+    np.testing.assert_allclose([p.survival for p in got.prognosis.survival], [s for _, s, _ in want], atol=1e-12)
+    assert got.disclosure_control.min_cell_count == 11
+    assert all(c == 0 or c >= 11 for d in got.prognosis.label_distributions for c in (s.count for s in d.shares))
+    assert {s.name: pb.SiteState.Name(s.state) for s in got.federation.sites} == {
+        s: "SITE_STATE_ANSWERED" for s in SITES
+    }
+
+
+def test_researchers_need_three_sites(cohort_parts: dict[str, Any], site_processes: dict[str, int]) -> None:
+    tokens = TokenStore.from_mapping({RESEARCHER: "researcher"})
+    sites = [*_sites(site_processes)[:2], Site("down", f"127.0.0.1:{_free_port()}")]
+    with _InProcessCoordinator(sites, auth_tokens=tokens) as coord, pytest.raises(grpc.RpcError) as info:
+        _search(coord.port, _queries(cohort_parts["emb"])[0], k=60, token=RESEARCHER)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "at least 3 sites" in (info.value.details() or "")
+
+
+def test_a_site_decides_what_leaves_per_role(cohort_parts: dict[str, Any]) -> None:
+    tokens = TokenStore.from_mapping({RESEARCHER: "researcher", CLINICIAN: "clinician"})
+    q = _queries(cohort_parts["emb"])[0]
+    request = pb.SearchSiteRequest(embedding=pb.Vector(values=q.tolist(), model_version=MODEL_VERSION), k=60)
+    with BackgroundServer(cohort_parts["dirs"]["north"], device="cpu", auth_tokens=tokens) as site, \
+            grpc.insecure_channel(site.target) as channel:
+        stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(channel)
+        as_researcher = (("authorization", f"Bearer {RESEARCHER}"),)
+        with pytest.raises(grpc.RpcError) as info:  # neighbour rows: clinicians only
+            stub.SearchSite(request, timeout=30, metadata=as_researcher)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        counts = stub.AggregateSite(request, timeout=30, metadata=as_researcher)
+        rows = stub.SearchSite(request, timeout=30, metadata=(("authorization", f"Bearer {CLINICIAN}"),))
+    assert len(rows.neighbors) == 60
+    released = [*counts.at_risk, *counts.events, *(c.patient_count for c in counts.label_counts)]
+    assert all(c == 0 or c >= 11 for c in released) and counts.min_cell == 11
+    assert counts.withheld  # the default bins split this site's 60 neighbours into small cells

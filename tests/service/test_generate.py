@@ -79,4 +79,5 @@ def test_service_full_name_matches_the_descriptor() -> None:
         "DeletePatient",
         "ReloadIndex",
         "SearchSite",
+        "AggregateSite",
     }
