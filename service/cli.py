@@ -864,6 +864,7 @@ def serve(
         )
         return
     assert index is not None
+    bins = _time_bins(time_bins)  # a bad --time-bins fails before the index is read
     dev = _device(device)
     try:
         settings = load_config(
@@ -893,7 +894,7 @@ def serve(
     security: dict[str, Any] = {
         "tls": tls,
         "auth_tokens": TokenStore.load(auth_tokens) if auth_tokens is not None else None,
-        "policy": DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity, time_bins=_time_bins(time_bins)),
+        "policy": DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity, time_bins=bins),
         "rate_limit": rate_limit,
         "max_concurrent_per_principal": max_concurrent_per_principal,
     }

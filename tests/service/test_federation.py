@@ -392,3 +392,17 @@ def test_a_site_decides_what_leaves_per_role(cohort_parts: dict[str, Any]) -> No
     released = [*counts.at_risk, *counts.events, *(c.patient_count for c in counts.label_counts)]
     assert all(c == 0 or c >= 11 for c in released) and counts.min_cell == 11
     assert counts.withheld  # the default bins split this site's 60 neighbours into small cells
+
+
+def test_serve_needs_index_or_federate(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--port", "0"])
+    assert result.exit_code != 0 and "--index" in result.output and "--federate" in result.output
+    (tmp_path / "sites.toml").write_text('[[site]]\nname = "a"\n')
+    result = CliRunner().invoke(app, ["serve", "--federate", str(tmp_path / "sites.toml")])
+    assert result.exit_code != 0 and "'address'" in result.output
+    result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path), "--time-bins", "5,1"])
+    assert result.exit_code != 0 and "--time-bins" in result.output
