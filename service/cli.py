@@ -796,6 +796,9 @@ def serve(
         typer.Option(help="Serve a federated coordinator over the sites of this TOML file ([[site]] name, address, tls_ca/tls_cert/tls_key) instead of an index."),
     ] = None,
     site_deadline_s: Annotated[float, typer.Option(min=0.01, help="Coordinator: seconds to wait for the slowest site.")] = 5.0,
+    encoder: Annotated[
+        Path | None, typer.Option(help="Coordinator: the sites' encoder folder, so DICOM queries are embedded once here.")
+    ] = None,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="0 picks a free port.")] = 50051,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM); with --tls-key the port speaks TLS only.")] = None,
@@ -860,7 +863,7 @@ def serve(
     if federate is not None:
         _serve_coordinator(
             federate, host, port, site_deadline_s, tls_cert, tls_key, tls_client_ca, auth_tokens, audit_log,
-            min_cell,
+            min_cell, encoder,
         )
         return
     assert index is not None
@@ -933,6 +936,7 @@ def _serve_coordinator(
     auth_tokens: Path | None,
     audit_log: Path | None,
     min_cell: int,
+    encoder: Path | None,
 ) -> None:
     """``serve --federate``: the coordinator (service.coordinator) until SIGTERM/Ctrl-C."""
     import asyncio
@@ -947,6 +951,8 @@ def _serve_coordinator(
         sites = load_sites(sites_file)
     except SitesConfigError as exc:
         raise CliError(str(exc)) from None
+    if encoder is not None and not (encoder / "card.json").is_file():
+        raise CliError(f"--encoder {encoder}: no encoder card (card.json) there; give the folder of cohortsim train")
     tls = None
     if tls_cert is not None and tls_key is not None:
         tls = TlsConfig(tls_cert, tls_key, tls_client_ca)
@@ -958,6 +964,7 @@ def _serve_coordinator(
             auth_tokens=TokenStore.load(auth_tokens) if auth_tokens is not None else None,
             audit_log=AuditLog(audit_log) if audit_log is not None else None,
             min_cell=min_cell,
+            encoder_dir=encoder,
             ready=lambda p: _say(f"coordinating {len(sites)} sites ({names}) on {host}:{p}"),
         )
     )

@@ -19,9 +19,9 @@ cell before they leave, the coordinator needs at least :data:`MIN_SITES` sites
 contributing and withholds small pooled counts again; the answer carries a binned
 Kaplan-Meier curve, event and label counts, and no neighbour.
 
-Not held by a coordinator: the cohort's own survival curve (it has no cohort), study_uid
-and DICOM queries (no index, no encoder: embed with the sites' encoder, ``EmbedStudy`` at
-a site, and send the vector).
+DICOM queries are embedded once by the coordinator when it is given the sites' encoder
+(``--encoder DIR``); otherwise send the vector (``EmbedStudy`` at a site). Not held by a
+coordinator: the cohort's own survival curve (it has no cohort), study_uid queries.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ import contextlib
 import logging
 import math
 import signal
+import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -78,8 +80,14 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         horizons: Sequence[float] = (12, 24, 60),
         min_cell: int = DEFAULT_MIN_CELL,
         min_sites: int = MIN_SITES,
+        encoder_dir: Path | None = None,
+        max_files: int = 4096,
     ) -> None:
         self.fanout = fanout
+        self.encoder_dir = encoder_dir
+        self.max_files = int(max_files)
+        self._encoder: tuple[Any, Any] | None = None
+        self._encoder_lock = threading.Lock()
         self.min_cell = int(min_cell)
         self.min_sites = int(min_sites)
         self.deadline_s = float(deadline_s)
@@ -101,11 +109,22 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         principal = current_principal()
         if principal is not None and not principal.has("search"):
             raise permission_denied("ROLE_NOT_ALLOWED", f"the role {principal.role} may not search")
-        if request.WhichOneof("query") != "embedding":
+        kind = request.WhichOneof("query")
+        if kind == "dicom" and self.encoder_dir is not None:  # embedded once, here
+            files = convert.parse_dicom(request.dicom, max_files=self.max_files)
+            vector, version = await asyncio.to_thread(self._embed, files)
+            request = pb.SearchSimilarRequest(
+                embedding=pb.Vector(values=vector.tolist(), model_version=version),
+                k=request.k,
+                filter=request.filter,
+            )
+        elif kind != "embedding":
             raise invalid_argument(
                 "FEDERATED_EMBEDDING_ONLY",
-                "a federated coordinator answers embedding queries only; embed the study "
-                "with the sites' encoder (EmbedStudy at a site) and send the vector",
+                "this coordinator answers embedding queries"
+                + (" and DICOM studies" if self.encoder_dir is not None else "")
+                + "; embed the study with the sites' encoder (EmbedStudy at a site, or "
+                "serve the coordinator with --encoder) and send the vector",
             )
         if not request.embedding.HasField("model_version"):
             raise invalid_argument(
@@ -135,6 +154,20 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         response = convert.search_response(result)
         _report(response, calls, answered)
         return response
+
+    def _embed(self, files: list[bytes]) -> tuple[np.ndarray, str]:
+        """``(vector (d,) float32, encoder version)`` of one DICOM study; blocking."""
+        from encoders.dicom import preprocess, read_study
+        from encoders.model import embed, load_encoder
+
+        assert self.encoder_dir is not None
+        with self._encoder_lock:  # loaded once, on the first DICOM query
+            if self._encoder is None:
+                self._encoder = load_encoder(self.encoder_dir, device="cpu")
+            encoder, card = self._encoder
+        volume = preprocess(read_study(files), card.input)
+        out = embed(encoder, volume[None], batch_size=1, device="cpu")
+        return np.asarray(out[0], dtype=np.float32), str(card.version)
 
     async def _researcher(
         self, site_request: pb.SearchSiteRequest, context: Any
@@ -281,11 +314,14 @@ async def create_coordinator(
     max_concurrent_per_principal: int | None = None,
     max_k: int = 1000,
     min_cell: int = DEFAULT_MIN_CELL,
+    encoder_dir: Path | str | None = None,
+    max_receive_mb: int = 64,
 ) -> tuple[grpc.aio.Server, int, Fanout]:
     """A coordinator server over ``sites`` (not started): ``(server, bound port, fanout)``;
     the caller closes ``fanout`` after stopping the server. Security as
     :func:`service.server.create_server` (TLS, tokens, audit, rate limits); ``min_cell``:
-    the coordinator's own threshold for pooled counts (the sites' larger ones win)."""
+    the coordinator's own threshold for pooled counts (the sites' larger ones win);
+    ``encoder_dir``: the sites' encoder, so DICOM queries are embedded here, once."""
     from service.server import _Security
 
     if not sites:
@@ -294,12 +330,23 @@ async def create_coordinator(
         raise ValueError(f"the site deadline must be > 0 s, got {deadline_s}")
     security = _Security.build(tls, auth_tokens, audit_log, rate_limit, max_concurrent_per_principal)
     fanout = Fanout(sites)
+    size = int(max_receive_mb) << 20
     server = grpc.aio.server(
-        options=[("grpc.so_reuseport", 0)], interceptors=list(security.interceptors)
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+        ],
+        interceptors=list(security.interceptors),
     )
-    cohortsim_pb2_grpc.add_PatientSimilarityServiceServicer_to_server(
-        CoordinatorServicer(fanout, deadline_s=deadline_s, max_k=max_k, min_cell=min_cell), server
+    servicer = CoordinatorServicer(
+        fanout,
+        deadline_s=deadline_s,
+        max_k=max_k,
+        min_cell=min_cell,
+        encoder_dir=Path(encoder_dir) if encoder_dir is not None else None,
     )
+    cohortsim_pb2_grpc.add_PatientSimilarityServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_FULL_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

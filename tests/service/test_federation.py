@@ -406,3 +406,40 @@ def test_serve_needs_index_or_federate(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "'address'" in result.output
     result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path), "--time-bins", "5,1"])
     assert result.exit_code != 0 and "--time-bins" in result.output
+
+
+def test_coordinator_embeds_a_dicom_query_once_with_the_sites_encoder(tmp_path: Path) -> None:
+    from encoders.model import EncoderCard, create_encoder, save_encoder
+    from encoders.synth import synth_cohort
+
+    synth_cohort(tmp_path / "synth", patients=1, seed=4)
+    files = [p.read_bytes() for p in sorted((tmp_path / "synth" / "dicom").rglob("*.dcm"))]
+    encoder = create_encoder("test_resnet", embedding_dim=16)
+    card = save_encoder(encoder, EncoderCard.for_encoder(encoder, seed=0), tmp_path / "model")
+    _, table = make_cohort(seed=5)
+    emb = np.random.default_rng(5).normal(size=(table.num_rows, 16)).astype(np.float32)
+    rows = np.arange(table.num_rows) % 3
+    for s in range(3):
+        build_snapshot(tmp_path / f"s{s}", emb[rows == s], table.take(np.flatnonzero(rows == s)),
+                       model_version=card.version, encoder_dir=tmp_path / "model" if s == 0 else None)
+    with BackgroundServer(tmp_path / "s0", device="cpu") as s0, \
+            BackgroundServer(tmp_path / "s1", device="cpu") as s1, \
+            BackgroundServer(tmp_path / "s2", device="cpu") as s2:
+        sites = [Site(f"s{i}", srv.target) for i, srv in enumerate((s0, s1, s2))]
+        with grpc.insecure_channel(s0.target) as channel:
+            embedded = cohortsim_pb2_grpc.PatientSimilarityServiceStub(channel).EmbedStudy(
+                pb.EmbedStudyRequest(dicom=pb.DicomStudy(files=files)), timeout=120
+            )
+        vector = np.asarray(embedded.embedding.values, dtype=np.float32)
+        with _InProcessCoordinator(sites, encoder_dir=tmp_path / "model") as coord:
+            want = _search(coord.port, vector, model=card.version)
+            with grpc.insecure_channel(f"127.0.0.1:{coord.port}") as channel:
+                got = cohortsim_pb2_grpc.PatientSimilarityServiceStub(channel).SearchSimilar(
+                    pb.SearchSimilarRequest(dicom=pb.DicomStudy(files=files), k=K), timeout=120
+                )
+    assert [n.study_uid for n in got.neighbors] == [n.study_uid for n in want.neighbors]
+    np.testing.assert_allclose(
+        [n.similarity for n in got.neighbors], [n.similarity for n in want.neighbors], atol=1e-5
+    )
+    assert got.model_version == card.version
+    assert {s.name for s in got.federation.sites} == {"s0", "s1", "s2"}
