@@ -404,6 +404,9 @@ def test_serve_needs_index_or_federate(tmp_path: Path) -> None:
     (tmp_path / "sites.toml").write_text('[[site]]\nname = "a"\n')
     result = CliRunner().invoke(app, ["serve", "--federate", str(tmp_path / "sites.toml")])
     assert result.exit_code != 0 and "'address'" in result.output
+    (tmp_path / "ok.toml").write_text('[[site]]\nname = "a"\naddress = "127.0.0.1:1"\n')
+    result = CliRunner().invoke(app, ["serve", "--federate", str(tmp_path / "ok.toml"), "--encoder", str(tmp_path)])
+    assert result.exit_code != 0 and "card.json" in result.output
     result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path), "--time-bins", "5,1"])
     assert result.exit_code != 0 and "--time-bins" in result.output
 
