@@ -80,7 +80,10 @@ def cohort_parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     build_snapshot(root / "union", emb, table, model_version=MODEL_VERSION, kind="Flat")
     other = np.flatnonzero(part == 0)
     build_snapshot(root / "other", emb[other], table.take(other), model_version="enc-0123456789ab", kind="Flat")
-    return {"root": root, "emb": emb, "dirs": dirs, "union": root / "union", "other": root / "other"}
+    uids = table.column("study_uid").to_pylist()
+    east_uids = [uids[i] for i in np.flatnonzero(part == SITES.index("east"))]
+    return {"root": root, "emb": emb, "dirs": dirs, "union": root / "union", "other": root / "other",
+            "east_uids": east_uids}
 
 
 @pytest.fixture(scope="module")
@@ -446,3 +449,38 @@ def test_coordinator_embeds_a_dicom_query_once_with_the_sites_encoder(tmp_path: 
     )
     assert got.model_version == card.version
     assert {s.name for s in got.federation.sites} == {"s0", "s1", "s2"}
+
+
+def test_mutual_tls_between_coordinator_and_sites_each_site_decides(
+    cohort_parts: dict[str, Any], tmp_path: Path
+) -> None:
+    from service.tls import TlsConfig
+
+    from .pki import TestCA
+
+    ca = TestCA(tmp_path / "ca")
+    server = ca.issue("localhost", server=True)
+    coordinator_cert = ca.issue("coordinator", server=False)
+    lab_cert = ca.issue("lab", server=False)
+    tokens = TokenStore.from_mapping(
+        {"cert:coordinator": {"role": "clinician", "id": "coord"}, "cert:lab": {"role": "researcher", "id": "lab"}}
+    )
+    tls = TlsConfig(server.cert, server.key, client_ca=ca.cert_path)
+    q = _queries(cohort_parts["emb"])[3]
+    with BackgroundServer(cohort_parts["dirs"]["north"], device="cpu", tls=tls, auth_tokens=tokens) as north, \
+            BackgroundServer(cohort_parts["dirs"]["south"], device="cpu", tls=tls, auth_tokens=tokens) as south, \
+            BackgroundServer(cohort_parts["dirs"]["east"], device="cpu", tls=tls, auth_tokens=tokens) as east:
+        sites = [
+            Site("north", f"localhost:{north.port}", ca.cert_path, coordinator_cert.cert, coordinator_cert.key),
+            Site("south", f"localhost:{south.port}", ca.cert_path, coordinator_cert.cert, coordinator_cert.key),
+            # east knows this certificate as a researcher's: no neighbour rows leave east
+            Site("east", f"localhost:{east.port}", ca.cert_path, lab_cert.cert, lab_cert.key),
+        ]
+        with _InProcessCoordinator(sites) as coord:
+            got = _search(coord.port, q)
+    states = _states(got)
+    assert states["north"][0] == states["south"][0] == "SITE_STATE_ANSWERED"
+    assert states["east"] == ("SITE_STATE_REFUSED", "ROLE_NOT_ALLOWED")
+    assert len(got.neighbors) == K and not {n.study_uid for n in got.neighbors} & set(
+        cohort_parts["east_uids"]
+    )
