@@ -56,11 +56,11 @@ def summary(ms: list[float], wall_s: float) -> tuple[float, float, float]:
 def _server_main(index_dir: str, conn: Any, window_ms: float | None, workers: int, inflight: int,
                  blas_threads: int | None) -> None:
     """Child process: serve ``index_dir``; answer "stats" / "stop" on ``conn``."""
+    from service.config import options
     from service.server import create_server, server_batcher, shutdown
 
     async def main() -> None:
-        server, port = await create_server(
-            index_dir,
+        config, _ = options(
             port=0,
             device="cpu",
             batch_window_ms=window_ms,
@@ -69,6 +69,7 @@ def _server_main(index_dir: str, conn: Any, window_ms: float | None, workers: in
             watch_interval=None,
             blas_threads=blas_threads,
         )
+        server, port = await create_server(index_dir, config)
         await server.start()
         conn.send(port)
         loop = asyncio.get_running_loop()

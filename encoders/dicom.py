@@ -38,6 +38,7 @@ from pydicom.filereader import data_element_generator
 from pydicom.tag import BaseTag
 from scipy import ndimage
 
+from encoders import budget
 from encoders.deid import RETAINED_WITH_OPTIONS, clean_descriptor, identifying_values
 from encoders.errors import DicomError
 from encoders.geometry import AXIAL_DIRECTION, patient_to_voxel, voxel_to_patient
@@ -451,10 +452,13 @@ def _check_inflated_size(data: bytes) -> None:
     steps and keeps nothing, so the check itself needs little memory."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total, pending = 0, data
+    room = budget.remaining()  # the request's decode budget: pydicom holds the data twice
     try:
         while pending and not inflater.eof:
             total += len(inflater.decompress(pending, 16 << 20))
             pending = inflater.unconsumed_tail
+            if room is not None and 2 * total > room:
+                budget.charge(2 * total, "inflating a deflated dataset")  # raises
             if total > MAX_INFLATED_BYTES:
                 raise _ReadBudgetExceeded(
                     "too_large",
@@ -463,6 +467,7 @@ def _check_inflated_size(data: bytes) -> None:
                 )
     except zlib.error:
         return  # not deflate data (or damaged): pydicom reports it
+    budget.charge(2 * total, "inflating a deflated dataset")
 
 
 _EXECUTABLE_MAGIC = ((b"MZ", "a Windows executable (MZ/PE)"), (b"\x7fELF", "an ELF executable"), (b"#!", "a script"))
@@ -557,6 +562,8 @@ def _parse_errors(label: str) -> Iterator[None]:
         # pydicom turns any failure inside some reads into a generic OSError ("No tag to
         # read at ..."): what happened first (deep nesting, a read limit) is the reason.
         e = _first_cause(exc)
+        if isinstance(e, DicomError):  # the decode budget (encoders.budget), raised in a read
+            raise e from None
         if isinstance(e, _ReadBudgetExceeded):
             raise DicomError(e.reason, f"{label}: {e.message}; refusing the file") from None
         if isinstance(e, RecursionError):
@@ -584,7 +591,7 @@ def _first_cause(e: BaseException) -> BaseException:
     for _ in range(32):
         if seen is None:
             break
-        if isinstance(seen, RecursionError | _ReadBudgetExceeded):
+        if isinstance(seen, RecursionError | _ReadBudgetExceeded | DicomError):
             return seen
         seen = seen.__context__
     return e
@@ -1693,6 +1700,16 @@ def _require_decoder(tsyntax: pydicom.uid.UID, label: str) -> None:
 
 def _load_series(headers: list[_Header], notes: list[str]) -> tuple[np.ndarray, _Geometry]:
     _check_size(headers)
+    # the float32 volume and (twice, for the decoder's buffers) the largest decoded file,
+    # charged to the request's decode budget before anything is allocated
+    sizes = [
+        (_int(_get(h.ds, "Rows")) or 0) * (_int(_get(h.ds, "Columns")) or 0) * h.n_frames
+        * max(1, (_int(_get(h.ds, "BitsAllocated")) or 16) // 8)
+        * min(4, max(1, _int(_get(h.ds, "SamplesPerPixel")) or 1))
+        for h in headers
+    ]
+    voxels = sum((_int(_get(h.ds, "Rows")) or 0) * (_int(_get(h.ds, "Columns")) or 0) * h.n_frames for h in headers)
+    budget.charge(4 * voxels + 2 * max(sizes, default=0), "the decoded series")
     with _guard(headers[0].label):
         geo = _geometry(headers, notes)
     rows = _int(_get(headers[0].ds, "Rows")) or 0

@@ -133,18 +133,9 @@ def embed_store(
     """
     dev = resolve_device(device)
     encoder, card = load_encoder(model_dir, device=str(dev))
-    specs = store.studies(columns=["spec"])["spec"]
-    if len(specs) == 0:
-        raise StoreError(f"the store at {store.root} holds no studies; run cohortsim ingest first")
-    stored_spec = specs[0].as_py()
-    if stored_spec and InputSpec.from_dict(_json(stored_spec)) != card.input:
-        raise ModelVersionError(
-            f"the encoder in {model_dir} expects input {card.input.to_dict()} but the store was "
-            "preprocessed differently; train on this store or re-ingest with the encoder's spec"
-        )
+    n = check_store_for(store, card, model_dir)
     if shard_size < 1:
         raise StoreError(f"shard_size must be >= 1, got {shard_size}")
-    n = len(specs)
     done = reused = 0
     shards: list[pa.Table] = []
     lock = _job_lock(checkpoint_dir) if checkpoint_dir is not None else contextlib.nullcontext()
@@ -153,32 +144,13 @@ def embed_store(
             path = checkpoint_dir / f"shard-{i:06d}.parquet" if checkpoint_dir else None
             table = _read_shard(path, uids) if path is not None else None
             if table is None:
-                chunks = []
-                rois = region_rois(encoder, volumes)  # lesion proposals, once per study
-                for start in range(0, len(uids), batch_size):
-                    part = None if rois is None else rois[start : start + batch_size]
-                    chunks.append(
-                        embed(encoder, volumes[start : start + batch_size], batch_size=batch_size,
-                              device=str(dev), rois=part)
-                    )
-                    if progress is not None:
-                        progress(min(done + start + batch_size, done + len(uids)), n)
-                vecs = np.concatenate(chunks, axis=0).astype(np.float32)
-                d = vecs.shape[1]
-                # where the encoder cut each study (shown in thumbnails; no re-proposal later)
-                cuts = [Region.of(c) for c in embedded_regions(encoder, volumes, rois, device=dev)]
-                table = pa.table(
-                    {
-                        "study_uid": pa.array(uids, pa.string()),
-                        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), d),
-                        THUMBNAIL_COLUMN: pa.array(
-                            [region_thumbnail_png(v, c) for v, c in zip(volumes, cuts, strict=True)],
-                            pa.binary(),
-                        ),
-                        SLICE_COLUMN: pa.array([c.slice_index for c in cuts], pa.int32()),
-                        BOX_COLUMN: pa.array([list(c.box) for c in cuts], pa.list_(pa.int32())),
-                        SOURCE_COLUMN: pa.array([c.source for c in cuts], pa.string()),
-                    }
+                table = embed_shard(
+                    encoder,
+                    uids,
+                    volumes,
+                    batch_size=batch_size,
+                    device=str(dev),
+                    progress=_offset(progress, done, n),
                 )
                 if path is not None:
                     write_parquet_atomic(table, path)
@@ -190,6 +162,87 @@ def embed_store(
                 progress(done, n)
     if reused:
         log.info("build: %d of %d studies taken from checkpoints", reused, done)
+    vectors, table = cohort_of_shards(store, shards)
+    return vectors, table, card.version
+
+
+def _offset(
+    progress: Callable[[int, int], None] | None, base: int, total: int
+) -> Callable[[int], None] | None:
+    """A shard's ``progress(done)`` as the job's ``progress(base + done, total)``."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda done: report(base + done, total)
+
+
+def check_store_for(store: CohortStore, card: EncoderCard, model_dir: Path) -> int:
+    """The number of studies in ``store``; raises when it is empty (:class:`StoreError`)
+    or was preprocessed with another input spec than the encoder's (:class:`ModelVersionError`)."""
+    specs = store.studies(columns=["spec"])["spec"]
+    if len(specs) == 0:
+        raise StoreError(f"the store at {store.root} holds no studies; run cohortsim ingest first")
+    stored_spec = specs[0].as_py()
+    if stored_spec and InputSpec.from_dict(_json(stored_spec)) != card.input:
+        raise ModelVersionError(
+            f"the encoder in {model_dir} expects input {card.input.to_dict()} but the store was "
+            "preprocessed differently; train on this store or re-ingest with the encoder's spec"
+        )
+    return len(specs)
+
+
+def embed_shard(
+    encoder: Any,
+    uids: list[str],
+    volumes: np.ndarray,
+    *,
+    batch_size: int,
+    device: str,
+    progress: Callable[[int], None] | None = None,
+) -> pa.Table:
+    """Embed one shard: ``volumes`` ``(b, D, H, W) int16`` of the studies ``uids``.
+
+    Returns the shard's checkpoint table: ``study_uid``, ``embedding`` (fixed-size list
+    of float32, L2-normalised by :func:`encoders.model.embed`), ``thumbnail`` (PNG of the
+    slice through the region the encoder embedded, box drawn) and that region
+    (``region_slice``, ``region_box``, ``region_source``; :mod:`indexing.thumbnails`).
+    The single-process build, the incremental add (:mod:`indexing.incremental`) and the
+    Ray actors (:mod:`indexing.distributed`) all embed through this function.
+    ``progress(done)`` counts studies of this shard.
+    """
+    chunks = []
+    rois = region_rois(encoder, volumes)  # lesion proposals, once per study
+    for start in range(0, len(uids), batch_size):
+        part = None if rois is None else rois[start : start + batch_size]
+        chunks.append(
+            embed(encoder, volumes[start : start + batch_size], batch_size=batch_size,
+                  device=device, rois=part)
+        )
+        if progress is not None:
+            progress(min(start + batch_size, len(uids)))
+    vecs = np.concatenate(chunks, axis=0).astype(np.float32)
+    d = vecs.shape[1]
+    # where the encoder cut each study (shown in thumbnails; no re-proposal later)
+    cuts = [Region.of(c) for c in embedded_regions(encoder, volumes, rois, device=device)]
+    return pa.table(
+        {
+            "study_uid": pa.array(uids, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), d),
+            THUMBNAIL_COLUMN: pa.array(
+                [region_thumbnail_png(v, c) for v, c in zip(volumes, cuts, strict=True)],
+                pa.binary(),
+            ),
+            SLICE_COLUMN: pa.array([c.slice_index for c in cuts], pa.int32()),
+            BOX_COLUMN: pa.array([list(c.box) for c in cuts], pa.list_(pa.int32())),
+            SOURCE_COLUMN: pa.array([c.source for c in cuts], pa.string()),
+        }
+    )
+
+
+def cohort_of_shards(store: CohortStore, shards: list[pa.Table]) -> tuple[np.ndarray, pa.Table]:
+    """``(vectors (n, d) float32, cohort table)`` from embedded shards (in store order):
+    the store's cohort rows, reordered to the shards' studies, with their thumbnails and
+    embedded regions."""
     embedded = pa.concat_tables(shards).combine_chunks()
     uids_all = embedded.column("study_uid").to_pylist()
     emb = embedded.column("embedding").combine_chunks()
@@ -206,7 +259,7 @@ def embed_store(
         if col in table.column_names:
             table = table.drop_columns([col])
         table = table.append_column(col, embedded.column(col))
-    return vectors, table, card.version
+    return vectors, table
 
 
 def _json(s: str) -> dict:
@@ -248,6 +301,37 @@ def build_from_store(
         checkpoint_dir=ckpt,
         shard_size=shard_size,
     )
+    return publish_embedded(
+        store,
+        vectors,
+        table,
+        model_version=model_version,
+        model_dir=model_dir,
+        index_dir=index_dir,
+        checkpoint_dir=ckpt,
+        kind=kind,
+        search_params=search_params,
+        progress=progress,
+    )
+
+
+def publish_embedded(
+    store: CohortStore,
+    vectors: np.ndarray,
+    table: pa.Table,
+    *,
+    model_version: str,
+    model_dir: Path,
+    index_dir: Path,
+    checkpoint_dir: Path,
+    kind: str = "Flat",
+    search_params: dict[str, float] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> str:
+    """Evaluate, build and publish the snapshot of an embedded store, then remove the
+    job's checkpoints; returns the version id. ``vectors`` ``(n, d)`` float32, row i of
+    ``table`` (the cohort table) is vector i. The last step of both the single-process
+    and the Ray build: only the driver publishes."""
     evaluation = evaluate_prognosis(vectors, table)
     version = build_snapshot(
         index_dir,
@@ -261,7 +345,7 @@ def build_from_store(
         progress=progress,
         extra_manifest={EVALUATION_KEY: evaluation},
     )
-    shutil.rmtree(ckpt, ignore_errors=True)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     with contextlib.suppress(OSError):
         (Path(index_dir) / BUILD_DIR).rmdir()  # only when no other job's checkpoints remain
     return version

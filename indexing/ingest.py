@@ -374,23 +374,7 @@ def _ingest(
     progress: Callable[[int, int], None] | None,
 ) -> IngestReport:
     headers, rejected = _scan(files, pool)
-    groups: dict[str, list[Path]] = {}
-    first_dates: dict[str, date] = {}
-    for h in headers:
-        groups.setdefault(h.study_uid, []).append(h.path)
-        if h.study_date is not None:
-            known = first_dates.get(h.patient_id)
-            if known is None or h.study_date < known:
-                first_dates[h.patient_id] = h.study_date
-    for paths in groups.values():
-        paths.sort()
-    # Day offsets count from each patient's anchor, kept site-side across ingests
-    # (encoders.deid.DateAnchors): the earliest study date of the first ingest that saw
-    # the patient; older studies found later get negative offsets.
-    try:
-        first_dates = pseudonymizer.date_anchors.resolve(first_dates)
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot use the date anchors: {exc}") from None
+    groups, first_dates = group_studies(headers, pseudonymizer)
     report = IngestReport(
         studies_found=len(groups),
         files_seen=len(files),
@@ -426,23 +410,14 @@ def _ingest(
                 {"study": study_uid, "reason": reason, "message": message}
             )
         else:
-            first = first_dates.get(prepared.patient_id)
-            day = (
-                (prepared.study_date - first).days
-                if (first is not None and prepared.study_date is not None)
-                else None
-            )
-            acq = prepared.acquisition
             pending.append(
-                StudyRecord(
-                    patient_id=pseudonymizer.patient(prepared.patient_id),
+                study_record(
+                    prepared,
                     study_uid=study_uid,
+                    patient_id=pseudonymizer.patient(prepared.patient_id),
+                    first_date=first_dates.get(prepared.patient_id),
                     site=site,
-                    modality=prepared.modality,
-                    study_day=day,
-                    volume=prepared.volume,
                     spec=spec,
-                    **_acquisition_fields(acq),
                 )
             )
             report.studies.append(
@@ -469,6 +444,66 @@ def _ingest(
         len(report.files_rejected),
     )
     return report
+
+
+def group_studies(
+    headers: list[FileHeader], pseudonymizer: Pseudonymizer
+) -> tuple[dict[str, list[Path]], dict[str, date]]:
+    """The files of each study (raw StudyInstanceUID -> sorted paths) and each raw
+    patient id's day-offset anchor.
+
+    Day offsets count from each patient's anchor, kept site-side across ingests
+    (encoders.deid.DateAnchors): the earliest study date of the first ingest that saw
+    the patient; older studies found later get negative offsets. Raises
+    :class:`StoreError` when the anchors cannot be read or written.
+    """
+    groups: dict[str, list[Path]] = {}
+    first_dates: dict[str, date] = {}
+    for h in headers:
+        groups.setdefault(h.study_uid, []).append(h.path)
+        if h.study_date is not None:
+            known = first_dates.get(h.patient_id)
+            if known is None or h.study_date < known:
+                first_dates[h.patient_id] = h.study_date
+    for paths in groups.values():
+        paths.sort()
+    try:
+        first_dates = pseudonymizer.date_anchors.resolve(first_dates)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot use the date anchors: {exc}") from None
+    return groups, first_dates
+
+
+def study_record(
+    prepared: _Prepared,
+    *,
+    study_uid: str,
+    patient_id: str,
+    first_date: date | None,
+    site: str,
+    spec: InputSpec,
+) -> StudyRecord:
+    """The store row of one study read by :func:`_prepare_study` (which must have
+    succeeded): ``study_uid`` and ``patient_id`` are the pseudonyms, ``first_date`` the
+    patient's anchor (``study_day`` counts from it). Shared by the single-process ingest
+    and the Ray stages (:mod:`indexing.distributed`), so both write the same rows."""
+    if prepared.volume is None:
+        raise ValueError("study_record needs a study that was read without error")
+    day = (
+        (prepared.study_date - first_date).days
+        if (first_date is not None and prepared.study_date is not None)
+        else None
+    )
+    return StudyRecord(
+        patient_id=patient_id,
+        study_uid=study_uid,
+        site=site,
+        modality=prepared.modality,
+        study_day=day,
+        volume=prepared.volume,
+        spec=spec,
+        **_acquisition_fields(prepared.acquisition),
+    )
 
 
 def _acquisition_fields(acq: dict[str, str]) -> dict[str, Any]:

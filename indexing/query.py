@@ -375,17 +375,22 @@ def index_warnings(snapshot: Any) -> list[Notice]:
 
 
 def _cohort_summary(snapshot: Snapshot, horizons: tuple[float, ...]) -> Any:
+    # withdrawn patients' rows leave the curve at once (keyed by the tombstoned rows)
+    deleted = snapshot.deleted_rows()
+
     def make() -> Any:
         meta = snapshot.metadata
         if "time" not in meta.column_names or "event" not in meta.column_names:
             return [], None, []
-        return cohort_curve(
-            meta.column("time").to_numpy(zero_copy_only=False),  # nulls -> NaN
-            meta.column("event").to_numpy(zero_copy_only=False),  # nulls -> None
-            horizons=horizons,
-        )
+        time = meta.column("time").to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> NaN
+        event = meta.column("event").to_numpy(zero_copy_only=False)  # nulls -> None
+        if deleted:
+            keep = np.ones(len(time), dtype=bool)
+            keep[np.fromiter(deleted, dtype=np.int64)] = False
+            time, event = time[keep], event[keep]
+        return cohort_curve(time, event, horizons=horizons)
 
-    return _cached(snapshot, ("cohort_curve", horizons), make)
+    return _cached(snapshot, ("cohort_curve", horizons, deleted), make)
 
 
 _NEIGHBOR_COLUMNS = ("patient_id", "study_uid", "site", *ACQUISITION_COLUMNS, "time", "event", "labels", "values")

@@ -281,6 +281,7 @@ def build_snapshot(
     seed: int = 0,
     progress: Progress | None = None,
     extra_manifest: dict[str, Any] | None = None,
+    base_index: faiss.Index | None = None,
 ) -> str:
     """Build, checksum and publish a new snapshot version; returns its id.
 
@@ -291,6 +292,10 @@ def build_snapshot(
     HNSW). ``progress(stage, done, total)`` is called as work advances.
     ``extra_manifest``: more JSON-able manifest entries (e.g. ``prognosis_evaluation``);
     they may not replace the keys written here.
+    ``base_index``: an index of ``kind`` that already holds the first ``ntotal`` rows of
+    ``embeddings`` (the previous version's, for an incremental add): only the other rows
+    are added to a copy of it, without training. Ignored (a full build) when rows of
+    deleted patients had to be left out, since row ids would shift.
     """
 
     def report(stage: str, done: int, total: int) -> None:
@@ -332,10 +337,15 @@ def build_snapshot(
     metadata = metadata.add_column(0, "row_id", pa.array(np.arange(n, dtype=np.int64)))
 
     # index
-    try:
-        index = faiss.index_factory(d, kind, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise SnapshotError(f"faiss does not understand index kind {kind!r}: {exc}") from exc
+    first = 0  # rows already in the index
+    if base_index is not None and not dropped and 0 < base_index.ntotal <= n and base_index.d == d:
+        index = faiss.clone_index(base_index)
+        first = int(index.ntotal)
+    else:
+        try:
+            index = faiss.index_factory(d, kind, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise SnapshotError(f"faiss does not understand index kind {kind!r}: {exc}") from exc
     if not index.is_trained:
         train = vectors
         if n > TRAIN_SAMPLE:
@@ -351,7 +361,7 @@ def build_snapshot(
             ) from exc
         report("train", train.shape[0], train.shape[0])
     step = 100_000
-    for start in range(0, n, step):
+    for start in range(first, n, step):
         index.add(vectors[start : start + step])
         report("add", min(start + step, n), n)
     params = _default_search_params(index)

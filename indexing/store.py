@@ -441,6 +441,11 @@ class CohortStore:
         )
         return added
 
+    def part_files(self) -> list[Path]:
+        """The study part files in ingestion order (what a distributed rebuild splits into
+        units of work; read each with :func:`verify_part_file` first)."""
+        return self._part_files()
+
     def study_uids(self) -> set[str]:
         """The set of stored study pseudonyms."""
         return set(self._read_parts(["study_uid"]).column("study_uid").to_pylist())

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from service.config import SecurityConfig, ServeConfig, options
 from service.server import create_server, shutdown
 
 
@@ -17,11 +20,26 @@ class BackgroundServer:
     entered. Leaving the block stops the server gracefully.
     """
 
-    def __init__(self, index_dir: Path, *, host: str = "127.0.0.1", port: int = 0, **kw: object) -> None:
+    def __init__(
+        self,
+        index_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        config: ServeConfig | None = None,
+        security: SecurityConfig | None = None,
+        **kw: Any,
+    ) -> None:
+        """``config`` / ``security`` as :func:`create_server` takes them, or keyword
+        settings (:func:`service.config.options`: ``device="cpu"``, ``audit_log=...``)."""
         self._index_dir = Path(index_dir)
         self._host = host
-        self._port = port
-        self._kw = kw
+        if config is None or kw:
+            opts, sec = options(host=host, port=port, **kw)
+            config = opts if config is None else config
+            security = security if security is not None else sec
+        self._config = dataclasses.replace(config, host=host, port=port)
+        self._security = security
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: object | None = None
@@ -39,7 +57,7 @@ class BackgroundServer:
         asyncio.set_event_loop(loop)
         try:
             server, port = loop.run_until_complete(
-                create_server(self._index_dir, host=self._host, port=self._port, **self._kw)  # type: ignore[arg-type]
+                create_server(self._index_dir, self._config, self._security)
             )
             loop.run_until_complete(server.start())
         except BaseException as exc:  # reported to the caller of __enter__

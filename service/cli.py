@@ -183,6 +183,7 @@ def cli_errors(fn: F) -> F:
         from encoders.errors import CohortsimError
         from service.auth import AuthConfigError
         from service.client import CohortsimClientError
+        from service.pacs.errors import PacsError
 
         try:
             return fn(*args, **kwargs)
@@ -196,6 +197,8 @@ def cli_errors(fn: F) -> F:
             _fail(exc.message, exc.exit_code)
         except (AuthConfigError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
             _fail(str(exc) or type(exc).__name__)
+        except PacsError as exc:
+            _fail(str(exc), 1 if exc.kind in ("unavailable", "deadline") else 2)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except OSError as exc:
@@ -232,6 +235,25 @@ def _print_json(report: Any) -> None:
     """One JSON document on stdout (plain: no colour codes, whatever the terminal)."""
     sys.stdout.write(json.dumps(report, default=str) + "\n")
     sys.stdout.flush()
+_RAY_HELP = (
+    "Run on Ray (pip install 'cohortsim[ray]'): a bare --ray starts a local Ray; an ADDRESS "
+    "(auto, HOST:PORT, ray://HOST:PORT) joins a cluster. Store and index folders must be "
+    "on a file system every node sees at the same path."
+)
+
+
+def ray_address_argv(argv: list[str]) -> list[str]:
+    """``argv`` with a bare ``--ray`` given the value ``local``, so ``--ray`` works as a flag
+    and as ``--ray ADDRESS``: the next word is taken as the address only when it is
+    ``auto`` or ``local`` or holds a ``:`` (HOST:PORT, ray://...)."""
+    out: list[str] = []
+    for i, word in enumerate(argv):
+        out.append(word)
+        if word == "--ray":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or not (nxt in ("auto", "local") or ":" in nxt):
+                out.append("local")
+    return out
 
 
 # --------------------------------------------------------------------------- synth
@@ -257,8 +279,8 @@ def synth(
 @app.command()
 @cli_errors
 def ingest(
-    dicom_dir: Annotated[Path, typer.Argument(help="Folder of DICOM files (searched recursively; grouped by UIDs).")],
     store: Annotated[Path, typer.Option(help="Cohort store folder (created if missing).")],
+    dicom_dir: Annotated[Path | None, typer.Argument(help="Folder of DICOM files (searched recursively; grouped by UIDs); or use --dicomweb.")] = None,
     outcomes: Annotated[Path | None, typer.Option(help="Outcomes CSV/Parquet: patient_id,time,event,<labels...>.")] = None,
     site: Annotated[str, typer.Option(help="Site name recorded with each study.")] = "local",
     secret_file: Annotated[
@@ -273,30 +295,92 @@ def ingest(
         bool,
         typer.Option(help="Accept series flagged BurnedInAnnotation YES (text in the pixels may identify the patient)."),
     ] = False,
+    dicomweb: Annotated[str | None, typer.Option(help="Pull from this PACS's DICOMweb service (QIDO-RS / WADO-RS) instead of a folder; resumable.")] = None,
+    study: Annotated[list[str] | None, typer.Option(help="--dicomweb: this StudyInstanceUID only (repeat); default every study the PACS lists.")] = None,
+    since: Annotated[str | None, typer.Option(help="--dicomweb: studies on or after this date (YYYY-MM-DD).")] = None,
+    modality: Annotated[str | None, typer.Option(help="--dicomweb: studies with this modality (e.g. CT).")] = None,
+    pacs_user: Annotated[str | None, typer.Option(help="--dicomweb: HTTP basic user (with --pacs-password-file).")] = None,
+    pacs_password_file: Annotated[Path | None, typer.Option(help="--dicomweb: file holding the password (mode 0600).")] = None,
+    pacs_token_file: Annotated[Path | None, typer.Option(help="--dicomweb: file holding a bearer token (mode 0600).")] = None,
+    pacs_ca_file: Annotated[Path | None, typer.Option(help="--dicomweb: CA bundle (PEM) of an https PACS.")] = None,
+    pacs_timeout_s: Annotated[float, typer.Option(min=0.1, help="--dicomweb: longest wait for one PACS read.")] = 30.0,
+    spool: Annotated[Path | None, typer.Option(help="--dicomweb: private folder for retrieved files until ingested (default STORE.dicomweb-spool).")] = None,
+    index: Annotated[Path | None, typer.Option(help="Also publish the new studies into this index (embedded with its encoder; running servers pick them up).")] = None,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="[ADDRESS]", help=_RAY_HELP)] = None,
 ) -> None:
-    """Read DICOM studies into the cohort store (pseudonymised, preprocessed, with acquisition metadata)."""
+    """Read DICOM studies into the cohort store (pseudonymised, preprocessed, with acquisition metadata),
+    from a folder or from a PACS over DICOMweb (--dicomweb URL)."""
     from encoders.deid import Pseudonymizer
     from encoders.dicom import SeriesRule
     from indexing.ingest import ingest_folder, read_outcomes
     from indexing.store import CohortStore
 
-    if not dicom_dir.is_dir():
-        raise CliError(f"{dicom_dir} is not a folder")
+    if (dicom_dir is None) == (dicomweb is None):
+        raise CliError("give a DICOM folder or --dicomweb URL (one of them)")
     pseudo = Pseudonymizer.from_env_or_file(secret_file)
+    if dicomweb is not None:
+        from service.pacs.commands import dicomweb_config, ingest_dicomweb
+
+        cfg = dicomweb_config(
+            dicomweb, user=pacs_user, password_file=pacs_password_file,
+            token_file=pacs_token_file, ca_file=pacs_ca_file, timeout_s=pacs_timeout_s,
+        )
+        with progress_bar("dicomweb pull") as update:
+            pulled = ingest_dicomweb(
+                cfg, store=store, pseudonymizer=pseudo, study=list(study or []), since=since,
+                modality=modality, spool=spool, index=index, site=site, workers=workers,
+                series_rule=SeriesRule(allow_burned_in=allow_burned_in),
+                progress=lambda d, t: update(d, t),
+            )
+        if outcomes is not None:
+            pulled["outcomes_rows"] = CohortStore(store).set_outcomes(read_outcomes(outcomes, pseudo))
+        if json_out:
+            out.print_json(json.dumps(pulled))
+        else:
+            p = pulled["pacs"]
+            _say(
+                f"pulled {p['studies_fetched']} studies ({p['instances_fetched']} instances fetched, "
+                f"{p['instances_reused']} already spooled) from {p['pacs']}; ingested "
+                f"{pulled['studies_ingested']} new studies ({pulled['studies_already_present']} already "
+                f"present, {len(pulled['studies_rejected'])} rejected) into {store}"
+            )
+            if pulled["published"]:
+                _say(f"published index version {pulled['published']['version']}")
+        return
+    if dicom_dir is None or not dicom_dir.is_dir():
+        raise CliError(f"{dicom_dir} is not a folder")
     cohort = CohortStore(store, create=True)
     with progress_bar("ingest") as update:
-        report = ingest_folder(
-            dicom_dir,
-            cohort,
-            pseudonymizer=pseudo,
-            site=site,
-            series_rule=SeriesRule(allow_burned_in=allow_burned_in),
-            workers=workers,
-            progress=lambda d, t: update(d, t),
-        )
+        if ray is not None:
+            from indexing.distributed_ingest import ingest_folder_ray
+
+            report = ingest_folder_ray(
+                dicom_dir,
+                cohort,
+                pseudonymizer=pseudo,
+                address=ray,
+                site=site,
+                series_rule=SeriesRule(allow_burned_in=allow_burned_in),
+                progress=lambda d, t: update(d, t),
+            )
+        else:
+            report = ingest_folder(
+                dicom_dir,
+                cohort,
+                pseudonymizer=pseudo,
+                site=site,
+                series_rule=SeriesRule(allow_burned_in=allow_burned_in),
+                workers=workers,
+                progress=lambda d, t: update(d, t),
+            )
     if outcomes is not None:
         table = read_outcomes(outcomes, pseudo)
         report.outcomes_rows = cohort.set_outcomes(table)
+    published = None
+    if index is not None:
+        from indexing.incremental import publish_new_studies
+
+        published = publish_new_studies(cohort, index)
     if json_out:
         out.print_json(json.dumps(report.to_dict()))
     else:
@@ -310,6 +394,8 @@ def ingest(
             _say(f"  rejected study {r['study']}: {r['message']}")
         if outcomes is not None:
             _say(f"outcomes: {report.outcomes_rows} patients updated")
+        if published is not None:
+            _say(f"published index version {published.version} (+{published.added} studies)")
 
 
 # --------------------------------------------------------------------------- train
@@ -541,6 +627,7 @@ def index_build(
     shard_size: Annotated[int, typer.Option(min=1, help="Studies per checkpointed shard; a killed build resumes from the last one.")] = 512,
     keep: Annotated[int | None, typer.Option(min=1, help="After publishing, delete all but the newest N versions (the served one stays).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")] = False,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="[ADDRESS]", help=_RAY_HELP)] = None,
 ) -> None:
     """Embed the cohort and publish a new index snapshot atomically (safe while a server reads it)."""
     from indexing.build import build_from_embeddings, build_from_store
@@ -558,15 +645,29 @@ def index_build(
     else:
         assert store is not None and model is not None  # for the type checker; checked above
         with progress_bar("build") as update:
-            version = build_from_store(
-                store,
-                model,
-                out_dir,
-                kind=kind,
-                device=dev,
-                shard_size=shard_size,
-                progress=lambda stage, d, t: update(d, t, extra=stage),
-            )
+            if ray is not None:
+                from indexing.distributed import build_from_store_ray
+
+                version = build_from_store_ray(
+                    store,
+                    model,
+                    out_dir,
+                    address=ray,
+                    kind=kind,
+                    device=dev,
+                    shard_size=shard_size,
+                    progress=lambda stage, d, t: update(d, t, extra=stage),
+                )
+            else:
+                version = build_from_store(
+                    store,
+                    model,
+                    out_dir,
+                    kind=kind,
+                    device=dev,
+                    shard_size=shard_size,
+                    progress=lambda stage, d, t: update(d, t, extra=stage),
+                )
     snap = load_snapshot(out_dir, version=version, device="cpu")
     info = snap.info()
     _say(
@@ -812,6 +913,9 @@ def serve(
     audit_log: Annotated[
         Path | None, typer.Option(help="Append one SHA-256-chained JSON line per call; a call fails if its line cannot be written.")
     ] = None,
+    audit_max_mb: Annotated[
+        float | None, typer.Option(min=0.01, help="Rotate the audit log at this size: PATH.000001, ... continue one chain (`cohortsim audit verify PATH` checks them all).")
+    ] = None,
     min_cell: Annotated[
         int, typer.Option(min=2, help="Researchers: smallest group a released count may describe; smaller counts are withheld.")
     ] = 11,
@@ -838,18 +942,25 @@ def serve(
     stop_delay_s: Annotated[
         float | None, typer.Option(min=0.0, help="On SIGTERM, seconds health says NOT_SERVING while calls are still taken (default 1).")
     ] = None,
+    dicomweb: Annotated[str | None, typer.Option(help="PACS DICOMweb URL: SearchSimilar / EmbedStudy accept a study by StudyInstanceUID (PacsStudy).")] = None,
+    pacs_user: Annotated[str | None, typer.Option(help="--dicomweb: HTTP basic user (with --pacs-password-file).")] = None,
+    pacs_password_file: Annotated[Path | None, typer.Option(help="--dicomweb: file holding the password (mode 0600).")] = None,
+    pacs_token_file: Annotated[Path | None, typer.Option(help="--dicomweb: file holding a bearer token (mode 0600).")] = None,
+    pacs_ca_file: Annotated[Path | None, typer.Option(help="--dicomweb: CA bundle (PEM) of an https PACS.")] = None,
+    pacs_timeout_s: Annotated[float, typer.Option(min=0.1, help="--dicomweb: longest wait for a study (a call's own deadline may be shorter).")] = 30.0,
 ) -> None:
     """Serve the index over gRPC (health and reflection included) until SIGTERM/Ctrl-C.
 
     A newer version published into the index folder (or a rollback) is picked up within
     seconds, without a restart and without failing a call."""
     import asyncio
+    import dataclasses
 
     from indexing.snapshot import load_snapshot
     from service import logs
     from service.audit import AuditLog
     from service.auth import TokenStore
-    from service.config import ConfigError, load_config
+    from service.config import ConfigError, SecurityConfig, load_config
     from service.governance import DisclosurePolicy
     from service.server import serve as serve_async
     from service.tls import TlsConfig
@@ -894,21 +1005,28 @@ def serve(
     if tls_cert is not None and tls_key is not None:
         tls = TlsConfig(tls_cert, tls_key, tls_client_ca)
         tls.server_credentials()  # checks the files (and the key's permissions) now
-    security: dict[str, Any] = {
-        "tls": tls,
-        "auth_tokens": TokenStore.load(auth_tokens) if auth_tokens is not None else None,
-        "policy": DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity, time_bins=bins),
-        "rate_limit": rate_limit,
-        "max_concurrent_per_principal": max_concurrent_per_principal,
-    }
-    if audit_log is not None:
-        security["audit_log"] = AuditLog(audit_log)
+    max_bytes = max(4096, int(audit_max_mb * 2**20)) if audit_max_mb is not None else None
+    pacs = None
+    if dicomweb is not None:
+        from service.pacs.commands import dicomweb_config
+
+        pacs = dicomweb_config(
+            dicomweb, user=pacs_user, password_file=pacs_password_file,
+            token_file=pacs_token_file, ca_file=pacs_ca_file, timeout_s=pacs_timeout_s,
+        )
+    security = SecurityConfig(
+        tls=tls,
+        auth_tokens=TokenStore.load(auth_tokens) if auth_tokens is not None else None,
+        audit_log=AuditLog(audit_log, max_bytes=max_bytes) if audit_log is not None else None,
+        policy=DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity, time_bins=bins),
+        rate_limit=rate_limit,
+        max_concurrent_per_principal=max_concurrent_per_principal,
+        pacs=pacs,
+    )
+    settings = dataclasses.replace(settings, host=host, port=port, device=dev)
     asyncio.run(
         serve_async(
-            index, host=host, port=port, device=dev, ready=lambda p: _say(f"serving {index} on {host}:{p}"),
-            metrics_port=settings.metrics_port, metrics_host=settings.metrics_host, grace=settings.grace_s,
-            stop_delay=settings.stop_delay_s,
-            **settings.server_kwargs(), **security,
+            index, settings, security, ready=lambda p: _say(f"serving {index} on {host}:{p}")
         )
     )
 
@@ -980,10 +1098,11 @@ def audit_verify(
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout (exit 1 still marks a broken chain).")] = False,
 ) -> None:
-    """Check the SHA-256 chain of an audit log; names the first edited, removed or reordered record."""
-    from service.audit import verify
+    """Check the SHA-256 chain of an audit log (and its rotated files PATH.000001, ...);
+    names the first edited, removed or reordered record."""
+    from service.audit import rotated_files, verify
 
-    if not path.is_file():
+    if not path.is_file() and not rotated_files(path):
         raise CliError(f"{path} is not a file")
     result = verify(path, expect_head=expect_head)
     if json_out:
@@ -1037,6 +1156,7 @@ def query(
     server: Annotated[str, typer.Option(help="HOST:PORT of a cohortsim server.")] = "127.0.0.1:50051",
     dicom: Annotated[Path | None, typer.Option(help="A DICOM file or a folder holding one study.")] = None,
     study_uid: Annotated[str | None, typer.Option(help="Pseudonymous study id already in the index.")] = None,
+    pacs_study: Annotated[str | None, typer.Option(help="StudyInstanceUID of a study the server retrieves from its PACS (serve --dicomweb).")] = None,
     k: Annotated[int, typer.Option(min=1, max=1000, help="Number of neighbours.")] = 10,
     where: Annotated[
         str, typer.Option(help="Only neighbours matching this SQL condition, e.g. \"site = 'north' AND manufacturer IN ('GE')\".")
@@ -1075,10 +1195,10 @@ def query(
     """Ask a server for the patients most similar to a study, with their outcomes and a prognosis."""
     from service.client import CohortsimClient, CohortsimClientError
 
-    if (dicom is None) == (study_uid is None):
-        raise CliError("give exactly one of --dicom PATH or --study-uid UID")
-    if region and dicom is None:
-        raise CliError("--region needs --dicom: regions of interest are drawn on a DICOM study")
+    if sum(x is not None for x in (dicom, study_uid, pacs_study)) != 1:
+        raise CliError("give exactly one of --dicom PATH, --study-uid UID or --pacs-study UID")
+    if region and dicom is None and pacs_study is None:
+        raise CliError("--region needs --dicom or --pacs-study: regions of interest are drawn on a DICOM study")
     if explanations is not None and dicom is None:
         raise CliError("--explanations needs --dicom: the server blanks parts of the query's image")
     credentials, bearer = _client_security(token, token_file, tls_ca, tls_cert, tls_key)
@@ -1093,6 +1213,11 @@ def query(
                 dicom_paths=_dicom_files(dicom), k=k, where=where, include_thumbnails=want,
                 regions=[_parse_region(r) for r in region or []],
                 include_explanations=explanations is not None,
+            )
+        elif pacs_study is not None:
+            result = client.search(
+                pacs_study_uid=pacs_study, k=k, where=where, include_thumbnails=want,
+                regions=[_parse_region(r) for r in region or []],
             )
         else:
             result = client.search(study_uid=study_uid, k=k, where=where, include_thumbnails=want)
@@ -1445,9 +1570,19 @@ def _print_demo_truth(result: Any, query_dir: Path, synth_dir: Path, pseudo: Any
     )
 
 
+def _register_pacs() -> None:
+    from service.pacs.commands import register
+
+    register(app)  # cohortsim listen (service/pacs)
+
+
+_register_pacs()
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.argv = ray_address_argv(sys.argv)
     try:
         app()
     except SystemExit:

@@ -637,15 +637,17 @@ def build_search_request(
     regions: Sequence[tuple[str, Sequence[float]]] = (),
     include_explanations: bool = False,
     model_version: str | None = None,
+    pacs_study_uid: str | None = None,
 ) -> cohortsim_pb2.SearchSimilarRequest:
-    """The request for exactly one of ``embedding``, ``study_uid``, ``dicom_paths``;
-    ``regions``: ``(observer, (z0, y0, x0, z1, y1, x1))`` boxes of a DICOM query;
+    """The request for exactly one of ``embedding``, ``study_uid``, ``dicom_paths``,
+    ``pacs_study_uid`` (a StudyInstanceUID the server retrieves from its PACS);
+    ``regions``: ``(observer, (z0, y0, x0, z1, y1, x1))`` boxes of a DICOM or PACS query;
     ``include_explanations`` (DICOM queries): per-neighbour occlusion maps.
     ``model_version``: the encoder that made ``embedding`` (taken from a
     :class:`StudyEmbedding` when not given); unset, the server answers with a warning."""
-    given = [x is not None for x in (embedding, study_uid, dicom_paths)]
+    given = [x is not None for x in (embedding, study_uid, dicom_paths, pacs_study_uid)]
     if sum(given) != 1:
-        raise ValueError("give exactly one of embedding, study_uid, dicom_paths")
+        raise ValueError("give exactly one of embedding, study_uid, dicom_paths, pacs_study_uid")
     if model_version is not None and embedding is None:
         raise ValueError("model_version goes with an embedding query")
     req = cohortsim_pb2.SearchSimilarRequest(
@@ -667,11 +669,14 @@ def build_search_request(
         req.study_uid = study_uid
     elif dicom_paths is not None:
         req.dicom.files.extend(_read_files(dicom_paths))
+    elif pacs_study_uid is not None:
+        req.pacs.study_instance_uid = pacs_study_uid
     if regions:
-        if dicom_paths is None:
-            raise ValueError("regions of interest go with a DICOM query (dicom_paths)")
+        if dicom_paths is None and pacs_study_uid is None:
+            raise ValueError("regions of interest go with a DICOM query (dicom_paths or pacs_study_uid)")
+        target = req.dicom if dicom_paths is not None else req.pacs
         for observer, box in regions:
-            req.dicom.regions.add(observer=str(observer), box=[float(v) for v in box])
+            target.regions.add(observer=str(observer), box=[float(v) for v in box])
     return req
 
 
@@ -890,13 +895,15 @@ class AsyncCohortsimClient:
         regions: Sequence[tuple[str, Sequence[float]]] = (),
         include_explanations: bool = False,
         model_version: str | None = None,
+        pacs_study_uid: str | None = None,
     ) -> SearchResult:
         """The ``k`` most similar studies to one query (exactly one of the three kinds);
         ``include_thumbnails`` asks for the query's and neighbours' PNG thumbnails;
         ``regions`` gives a DICOM query's regions of interest as ``(observer, box)``
         (see ``RegionOfInterest`` in the proto), answered in ``diagnostics.regions``;
         ``model_version`` names the encoder of ``embedding`` (a :class:`StudyEmbedding`
-        from :meth:`embed` carries it)."""
+        from :meth:`embed` carries it); ``pacs_study_uid``: a study the server retrieves
+        from its PACS."""
         req = build_search_request(
             embedding=embedding,
             study_uid=study_uid,
@@ -907,6 +914,7 @@ class AsyncCohortsimClient:
             regions=regions,
             include_explanations=include_explanations,
             model_version=model_version,
+            pacs_study_uid=pacs_study_uid,
         )
         return search_result_from_proto(await self._call(self._stub.SearchSimilar, req))
 
@@ -1068,6 +1076,7 @@ class CohortsimClient:
         regions: Sequence[tuple[str, Sequence[float]]] = (),
         include_explanations: bool = False,
         model_version: str | None = None,
+        pacs_study_uid: str | None = None,
     ) -> SearchResult:
         """See :meth:`AsyncCohortsimClient.search`."""
         return self._loop.run(
@@ -1081,6 +1090,7 @@ class CohortsimClient:
                 regions=regions,
                 include_explanations=include_explanations,
                 model_version=model_version,
+                pacs_study_uid=pacs_study_uid,
             )
         )
 

@@ -9,7 +9,9 @@ Environment: ``COHORTSIM_<NAME>`` (``COHORTSIM_BATCH_WINDOW_MS=0.5``,
 ``COHORTSIM_METRICS_PORT=9464``; an empty value unsets an optional setting). Flags:
 ``cohortsim serve --batch-window-ms ...``; a flag left out keeps the lower layers' value.
 Unknown names, wrong types and out-of-range values raise :class:`ConfigError` naming the
-setting and where it came from. Security settings (TLS, tokens, audit log) stay flags.
+setting and where it came from. Security settings (TLS, tokens, audit log) stay flags and
+travel in a :class:`SecurityConfig`; ``create_server(index_dir, config, security)`` takes
+the two objects.
 """
 
 from __future__ import annotations
@@ -33,18 +35,35 @@ class ConfigError(ValueError):
 class ServeConfig:
     """Operational settings of ``cohortsim serve`` (see :func:`service.server.create_server`)."""
 
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: a free one
+    device: str = "auto"  # where the index is searched: auto, cpu, cuda, cuda:N
+    max_k: int = 1000  # largest k a query may ask for
+    max_files: int = 4096  # files of one DICOM upload
+    watch_interval_s: float | None = 2.0  # looks at INDEX_DIR/CURRENT (None: never)
+    warm_encoder: bool = True  # load the index's encoder (and torch) before listening
+
     batch_window_ms: float = 1.0  # micro-batching window, [0, 2] ms
     batching: bool = True  # false: every search runs on its own
     max_batch: int = 64  # searches per batched index call
     max_queue: int = 1024  # searches waiting before RESOURCE_EXHAUSTED
     batch_inflight: int = 1  # batches searched at once (<= max_workers)
     max_concurrent_rpcs: int | None = None  # calls in progress before RESOURCE_EXHAUSTED
-    max_workers: int = 2  # worker threads (searches, DICOM decoding and embedding)
+    max_workers: int = 2  # worker threads (searches and the other RPCs)
+    dicom_workers: int = 1  # threads that decode and embed DICOM uploads (apart from searches)
     blas_threads: int | None = 1  # BLAS/OpenMP threads per search (None: the environment's)
     max_receive_mb: int = 64  # largest request message
     max_stream_mb: int = 512  # largest SearchSimilarStream study
     metrics_port: int | None = None  # Prometheus /metrics port (None: off; 0: any free)
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"  # loopback: the counts are for the host's scraper only
+    metrics_tls: bool = False  # serve /metrics with the API's TLS (and client CA)
+    # decoded bytes (encoders.budget): one DICOM request, all requests at once; DICOM
+    # calls (SearchSimilar / Stream / EmbedStudy with files) one caller may have at once
+    decode_budget_mb: int = 1024
+    decode_budget_server_mb: int = 1024
+    dicom_calls_per_caller: int = 2
+    dicom_calls_waiting: int = 8  # more DICOM calls of one caller wait (beyond: refused)
+    dicom_cooldown_s: float = 10.0  # a caller's DICOM calls refused this long after a bomb
     store: Path | None = None  # cohort store for IngestStudies / DeletePatient
     log_format: str = "text"  # "text" or "json"
     log_level: str = "INFO"
@@ -60,7 +79,11 @@ class ServeConfig:
 
         if not 0.0 <= self.batch_window_ms <= 2.0:
             raise bad("batch_window_ms", "must lie in [0, 2] ms")
-        for name in ("max_batch", "max_queue", "batch_inflight", "max_workers", "max_receive_mb", "max_stream_mb"):
+        for name in (
+            "max_batch", "max_queue", "batch_inflight", "max_workers", "max_receive_mb",
+            "max_stream_mb", "max_k", "max_files", "decode_budget_mb", "decode_budget_server_mb",
+            "dicom_calls_per_caller", "dicom_workers",
+        ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
         if self.grace_s < 0:
@@ -71,6 +94,14 @@ class ServeConfig:
             raise bad("blas_threads", "must be >= 1 (or unset: the environment's)")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise bad("max_concurrent_rpcs", "must be >= 1 (or unset)")
+        if not 0 <= self.port <= 65535:
+            raise bad("port", "must lie in [0, 65535]")
+        if self.dicom_cooldown_s < 0:
+            raise bad("dicom_cooldown_s", "must be >= 0 seconds")
+        if self.dicom_calls_waiting < 0:
+            raise bad("dicom_calls_waiting", "must be >= 0")
+        if self.watch_interval_s is not None and self.watch_interval_s <= 0:
+            raise bad("watch_interval_s", "must be > 0 seconds (or unset: never)")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise bad("metrics_port", "must lie in [0, 65535]")
         if self.log_format not in ("text", "json"):
@@ -93,6 +124,54 @@ class ServeConfig:
             "max_stream_mb": self.max_stream_mb,
             "store_dir": self.store,
         }
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Security settings of a server (flags only, never from files or the environment):
+    TLS, bearer tokens, the audit log, the researcher view's policy and the rates.
+
+    ``tls`` is a :class:`service.tls.TlsConfig`; ``auth_tokens`` a token file or
+    :class:`service.auth.TokenStore`; ``audit_log`` a path or :class:`service.audit.AuditLog`
+    (``audit_max_mb``: rotate at that size); ``policy`` a
+    :class:`service.governance.DisclosurePolicy`; ``pacs`` the PACS and its credentials.
+    """
+
+    tls: Any = None
+    auth_tokens: Any = None
+    audit_log: Any = None
+    audit_max_mb: float | None = None
+    policy: Any = None
+    rate_limit: float | None = None  # calls/s per principal (and 4x per peer host before auth)
+    max_concurrent_per_principal: int | None = None
+    # service.pacs.dicomweb.DicomwebConfig: the PACS (URL and its credentials) that queries
+    # by reference (PacsStudy) retrieve from; None: such queries get FAILED_PRECONDITION
+    pacs: Any = None
+
+
+#: create_server's former keyword arguments that are now ServeConfig fields by another name
+_RENAMED = {"store_dir": "store", "watch_interval": "watch_interval_s"}
+
+
+def options(**kw: Any) -> tuple[ServeConfig, SecurityConfig]:
+    """Keyword settings (``create_server``'s former arguments: ``device="cpu"``,
+    ``auth_tokens=...``, ``batch_window_ms=None`` for no batching, ...) as a validated
+    :class:`ServeConfig` and a :class:`SecurityConfig`."""
+    security_names = {f.name for f in dataclasses.fields(SecurityConfig)}
+    serve: dict[str, Any] = {}
+    security: dict[str, Any] = {}
+    for key, value in kw.items():
+        if key in security_names:
+            security[key] = value
+            continue
+        name = _RENAMED.get(key, key)
+        if name == "batch_window_ms" and value is None:
+            serve["batching"] = False
+            continue
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        serve[name] = value
+    return ServeConfig(**serve).validate(), SecurityConfig(**security)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
@@ -187,4 +266,12 @@ def load_config(
     return ServeConfig(**values).validate()
 
 
-__all__ = ["ConfigError", "ServeConfig", "load_config", "read_env", "read_toml"]
+__all__ = [
+    "ConfigError",
+    "SecurityConfig",
+    "ServeConfig",
+    "load_config",
+    "options",
+    "read_env",
+    "read_toml",
+]

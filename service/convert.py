@@ -154,7 +154,7 @@ def parse_search_request(
     """Validate a SearchSimilar request; raises ServiceError (INVALID_ARGUMENT)."""
     kind = request.WhichOneof("query")
     if kind is None:
-        raise invalid_argument("EMPTY_QUERY", "set one of embedding, study_uid, dicom")
+        raise invalid_argument("EMPTY_QUERY", "set one of embedding, study_uid, dicom, pacs")
     k = parse_k(request.k, default_k=default_k, max_k=max_k)
     where = request.filter.where.strip() if request.HasField("filter") else ""
     thumbs = bool(request.include_thumbnails)

@@ -322,13 +322,22 @@ async def create_coordinator(
     :func:`service.server.create_server` (TLS, tokens, audit, rate limits); ``min_cell``:
     the coordinator's own threshold for pooled counts (the sites' larger ones win);
     ``encoder_dir``: the sites' encoder, so DICOM queries are embedded here, once."""
+    from service.config import SecurityConfig
     from service.server import _Security
 
     if not sites:
         raise ValueError("a coordinator needs at least one site")
     if deadline_s <= 0:
         raise ValueError(f"the site deadline must be > 0 s, got {deadline_s}")
-    security = _Security.build(tls, auth_tokens, audit_log, rate_limit, max_concurrent_per_principal)
+    security = _Security.build(
+        SecurityConfig(
+            tls=tls,
+            auth_tokens=auth_tokens,
+            audit_log=audit_log,
+            rate_limit=rate_limit,
+            max_concurrent_per_principal=max_concurrent_per_principal,
+        )
+    )
     fanout = Fanout(sites)
     size = int(max_receive_mb) << 20
     server = grpc.aio.server(

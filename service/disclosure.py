@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +19,7 @@ import numpy as np
 from indexing.aggregates import DEFAULT_BIN_EDGES, check_edges
 from indexing.prognosis import kaplan_meier
 from service.errors import ServiceError
+from service.releases import Conflict, ReleaseRecord, ReleaseRecordFull
 
 DEFAULT_MIN_CELL = 11
 DEFAULT_REID_SIMILARITY = 0.95
@@ -83,76 +82,49 @@ def releasable(count: int, total: int, min_cell: int) -> bool:
 
 
 class ReleaseRegistry:
-    """Patient sets already released; refuses a set within 1..min_cell-1 patients of one.
+    """Patient sets already released for one measure; refuses a set that, with the sets
+    recorded, would isolate 1..min_cell-1 patients (:class:`service.releases.ReleaseRecord`).
 
     Thread-safe. ``limit`` distinct sets at most: beyond it new sets are refused (fail
-    closed) rather than old ones forgotten.
+    closed, RESOURCE_EXHAUSTED ``RELEASE_REGISTRY_FULL``) rather than old ones forgotten.
     """
+
+    MEASURE = "patients"
 
     def __init__(self, min_cell: int, *, limit: int = DEFAULT_REGISTRY_LIMIT) -> None:
         self.min_cell = min_cell
         self.limit = limit
-        self._sets: list[frozenset[str]] = []
-        self._ids: dict[frozenset[str], int] = {}
-        self._by_patient: dict[str, list[int]] = {}
-        self._intern: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self.record = ReleaseRecord(min_cell, limit=limit)
 
     def __len__(self) -> int:
-        return len(self._sets)
+        return len(self.record)
 
-    def conflict(self, patients: Iterable[str]) -> frozenset[str] | None:
-        """An earlier set that ``patients`` could be differenced against, or None."""
-        s = frozenset(patients)
-        with self._lock:
-            return self._conflict(s)
-
-    def _conflict(self, s: frozenset[str]) -> frozenset[str] | None:
-        if s in self._ids:
-            return None
-        m = self.min_cell
-        overlap: Counter[int] = Counter()
-        for p in s:
-            for sid in self._by_patient.get(p, ()):
-                overlap[sid] += 1
-        for sid, inter in overlap.items():
-            other = self._sets[sid]
-            if 0 < len(s) - inter < m or 0 < len(other) - inter < m:
-                return other
-        if 0 < len(s) < m and self._sets:  # disjoint from all, but itself a small group
-            return frozenset()
-        return None
+    def conflict(self, patients: Iterable[str]) -> Conflict | None:
+        """Why ``patients`` could be differenced against what is recorded, or None."""
+        return self.record.conflict([(self.MEASURE, patients)])
 
     def check_and_add(self, patients: Iterable[str]) -> bool:
         """Register ``patients`` unless it conflicts; False (and nothing added) if it does."""
-        s = frozenset(patients)
-        with self._lock:
-            if self._conflict(s) is not None:
-                return False
-            self._add(s)
-            return True
+        return record_or_refuse(self.record, [(self.MEASURE, patients)]) is None
 
     def add(self, patients: Iterable[str]) -> None:
         """Register a set without checking (replay of earlier releases)."""
-        with self._lock:
-            self._add(frozenset(patients), force=True)
+        self.record.add([(self.MEASURE, patients)])
 
-    def _add(self, s: frozenset[str], *, force: bool = False) -> None:
-        if s in self._ids:
-            return
-        if len(self._sets) >= self.limit and not force:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "RELEASE_REGISTRY_FULL",
-                f"this server has released {len(self._sets)} distinct researcher aggregates, "
-                "its limit; an administrator must review and restart it with a new audit log",
-            )
-        s = frozenset(self._intern.setdefault(p, p) for p in s)
-        sid = len(self._sets)
-        self._sets.append(s)
-        self._ids[s] = sid
-        for p in s:
-            self._by_patient.setdefault(p, []).append(sid)
+
+def record_or_refuse(
+    record: ReleaseRecord, releases: Sequence[tuple[str, Iterable[str]]]
+) -> Conflict | None:
+    """:meth:`ReleaseRecord.check_and_add` with a full record as RESOURCE_EXHAUSTED."""
+    try:
+        return record.check_and_add(releases)
+    except ReleaseRecordFull:
+        raise ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RELEASE_REGISTRY_FULL",
+            f"this server has released {len(record)} distinct researcher aggregates, "
+            "its limit; an administrator must review and restart it with a new audit log",
+        ) from None
 
 
 # --------------------------------------------------------------------------- survival
@@ -248,5 +220,6 @@ __all__ = [
     "ReleaseRegistry",
     "available",
     "coarse_curve",
+    "record_or_refuse",
     "releasable",
 ]

@@ -102,9 +102,11 @@ from service.disclosure import (
     ReleaseRegistry,
     available,
     coarse_curve,
+    record_or_refuse,
     releasable,
 )
 from service.errors import ServiceError
+from service.releases import AGGREGATE, SURVIVAL, ReleaseRecord
 
 # Rules for response fields, by path (field names joined by ".", repeated indices left out).
 KEEP = "keep"  # released as built (aggregate-level, or computed from released counts)
@@ -122,6 +124,20 @@ def _nest(prefix: str, rules: dict[str, str]) -> dict[str, str]:
 
 
 #: What the researcher view does with every field of SearchSimilarResponse.
+# What a researcher may send as the query of SearchSimilar (the request's `query` oneof)
+# and EmbedStudy (its fields): "allowed", or the ErrorInfo reason of the refusal
+# (PERMISSION_DENIED). A study id of the cohort or a PACS reference would tell whether a
+# study exists (in the cohort, in the hospital's PACS). A test fails when the proto gains
+# a query kind without a rule here.
+RESEARCHER_QUERY_RULES: dict[str, str] = {
+    "SearchSimilarRequest.embedding": "allowed",
+    "SearchSimilarRequest.dicom": "allowed",
+    "SearchSimilarRequest.study_uid": "STUDY_QUERY_NOT_ALLOWED",
+    "SearchSimilarRequest.pacs": "PACS_QUERY_NOT_ALLOWED",
+    "EmbedStudyRequest.dicom": "allowed",
+    "EmbedStudyRequest.pacs": "PACS_QUERY_NOT_ALLOWED",
+}
+
 SEARCH_RULES: dict[str, str] = {
     "neighbors": DROP,
     "index_version": KEEP,
@@ -358,7 +374,8 @@ class Governance:
     def __init__(self, policy: DisclosurePolicy | None = None) -> None:
         self.policy = policy or DisclosurePolicy()
         m, limit = self.policy.min_cell, self.policy.registry_limit
-        self.answers = ReleaseRegistry(m, limit=limit)
+        # what every researcher answer (search and cohort stats) released, by measure
+        self.answers = ReleaseRecord(m, limit=limit)
         self.cohorts = ReleaseRegistry(m, limit=limit)
         self._cohort_seeded: set[str] = set()
         self._cache: dict[tuple[str, str], Any] = {}
@@ -384,7 +401,14 @@ class Governance:
                 continue
             patients = rec["aggregated_patients"]
             if isinstance(patients, list):
-                self.answers.add(str(p) for p in patients)
+                if snapshot is not None:
+                    outcomes = self._patient_outcomes(snapshot)
+                    rows = [(str(p), *outcomes.get(str(p), (None, None, None, None))) for p in patients]
+                    self.answers.add(release_sets(rows))
+                    if rec.get("cohort_curve_released"):
+                        self.answers.add([(SURVIVAL, self._cohort_survival_patients(snapshot))])
+                else:
+                    self.answers.add([(AGGREGATE, (str(p) for p in patients))])
                 n += 1
             where = rec.get("filter")
             if snapshot is not None and isinstance(where, str) and where.strip():
@@ -422,6 +446,49 @@ class Governance:
             rows = np.fromiter(deleted(), dtype=np.int64)
             live[rows[rows < n]] = False
         return live
+
+    def _deleted_key(self, snapshot: Any) -> int:
+        deleted = getattr(snapshot, "deleted_rows", None)
+        return hash(deleted()) if deleted is not None else 0
+
+    def _patient_outcomes(self, snapshot: Any) -> dict[str, tuple[Any, Any, Any, Any]]:
+        """Each patient's ``(time, event, labels, values)`` (outcomes are per patient)."""
+
+        def make() -> dict[str, tuple[Any, Any, Any, Any]]:
+            meta = snapshot.metadata
+            names = [c for c in ("time", "event", "labels", "values") if c in meta.column_names]
+            cols = meta.select(["patient_id", *names]).to_pydict()
+            out: dict[str, tuple[Any, Any, Any, Any]] = {}
+            for i, pid in enumerate(cols["patient_id"]):
+                t, e, labels, values = (
+                    cols[c][i] if c in cols else None for c in ("time", "event", "labels", "values")
+                )
+                # any of the patient's rows with a survival outcome; labels and values merged
+                had = out.get(str(pid), (None, None, {}, {}))
+                if _has_survival(had[0], had[1]) or not _has_survival(t, e):
+                    t, e = had[0], had[1]
+                out[str(pid)] = (t, e, {**dict(labels or []), **had[2]}, {**dict(values or []), **had[3]})
+            return out
+
+        outcomes: dict[str, tuple[Any, Any, Any, Any]] = self._cached(snapshot, "outcomes", make)
+        return outcomes
+
+    def _live_patients(self, snapshot: Any) -> frozenset[str]:
+        """The distinct patients not withdrawn (cached until the tombstones change)."""
+        key = f"live-{self._deleted_key(snapshot)}"
+        live: frozenset[str] = self._cached(
+            snapshot,
+            key,
+            lambda: frozenset(str(p) for p in self._patient_ids(snapshot)[self._live(snapshot)].tolist()),
+        )
+        return live
+
+    def _cohort_survival_patients(self, snapshot: Any) -> frozenset[str]:
+        """The live patients the whole cohort's survival curve counts."""
+        outcomes = self._patient_outcomes(snapshot)
+        return frozenset(
+            p for p in self._live_patients(snapshot) if _has_survival(*outcomes.get(p, (None, None))[:2])
+        )
 
     def _filter_patients(self, snapshot: Any, where: str) -> list[str]:
         """The distinct (not withdrawn) patients of the rows ``where`` selects."""
@@ -512,7 +579,10 @@ class Governance:
             )
         facts: dict[str, Any] = {}
         if query.where:
-            facts["filter_patient_count"] = len(self.check_filter(snapshot, query.where))
+            pool = len(self.check_filter(snapshot, query.where))
+            facts["filter_patient_count"] = pool
+        else:
+            pool = len(self._live_patients(snapshot))
         acquisition: dict[str, Any] | None = None
         if query.kind == "dicom":
             if embed is None:
@@ -526,7 +596,20 @@ class Governance:
             query = dataclasses.replace(query, include_thumbnails=False)
         if _has_field(query, "include_explanations"):  # per-neighbour maps: never released
             query = dataclasses.replace(query, include_explanations=False)
-        target = self.policy.aggregate_size(query.k)
+        # At most the pool less min_cell (on the grid): a member removed by the guard
+        # (point 7) leaves the same number of patients as a non-member's query, so the
+        # answer's size never says whether the query is in the cohort.
+        target = min(self.policy.aggregate_size(query.k), ((pool - m) // m) * m)
+        too_few = permission_denied(
+            "TOO_FEW_PATIENTS",
+            "too few patients are available"
+            + (" under this filter" if query.where else "")
+            + f"; researchers receive aggregates over at least {m} patients, drawn from "
+            f"a pool of at least {2 * m}",
+            min_cell=str(m),
+        )
+        if target < m:
+            raise too_few
         n = int(snapshot.num_studies)
         fetch = min(n, 2 * target + 16)
         while True:
@@ -535,29 +618,25 @@ class Governance:
             if len(kept) >= target or fetch >= n or len(result.neighbors) < fetch:
                 break
             fetch = min(n, fetch * 2)
-        size = (len(kept) // m) * m
-        if size < m:
-            raise permission_denied(
-                "TOO_FEW_PATIENTS",
-                f"fewer than {m} patients are available"
-                + (" under this filter" if query.where else "")
-                + f"; researchers receive aggregates over at least {m} patients",
-                min_cell=str(m),
-            )
-        kept = kept[:size]
+        if len(kept) < target:  # more than min_cell patients matched the guard
+            raise too_few
         patients = sorted(nb.patient_id for nb in kept)
-        if self.policy.answer_differencing and not self.answers.check_and_add(patients):
+        releases = release_sets(
+            [(nb.patient_id, nb.time, nb.event, nb.labels, nb.values) for nb in kept]
+        )
+        if self.policy.answer_differencing and record_or_refuse(self.answers, releases):
             raise permission_denied(
                 "ANSWER_DIFFERENCING",
-                f"this answer would cover a set of patients that differs from an earlier "
-                f"researcher answer by fewer than {m}; the two could be subtracted to "
-                "describe a small group, so it is refused. Ask for a larger k (a multiple "
+                f"this answer would cover a set of patients that, with earlier researcher "
+                f"answers, isolates fewer than {m}; subtracting them could describe a small "
+                "group, so it is refused. Ask for a larger k (a multiple "
                 f"of {m}) or a different query",
                 min_cell=str(m),
             )
         horizons = [h.time for h in result.prognosis.at_horizons] or [12.0, 24.0, 60.0]
         response, withheld = self._build(snapshot, result, kept, acquisition, horizons, time_unit)
         facts.update(
+            cohort_curve_released=bool(response.prognosis.cohort_survival),
             aggregated_patients=patients,
             reid_matches_removed=removed,
             withheld_fields=len(withheld),
@@ -615,7 +694,7 @@ class Governance:
         withheld += self._set_curve(prog, "", curve, horizons)
         if _has(prog, "cohort_survival"):
             withheld += self._set_curve(
-                prog, "cohort_", self._cohort_curve(snapshot, horizons), horizons
+                prog, "cohort_", self._released_cohort_curve(snapshot, horizons), horizons
             )
 
         withheld += self._labels(prog, kept)
@@ -668,19 +747,26 @@ class Governance:
             he.survival, he.lower, he.upper = got
         return withheld
 
+    def _released_cohort_curve(
+        self, snapshot: Any, horizons: Sequence[float]
+    ) -> CoarseCurve | None:
+        """The whole cohort's curve, unless its patients, beside the neighbours' curve of
+        this answer and every curve released before, would isolate a small group (then
+        None: withheld). Withdrawn patients are never counted."""
+        everyone = self._cohort_survival_patients(snapshot)
+        if len(everyone) < self.policy.min_cell:
+            return None
+        if self.policy.answer_differencing and record_or_refuse(self.answers, [(SURVIVAL, everyone)]):
+            return None
+        return self._cohort_curve(snapshot, horizons)
+
     def _cohort_curve(self, snapshot: Any, horizons: Sequence[float]) -> CoarseCurve | None:
         def make() -> CoarseCurve | None:
-            meta = snapshot.metadata
-            if not all(c in meta.column_names for c in ("patient_id", "time", "event")):
-                return None
-            seen: set[str] = set()
+            outcomes = self._patient_outcomes(snapshot)
             t: list[float] = []
             e: list[bool] = []
-            cols = meta.select(["patient_id", "time", "event"]).to_pydict()
-            for pid, ti, ev in zip(cols["patient_id"], cols["time"], cols["event"], strict=True):
-                if pid in seen or ti is None or ev is None or not math.isfinite(ti):
-                    continue
-                seen.add(pid)
+            for pid in sorted(self._cohort_survival_patients(snapshot)):
+                ti, ev = outcomes[pid][:2]
                 t.append(float(ti))
                 e.append(bool(ev))
             if len(t) < self.policy.min_cell:
@@ -689,7 +775,8 @@ class Governance:
                 t, e, min_cell=self.policy.min_cell, grid=self.policy.time_grid, horizons=horizons
             )
 
-        curve: CoarseCurve | None = self._cached(snapshot, f"cohort-curve-{tuple(horizons)}", make)
+        key = f"cohort-curve-{tuple(horizons)}-{self._deleted_key(snapshot)}"
+        curve: CoarseCurve | None = self._cached(snapshot, key, make)
         return curve
 
     def _labels(self, prog: Any, kept: list[NeighborResult]) -> list[str]:
@@ -815,32 +902,88 @@ class Governance:
         return out
 
     # ----------------------------------------------------------------- cohort stats
-    def cohort_stats(self, response: pb.GetCohortStatsResponse) -> pb.GetCohortStatsResponse:
-        """The researcher view of GetCohortStats (:data:`COHORT_STATS_RULES`)."""
-        return _cohort_stats_view(response, self.policy.min_cell)
+    def cohort_stats(
+        self, response: pb.GetCohortStatsResponse, snapshot: Any = None, rows: Any = None
+    ) -> pb.GetCohortStatsResponse:
+        """The researcher view of GetCohortStats (:data:`COHORT_STATS_RULES`).
+
+        With ``snapshot`` and ``rows`` (the study rows counted), the patients it covers and
+        those with each label are checked against, and added to, the record of researcher
+        releases that searches use too (ANSWER_DIFFERENCING when they conflict).
+        """
+        m = self.policy.min_cell
+        if snapshot is not None and rows is not None and self.policy.answer_differencing:
+            outcomes = self._patient_outcomes(snapshot)
+            ids = self._patient_ids(snapshot)[np.asarray(rows, dtype=np.int64)]
+            patients = sorted({str(p) for p in ids.tolist()})
+            labelled = [
+                (p, None, None, outcomes.get(p, (None, None, None, None))[2], None) for p in patients
+            ]
+            releases = [(n, ps) for n, ps in release_sets(labelled) if n != SURVIVAL]
+            if record_or_refuse(self.answers, releases):
+                raise permission_denied(
+                    "ANSWER_DIFFERENCING",
+                    f"these statistics cover a set of patients that, with earlier researcher "
+                    f"answers, isolates fewer than {m}; comparing them could describe a small "
+                    "group, so they are refused",
+                    min_cell=str(m),
+                )
+        return _cohort_stats_view(response, m)
+
+
+def _suppress_table(cells: Sequence[Any], total: int, m: int, *, studies: int | None) -> list[Any]:
+    """The cells of one table to withhold: the cell rule (primary), then secondary
+    suppression so that no withheld cell can be computed from the total and the shown
+    cells: none or at least two cells withheld, holding together at least ``m`` patients
+    (and ``m`` studies when ``studies`` is the table's study total). Cells are
+    ``CategoryCount`` / ``LabelCount`` messages."""
+
+    def small_studies(c: Any) -> bool:
+        return studies is not None and not releasable(int(c.study_count), studies, m)
+
+    hidden = [
+        i for i, c in enumerate(cells)
+        if not releasable(int(c.patient_count), total, m) or small_studies(c)
+    ]
+
+    def safe() -> bool:
+        if not hidden:
+            return True
+        people = sum(int(cells[i].patient_count) for i in hidden)
+        count = sum(int(getattr(cells[i], "study_count", 0)) for i in hidden)
+        return len(hidden) >= 2 and people >= m and (studies is None or count >= m)
+
+    shown = sorted(
+        (i for i in range(len(cells)) if i not in hidden),
+        key=lambda i: (int(cells[i].patient_count), int(getattr(cells[i], "study_count", 0)), i),
+    )
+    while not safe() and shown:
+        hidden.append(shown.pop(0))  # the next smallest cell
+    return [cells[i] for i in hidden]
 
 
 def _cohort_stats_view(
     response: pb.GetCohortStatsResponse, m: int
 ) -> pb.GetCohortStatsResponse:
     """GetCohortStats for researchers: every category and label count held to the cell
-    rule against its whole (the cohort's patients, or the patients with that label), a
-    withheld category's study count withheld with it, then :func:`enforce`."""
+    rule against its whole (the cohort's patients, or the patients with that label), with
+    secondary suppression in every table (:func:`_suppress_table`) so the totals and the
+    shown cells never give a withheld one; then :func:`enforce`."""
     out = pb.GetCohortStatsResponse()
     out.CopyFrom(response)
     withheld: list[str] = []
     total = int(out.patient_count)
     for name in ("sites", "scanners"):
-        for c in getattr(out, name):
-            if not releasable(int(c.patient_count), total, m) or 0 < c.study_count < m:
-                c.patient_count = 0
-                c.study_count = 0
-                withheld.append(f"{name}[{c.value}]")
-    by_name: dict[str, int] = {}
+        for c in _suppress_table(list(getattr(out, name)), total, m, studies=int(out.study_count)):
+            c.patient_count = 0
+            c.study_count = 0
+            withheld.append(f"{name}[{c.value}]")
+    by_name: dict[str, list[Any]] = {}
     for lab in out.labels:
-        by_name[lab.name] = by_name.get(lab.name, 0) + int(lab.patient_count)
-    for lab in out.labels:
-        if not releasable(int(lab.patient_count), by_name[lab.name], m):
+        by_name.setdefault(lab.name, []).append(lab)
+    for labs in by_name.values():
+        whole = sum(int(lab.patient_count) for lab in labs)
+        for lab in _suppress_table(labs, whole, m, studies=None):
             lab.patient_count = 0
             withheld.append(f"labels[{lab.name}={lab.value}]")
     if 0 < total < m:
@@ -851,6 +994,33 @@ def _cohort_stats_view(
     dc.aggregated_patients = total if total >= m else 0
     dc.withheld_fields[:] = sorted(set(withheld))
     return out
+
+
+def _has_survival(time: Any, event: Any) -> bool:
+    return time is not None and event is not None and math.isfinite(float(time))
+
+
+def _base_name(key: str) -> str:
+    return key.split("@", 1)[0]
+
+
+def release_sets(
+    rows: Sequence[tuple[str, Any, Any, Any, Any]],
+) -> list[tuple[str, frozenset[str]]]:
+    """What an aggregate over ``rows`` (``(patient, time, event, labels, values)``)
+    releases, by measure: the patients as a whole, those a survival curve counts, and
+    those with each label and each value (:mod:`service.releases`)."""
+    sets: dict[str, set[str]] = {AGGREGATE: set(), SURVIVAL: set()}
+    for pid, time, event, labels, values in rows:
+        sets[AGGREGATE].add(pid)
+        if _has_survival(time, event):
+            sets[SURVIVAL].add(pid)
+        for key in labels or {}:
+            sets.setdefault(f"label:{_base_name(str(key))}", set()).add(pid)
+        for key, v in (values or {}).items():
+            if v is not None:
+                sets.setdefault(f"value:{key}", set()).add(pid)
+    return [(name, frozenset(ps)) for name, ps in sets.items() if ps]
 
 
 def _filter_columns(expr: Any) -> list[str]:
@@ -910,6 +1080,7 @@ __all__ = [
     "KEEP",
     "NOT_COUNTS",
     "RESEARCHER_FILTER_COLUMNS",
+    "RESEARCHER_QUERY_RULES",
     "SEARCH_RULES",
     "TEXT",
     "CoarseCurve",
@@ -922,4 +1093,5 @@ __all__ = [
     "field_paths",
     "permission_denied",
     "releasable",
+    "release_sets",
 ]

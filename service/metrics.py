@@ -114,9 +114,18 @@ class ServerMetrics:
         self.index_studies.set(snapshot.num_studies)
 
     # exposition -------------------------------------------------------------------
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve ``/metrics`` on ``host:port`` (0: a free port) from a daemon thread."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1", *, tls: Any = None) -> int:
+        """Serve ``/metrics`` on ``host:port`` (0: a free port) from a daemon thread; with
+        ``tls`` (a :class:`service.tls.TlsConfig`) over HTTPS with its certificate, and
+        with its client CA, only to clients that show a certificate from that CA."""
+        if tls is None:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        else:
+            ca = str(tls.client_ca) if tls.client_ca is not None else None
+            server, _thread = start_http_server(
+                port, addr=host, registry=self.registry, certfile=str(tls.cert),
+                keyfile=str(tls.key), client_cafile=ca, client_auth_required=ca is not None,
+            )
         self._port = int(server.server_address[1])
         self._server = server
         return self._port

@@ -10,11 +10,15 @@ before a handler runs; researchers' GetCohortStats answers go through
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import logging
+import math
 import re
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,7 +31,7 @@ from indexing.snapshot import Snapshot
 from indexing.store import ACQUISITION_COLUMNS
 from service.api import cohortsim_pb2 as pb
 from service.errors import ServiceError, failed_precondition, grpc_errors, invalid_argument
-from service.interceptors.call import current_principal
+from service.interceptors.call import current_call, current_principal
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_MAX_STREAM_MB = 512  # explicit cap of a streamed study (SearchSimilarStream)
 DEFAULT_MAX_INGEST_MB = 2048  # cap of one IngestStudies call
+MAX_STREAM_MESSAGES = 1 << 16  # messages of one SearchSimilarStream (64 KiB chunks: 4 GiB)
 
 
 def resource_exhausted(reason: str, message: str, **metadata: str) -> ServiceError:
@@ -172,6 +177,70 @@ def cohort_stats(snapshot: Snapshot, rows: np.ndarray) -> pb.GetCohortStatsRespo
     )
 
 
+class CallerSlots:
+    """DICOM calls per caller: ``per_caller`` run at once, up to ``waiting`` more wait
+    their turn (before anything is decoded), beyond that RESOURCE_EXHAUSTED
+    ``TOO_MANY_DICOM_CALLS``. One caller's uploads then never hold more than its share
+    of the workers and the decode budget while others wait. A caller whose upload was
+    refused by the decode budget (:meth:`penalise`) has its DICOM calls refused at once
+    for ``cooldown_s`` (``DICOM_COOLDOWN``): parsing the headers of a bomb costs CPU (and
+    the interpreter lock), so bombs sent back to back must not each get that far."""
+
+    def __init__(self, per_caller: int = 2, waiting: int = 8, cooldown_s: float = 10.0) -> None:
+        if per_caller < 1 or waiting < 0 or cooldown_s < 0:
+            raise ValueError("per_caller must be >= 1, waiting and cooldown_s >= 0")
+        self.per_caller = per_caller
+        self.waiting = waiting
+        self.cooldown_s = cooldown_s
+        self._slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        self._until: dict[str, float] = {}
+
+    def penalise(self, key: str) -> None:
+        """Refuse ``key``'s DICOM calls for ``cooldown_s`` from now."""
+        if self.cooldown_s > 0:
+            if len(self._until) > 10_000:  # forget expired entries
+                now = time.monotonic()
+                self._until = {k: t for k, t in self._until.items() if t > now}
+            self._until[key] = time.monotonic() + self.cooldown_s
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: str) -> AsyncIterator[None]:
+        wait = self._until.get(key, 0.0) - time.monotonic()
+        if wait > 0:
+            raise resource_exhausted(
+                "DICOM_COOLDOWN",
+                "an upload of this caller was refused by the decode budget; its DICOM calls "
+                f"are refused for {math.ceil(wait)} s more",
+                retry_after_ms=str(math.ceil(wait * 1000)),
+            )
+        sem, count = self._slots.setdefault(key, (asyncio.Semaphore(self.per_caller), [0]))
+        if count[0] >= self.per_caller + self.waiting:
+            raise resource_exhausted(
+                "TOO_MANY_DICOM_CALLS",
+                f"this caller already has {count[0]} DICOM calls in progress or waiting; "
+                "wait for them to finish",
+                limit=str(self.per_caller + self.waiting),
+            )
+        count[0] += 1
+        try:
+            async with sem:
+                yield
+        finally:
+            count[0] -= 1
+            if not count[0]:
+                self._slots.pop(key, None)
+
+
+def caller_key() -> str:
+    """Who is calling, for per-caller limits: the principal, else the peer host."""
+    call = current_call()
+    if call is None:
+        return ""
+    if call.principal is not None:
+        return f"principal:{call.principal.id}"
+    return "peer:" + call.peer.rpartition(":")[0]
+
+
 class CohortRpcs:
     """The non-search RPCs (mixed into the servicer; see the module docstring)."""
 
@@ -180,6 +249,7 @@ class CohortRpcs:
     store_dir: Path | None = None  # the cohort store IngestStudies / DeletePatient write to
     max_stream_bytes: int = DEFAULT_MAX_STREAM_MB << 20
     max_ingest_bytes: int = DEFAULT_MAX_INGEST_MB << 20
+    dicom_slots: CallerSlots = CallerSlots()  # the server sets its own
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:  # the servicer's
         raise NotImplementedError
@@ -191,11 +261,35 @@ class CohortRpcs:
         request_iterator: AsyncIterator[pb.SearchSimilarStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.SearchSimilarStreamResponse:
+        """Buffer a streamed study, then answer it as SearchSimilar. Refused before
+        anything is buffered when the index has no encoder or the caller already has its
+        DICOM calls in progress; empty chunks and more than :data:`MAX_STREAM_MESSAGES`
+        messages are refused as they arrive."""
+        async with contextlib.AsyncExitStack() as stack:
+            header = await self._buffer_stream(request_iterator, stack)
+        search = getattr(self, "SearchSimilar")  # noqa: B009  (the servicer's handler)
+        response = await search(header, context)
+        return pb.SearchSimilarStreamResponse(response=response)
+
+    async def _buffer_stream(
+        self,
+        request_iterator: AsyncIterator[pb.SearchSimilarStreamRequest],
+        stack: contextlib.AsyncExitStack,
+    ) -> pb.SearchSimilarRequest:
         header: pb.SearchSimilarRequest | None = None
         files: list[bytes] = []
         current = bytearray()
         total = 0
+        messages = 0
+        max_files = int(getattr(getattr(self, "limits", None), "max_files", 4096))
         async for msg in request_iterator:
+            messages += 1
+            if messages > MAX_STREAM_MESSAGES:
+                raise invalid_argument(
+                    "TOO_MANY_CHUNKS",
+                    f"a SearchSimilarStream may carry {MAX_STREAM_MESSAGES} messages; send "
+                    "larger chunks (e.g. 1 MiB)",
+                )
             part = msg.WhichOneof("part")
             if header is None:
                 if part != "request":
@@ -213,10 +307,20 @@ class CohortRpcs:
                         "study ids with SearchSimilar",
                     )
                 total = sum(len(f) for f in header.dicom.files)
+                snapshot = self.state.require_snapshot()
+                if snapshot.encoder_dir is None:
+                    self.state.encoder(snapshot)  # NO_ENCODER before anything is buffered
+                await stack.enter_async_context(self.dicom_slots.slot(caller_key()))
                 continue
             if part != "chunk":
                 raise invalid_argument(
                     "STREAM_REQUEST_TWICE", "only the first message may carry `request`"
+                )
+            if not msg.chunk.data and not (msg.chunk.last and current):
+                raise invalid_argument(
+                    "EMPTY_CHUNK",
+                    "a SearchSimilarStream chunk carried no data; only a `last` marker may be "
+                    "empty, and only after data of its file",
                 )
             total += len(msg.chunk.data)
             if total > self.max_stream_bytes:
@@ -230,14 +334,16 @@ class CohortRpcs:
             if msg.chunk.last:
                 files.append(bytes(current))
                 current = bytearray()
+                if len(files) + len(header.dicom.files) > max_files:
+                    raise invalid_argument(
+                        "TOO_MANY_FILES", f"a study may carry {max_files} files at most"
+                    )
         if header is None:
             raise invalid_argument("STREAM_EMPTY", "the stream carried no request")
         if current:
             files.append(bytes(current))  # a last file without `last` set
         header.dicom.files.extend(files)
-        search = getattr(self, "SearchSimilar")  # noqa: B009  (the servicer's handler)
-        response = await search(header, context)
-        return pb.SearchSimilarStreamResponse(response=response)
+        return header
 
     # ------------------------------------------------------------------ patients, studies
     @grpc_errors
@@ -299,7 +405,7 @@ class CohortRpcs:
         rows = await self._run(live_rows, snapshot, where)
         response = await self._run(cohort_stats, snapshot, rows)
         if restricted:
-            return self.governance.cohort_stats(response)
+            return self.governance.cohort_stats(response, snapshot, rows)
         return response
 
     # ------------------------------------------------------------------ admin
@@ -397,7 +503,9 @@ def _ingest(folder: Path, store_dir: Path) -> Any:
 
 __all__ = [
     "DEFAULT_MAX_STREAM_MB",
+    "CallerSlots",
     "CohortRpcs",
+    "caller_key",
     "cohort_stats",
     "decode_page_token",
     "encode_page_token",

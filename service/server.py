@@ -1,18 +1,21 @@
 """Server construction (one function) and the serve loop with graceful shutdown.
 
-    server, port = await create_server(index_dir, port=0)
+    server, port = await create_server(index_dir, ServeConfig(port=0), SecurityConfig(...))
     await server.start()
 
-or ``asyncio.run(serve(index_dir, port=50051))`` to run until SIGTERM / SIGINT.
+or ``asyncio.run(serve(index_dir, ServeConfig(port=50051)))`` to run until SIGTERM /
+SIGINT. ``service.config.options(port=0, device="cpu", auth_tokens=...)`` turns keyword
+settings into the two objects.
 The server registers the similarity service, ``grpc.health.v1.Health`` (SERVING for ""
 and the service name once the snapshot is loaded, NOT_SERVING when loading failed) and
 server reflection.
 
-Security (issue #8, all optional): ``tls`` (TLS, or mutual TLS with a client CA: the
+Security (:class:`SecurityConfig`, all optional): ``tls`` (TLS, or mutual TLS with a client CA: the
 port then speaks TLS only), ``auth_tokens`` (bearer tokens -> roles; health stays open),
 ``audit_log`` (a chained record of every call, fail closed), ``policy`` (the researcher
 view: small-cell threshold, re-identification guard), ``rate_limit`` /
-``max_concurrent_per_principal``. Interceptors run audit -> auth -> limits.
+``max_concurrent_per_principal``. Interceptors run audit -> rate per peer host ->
+auth -> limits per principal.
 """
 
 from __future__ import annotations
@@ -27,29 +30,28 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from encoders.budget import DecodeBudget
 from service.api import SERVICE_FULL_NAME, cohortsim_pb2_grpc
 from service.audit import AuditLog, read_records
 from service.auth import TokenStore
-from service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_WINDOW_S, SearchBatcher
-from service.governance import DisclosurePolicy, Governance
+from service.batching import SearchBatcher
+from service.config import SecurityConfig, ServeConfig
+from service.governance import Governance
 from service.metrics import MetricsInterceptor, ServerMetrics
-from service.rpcs import DEFAULT_MAX_STREAM_MB
+from service.rpcs import CallerSlots
 from service.servicer import (
-    WATCH_INTERVAL_S,
     Limits,
     PatientSimilarityServicer,
     ServiceState,
     search,
     search_many,
 )
-from service.threads import DEFAULT_BLAS_THREADS, limit_native_threads
-from service.tls import TlsConfig
+from service.threads import limit_native_threads
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ DEFAULT_GRACE_S = 20.0  # SIGTERM: how long in-flight calls may take (cohortsim 
 # calls already sent (on the wire, or queued in gRPC but not yet picked up by the busy
 # event loop, which gRPC would cancel at stop) are served rather than failed
 DEFAULT_STOP_DELAY_S = 1.0
+# --rate-limit per peer host, before authentication, is this many times the rate per
+# principal: several principals (an application's users) may share one host
+PEER_RATE_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class _ServerParts:
     health: health.aio.HealthServicer
     state: ServiceState
     executor: ThreadPoolExecutor
+    dicom_executor: ThreadPoolExecutor
     audit: AuditLog | None = None
     batcher: SearchBatcher | None = None
     metrics: ServerMetrics | None = None
@@ -77,87 +83,84 @@ _PARTS: weakref.WeakKeyDictionary[grpc.aio.Server, _ServerParts] = weakref.WeakK
 
 async def create_server(
     index_dir: Path | str,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 50051,
-    max_receive_mb: int = 64,
-    max_workers: int = 2,
-    max_k: int = Limits.max_k,
-    max_files: int = Limits.max_files,
-    device: str = "auto",
-    tls: TlsConfig | None = None,
-    auth_tokens: Path | str | TokenStore | None = None,
-    audit_log: Path | str | AuditLog | None = None,
-    policy: DisclosurePolicy | None = None,
-    rate_limit: float | None = None,
-    max_concurrent_per_principal: int | None = None,
-    watch_interval: float | None = WATCH_INTERVAL_S,
-    batch_window_ms: float | None = DEFAULT_WINDOW_S * 1e3,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    max_queue: int = DEFAULT_MAX_QUEUE,
-    batch_inflight: int = 1,
-    max_concurrent_rpcs: int | None = None,
-    store_dir: Path | str | None = None,
-    max_stream_mb: int = DEFAULT_MAX_STREAM_MB,
-    metrics_port: int | None = None,
-    metrics_host: str = "127.0.0.1",
-    blas_threads: int | None = DEFAULT_BLAS_THREADS,
-    warm_encoder: bool = True,
+    config: ServeConfig | None = None,
+    security: SecurityConfig | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Build a ``grpc.aio`` server for the current snapshot of ``index_dir``; not started.
 
-    Call it inside the event loop that will run the server. Returns ``(server, bound
-    port)``; ``port=0`` binds a free port. ``max_receive_mb`` caps one request (DICOM
-    uploads); ``max_workers`` threads run searches and DICOM embedding off the event loop.
+    ``config`` (:class:`ServeConfig`, default its defaults) holds the operational
+    settings, ``security`` (:class:`SecurityConfig`, default none) TLS, tokens, the audit
+    log, the researcher policy and the rates; :func:`service.config.options` builds both
+    from keyword settings. Call it inside the event loop that will run the server.
+    Returns ``(server, bound port)``; ``port=0`` binds a free port. ``max_receive_mb``
+    caps one request (DICOM uploads); ``max_workers`` threads run searches and DICOM
+    embedding off the event loop.
     If the snapshot cannot be loaded the server still starts, health says NOT_SERVING and
-    calls fail with UNAVAILABLE. Every ``watch_interval`` seconds (None: never) the server
+    calls fail with UNAVAILABLE. Every ``watch_interval_s`` seconds (None: never) the server
     looks at ``INDEX_DIR/CURRENT`` and swaps in the version it names, without a restart
     and without failing a call (:meth:`ServiceState.refresh`). Concurrent searches are
-    micro-batched (:mod:`service.batching`; ``batch_window_ms`` in [0, 2], None: off,
-    ``max_batch`` per index call, ``max_queue`` waiting before RESOURCE_EXHAUSTED);
+    micro-batched (:mod:`service.batching`; ``batch_window_ms`` in [0, 2], ``batching``
+    false: off, ``max_batch`` per index call, ``max_queue`` waiting before RESOURCE_EXHAUSTED);
     ``max_concurrent_rpcs`` caps calls in progress (more: RESOURCE_EXHAUSTED).
-    ``store_dir``: the cohort store IngestStudies adds to (None: IngestStudies fails with
+    ``store``: the cohort store IngestStudies adds to (None: IngestStudies fails with
     FAILED_PRECONDITION); ``max_stream_mb`` caps one SearchSimilarStream study.
+    DICOM decoding is held to ``decode_budget_mb`` per request and
+    ``decode_budget_server_mb`` for all at once (:mod:`encoders.budget`), and one caller
+    to ``dicom_calls_per_caller`` DICOM calls at once.
     Prometheus metrics (:mod:`service.metrics`) are kept for every server and served on
     ``metrics_host:metrics_port`` when a port is given (0: a free one,
-    :func:`server_metrics_port` says which). ``blas_threads`` caps BLAS / OpenMP threads
-    per search, process-wide (:mod:`service.threads`; None: as the environment says).
+    :func:`server_metrics_port` says which), with the API's TLS when ``metrics_tls``.
+    ``blas_threads`` caps BLAS / OpenMP threads per search, process-wide
+    (:mod:`service.threads`; None: as the environment says).
     ``warm_encoder``: when the index carries an encoder, load it (and torch) before the
     server listens; otherwise the first DICOM query loads it, and while torch imports
     (seconds on a busy CPU) every other call waits too.
+    ``security.pacs``: the PACS that queries by reference (``PacsStudy``) retrieve from.
     Bad security settings (a key or token file others can
     read, an unwritable or broken audit log) raise before anything listens.
     """
+    cfg = (config or ServeConfig()).validate()
+    sec = security or SecurityConfig()
+    host, port, max_receive_mb, max_workers = cfg.host, cfg.port, cfg.max_receive_mb, cfg.max_workers
+    metrics_port, metrics_host = cfg.metrics_port, cfg.metrics_host
+    if cfg.metrics_tls and sec.tls is None:
+        raise ValueError("metrics_tls needs the API's TLS (tls=TlsConfig(...), --tls-cert/--tls-key)")
     if max_receive_mb < 1:
         raise ValueError(f"max_receive_mb must be >= 1, got {max_receive_mb}")
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-    security = _Security.build(tls, auth_tokens, audit_log, rate_limit, max_concurrent_per_principal)
-    limit_native_threads(blas_threads)
-    state = await asyncio.to_thread(ServiceState.load, Path(index_dir), device=device)
-    if warm_encoder and state.dicom_supported:
+    guards = _Security.build(sec)
+    limit_native_threads(cfg.blas_threads)
+    state = await asyncio.to_thread(ServiceState.load, Path(index_dir), device=cfg.device)
+    state.decode_budget = DecodeBudget(
+        per_request=cfg.decode_budget_mb << 20, per_process=cfg.decode_budget_server_mb << 20
+    )
+    if cfg.warm_encoder and state.dicom_supported:
         await asyncio.to_thread(_warm_encoder, state)
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cohortsim-worker")
-    governance = Governance(policy)
-    if security.audit is not None:
-        replayed = governance.replay(read_records(security.audit.path), state.snapshot)
+    dicom_executor = ThreadPoolExecutor(
+        max_workers=cfg.dicom_workers, thread_name_prefix="cohortsim-dicom"
+    )
+    governance = Governance(sec.policy)
+    if guards.audit is not None:
+        replayed = governance.replay(read_records(guards.audit.path), state.snapshot)
         log.info("researcher answers replayed from the audit log: %d", replayed)
-    limits = Limits(max_k=max_k, max_files=max_files)
+    limits = Limits(max_k=cfg.max_k, max_files=cfg.max_files)
     metrics = ServerMetrics()
     metrics.set_index(state.snapshot)
     batcher = None
-    if batch_window_ms is not None:
+    if cfg.batching:
         batcher = SearchBatcher(
             state,
             functools.partial(search, max_k=limits.max_k),
             executor=executor,
-            window_s=batch_window_ms / 1e3,
-            max_batch=max_batch,
-            max_queue=max_queue,
+            window_s=cfg.batch_window_ms / 1e3,
+            max_batch=cfg.max_batch,
+            max_queue=cfg.max_queue,
             # default one batch at a time: the next one forms while it runs (larger
             # batches won 270 vs 213 QPS at 32 clients on busy cores, bench_service.py);
             # the other workers stay free for DICOM embedding and the other RPCs
-            max_inflight=batch_inflight,
+            max_inflight=cfg.batch_inflight,
             on_batch=metrics.observe_batch,
             search_many=functools.partial(search_many, max_k=limits.max_k),
         )
@@ -169,8 +172,13 @@ async def create_server(
         governance=governance,
         batcher=batcher,
     )
-    servicer.store_dir = Path(store_dir) if store_dir is not None else None
-    servicer.max_stream_bytes = int(max_stream_mb) << 20
+    servicer.store_dir = Path(cfg.store) if cfg.store is not None else None
+    servicer.pacs = sec.pacs
+    servicer.max_stream_bytes = int(cfg.max_stream_mb) << 20
+    servicer.dicom_slots = CallerSlots(
+        cfg.dicom_calls_per_caller, cfg.dicom_calls_waiting, cfg.dicom_cooldown_s
+    )
+    servicer.dicom_executor = dicom_executor
     size = int(max_receive_mb) * 1024 * 1024
     server = grpc.aio.server(
         options=[
@@ -178,8 +186,8 @@ async def create_server(
             ("grpc.max_send_message_length", size),
             ("grpc.so_reuseport", 0),
         ],
-        interceptors=[MetricsInterceptor(metrics), *security.interceptors],
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        interceptors=[MetricsInterceptor(metrics), *guards.interceptors],
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
     )
     cohortsim_pb2_grpc.add_PatientSimilarityServiceServicer_to_server(servicer, server)
 
@@ -198,8 +206,8 @@ async def create_server(
 
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
-        if security.credentials is not None:
-            bound = server.add_secure_port(address, security.credentials)
+        if guards.credentials is not None:
+            bound = server.add_secure_port(address, guards.credentials)
         else:
             bound = server.add_insecure_port(address)
     except RuntimeError as exc:
@@ -209,23 +217,34 @@ async def create_server(
         cause = None
     if bound == 0:
         executor.shutdown(wait=False)
-        if security.audit is not None:
-            security.audit.close()
+        dicom_executor.shutdown(wait=False)
+        if guards.audit is not None:
+            guards.audit.close()
         raise OSError(f"cannot listen on {address}: the port is in use or not allowed") from cause
     bound_metrics = None
     if metrics_port is not None:
         try:
-            bound_metrics = metrics.serve(metrics_port, metrics_host)
+            bound_metrics = metrics.serve(
+                metrics_port, metrics_host, tls=sec.tls if cfg.metrics_tls else None
+            )
         except OSError as exc:
             executor.shutdown(wait=False)
-            if security.audit is not None:
-                security.audit.close()
+            dicom_executor.shutdown(wait=False)
+            if guards.audit is not None:
+                guards.audit.close()
             raise OSError(
                 f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror or exc}"
             ) from None
-        log.info("metrics on http://%s:%d/metrics", metrics_host, bound_metrics)
+        scheme = "https" if cfg.metrics_tls else "http"
+        log.info("metrics on %s://%s:%d/metrics", scheme, metrics_host, bound_metrics)
+        if not cfg.metrics_tls and metrics_host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "metrics on %s answer anyone who can reach the port, without TLS; keep them "
+                "on loopback or set metrics_tls", metrics_host,
+            )
     _PARTS[server] = _ServerParts(
-        health_servicer, state, executor, security.audit, batcher, metrics, bound_metrics
+        health_servicer, state, executor, dicom_executor, guards.audit, batcher, metrics,
+        bound_metrics,
     )
     loop = asyncio.get_running_loop()
 
@@ -237,8 +256,8 @@ async def create_server(
 
     state.add_listener(now_serving)
     state.add_listener(metrics.set_index)
-    if watch_interval is not None:
-        state.start_watching(watch_interval)
+    if cfg.watch_interval_s is not None:
+        state.start_watching(cfg.watch_interval_s)
     log.info(
         "server ready on port %d: index %s (%s)",
         bound,
@@ -269,6 +288,7 @@ async def shutdown(
     if parts is not None:
         parts.state.close()
         parts.executor.shutdown(wait=False, cancel_futures=True)
+        parts.dicom_executor.shutdown(wait=False, cancel_futures=True)
         if parts.metrics is not None:
             parts.metrics.close()
         if parts.audit is not None:
@@ -284,18 +304,13 @@ class _Security:
     audit: AuditLog | None
 
     @classmethod
-    def build(
-        cls,
-        tls: TlsConfig | None,
-        auth_tokens: Path | str | TokenStore | None,
-        audit_log: Path | str | AuditLog | None,
-        rate_limit: float | None,
-        max_concurrent: int | None,
-    ) -> _Security:
+    def build(cls, sec: SecurityConfig) -> _Security:
         from service.interceptors.audit import AuditInterceptor
         from service.interceptors.auth import AuthInterceptor
         from service.interceptors.limits import RateLimitInterceptor
 
+        tls, auth_tokens, audit_log = sec.tls, sec.auth_tokens, sec.audit_log
+        rate_limit, max_concurrent = sec.rate_limit, sec.max_concurrent_per_principal
         credentials = tls.server_credentials() if tls is not None else None
         tokens = (
             auth_tokens
@@ -304,12 +319,21 @@ class _Security:
         )
         if tokens is not None and tls is None:
             log.warning("bearer tokens without TLS travel in clear text; use --tls-cert/--tls-key")
+        max_bytes = int(sec.audit_max_mb * 2**20) if sec.audit_max_mb is not None else None
         audit = (
-            audit_log if isinstance(audit_log, AuditLog) or audit_log is None else AuditLog(audit_log)
+            audit_log
+            if isinstance(audit_log, AuditLog) or audit_log is None
+            else AuditLog(audit_log, max_bytes=max_bytes)
         )
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if audit is not None:
             interceptors.append(AuditInterceptor(audit))
+        if rate_limit is not None and tokens is not None:
+            # the rate per peer host before authentication: callers without a valid token
+            # are held to it too (their refusals are audited, with bounded request text)
+            interceptors.append(
+                RateLimitInterceptor(rate=rate_limit * PEER_RATE_FACTOR, by_peer=True)
+            )
         if tokens is not None:
             interceptors.append(AuthInterceptor(tokens))
         if rate_limit is not None or max_concurrent is not None:
@@ -339,34 +363,19 @@ def server_batcher(server: grpc.aio.Server) -> SearchBatcher | None:
 
 async def serve(
     index_dir: Path | str,
-    host: str = "127.0.0.1",
-    port: int = 50051,
+    config: ServeConfig | None = None,
+    security: SecurityConfig | None = None,
     ready: Callable[[int], None] | None = None,
-    *,
-    max_receive_mb: int = 64,
-    max_workers: int = 2,
-    grace: float = DEFAULT_GRACE_S,
-    stop_delay: float = DEFAULT_STOP_DELAY_S,
-    device: str = "auto",
-    **security: Any,
 ) -> None:
     """Serve until SIGTERM / SIGINT (or until the server terminates), then stop gracefully:
-    health NOT_SERVING, new calls still taken for ``stop_delay`` s, then in-flight calls
-    drained for up to ``grace`` s (:func:`shutdown`).
+    health NOT_SERVING, new calls still taken for ``config.stop_delay_s`` s, then
+    in-flight calls drained for up to ``config.grace_s`` s (:func:`shutdown`).
 
-    ``ready(port)`` is called once the server listens (``port=0`` picks a free one);
-    ``security`` takes :func:`create_server`'s ``tls``, ``auth_tokens``, ``audit_log``,
-    ``policy``, ``rate_limit`` and ``max_concurrent_per_principal``.
+    ``ready(port)`` is called once the server listens (``port=0`` picks a free one).
     """
-    server, bound = await create_server(
-        index_dir,
-        host=host,
-        port=port,
-        max_receive_mb=max_receive_mb,
-        max_workers=max_workers,
-        device=device,
-        **security,
-    )
+    cfg = config or ServeConfig()
+    grace, stop_delay = cfg.grace_s, cfg.stop_delay_s
+    server, bound = await create_server(index_dir, cfg, security)
     await server.start()
     if ready is not None:
         ready(bound)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from encoders.budget import DecodeBudget, DecodeBudgetExceeded
 from encoders.errors import EncoderError
 from indexing import aggregates, engine
 from indexing.engine import Prefetched
@@ -43,7 +44,9 @@ from service.errors import failed_precondition, grpc_errors, invalid_argument, u
 from service.governance import Governance, ResearcherAnswer
 from service.interceptors.call import add_facts, current_principal
 from service.matched import attach_explanations, match_region
-from service.rpcs import CohortRpcs
+from service.pacs import query as pacs_query
+from service.pacs.dicomweb import DicomwebConfig
+from service.rpcs import CohortRpcs, caller_key
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,8 @@ class ServiceState:
         self._encoder_errors: dict[str, BaseException] = {}
         self._encoder_lock = threading.Lock()
         self.embedder = EmbedBatcher()  # concurrent DICOM embeddings share encoder forwards
+        # decoded bytes per DICOM request and for the process, DICOM calls per caller
+        self.decode_budget = DecodeBudget()
         self._swap_lock = threading.Lock()
         self._skipped_version: str | None = None
         self._listeners: list[Callable[[Snapshot], None]] = []
@@ -315,8 +320,9 @@ class ServiceState:
         from encoders.model import embed
 
         encoder, card = self.encoder(snapshot)  # the encoder of the snapshot searched
-        study = read_study(files)
-        volume = preprocess(study, card.input)
+        with self.decode_budget.request(received=sum(len(f) for f in files)):
+            study = read_study(files)
+            volume = preprocess(study, card.input)
         boxes = self._region_boxes(card, study, regions) if regions else []
         n = max(1, len(boxes))  # rows embedded for the query itself
         stack = volume[None] if n == 1 else np.repeat(volume[None], n, axis=0)
@@ -524,6 +530,9 @@ def search_many(
 class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
     """Thin asyncio servicer over a :class:`ServiceState`."""
 
+    # the PACS that queries by reference retrieve from (service.pacs.query); None: none
+    pacs: DicomwebConfig | None = None
+
     def __init__(
         self,
         state: ServiceState,
@@ -536,6 +545,9 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         self.state = state
         self.limits = limits or Limits()
         self._executor = executor
+        # DICOM decoding and embedding run on their own threads (ServeConfig.dicom_workers)
+        # so that uploads never hold the workers searches need; None: the same workers
+        self.dicom_executor: Executor | None = None
         # micro-batching of concurrent embedding / study_uid searches (service.batching)
         self.batcher = batcher
         # the researcher view (service.governance): applied to callers without the "identities" right
@@ -544,6 +556,12 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def _run_dicom(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the DICOM threads (decoding, embedding, their searches)."""
+        loop = asyncio.get_running_loop()
+        pool = self.dicom_executor or self._executor
+        return await loop.run_in_executor(pool, functools.partial(fn, *args))
 
     def _check_filter(self, where: str) -> str:
         """The one place that decides whether a filter can be honoured."""
@@ -560,6 +578,11 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         self, request: cohortsim_pb2.SearchSimilarRequest, context: grpc.aio.ServicerContext
     ) -> cohortsim_pb2.SearchSimilarResponse:
         snapshot = self.state.require_snapshot()
+        if request.WhichOneof("query") == "pacs":  # retrieved, then searched as DICOM files
+            request = await pacs_query.resolve_search(
+                request, context, pacs=self.pacs, max_files=self.limits.max_files,
+                restricted=self.governance.restricts(current_principal()),
+            )
         query = convert.parse_search_request(
             request,
             dimension=snapshot.dimension,
@@ -569,18 +592,32 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         )
         self._check_filter(query.where)
         warnings = convert.check_embedding_model(query, snapshot.model_version)
-        if query.kind == "dicom" and snapshot.encoder_dir is None:
-            self.state.encoder(snapshot)  # raises FAILED_PRECONDITION without touching the files
+        if query.kind == "dicom":
+            if snapshot.encoder_dir is None:
+                self.state.encoder(snapshot)  # raises FAILED_PRECONDITION, files untouched
+            key = caller_key()
+            async with self.dicom_slots.slot(key):  # DICOM calls per caller
+                try:
+                    return await self._search(snapshot, query, warnings)
+                except DecodeBudgetExceeded:
+                    self.dicom_slots.penalise(key)
+                    raise
+        return await self._search(snapshot, query, warnings)
+
+    async def _search(
+        self, snapshot: Snapshot, query: convert.SearchQuery, warnings: list[str]
+    ) -> cohortsim_pb2.SearchSimilarResponse:
         time_unit = str(snapshot.manifest.get("time_unit") or convert.DEFAULT_TIME_UNIT)
+        run = self._run_dicom if query.kind == "dicom" else self._run
         if self.governance.restricts(current_principal()):  # aggregates only, governed
-            answer = await self._run(self._governed_search, snapshot, query, time_unit)
+            answer = await run(self._governed_search, snapshot, query, time_unit)
             add_facts(**answer.facts)
             convert.add_warnings(answer.response.diagnostics, warnings)
             return answer.response
         if self.batcher is not None and query.kind != "dicom":
             result = await self.batcher.search(snapshot, query)
         else:
-            result = await self._run(
+            result = await run(
                 functools.partial(search, max_k=self.limits.max_k), self.state, snapshot, query
             )
         response = convert.search_response(result, time_unit=time_unit)
@@ -661,10 +698,21 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         self, request: cohortsim_pb2.EmbedStudyRequest, context: grpc.aio.ServicerContext
     ) -> cohortsim_pb2.EmbedStudyResponse:
         snapshot = self.state.require_snapshot()
+        if request.HasField("pacs"):
+            request = await pacs_query.resolve_embed(
+                request, context, pacs=self.pacs, max_files=self.limits.max_files,
+                restricted=self.governance.restricts(current_principal()),
+            )
         files = convert.parse_dicom(request.dicom, max_files=self.limits.max_files)
         if snapshot.encoder_dir is None:
             self.state.encoder()  # raises NO_ENCODER
-        embedded = await self._run(self.state.embed_dicom, files)
+        key = caller_key()
+        async with self.dicom_slots.slot(key):
+            try:
+                embedded = await self._run_dicom(self.state.embed_dicom, files)
+            except DecodeBudgetExceeded:
+                self.dicom_slots.penalise(key)
+                raise
         return convert.embed_response(embedded.vector, embedded.model_version, embedded.acquisition)
 
     @grpc_errors

@@ -83,6 +83,14 @@ class DicomStudy(_message.Message):
     regions: _containers.RepeatedCompositeFieldContainer[RegionOfInterest]
     def __init__(self, files: _Optional[_Iterable[bytes]] = ..., regions: _Optional[_Iterable[_Union[RegionOfInterest, _Mapping]]] = ...) -> None: ...
 
+class PacsStudy(_message.Message):
+    __slots__ = ("study_instance_uid", "regions")
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    study_instance_uid: str
+    regions: _containers.RepeatedCompositeFieldContainer[RegionOfInterest]
+    def __init__(self, study_instance_uid: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[RegionOfInterest, _Mapping]]] = ...) -> None: ...
+
 class RegionOfInterest(_message.Message):
     __slots__ = ("observer", "box")
     OBSERVER_FIELD_NUMBER: _ClassVar[int]
@@ -98,10 +106,11 @@ class Filter(_message.Message):
     def __init__(self, where: _Optional[str] = ...) -> None: ...
 
 class SearchSimilarRequest(_message.Message):
-    __slots__ = ("embedding", "study_uid", "dicom", "k", "filter", "include_thumbnails", "search_parameters", "include_explanations")
+    __slots__ = ("embedding", "study_uid", "dicom", "pacs", "k", "filter", "include_thumbnails", "search_parameters", "include_explanations")
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     STUDY_UID_FIELD_NUMBER: _ClassVar[int]
     DICOM_FIELD_NUMBER: _ClassVar[int]
+    PACS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_THUMBNAILS_FIELD_NUMBER: _ClassVar[int]
@@ -110,12 +119,13 @@ class SearchSimilarRequest(_message.Message):
     embedding: Vector
     study_uid: str
     dicom: DicomStudy
+    pacs: PacsStudy
     k: int
     filter: Filter
     include_thumbnails: bool
     search_parameters: SearchParameters
     include_explanations: bool
-    def __init__(self, embedding: _Optional[_Union[Vector, _Mapping]] = ..., study_uid: _Optional[str] = ..., dicom: _Optional[_Union[DicomStudy, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., include_thumbnails: _Optional[bool] = ..., search_parameters: _Optional[_Union[SearchParameters, _Mapping]] = ..., include_explanations: _Optional[bool] = ...) -> None: ...
+    def __init__(self, embedding: _Optional[_Union[Vector, _Mapping]] = ..., study_uid: _Optional[str] = ..., dicom: _Optional[_Union[DicomStudy, _Mapping]] = ..., pacs: _Optional[_Union[PacsStudy, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., include_thumbnails: _Optional[bool] = ..., search_parameters: _Optional[_Union[SearchParameters, _Mapping]] = ..., include_explanations: _Optional[bool] = ...) -> None: ...
 
 class SearchParameters(_message.Message):
     __slots__ = ("nprobe", "ef_search")
@@ -501,10 +511,12 @@ class PredictionStability(_message.Message):
     def __init__(self, view_count: _Optional[int] = ..., mean_neighbor_overlap: _Optional[float] = ..., min_neighbor_overlap: _Optional[float] = ..., median_survival_min: _Optional[float] = ..., median_survival_max: _Optional[float] = ..., median_reached_count: _Optional[int] = ...) -> None: ...
 
 class EmbedStudyRequest(_message.Message):
-    __slots__ = ("dicom",)
+    __slots__ = ("dicom", "pacs")
     DICOM_FIELD_NUMBER: _ClassVar[int]
+    PACS_FIELD_NUMBER: _ClassVar[int]
     dicom: DicomStudy
-    def __init__(self, dicom: _Optional[_Union[DicomStudy, _Mapping]] = ...) -> None: ...
+    pacs: PacsStudy
+    def __init__(self, dicom: _Optional[_Union[DicomStudy, _Mapping]] = ..., pacs: _Optional[_Union[PacsStudy, _Mapping]] = ...) -> None: ...
 
 class EmbedStudyResponse(_message.Message):
     __slots__ = ("embedding", "model_version", "acquisition")

@@ -10,6 +10,11 @@ ErrorInfo reason of a failure), ``duration_ms``, and what the servicer added for
 call: for researchers ``aggregated_patients`` (the patients an aggregate covered),
 ``reid_matches_removed`` and ``withheld_fields``.
 
+Text taken from the request (the filter, a queried pseudonym) is bounded: beyond
+:data:`MAX_TEXT` characters the record keeps a prefix, the full length and the SHA-256
+of the whole (``filter_sha256``, ``filter_chars``), so a huge request cannot write a
+huge line, and the hash still identifies what was sent.
+
 If the record cannot be written, a call that succeeded fails with UNAVAILABLE
 (``AUDIT_UNAVAILABLE``) instead of being answered. Health checks are not recorded
 (probes would flood the log; they carry no data).
@@ -18,6 +23,7 @@ If the record cannot be written, a call that succeeded fails with UNAVAILABLE
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from typing import Any
@@ -32,6 +38,19 @@ from service.interceptors.call import CallInfo, GuardInterceptor, status_of
 log = logging.getLogger(__name__)
 
 _ID_FIELDS = ("patient_id", "study_uid")
+MAX_TEXT = 256  # characters of request text kept in a record
+
+
+def bounded(name: str, text: str, limit: int = MAX_TEXT) -> dict[str, Any]:
+    """``{name: text}``, or a prefix of it with its length and SHA-256 when it is longer
+    than ``limit`` characters."""
+    if len(text) <= limit:
+        return {name: text}
+    return {
+        name: text[:limit],
+        f"{name}_chars": len(text),
+        f"{name}_sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+    }
 
 
 def _reason(context: Any) -> str | None:
@@ -52,7 +71,7 @@ def describe_request(request: Any) -> dict[str, Any]:
         kind = request.WhichOneof("query")
         out["query_kind"] = kind
         if kind == "study_uid":
-            out["query_study"] = request.study_uid
+            out.update(bounded("query_study", request.study_uid))
         elif kind == "dicom":
             out["dicom_files"] = len(request.dicom.files)
     elif "dicom" in fields and request.HasField("dicom"):
@@ -60,12 +79,12 @@ def describe_request(request: Any) -> dict[str, Any]:
     if "k" in fields:
         out["k"] = int(request.k)
     if "filter" in fields and request.HasField("filter"):
-        out["filter"] = request.filter.where
+        out.update(bounded("filter", request.filter.where))
     for name in _ID_FIELDS:
         if name in fields and "query" not in request.DESCRIPTOR.oneofs_by_name:
             value = getattr(request, name)
             if isinstance(value, str) and value:
-                out["query_" + name.split("_")[0]] = value
+                out.update(bounded("query_" + name.split("_")[0], value))
     return out
 
 
@@ -154,4 +173,4 @@ class AuditInterceptor(GuardInterceptor):
         super().__init__(_AuditGuard(audit, include_health=include_health))
 
 
-__all__ = ["AuditInterceptor", "describe_request", "returned_pseudonyms"]
+__all__ = ["MAX_TEXT", "AuditInterceptor", "bounded", "describe_request", "returned_pseudonyms"]

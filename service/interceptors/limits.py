@@ -2,7 +2,9 @@
 
 A token bucket per principal (``rate`` calls/s, bursts of ``burst``) and a cap on the
 calls one principal may have in flight. The key is the principal's id, or the peer
-address when the server runs without authentication. Health checks are not limited.
+address when the server runs without authentication. With ``by_peer`` the key is always
+the peer host: the server puts such a limiter *before* authentication, so callers
+without (valid) credentials are held to the rate too. Health checks are not limited.
 Request size (``--max-receive-mb``), files per upload and k are limited where the request
 is read (gRPC itself and ``service.convert``).
 """
@@ -39,15 +41,21 @@ def _peer_host(peer: str) -> str:
 
 
 class _LimitGuard:
-    def __init__(self, rate: float | None, burst: int | None, max_concurrent: int | None) -> None:
+    def __init__(
+        self, rate: float | None, burst: int | None, max_concurrent: int | None, by_peer: bool = False
+    ) -> None:
+        self.by_peer = by_peer
         self.rate = rate
         self.burst = float(burst if burst is not None else max(1.0, 2.0 * (rate or 1.0)))
         self.max_concurrent = max_concurrent
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._lock = threading.Lock()
+        self._slot = "_peer_limit_key" if by_peer else "_limit_key"  # one per limiter
 
     def _key(self, call: CallInfo) -> str:
-        return call.principal.id if call.principal is not None else _peer_host(call.peer)
+        if call.principal is None or self.by_peer:
+            return _peer_host(call.peer)
+        return call.principal.id
 
     async def enter(self, call: CallInfo, request: Any, context: Any) -> None:
         if METHOD_RIGHTS.get(call.method) == PUBLIC:
@@ -93,14 +101,14 @@ class _LimitGuard:
                 if self.rate is not None:
                     b.tokens -= 1.0
                 b.in_flight += 1
-                call.facts["_limit_key"] = key
+                call.facts[self._slot] = key
         if error is not None:
             await abort(context, error)
 
     async def exit(
         self, call: CallInfo, request: Any, response: Any, error: BaseException | None, context: Any
     ) -> None:
-        key = call.facts.pop("_limit_key", None)
+        key = call.facts.pop(self._slot, None)
         if key is None:
             return
         with self._lock:
@@ -110,7 +118,8 @@ class _LimitGuard:
 
 
 class RateLimitInterceptor(GuardInterceptor):
-    """``rate`` calls/s (bursts of ``burst``) and ``max_concurrent`` calls per principal."""
+    """``rate`` calls/s (bursts of ``burst``) and ``max_concurrent`` calls per principal
+    (per peer host with ``by_peer``)."""
 
     def __init__(
         self,
@@ -118,6 +127,7 @@ class RateLimitInterceptor(GuardInterceptor):
         rate: float | None = None,
         burst: int | None = None,
         max_concurrent: int | None = None,
+        by_peer: bool = False,
     ) -> None:
         if rate is not None and not (math.isfinite(rate) and rate > 0):
             raise ValueError(f"rate must be > 0 calls per second, got {rate}")
@@ -125,7 +135,7 @@ class RateLimitInterceptor(GuardInterceptor):
             raise ValueError(f"burst must be >= 1, got {burst}")
         if max_concurrent is not None and max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
-        super().__init__(_LimitGuard(rate, burst, max_concurrent))
+        super().__init__(_LimitGuard(rate, burst, max_concurrent, by_peer))
 
 
 __all__ = ["RateLimitInterceptor"]

@@ -45,3 +45,20 @@ def test_errors_name_the_setting(tmp_path: Path, text: str, env: dict[str, str],
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load_config(tmp_path / "nope.toml", env={})
+
+
+def test_options_split_keyword_settings_into_config_and_security(tmp_path: Path) -> None:
+    from service.config import SecurityConfig, options
+
+    config, security = options(
+        port=0, device="cpu", batch_window_ms=None, store_dir=tmp_path, watch_interval=None,
+        rate_limit=2.0, audit_log=tmp_path / "a.jsonl",
+    )
+    assert (config.port, config.device, config.batching, config.store) == (0, "cpu", False, tmp_path)
+    assert config.watch_interval_s is None
+    assert security == SecurityConfig(rate_limit=2.0, audit_log=tmp_path / "a.jsonl")
+    with pytest.raises(ConfigError, match="unknown setting 'no_such'"):
+        options(no_such=1)
+    with pytest.raises(ConfigError, match="max_k"):
+        options(max_k=0)
+    assert load_config(env={"COHORTSIM_DECODE_BUDGET_MB": "256"}).decode_budget_mb == 256

@@ -149,7 +149,7 @@ def test_one_error_table_for_the_servicer_and_the_cli() -> None:
     # attributes are the only table: the servicer and the CLI both read them
     import encoders.evaluate  # noqa: F401  (defines more subclasses, if any)
     import indexing.errors as ie
-    from encoders.errors import CohortsimError
+    from encoders.errors import CohortsimError, RegionError
     from service.cli import _fail  # noqa: F401  (the CLI module imports cleanly)
 
     classes = _subclasses(CohortsimError)
@@ -158,7 +158,7 @@ def test_one_error_table_for_the_servicer_and_the_cli() -> None:
                 ie.StoreWriteError, ie.SnapshotWriteError):  # fmt: skip
         assert cls in classes, cls
     for cls in classes:
-        exc = cls("r", "msg") if cls is DicomError else cls("msg")
+        exc = cls("r", "msg") if issubclass(cls, (DicomError, RegionError)) else cls("msg")
         error = classify(exc)
         assert error.code == getattr(C, cls.status) and error.code != C.INTERNAL, cls
         assert error.reason == exc.reason_code and error.reason.isupper(), cls

@@ -99,7 +99,7 @@ def test_cohort_stats_researcher_view_withholds_small_cells() -> None:
         study_count=100, patient_count=90,
         sites=[pb.CategoryCount(value="a", study_count=85, patient_count=85),
                pb.CategoryCount(value="b", study_count=5, patient_count=5)],
-        scanners=[pb.CategoryCount(value="GE x", study_count=90, patient_count=90)],
+        scanners=[pb.CategoryCount(value="GE x", study_count=100, patient_count=90)],
         labels=[pb.LabelCount(name="h", value="x", patient_count=40),
                 pb.LabelCount(name="h", value="y", patient_count=35),
                 pb.LabelCount(name="h", value="z", patient_count=3)],
@@ -108,7 +108,9 @@ def test_cohort_stats_researcher_view_withholds_small_cells() -> None:
     sites = {c.value: (c.study_count, c.patient_count) for c in out.sites}
     assert sites == {"a": (0, 0), "b": (0, 0)}  # b is small; a's complement (5) is small too
     assert [c.patient_count for c in out.scanners] == [90]
-    assert {lab.value: lab.patient_count for lab in out.labels} == {"x": 40, "y": 35, "z": 0}
+    # z (3) is withheld, and y with it: z alone would be the labelled total less the
+    # shown labels (secondary suppression)
+    assert {lab.value: lab.patient_count for lab in out.labels} == {"x": 40, "y": 0, "z": 0}
     assert out.disclosure_control.min_cell_count == m
     assert "labels[h=z]" in out.disclosure_control.withheld_fields
     # every count left is 0 or >= m
@@ -180,11 +182,12 @@ def test_search_stream_framing_and_cap(index_dir: Path) -> None:
             with pytest.raises(grpc.RpcError) as rerr:
                 stub.SearchSimilarStream(iter([chunk]), timeout=10)
             assert CohortsimClientError.from_rpc_error(rerr.value).reason == "STREAM_WITHOUT_REQUEST"
-            # over the explicit cap (1 MiB here): RESOURCE_EXHAUSTED, the server lives on
+            # this index has no encoder: refused at the request, before any chunk is
+            # buffered (the cap itself: tests/service/test_upload_budget.py)
             big = [b"\0" * (700 << 10), b"\0" * (700 << 10)]
             with pytest.raises(CohortsimClientError) as cerr:
                 c.search_stream(big, k=3, chunk_bytes=256 << 10)
-            assert (cerr.value.code, cerr.value.reason) == ("RESOURCE_EXHAUSTED", "STUDY_TOO_LARGE")
+            assert (cerr.value.code, cerr.value.reason) == ("FAILED_PRECONDITION", "NO_ENCODER")
             assert c.index_info().num_studies == N_STUDIES
     # the chunking reassembles files exactly
     msgs = list(stream_search_requests([b"a" * 5, b"b" * 3], pb.SearchSimilarRequest(), chunk_bytes=2))
@@ -214,8 +217,8 @@ def test_max_concurrent_rpcs_answers_resource_exhausted(index_dir: Path) -> None
             gate = asyncio.Event()
 
             async def held():  # type: ignore[no-untyped-def]
-                yield pb.SearchSimilarStreamRequest(request=pb.SearchSimilarRequest(k=3))
                 await gate.wait()
+                yield pb.SearchSimilarStreamRequest(request=pb.SearchSimilarRequest(k=3))
 
             call = stub.SearchSimilarStream(held(), timeout=10)
             await asyncio.sleep(0.3)
@@ -245,4 +248,4 @@ def test_max_concurrent_rpcs_answers_resource_exhausted(index_dir: Path) -> None
             else:
                 raise AssertionError("the server never freed its call slot")
     assert second == "RESOURCE_EXHAUSTED"
-    assert first == "INVALID_ARGUMENT"  # the held stream carried no DICOM study
+    assert first == "FAILED_PRECONDITION"  # the held stream's index has no encoder

@@ -16,8 +16,10 @@ from .conftest import N_STUDIES
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import asyncio, sys
+from service.config import ServeConfig
 from service.server import serve
-asyncio.run(serve(sys.argv[1], port=0, ready=lambda p: print(f"PORT {p}", flush=True), device="cpu"))
+config = ServeConfig(port=0, device="cpu")
+asyncio.run(serve(sys.argv[1], config, ready=lambda p: print(f"PORT {p}", flush=True)))
 print("STOPPED", flush=True)
 """
 

@@ -165,3 +165,32 @@ def test_raw_stub_over_tls(tls_server, pki) -> None:
     with grpc.secure_channel(tls_server.target, creds) as ch:
         stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(ch)
         assert stub.GetIndexInfo(cohortsim_pb2.GetIndexInfoRequest(), timeout=10).num_studies == 200
+
+
+def test_metrics_with_the_apis_mutual_tls(index_dir: Path, pki) -> None:
+    """metrics_tls: /metrics over HTTPS with the API's certificate; with a client CA, a
+    scraper without a client certificate is refused; without TLS settings, refused to start."""
+    import ssl
+    import urllib.request
+
+    from service.server import server_metrics
+
+    server, client = pki["server"], pki["client"]
+    tls = TlsConfig(server.cert, server.key, pki["ca"].cert_path)
+    with BackgroundServer(
+        index_dir, device="cpu", tls=tls, metrics_port=0, metrics_tls=True, watch_interval=None
+    ) as srv:
+        _, port = server_metrics(srv._server)  # type: ignore[arg-type]
+        url = f"https://localhost:{port}/metrics"
+        ctx = ssl.create_default_context(cafile=str(pki["ca"].cert_path))
+        with pytest.raises(OSError):  # no client certificate
+            urllib.request.urlopen(url, context=ctx, timeout=5).read()
+        ctx.load_cert_chain(str(client.cert), str(client.key))
+        with urllib.request.urlopen(url, context=ctx, timeout=5) as r:
+            assert b"cohortsim_index_info" in r.read()
+        with pytest.raises(OSError):  # plain HTTP
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    with pytest.raises(ValueError, match="metrics_tls needs"), BackgroundServer(
+        index_dir, device="cpu", metrics_port=0, metrics_tls=True
+    ):
+        pass
