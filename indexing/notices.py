@@ -53,6 +53,8 @@ class WarningCode(enum.StrEnum):
     UNSTABLE_NEIGHBOURS = "UNSTABLE_NEIGHBOURS"
     REGIONS_DISAGREE = "REGIONS_DISAGREE"
     QUERY_MODEL_VERSION_UNKNOWN = "QUERY_MODEL_VERSION_UNKNOWN"
+    # a federated answer
+    FEDERATION_SITE_MISSING = "FEDERATION_SITE_MISSING"
 
 
 #: Codes that say the whole answer's numbers carry no demonstrated prognostic value;

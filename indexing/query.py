@@ -1,9 +1,11 @@
 """Validated similarity search: neighbours with outcomes, prognosis and diagnostics.
 
-``search_similar`` is the one function the service calls for a query: it validates the
-vectors, runs one batched FAISS search for all queries, attaches each neighbour's
-metadata and outcome, weights the neighbours, summarises their outcomes
-(:mod:`indexing.prognosis`) and says how far the query lies from the cohort.
+``search_similar`` answers queries in process: it validates the vectors, runs one
+batched FAISS search for all queries, attaches each neighbour's metadata and outcome,
+weights the neighbours, summarises their outcomes (:mod:`indexing.prognosis`) and says
+how far the query lies from the cohort. It is the composition of the engine's three
+steps (:mod:`indexing.engine`: plan -> search -> assemble); this module holds the result
+types, the diagnostics and the per-snapshot caches they use.
 
 Diagnostics (:class:`Diagnostics`):
 
@@ -28,7 +30,7 @@ import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.stats import binom
@@ -41,13 +43,14 @@ from indexing.prognosis import (
     Prognosis,
     cohort_curve,
     ood_percentile,
-    similarity_weights,
-    summarize,
 )
 from indexing.snapshot import SearchParams, Snapshot
 from indexing.store import ACQUISITION_COLUMNS
 from indexing.thumbnails import BOX_COLUMN, SLICE_COLUMN, SOURCE_COLUMN, Region
 from indexing.thumbnails import COLUMN as THUMBNAIL_COLUMN
+
+if TYPE_CHECKING:
+    from indexing.engine import Prefetched
 
 DEFAULT_MAX_K = 1000
 OOD_WARN_PERCENTILE = 0.99
@@ -235,6 +238,7 @@ def search_similar(
     temperature: float | None = None,
     where: str = "",
     search_params: SearchParams | None = None,
+    prefetched: Prefetched | None = None,
 ) -> list[QueryResult]:
     """The k nearest cohort studies of each of ``m`` query vectors ``(m, d)`` (or ``(d,)``).
 
@@ -250,117 +254,34 @@ def search_similar(
     bad syntax or unknown columns) restricting the neighbours; the OOD percentile still
     ranks the query against the whole cohort. ``search_params``: per-query nprobe /
     efSearch of approximate indexes. Withdrawn patients never appear (the snapshot
-    drops tombstoned rows).
+    drops tombstoned rows). ``prefetched``: rows a batched search already fetched for
+    these queries (:class:`indexing.engine.Prefetched`; the service's micro-batcher).
     Raises :class:`DimensionError` / :class:`QueryError` on bad input.
     """
-    q = normalize_queries(vectors, snapshot.dimension)
-    m = q.shape[0]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= max_k:
-        raise QueryError(f"k must be an integer between 1 and {max_k}; got {k!r}")
-    for name, seq in (
-        ("exclude_rows", exclude_rows),
-        ("exclude_patients", exclude_patients),
-        ("query_acquisition", query_acquisition),
-    ):
-        if seq is not None and len(seq) != m:
-            raise QueryError(f"{name} has {len(seq)} entries for {m} queries")
+    # the engine's three steps (indexing.engine); imported here because the engine builds
+    # on this module's result types
+    from indexing import engine
 
-    excluded: list[set[int]] = [set() for _ in range(m)]
-    for i in range(m):
-        if exclude_rows is not None and exclude_rows[i] is not None:
-            excluded[i].add(int(exclude_rows[i]))  # type: ignore[arg-type]
-        if exclude_patients is not None and exclude_patients[i] is not None:
-            excluded[i].update(snapshot.rows_of_patient(exclude_patients[i]))  # type: ignore[arg-type]
-    n = snapshot.num_studies
-    k_ood = snapshot.k_ood
-    k_search = min(n, max(int(k), k_ood) + max(len(s) for s in excluded))
-    sims, rows = snapshot.search(q, k_search, where=where, params=search_params)
-
-    per_query: list[tuple[np.ndarray, np.ndarray]] = []
-    for i in range(m):
-        ok = rows[i] >= 0
-        if excluded[i]:
-            ok &= ~np.isin(rows[i], list(excluded[i]))
-        per_query.append((sims[i][ok], rows[i][ok]))
-    ood_sims = [qs for qs, _ in per_query]
-    if where.strip():  # OOD is about the whole cohort: search it again without the filter
-        k_all = min(n, k_ood + max(len(s) for s in excluded))
-        all_sims, all_rows = snapshot.search(q, k_all, params=search_params)
-        for i in range(m):
-            ok = all_rows[i] >= 0
-            if excluded[i]:
-                ok &= ~np.isin(all_rows[i], list(excluded[i]))
-            ood_sims[i] = all_sims[i][ok]
-
-    # one metadata gather for every neighbour of every query
-    wanted = np.concatenate([r[: int(k)] for _, r in per_query]) if m else np.zeros(0, np.int64)
-    gathered = _neighbor_table(snapshot).take(wanted).to_pydict()
-    none = [None] * len(wanted)
-    acq_cols = [(c, gathered[c]) for c in ACQUISITION_COLUMNS if c in gathered]
-    patient_ids, study_uids, sites, times, events, labels_col, values_col = (
-        gathered.get(c, none)
-        for c in ("patient_id", "study_uid", "site", "time", "event", "labels", "values")
+    p = engine.plan(
+        snapshot,
+        vectors,
+        k,
+        max_k=max_k,
+        exclude_rows=exclude_rows,
+        exclude_patients=exclude_patients,
+        where=where,
+        search_params=search_params,
+        per_query=(("query_acquisition", query_acquisition),),
     )
-
-    reference = snapshot.ood_reference
-    shares = snapshot.scanner_shares() if query_acquisition is not None else {}
-    if temperature is None:
-        temperature = snapshot_temperature(snapshot)
-    cohort = _cohort_summary(snapshot, tuple(float(h) for h in horizons))
-    results: list[QueryResult] = []
-    offset = 0
-    for i in range(m):
-        qs, qr = per_query[i]
-        kk = min(int(k), qr.size)
-        nsims = qs[:kk].astype(np.float64)
-        weights = similarity_weights(nsims, temperature=temperature)
-        neighbors: list[NeighborResult] = []
-        for j in range(kk):
-            g = offset + j
-            acquisition = {c: str(v[g]) for c, v in acq_cols if v[g] not in (None, "")}
-            time = times[g]
-            neighbors.append(
-                NeighborResult(
-                    row=int(qr[j]),
-                    patient_id=patient_ids[g],
-                    study_uid=study_uids[g],
-                    similarity=float(qs[j]),
-                    site=sites[g],
-                    acquisition=acquisition,
-                    time=None if time is None or math.isnan(time) else float(time),
-                    event=events[g],
-                    labels=_as_dict(labels_col[g]),
-                    values=_as_dict(values_col[g]),
-                    weight=float(weights[j]),
-                )
-            )
-        offset += kk
-
-        prognosis = summarize(
-            [nb.time for nb in neighbors],
-            [nb.event for nb in neighbors],
-            weights,
-            [nb.labels for nb in neighbors],
-            [nb.values for nb in neighbors],
-            horizons=horizons,
-        )
-        prognosis.cohort_survival, prognosis.cohort_median, prognosis.cohort_at_horizons = cohort
-        prognosis.warnings[:0] = index_warnings(snapshot)  # the index's skill comes first
-        prognosis.temperature = float(temperature)
-        diagnostics = _diagnostics(
-            ood_sims[i][:k_ood],
-            reference,
-            neighbors,
-            None if query_acquisition is None else query_acquisition[i],
-            shares,
-        )
-        query_acq = None if query_acquisition is None else query_acquisition[i]
-        if query_acq:
-            _acquisition_checks(diagnostics, snapshot, neighbors, query_acq)
-        results.append(
-            QueryResult(neighbors, prognosis, diagnostics, snapshot.version, snapshot.model_version)
-        )
-    return results
+    hits = engine.search(snapshot, p, prefetched=prefetched)
+    return engine.assemble(
+        snapshot,
+        p,
+        hits,
+        horizons=horizons,
+        query_acquisition=query_acquisition,
+        temperature=temperature,
+    )
 
 
 def _diagnostics(

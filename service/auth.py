@@ -88,6 +88,11 @@ METHOD_RIGHTS: dict[str, str] = {
     _SVC + "IngestStudies": "ingest",
     _SVC + "DeletePatient": "delete",
     _SVC + "ReloadIndex": "reload",
+    # a federated site's neighbours carry pseudonyms and outcomes: a coordinator needs a
+    # clinician's credential (token or mutual-TLS certificate) at each site
+    _SVC + "SearchSite": "identities",
+    # counts only, suppressed at the site (min cell) before they leave
+    _SVC + "AggregateSite": "search",
     _SVC + "RebuildIndex": "rebuild",
     "/grpc.health.v1.Health/Check": PUBLIC,
     "/grpc.health.v1.Health/Watch": PUBLIC,

@@ -22,7 +22,7 @@ Policy (:class:`SearchBatcher`):
   (a ``study_uid`` query drops its patient's studies) and query acquisition: the group
   is searched once with the largest depth any member needs, and each member's
   ``search_similar`` reads its prefix (the top ``k'`` of a top ``K >= k'`` exact search
-  is its first ``k'`` entries). A member that needs more than was fetched (a patient
+  is its first ``k'`` entries, handed over as :class:`indexing.engine.Prefetched`). A member that needs more than was fetched (a patient
   with more studies than expected) falls back to its own search, so answers never
   change - they equal the one-at-a-time answers;
 * more than ``max_queue`` waiting requests -> RESOURCE_EXHAUSTED ``OVERLOADED``;
@@ -51,7 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from indexing.query import QueryResult, normalize_queries, snapshot_cache
+from indexing.engine import Prefetched
+from indexing.query import QueryResult, normalize_queries
 from indexing.snapshot import SearchParams, Snapshot
 from service.convert import SearchQuery
 from service.errors import ServiceError
@@ -73,68 +74,6 @@ def overloaded(waiting: int) -> ServiceError:
         f"the server has {waiting} searches waiting; retry with backoff",
         {"waiting": str(waiting)},
     )
-
-
-class PrefetchedSnapshot:
-    """A read-only view of a :class:`Snapshot` whose :meth:`search` for one known query
-    returns rows fetched earlier by a batched search (its first ``k`` columns).
-
-    Any other search (another query, a deeper ``k``, other filter or parameters, e.g.
-    the TTA views of a DICOM query) goes to the real snapshot. Everything else is
-    delegated unchanged.
-    """
-
-    def __init__(
-        self,
-        snapshot: Snapshot,
-        query: np.ndarray,
-        sims: np.ndarray,
-        rows: np.ndarray,
-        where: str,
-        params: SearchParams | None,
-    ) -> None:
-        self._snapshot = snapshot
-        self._query = query
-        self._sims = sims
-        self._rows = rows
-        self._where = where
-        self._params = params or SearchParams()
-        self.hits = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._snapshot, name)
-
-    # equal to (and hashed as) the snapshot it wraps, so per-snapshot caches keyed by the
-    # snapshot (indexing.query's cohort curve, acquisition profile) are shared, not rebuilt
-    def __hash__(self) -> int:
-        return hash(self._snapshot)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, PrefetchedSnapshot):
-            other = other._snapshot
-        return other is self._snapshot
-
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        *,
-        where: str = "",
-        allowed: np.ndarray | None = None,
-        params: SearchParams | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        q = np.asarray(queries)
-        if (
-            allowed is None
-            and where == self._where
-            and (params or SearchParams()) == self._params
-            and q.shape == (1, self._query.shape[0])
-            and 1 <= k <= self._rows.shape[0]
-            and np.array_equal(q[0], self._query)
-        ):
-            self.hits += 1
-            return self._sims[None, :k].copy(), self._rows[None, :k].copy()
-        return self._snapshot.search(queries, k, where=where, allowed=allowed, params=params)
 
 
 @dataclass
@@ -163,7 +102,7 @@ class BatchStats:
     sizes: list[int] = field(default_factory=list)  # last 1,000 batch sizes
 
 
-SearchFn = Callable[[Any, Snapshot, SearchQuery], QueryResult]
+SearchFn = Callable[..., QueryResult]  # (state, snapshot, query, *, prefetched=None)
 # (caller's future, result, exception): collected on the worker, applied on the loop
 _Settled = tuple["asyncio.Future[QueryResult]", Any, BaseException | None]
 SearchManyFn = Callable[[Any, Snapshot, list[SearchQuery]], list[QueryResult]]
@@ -172,8 +111,10 @@ SearchManyFn = Callable[[Any, Snapshot, list[SearchQuery]], list[QueryResult]]
 class SearchBatcher:
     """Collects concurrent searches on the event loop and runs them batched on ``executor``.
 
-    ``search_one(state, snapshot, query)`` is the per-request search
-    (:func:`service.servicer.search`); it receives a :class:`PrefetchedSnapshot`.
+    ``search_one(state, snapshot, query, *, prefetched)`` is the per-request search
+    (:func:`service.servicer.search`); ``prefetched`` is None or the rows the group's
+    shared search fetched for this query (:class:`indexing.engine.Prefetched`), which
+    the engine's search step reads instead of searching again.
     ``search_many(state, snapshot, queries)`` (optional, :func:`service.servicer.search_many`)
     answers plain embedding queries of one group that share ``k`` in one call (one
     neighbour / metadata pass for all, as in-process batched search); the others go
@@ -314,8 +255,6 @@ class SearchBatcher:
             live = self._run_shared(live, out)
             if not live:
                 return
-        # the per-snapshot cache entry must belong to the snapshot, not to a short-lived view
-        snapshot_cache(snapshot)
         vectors: list[np.ndarray | None] = []
         depth = 1
         n, k_ood = snapshot.num_studies, snapshot.k_ood
@@ -343,18 +282,16 @@ class SearchBatcher:
             if it.future.cancelled():
                 self.stats.dropped += 1
                 continue
-            view: Any = snapshot
+            pre = None
             if i in prefetched:
-                vec = vectors[i]
-                assert vec is not None
                 sims_i, rows_i = prefetched[i]
-                view = PrefetchedSnapshot(snapshot, vec, sims_i, rows_i, q0.where, params)
+                pre = Prefetched(sims_i[None, :], rows_i[None, :])
             try:
-                result = self.search_one(self.state, view, it.query)
+                result = self.search_one(self.state, snapshot, it.query, prefetched=pre)
             except Exception as exc:
                 out.append((it.future, None, exc))
                 continue
-            if isinstance(view, PrefetchedSnapshot) and view.hits == 0:
+            if pre is not None and not pre.used:
                 self.stats.fallbacks += 1
             out.append((it.future, result, None))
 
@@ -542,7 +479,6 @@ __all__ = [
     "BatchStats",
     "EmbedBatcher",
     "EmbedStats",
-    "PrefetchedSnapshot",
     "SearchBatcher",
     "overloaded",
 ]

@@ -891,7 +891,15 @@ def compact(
 @app.command()
 @cli_errors
 def serve(
-    index: Annotated[Path, typer.Option(help="Index folder from cohortsim index build.")],
+    index: Annotated[Path | None, typer.Option(help="Index folder from cohortsim index build (a site).")] = None,
+    federate: Annotated[
+        Path | None,
+        typer.Option(help="Serve a federated coordinator over the sites of this TOML file ([[site]] name, address, tls_ca/tls_cert/tls_key) instead of an index."),
+    ] = None,
+    site_deadline_s: Annotated[float, typer.Option(min=0.01, help="Coordinator: seconds to wait for the slowest site.")] = 5.0,
+    encoder: Annotated[
+        Path | None, typer.Option(help="Coordinator: the sites' encoder folder, so DICOM queries are embedded once here.")
+    ] = None,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="0 picks a free port.")] = 50051,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate chain (PEM); with --tls-key the port speaks TLS only.")] = None,
@@ -914,6 +922,9 @@ def serve(
     reid_similarity: Annotated[
         float, typer.Option(min=0.5, max=1.0, help="Researchers: a neighbour this similar to the query counts as the same patient and is left out.")
     ] = 0.95,
+    time_bins: Annotated[
+        str | None, typer.Option(help="Federated site: comma-separated time bin edges of the counts released to researchers (default 0,6,12,24,36,60,120).")
+    ] = None,
     rate_limit: Annotated[float | None, typer.Option(min=0.001, help="Calls per second per principal (bursts of twice that).")] = None,
     max_concurrent_per_principal: Annotated[int | None, typer.Option(min=1, help="Calls one principal may have in flight.")] = None,
     device: Annotated[str, typer.Option(help="Where the index is searched: " + _DEVICE_HELP)] = "auto",
@@ -958,6 +969,16 @@ def serve(
         raise CliError("give both --tls-cert and --tls-key (or neither)")
     if tls_client_ca is not None and tls_cert is None:
         raise CliError("--tls-client-ca needs --tls-cert and --tls-key")
+    if (index is None) == (federate is None):
+        raise CliError("give --index (serve a site) or --federate SITES.toml (a coordinator), not both")
+    if federate is not None:
+        _serve_coordinator(
+            federate, host, port, site_deadline_s, tls_cert, tls_key, tls_client_ca, auth_tokens, audit_log,
+            min_cell, encoder,
+        )
+        return
+    assert index is not None
+    bins = _time_bins(time_bins)  # a bad --time-bins fails before the index is read
     dev = _device(device)
     try:
         settings = load_config(
@@ -997,7 +1018,7 @@ def serve(
         tls=tls,
         auth_tokens=TokenStore.load(auth_tokens) if auth_tokens is not None else None,
         audit_log=AuditLog(audit_log, max_bytes=max_bytes) if audit_log is not None else None,
-        policy=DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity),
+        policy=DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity, time_bins=bins),
         rate_limit=rate_limit,
         max_concurrent_per_principal=max_concurrent_per_principal,
         pacs=pacs,
@@ -1006,6 +1027,63 @@ def serve(
     asyncio.run(
         serve_async(
             index, settings, security, ready=lambda p: _say(f"serving {index} on {host}:{p}")
+        )
+    )
+
+
+def _time_bins(text: str | None) -> tuple[float, ...]:
+    """``--time-bins "0,24,60"`` -> DisclosurePolicy's ``time_bins`` (None: the default)."""
+    from indexing.aggregates import DEFAULT_BIN_EDGES, check_edges
+
+    if text is None:
+        return DEFAULT_BIN_EDGES
+    try:
+        return check_edges([float(v) for v in text.split(",")])
+    except ValueError as exc:
+        raise CliError(f"--time-bins: {exc}") from None
+
+
+def _serve_coordinator(
+    sites_file: Path,
+    host: str,
+    port: int,
+    deadline_s: float,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    auth_tokens: Path | None,
+    audit_log: Path | None,
+    min_cell: int,
+    encoder: Path | None,
+) -> None:
+    """``serve --federate``: the coordinator (service.coordinator) until SIGTERM/Ctrl-C."""
+    import asyncio
+
+    from service.audit import AuditLog
+    from service.auth import TokenStore
+    from service.coordinator import serve_coordinator
+    from service.federation import SitesConfigError, load_sites
+    from service.tls import TlsConfig
+
+    try:
+        sites = load_sites(sites_file)
+    except SitesConfigError as exc:
+        raise CliError(str(exc)) from None
+    if encoder is not None and not (encoder / "card.json").is_file():
+        raise CliError(f"--encoder {encoder}: no encoder card (card.json) there; give the folder of cohortsim train")
+    tls = None
+    if tls_cert is not None and tls_key is not None:
+        tls = TlsConfig(tls_cert, tls_key, tls_client_ca)
+        tls.server_credentials()
+    names = ", ".join(s.name for s in sites)
+    asyncio.run(
+        serve_coordinator(
+            sites, host=host, port=port, deadline_s=deadline_s, tls=tls,
+            auth_tokens=TokenStore.load(auth_tokens) if auth_tokens is not None else None,
+            audit_log=AuditLog(audit_log) if audit_log is not None else None,
+            min_cell=min_cell,
+            encoder_dir=encoder,
+            ready=lambda p: _say(f"coordinating {len(sites)} sites ({names}) on {host}:{p}"),
         )
     )
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from google.protobuf import timestamp_pb2
 
+from indexing.aggregates import Aggregates
 from indexing.notices import Notice, WarningCode, code_of, skill_notices
 from indexing.prognosis import Prognosis
 from indexing.query import Diagnostics, NeighborResult, QueryResult, Stability
@@ -330,6 +331,75 @@ def neighbor_to_proto(n: NeighborResult) -> pb.Neighbor:
         thumbnail_png=n.thumbnail or b"",
         region=region_to_proto(n.region),
         explanation=explanation_to_proto(n.explanation),
+    )
+
+
+def neighbor_from_proto(msg: pb.Neighbor, row: int) -> NeighborResult:
+    """A site's ``Neighbor`` -> ``NeighborResult`` (``row``: its place in the coordinator's
+    merge, not a row of any index the coordinator holds)."""
+    out = msg.outcome
+    return NeighborResult(
+        row=int(row),
+        patient_id=msg.patient_id,
+        study_uid=msg.study_uid,
+        similarity=float(msg.similarity),
+        site=msg.site or None,
+        acquisition=dict(msg.acquisition),
+        time=out.time if out.HasField("time") else None,
+        event=out.event if out.HasField("event") else None,
+        labels=dict(out.labels),
+        values=dict(out.values),
+        weight=0.0,
+    )
+
+
+def site_response(part: Any, snapshot: Any) -> pb.SearchSiteResponse:
+    """A site's :class:`indexing.engine.SitePart` -> ``SearchSiteResponse``."""
+    return pb.SearchSiteResponse(
+        neighbors=[neighbor_to_proto(n) for n in part.neighbors],
+        index_version=str(snapshot.version),
+        model_version=str(snapshot.model_version),
+        num_studies=int(snapshot.num_studies),
+        ood_percentile=float(part.ood_percentile),
+        temperature=float(part.temperature),
+    )
+
+
+def aggregates_to_proto(agg: Aggregates, *, min_cell: int, snapshot: Any) -> pb.AggregateSiteResponse:
+    """A site's suppressed :class:`indexing.aggregates.Aggregates` -> ``AggregateSiteResponse``."""
+    return pb.AggregateSiteResponse(
+        bin_edges=list(agg.edges),
+        at_risk=[int(c) for c in agg.at_risk],
+        events=[int(c) for c in agg.events],
+        weighted_at_risk=[float(w) for w in agg.w_at_risk],
+        weighted_events=[float(w) for w in agg.w_events],
+        label_counts=[
+            pb.LabelCount(name=name, value=value, patient_count=int(c))
+            for name, values in sorted(agg.labels.items())
+            for value, c in sorted(values.items())
+        ],
+        patients=int(agg.patients),
+        withheld=sorted(agg.withheld),
+        min_cell=int(min_cell),
+        model_version=str(snapshot.model_version),
+        num_studies=int(snapshot.num_studies),
+    )
+
+
+def aggregates_from_proto(msg: pb.AggregateSiteResponse) -> Aggregates:
+    """``AggregateSiteResponse`` -> :class:`indexing.aggregates.Aggregates`."""
+    labels: dict[str, dict[str, int]] = {}
+    for lc in msg.label_counts:
+        labels.setdefault(lc.name, {})[lc.value] = int(lc.patient_count)
+    return Aggregates(
+        tuple(msg.bin_edges),
+        np.asarray(msg.at_risk, dtype=np.int64),
+        np.asarray(msg.events, dtype=np.int64),
+        np.asarray(msg.weighted_at_risk, dtype=np.float64),
+        np.asarray(msg.weighted_events, dtype=np.float64),
+        labels,
+        int(msg.patients),
+        set(msg.withheld),
     )
 
 

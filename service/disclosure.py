@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from indexing.aggregates import DEFAULT_BIN_EDGES, check_edges
 from indexing.prognosis import kaplan_meier
 from service.errors import ServiceError
 from service.releases import Conflict, ReleaseRecord, ReleaseRecordFull
@@ -38,8 +39,11 @@ class DisclosurePolicy:
     time_grid: float = DEFAULT_TIME_GRID
     answer_differencing: bool = True
     registry_limit: int = DEFAULT_REGISTRY_LIMIT
+    # bin edges of the additive counts a federated site releases (AggregateSite)
+    time_bins: tuple[float, ...] = DEFAULT_BIN_EDGES
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "time_bins", check_edges(self.time_bins))
         if isinstance(self.min_cell, bool) or not isinstance(self.min_cell, int) or self.min_cell < 2:
             raise ValueError(f"min_cell must be an integer >= 2, got {self.min_cell!r}")
         if not 0.0 < float(self.reid_similarity) <= 1.0:

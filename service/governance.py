@@ -143,6 +143,7 @@ SEARCH_RULES: dict[str, str] = {
     "index_version": KEEP,
     "model_version": KEEP,
     "query_thumbnail_png": DROP,
+    "federation": DROP,  # set by a coordinator, which answers clinicians only
     "query_region": DROP,  # where the query's embedding was cut: per-study, like thumbnails
     "prognosis": KEEP,
     "prognosis.survival": KEEP,

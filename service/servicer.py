@@ -22,6 +22,8 @@ import numpy as np
 
 from encoders.budget import DecodeBudget, DecodeBudgetExceeded
 from encoders.errors import EncoderError
+from indexing import aggregates, engine
+from indexing.engine import Prefetched
 from indexing.errors import ModelVersionError
 from indexing.query import (
     QueryResult,
@@ -30,6 +32,7 @@ from indexing.query import (
     index_warnings,
     regions,
     search_similar,
+    snapshot_temperature,
     thumbnails,
 )
 from indexing.snapshot import SearchParams, Snapshot, current_version, load_snapshot
@@ -384,7 +387,12 @@ class ServiceState:
         return boxes
 
 def search(
-    state: ServiceState, snapshot: Snapshot, query: convert.SearchQuery, *, max_k: int
+    state: ServiceState,
+    snapshot: Snapshot,
+    query: convert.SearchQuery,
+    *,
+    max_k: int,
+    prefetched: Prefetched | None = None,
 ) -> QueryResult:
     """Run one validated query against ``snapshot``; blocking.
 
@@ -392,7 +400,9 @@ def search(
     patient (their outcome is the query patient's own, so it must not predict it).
     A DICOM query is also re-embedded under ``state.tta_views`` scanner-like augmentations,
     searched the same way, and the result's ``diagnostics.stability`` compares the two.
-    Thumbnails are attached when the query asks for them.
+    Thumbnails are attached when the query asks for them. ``prefetched``: rows of the
+    query's own vector that the micro-batcher's shared search already fetched (used by
+    the engine's search step when deep enough; the TTA views and regions search anew).
     """
     kwargs: dict[str, Any] = {}
     views = None
@@ -433,16 +443,19 @@ def search(
     if query.nprobe is not None or query.ef_search is not None:
         kwargs["search_params"] = SearchParams(nprobe=query.nprobe, ef_search=query.ef_search)
 
-    def same_as_query(vectors: np.ndarray) -> list[QueryResult]:
+    def same_as_query(vectors: np.ndarray, pre: Prefetched | None = None) -> list[QueryResult]:
         """Search ``vectors`` with the query's k, filter and exclusions (per-query lists
         repeated for each row)."""
         same: dict[str, Any] = {
             key: v * len(vectors) if isinstance(v, list) else v for key, v in kwargs.items()
         }
-        return search_similar(snapshot, vectors, query.k, max_k=max_k, **same)
+        return search_similar(snapshot, vectors, query.k, max_k=max_k, prefetched=pre, **same)
 
     # with regions of interest, the answer is the first region's (its vector is `vector`)
-    results = same_as_query(region_vectors if region_vectors is not None else vector[None, :])
+    if region_vectors is not None:
+        results = same_as_query(region_vectors)
+    else:
+        results = same_as_query(vector[None, :], prefetched)
     result = results[0]
     if views is not None and len(views):
         attach_stability(result, same_as_query(views))
@@ -464,6 +477,22 @@ def search(
     if embedded is not None and getattr(query, "include_explanations", False) and rows:
         attach_explanations(state, snapshot, embedded, result)
     return result
+
+
+def site_search(
+    snapshot: Snapshot, vector: np.ndarray, k: int, where: str, max_k: int
+) -> engine.SitePart:
+    """The engine's plan and search steps for one vector, then the neighbours' rows: what
+    a federated site returns (no weights, no prognosis: the coordinator assembles)."""
+    p = engine.plan(snapshot, vector, k, max_k=max_k, where=where)
+    hits = engine.search(snapshot, p)
+    sims, rows = hits.top(0, p.k)
+    (neighbors,) = engine.gather_neighbors(snapshot, [sims], [rows])
+    return engine.SitePart(
+        neighbors=neighbors,
+        ood_percentile=engine.ood_of(snapshot, p, hits, 0),
+        temperature=snapshot_temperature(snapshot),
+    )
 
 
 def search_many(
@@ -604,6 +633,65 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         return self.governance.researcher_search(
             snapshot, query, run=run, embed=self.state.embed_dicom, time_unit=time_unit
         )
+
+    @grpc_errors
+    async def SearchSite(
+        self, request: cohortsim_pb2.SearchSiteRequest, context: grpc.aio.ServicerContext
+    ) -> cohortsim_pb2.SearchSiteResponse:
+        """A federated site's partial result: top-k neighbours of one vector, unweighted."""
+        snapshot = self.state.require_snapshot()
+        vector = convert.parse_embedding(request.embedding, dimension=snapshot.dimension)
+        k = convert.parse_k(request.k, default_k=self.limits.default_k, max_k=self.limits.max_k)
+        where = self._check_filter(request.filter.where)
+        if not request.embedding.HasField("model_version"):
+            raise invalid_argument(
+                "MODEL_VERSION_REQUIRED",
+                "a federated query must name the encoder version of its embedding "
+                "(Vector.model_version); sites answer only vectors of their own encoder",
+            )
+        query = convert.SearchQuery(
+            kind="embedding", k=k, embedding=vector, model_version=request.embedding.model_version
+        )
+        convert.check_embedding_model(query, snapshot.model_version)
+        part = await self._run(site_search, snapshot, vector, k, where, self.limits.max_k)
+        add_facts(site_neighbors=len(part.neighbors))
+        return convert.site_response(part, snapshot)
+
+    @grpc_errors
+    async def AggregateSite(
+        self, request: cohortsim_pb2.SearchSiteRequest, context: grpc.aio.ServicerContext
+    ) -> cohortsim_pb2.AggregateSiteResponse:
+        """A federated site's researcher part: additive counts over its top-k neighbours,
+        suppressed here (the site's min cell) before they leave."""
+        snapshot = self.state.require_snapshot()
+        vector = convert.parse_embedding(request.embedding, dimension=snapshot.dimension)
+        k = convert.parse_k(request.k, default_k=self.limits.default_k, max_k=self.limits.max_k)
+        where = self._check_filter(request.filter.where)
+        if not request.embedding.HasField("model_version"):
+            raise invalid_argument(
+                "MODEL_VERSION_REQUIRED",
+                "a federated query must name the encoder version of its embedding "
+                "(Vector.model_version); sites answer only vectors of their own encoder",
+            )
+        query = convert.SearchQuery(
+            kind="embedding", k=k, embedding=vector, model_version=request.embedding.model_version
+        )
+        convert.check_embedding_model(query, snapshot.model_version)
+        part = await self._run(site_search, snapshot, vector, k, where, self.limits.max_k)
+        min_cell = self.governance.policy.min_cell
+        counts = aggregates.suppress(
+            aggregates.aggregate(
+                [nb.time for nb in part.neighbors],
+                [nb.event for nb in part.neighbors],
+                [nb.similarity for nb in part.neighbors],
+                [nb.labels for nb in part.neighbors],
+                edges=self.governance.policy.time_bins,
+                temperature=part.temperature,
+            ),
+            min_cell,
+        )
+        add_facts(site_aggregate=aggregates.to_dict(counts))
+        return convert.aggregates_to_proto(counts, min_cell=min_cell, snapshot=snapshot)
 
     @grpc_errors
     async def EmbedStudy(

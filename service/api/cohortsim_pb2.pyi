@@ -32,6 +32,15 @@ class WarningCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WARNING_CODE_UNSTABLE_NEIGHBOURS: _ClassVar[WarningCode]
     WARNING_CODE_REGIONS_DISAGREE: _ClassVar[WarningCode]
     WARNING_CODE_QUERY_MODEL_VERSION_UNKNOWN: _ClassVar[WarningCode]
+    WARNING_CODE_FEDERATION_SITE_MISSING: _ClassVar[WarningCode]
+
+class SiteState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SITE_STATE_UNSPECIFIED: _ClassVar[SiteState]
+    SITE_STATE_ANSWERED: _ClassVar[SiteState]
+    SITE_STATE_TIMED_OUT: _ClassVar[SiteState]
+    SITE_STATE_REFUSED: _ClassVar[SiteState]
+    SITE_STATE_UNAVAILABLE: _ClassVar[SiteState]
 WARNING_CODE_UNSPECIFIED: WarningCode
 WARNING_CODE_NO_PROGNOSTIC_SKILL: WarningCode
 WARNING_CODE_FEW_OUTCOMES: WarningCode
@@ -51,6 +60,12 @@ WARNING_CODE_SLICE_THICKNESS_OUT_OF_RANGE: WarningCode
 WARNING_CODE_UNSTABLE_NEIGHBOURS: WarningCode
 WARNING_CODE_REGIONS_DISAGREE: WarningCode
 WARNING_CODE_QUERY_MODEL_VERSION_UNKNOWN: WarningCode
+WARNING_CODE_FEDERATION_SITE_MISSING: WarningCode
+SITE_STATE_UNSPECIFIED: SiteState
+SITE_STATE_ANSWERED: SiteState
+SITE_STATE_TIMED_OUT: SiteState
+SITE_STATE_REFUSED: SiteState
+SITE_STATE_UNAVAILABLE: SiteState
 
 class Vector(_message.Message):
     __slots__ = ("values", "model_version")
@@ -121,7 +136,7 @@ class SearchParameters(_message.Message):
     def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
 
 class SearchSimilarResponse(_message.Message):
-    __slots__ = ("neighbors", "prognosis", "diagnostics", "index_version", "model_version", "query_thumbnail_png", "disclosure_control", "query_region")
+    __slots__ = ("neighbors", "prognosis", "diagnostics", "index_version", "model_version", "query_thumbnail_png", "disclosure_control", "query_region", "federation")
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     PROGNOSIS_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +145,7 @@ class SearchSimilarResponse(_message.Message):
     QUERY_THUMBNAIL_PNG_FIELD_NUMBER: _ClassVar[int]
     DISCLOSURE_CONTROL_FIELD_NUMBER: _ClassVar[int]
     QUERY_REGION_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
     neighbors: _containers.RepeatedCompositeFieldContainer[Neighbor]
     prognosis: Prognosis
     diagnostics: QueryDiagnostics
@@ -138,7 +154,8 @@ class SearchSimilarResponse(_message.Message):
     query_thumbnail_png: bytes
     disclosure_control: DisclosureControl
     query_region: EmbeddedRegion
-    def __init__(self, neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., prognosis: _Optional[_Union[Prognosis, _Mapping]] = ..., diagnostics: _Optional[_Union[QueryDiagnostics, _Mapping]] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., query_thumbnail_png: _Optional[bytes] = ..., disclosure_control: _Optional[_Union[DisclosureControl, _Mapping]] = ..., query_region: _Optional[_Union[EmbeddedRegion, _Mapping]] = ...) -> None: ...
+    federation: FederationReport
+    def __init__(self, neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., prognosis: _Optional[_Union[Prognosis, _Mapping]] = ..., diagnostics: _Optional[_Union[QueryDiagnostics, _Mapping]] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., query_thumbnail_png: _Optional[bytes] = ..., disclosure_control: _Optional[_Union[DisclosureControl, _Mapping]] = ..., query_region: _Optional[_Union[EmbeddedRegion, _Mapping]] = ..., federation: _Optional[_Union[FederationReport, _Mapping]] = ...) -> None: ...
 
 class Warning(_message.Message):
     __slots__ = ("code", "message")
@@ -181,6 +198,80 @@ class DisclosureControl(_message.Message):
     aggregated_patients: int
     withheld_fields: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, min_cell_count: _Optional[int] = ..., aggregated_patients: _Optional[int] = ..., withheld_fields: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SearchSiteRequest(_message.Message):
+    __slots__ = ("embedding", "k", "filter")
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    embedding: Vector
+    k: int
+    filter: Filter
+    def __init__(self, embedding: _Optional[_Union[Vector, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+
+class SearchSiteResponse(_message.Message):
+    __slots__ = ("neighbors", "index_version", "model_version", "num_studies", "ood_percentile", "temperature")
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_STUDIES_FIELD_NUMBER: _ClassVar[int]
+    OOD_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    neighbors: _containers.RepeatedCompositeFieldContainer[Neighbor]
+    index_version: str
+    model_version: str
+    num_studies: int
+    ood_percentile: float
+    temperature: float
+    def __init__(self, neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., index_version: _Optional[str] = ..., model_version: _Optional[str] = ..., num_studies: _Optional[int] = ..., ood_percentile: _Optional[float] = ..., temperature: _Optional[float] = ...) -> None: ...
+
+class AggregateSiteResponse(_message.Message):
+    __slots__ = ("bin_edges", "at_risk", "events", "weighted_at_risk", "weighted_events", "label_counts", "patients", "withheld", "min_cell", "model_version", "num_studies")
+    BIN_EDGES_FIELD_NUMBER: _ClassVar[int]
+    AT_RISK_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_AT_RISK_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    PATIENTS_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    MIN_CELL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_STUDIES_FIELD_NUMBER: _ClassVar[int]
+    bin_edges: _containers.RepeatedScalarFieldContainer[float]
+    at_risk: _containers.RepeatedScalarFieldContainer[int]
+    events: _containers.RepeatedScalarFieldContainer[int]
+    weighted_at_risk: _containers.RepeatedScalarFieldContainer[float]
+    weighted_events: _containers.RepeatedScalarFieldContainer[float]
+    label_counts: _containers.RepeatedCompositeFieldContainer[LabelCount]
+    patients: int
+    withheld: _containers.RepeatedScalarFieldContainer[str]
+    min_cell: int
+    model_version: str
+    num_studies: int
+    def __init__(self, bin_edges: _Optional[_Iterable[float]] = ..., at_risk: _Optional[_Iterable[int]] = ..., events: _Optional[_Iterable[int]] = ..., weighted_at_risk: _Optional[_Iterable[float]] = ..., weighted_events: _Optional[_Iterable[float]] = ..., label_counts: _Optional[_Iterable[_Union[LabelCount, _Mapping]]] = ..., patients: _Optional[int] = ..., withheld: _Optional[_Iterable[str]] = ..., min_cell: _Optional[int] = ..., model_version: _Optional[str] = ..., num_studies: _Optional[int] = ...) -> None: ...
+
+class FederationReport(_message.Message):
+    __slots__ = ("sites", "cohort_studies")
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    COHORT_STUDIES_FIELD_NUMBER: _ClassVar[int]
+    sites: _containers.RepeatedCompositeFieldContainer[SiteReport]
+    cohort_studies: int
+    def __init__(self, sites: _Optional[_Iterable[_Union[SiteReport, _Mapping]]] = ..., cohort_studies: _Optional[int] = ...) -> None: ...
+
+class SiteReport(_message.Message):
+    __slots__ = ("name", "state", "reason", "neighbors", "model_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: SiteState
+    reason: str
+    neighbors: int
+    model_version: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[SiteState, str]] = ..., reason: _Optional[str] = ..., neighbors: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Neighbor(_message.Message):
     __slots__ = ("patient_id", "study_uid", "similarity", "site", "acquisition", "outcome", "weight", "thumbnail_png", "region", "explanation")

@@ -91,6 +91,16 @@ class PatientSimilarityServiceStub:
                 request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexRequest.SerializeToString,
                 response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexResponse.FromString,
                 _registered_method=True)
+        self.SearchSite = channel.unary_unary(
+                '/cohortsim.v1.PatientSimilarityService/SearchSite',
+                request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteRequest.SerializeToString,
+                response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteResponse.FromString,
+                _registered_method=True)
+        self.AggregateSite = channel.unary_unary(
+                '/cohortsim.v1.PatientSimilarityService/AggregateSite',
+                request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteRequest.SerializeToString,
+                response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.AggregateSiteResponse.FromString,
+                _registered_method=True)
 
 
 class PatientSimilarityServiceServicer:
@@ -179,6 +189,26 @@ class PatientSimilarityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchSite(self, request, context):
+        """Federation: this site's top-k neighbours (similarities and rows, outcomes included)
+        of one query vector, for a coordinator (cohortsim serve --federate) that merges the
+        sites' answers. Needs the identities right (clinicians). Refused with
+        FAILED_PRECONDITION MODEL_VERSION_MISMATCH when the vector's encoder version is not
+        the site index's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AggregateSite(self, request, context):
+        """Federation, researchers: additive counts over this site's top-k neighbours of one
+        query vector (at risk / events per fixed time bin, label counts), every count below
+        the site's minimum cell withheld before it leaves. Needs the search right.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PatientSimilarityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +261,16 @@ def add_PatientSimilarityServiceServicer_to_server(servicer, server):
                     servicer.ReloadIndex,
                     request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexRequest.FromString,
                     response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexResponse.SerializeToString,
+            ),
+            'SearchSite': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchSite,
+                    request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteRequest.FromString,
+                    response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteResponse.SerializeToString,
+            ),
+            'AggregateSite': grpc.unary_unary_rpc_method_handler(
+                    servicer.AggregateSite,
+                    request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteRequest.FromString,
+                    response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.AggregateSiteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -509,6 +549,60 @@ class PatientSimilarityService:
             '/cohortsim.v1.PatientSimilarityService/ReloadIndex',
             cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexRequest.SerializeToString,
             cohortsim_dot_v1_dot_cohortsim__pb2.ReloadIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchSite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohortsim.v1.PatientSimilarityService/SearchSite',
+            cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteRequest.SerializeToString,
+            cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AggregateSite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohortsim.v1.PatientSimilarityService/AggregateSite',
+            cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteRequest.SerializeToString,
+            cohortsim_dot_v1_dot_cohortsim__pb2.AggregateSiteResponse.FromString,
             options,
             channel_credentials,
             insecure,

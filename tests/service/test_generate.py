@@ -78,4 +78,6 @@ def test_service_full_name_matches_the_descriptor() -> None:
         "IngestStudies",
         "DeletePatient",
         "ReloadIndex",
+        "SearchSite",
+        "AggregateSite",
     }

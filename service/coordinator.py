@@ -1,0 +1,410 @@
+"""The federated coordinator: the same ``PatientSimilarityService`` over many sites.
+
+``cohortsim serve --federate sites.toml`` serves :class:`CoordinatorServicer`. For a
+``SearchSimilar`` with an embedding (and its ``model_version``) it sends only the vector
+to every site at once (:class:`service.federation.Fanout`, one deadline), merges the
+sites' top-k exactly (:func:`service.federation.merge`) and computes the prognosis over
+the merged neighbours with the engine's :func:`indexing.engine.prognose`, as a single
+index over all the sites' studies would. Sites whose index holds another encoder
+version are left out and named; when none answers the call is refused. The answer's
+``federation`` report names every site with what happened to it, and a
+``FEDERATION_SITE_MISSING`` warning says when one is missing.
+
+Each site enforces its own policy: the coordinator needs a clinician's credential at each
+site for ``SearchSite`` (the identities right); callers with the identities right (or
+any caller without authentication, as an unsecured server does) get merged neighbours.
+Researchers (search right without identities) get pooled additive counts instead
+(``AggregateSite``, :mod:`indexing.aggregates`): each site withholds counts below its min
+cell before they leave, the coordinator needs at least :data:`MIN_SITES` sites
+contributing and withholds small pooled counts again; the answer carries a binned
+Kaplan-Meier curve, event and label counts, and no neighbour.
+
+DICOM queries are embedded once by the coordinator when it is given the sites' encoder
+(``--encoder DIR``); otherwise send the vector (``EmbedStudy`` at a site). Not held by a
+coordinator: the cohort's own survival curve (it has no cohort), study_uid queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from indexing import aggregates, engine
+from indexing.notices import Notice, WarningCode
+from indexing.prognosis import DEFAULT_TEMPERATURE
+from indexing.query import OOD_WARN_PERCENTILE, OOD_WARNING, Diagnostics, QueryResult
+from service import convert
+from service.api import SERVICE_FULL_NAME, cohortsim_pb2_grpc
+from service.api import cohortsim_pb2 as pb
+from service.disclosure import DEFAULT_MIN_CELL
+from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
+from service.federation import DEFAULT_SITE_DEADLINE_S, Fanout, Site, SiteCall, merge
+from service.governance import permission_denied
+from service.interceptors.call import add_facts, current_principal
+from service.tls import TlsConfig
+
+log = logging.getLogger(__name__)
+
+#: Sites that must contribute before a researcher's pooled counts are released.
+MIN_SITES = 3
+
+_STATE_WORDS: dict[int, str] = {
+    pb.SITE_STATE_TIMED_OUT: "timed out",
+    pb.SITE_STATE_REFUSED: "refused",
+    pb.SITE_STATE_UNAVAILABLE: "unreachable",
+}
+
+
+class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
+    """``SearchSimilar`` over the sites of ``fanout``; other RPCs are UNIMPLEMENTED."""
+
+    def __init__(
+        self,
+        fanout: Fanout,
+        *,
+        deadline_s: float = DEFAULT_SITE_DEADLINE_S,
+        default_k: int = 10,
+        max_k: int = 1000,
+        horizons: Sequence[float] = (12, 24, 60),
+        min_cell: int = DEFAULT_MIN_CELL,
+        min_sites: int = MIN_SITES,
+        encoder_dir: Path | None = None,
+        max_files: int = 4096,
+    ) -> None:
+        self.fanout = fanout
+        self.encoder_dir = encoder_dir
+        self.max_files = int(max_files)
+        self._encoder: tuple[Any, Any] | None = None
+        self._encoder_lock = threading.Lock()
+        self.min_cell = int(min_cell)
+        self.min_sites = int(min_sites)
+        self.deadline_s = float(deadline_s)
+        self.default_k = int(default_k)
+        self.max_k = int(max_k)
+        self.horizons = tuple(float(h) for h in horizons)
+
+    def _deadline(self, context: Any) -> float:
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is None:
+            return self.deadline_s
+        # leave the merge a little of the caller's own deadline
+        return max(0.001, min(self.deadline_s, remaining - 0.05))
+
+    @grpc_errors
+    async def SearchSimilar(
+        self, request: pb.SearchSimilarRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SearchSimilarResponse:
+        principal = current_principal()
+        if principal is not None and not principal.has("search"):
+            raise permission_denied("ROLE_NOT_ALLOWED", f"the role {principal.role} may not search")
+        kind = request.WhichOneof("query")
+        if kind == "dicom" and self.encoder_dir is not None:  # embedded once, here
+            files = convert.parse_dicom(request.dicom, max_files=self.max_files)
+            vector, version = await asyncio.to_thread(self._embed, files)
+            request = pb.SearchSimilarRequest(
+                embedding=pb.Vector(values=vector.tolist(), model_version=version),
+                k=request.k,
+                filter=request.filter,
+            )
+        elif kind != "embedding":
+            raise invalid_argument(
+                "FEDERATED_EMBEDDING_ONLY",
+                "this coordinator answers embedding queries"
+                + (" and DICOM studies" if self.encoder_dir is not None else "")
+                + "; embed the study with the sites' encoder (EmbedStudy at a site, or "
+                "serve the coordinator with --encoder) and send the vector",
+            )
+        if not request.embedding.HasField("model_version"):
+            raise invalid_argument(
+                "MODEL_VERSION_REQUIRED",
+                "a federated query must name its encoder version (Vector.model_version); "
+                "sites answer only vectors of their own encoder",
+            )
+        values = np.asarray(request.embedding.values, dtype=np.float32)
+        if values.size == 0 or not np.isfinite(values).all() or not np.any(values):
+            raise invalid_argument(
+                "BAD_EMBEDDING", "the embedding is empty, holds NaN / infinite values or is zero"
+            )
+        k = convert.parse_k(request.k, default_k=self.default_k, max_k=self.max_k)
+        site_request = pb.SearchSiteRequest(embedding=request.embedding, k=k, filter=request.filter)
+        if principal is not None and not principal.has("identities"):  # researchers: counts
+            return await self._researcher(site_request, context)
+        calls = await self.fanout.search(site_request, self._deadline(context))
+        answered = [c for c in calls if c.answered]
+        add_facts(
+            sites_answered=len(answered),
+            sites_missing=[f"{c.site.name}:{c.reason}" for c in calls if not c.answered],
+        )
+        if not answered:
+            raise _nobody(calls, request.embedding.model_version)
+        neighbors = merge(calls, k)
+        result = self._assemble(calls, answered, neighbors, request.embedding.model_version)
+        response = convert.search_response(result)
+        _report(response, calls, answered)
+        return response
+
+    def _embed(self, files: list[bytes]) -> tuple[np.ndarray, str]:
+        """``(vector (d,) float32, encoder version)`` of one DICOM study; blocking."""
+        from encoders.dicom import preprocess, read_study
+        from encoders.model import embed, load_encoder
+
+        assert self.encoder_dir is not None
+        with self._encoder_lock:  # loaded once, on the first DICOM query
+            if self._encoder is None:
+                self._encoder = load_encoder(self.encoder_dir, device="cpu")
+            encoder, card = self._encoder
+        volume = preprocess(read_study(files), card.input)
+        out = embed(encoder, volume[None], batch_size=1, device="cpu")
+        return np.asarray(out[0], dtype=np.float32), str(card.version)
+
+    async def _researcher(
+        self, site_request: pb.SearchSiteRequest, context: Any
+    ) -> pb.SearchSimilarResponse:
+        """Pooled additive counts of at least ``min_sites`` sites, suppressed again after
+        pooling; a binned Kaplan-Meier curve, label counts, no neighbour."""
+        calls = await self.fanout.search(
+            site_request, self._deadline(context), method="AggregateSite"
+        )
+        answered = [c for c in calls if c.answered]
+        add_facts(sites_answered=len(answered))
+        if len(answered) < self.min_sites:
+            named = "; ".join(f"{c.site.name}: {c.reason or 'answered'}" for c in calls)
+            raise failed_precondition(
+                "TOO_FEW_SITES",
+                f"researchers' answers need at least {self.min_sites} sites contributing; "
+                f"{len(answered)} answered ({named})",
+            )
+        parts = [convert.aggregates_from_proto(c.response) for c in answered]
+        try:
+            pooled = aggregates.pool(parts)
+        except ValueError as exc:
+            raise failed_precondition("SITES_DISAGREE", f"the sites' aggregates differ: {exc}") from None
+        min_cell = max([self.min_cell, *(int(c.response.min_cell) for c in answered)])
+        released = aggregates.suppress(pooled, min_cell)
+        response = pb.SearchSimilarResponse(model_version=site_request.embedding.model_version)
+        prog = response.prognosis
+        prog.time_unit = convert.DEFAULT_TIME_UNIT
+        var = 0.0
+        for j, (t, s, n) in enumerate(aggregates.binned_km(released)):
+            d = int(released.events[j])
+            var += d / (n * (n - d)) if n > d else 0.0
+            half = 1.959964 * s * math.sqrt(var)
+            prog.survival.append(
+                pb.SurvivalPoint(time=t, survival=s, lower=max(0.0, s - half), upper=min(1.0, s + half), at_risk=n)
+            )
+        events = int(released.events.sum())
+        prog.events = events if events >= min_cell else 0
+        prog.neighbors_with_outcome = int(released.patients)
+        for name, values in sorted(released.labels.items()):
+            total = sum(values.values())
+            dist = prog.label_distributions.add(name=name)
+            for value, c in sorted(values.items()):
+                dist.shares.add(label=value, share=c / total if total else 0.0, count=c)
+        dc = response.disclosure_control
+        dc.min_cell_count = min_cell
+        dc.aggregated_patients = int(released.patients)
+        dc.withheld_fields.extend(sorted(released.withheld))
+        _report(response, calls, answered)
+        missing = [c for c in calls if not c.answered]
+        if missing:
+            convert.add_warnings(response.diagnostics, [_missing_notice(calls, missing)])
+        return response
+
+    def _assemble(
+        self,
+        calls: list[SiteCall],
+        answered: list[SiteCall],
+        neighbors: list[Any],
+        model_version: str,
+    ) -> QueryResult:
+        """Prognosis and diagnostics of the merged neighbours (engine.prognose)."""
+        notes: list[str] = []
+        temps = sorted({round(float(c.response.temperature), 9) for c in answered if c.response})
+        temperature = temps[0] if len(temps) == 1 else DEFAULT_TEMPERATURE
+        if len(temps) > 1:  # the sites disagree: a fixed kernel, said so
+            notes.append(
+                f"the sites' similarity kernels differ; the prognosis uses the default "
+                f"temperature {DEFAULT_TEMPERATURE:g}"
+            )
+        prognosis = engine.prognose(neighbors, temperature=temperature, horizons=self.horizons)
+        # the query is as typical as the most typical site finds it (its neighbours in the
+        # union are at least as close as in any one site)
+        ood = min(float(c.response.ood_percentile) for c in answered if c.response is not None)
+        sims = [nb.similarity for nb in neighbors]
+        mean_sim = float(np.mean(sims)) if sims else float("nan")
+        if ood >= OOD_WARN_PERCENTILE:
+            notes.append(OOD_WARNING)
+        missing = [c for c in calls if not c.answered]
+        if missing:
+            notes.insert(0, _missing_notice(calls, missing))
+        diagnostics = Diagnostics(ood, mean_sim, warnings=notes)
+        versions = ",".join(
+            f"{c.site.name}={c.response.index_version}" for c in answered if c.response is not None
+        )
+        return QueryResult(neighbors, prognosis, diagnostics, versions, model_version)
+
+
+def _missing_notice(calls: list[SiteCall], missing: list[SiteCall]) -> Notice:
+    named = ", ".join(
+        f"{c.site.name} ({_STATE_WORDS.get(c.state, 'missing')}: {c.reason})" for c in missing
+    )
+    return Notice(
+        WarningCode.FEDERATION_SITE_MISSING,
+        f"{len(missing)} of {len(calls)} sites are missing from this answer: {named}; "
+        "the answer rests on the sites that answered",
+    )
+
+
+def _report(response: pb.SearchSimilarResponse, calls: list[SiteCall], answered: list[SiteCall]) -> None:
+    """Fill ``response.federation``: every site's state and share of the answer."""
+    report = response.federation
+    for c in calls:
+        version = c.response.model_version if c.response is not None else ""
+        report.sites.append(
+            pb.SiteReport(
+                name=c.site.name,
+                state=c.state,  # type: ignore[arg-type]
+                reason=c.reason,
+                neighbors=len(c.neighbors),
+                model_version=version,
+            )
+        )
+    report.cohort_studies = sum(int(c.response.num_studies) for c in answered if c.response is not None)
+
+
+def _nobody(calls: list[SiteCall], model_version: str) -> Exception:
+    """The error when no site answered: the encoder mismatch when that is why, else
+    UNAVAILABLE naming each site's state."""
+    if all(c.reason == "MODEL_VERSION_MISMATCH" for c in calls):
+        return failed_precondition(
+            "MODEL_VERSION_MISMATCH",
+            f"no site holds embeddings of model {model_version!r}; embed the study with "
+            "the sites' encoder",
+            expected="",
+            actual=model_version,
+        )
+    named = "; ".join(
+        f"{c.site.name}: {_STATE_WORDS.get(c.state, 'missing')} ({c.reason})" for c in calls
+    )
+    return unavailable("NO_SITE_ANSWERED", f"no site answered: {named}")
+
+
+async def create_coordinator(
+    sites: list[Site],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    deadline_s: float = DEFAULT_SITE_DEADLINE_S,
+    tls: TlsConfig | None = None,
+    auth_tokens: Any = None,
+    audit_log: Any = None,
+    rate_limit: float | None = None,
+    max_concurrent_per_principal: int | None = None,
+    max_k: int = 1000,
+    min_cell: int = DEFAULT_MIN_CELL,
+    encoder_dir: Path | str | None = None,
+    max_receive_mb: int = 64,
+) -> tuple[grpc.aio.Server, int, Fanout]:
+    """A coordinator server over ``sites`` (not started): ``(server, bound port, fanout)``;
+    the caller closes ``fanout`` after stopping the server. Security as
+    :func:`service.server.create_server` (TLS, tokens, audit, rate limits); ``min_cell``:
+    the coordinator's own threshold for pooled counts (the sites' larger ones win);
+    ``encoder_dir``: the sites' encoder, so DICOM queries are embedded here, once."""
+    from service.config import SecurityConfig
+    from service.server import _Security
+
+    if not sites:
+        raise ValueError("a coordinator needs at least one site")
+    if deadline_s <= 0:
+        raise ValueError(f"the site deadline must be > 0 s, got {deadline_s}")
+    security = _Security.build(
+        SecurityConfig(
+            tls=tls,
+            auth_tokens=auth_tokens,
+            audit_log=audit_log,
+            rate_limit=rate_limit,
+            max_concurrent_per_principal=max_concurrent_per_principal,
+        )
+    )
+    fanout = Fanout(sites)
+    size = int(max_receive_mb) << 20
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+        ],
+        interceptors=list(security.interceptors),
+    )
+    servicer = CoordinatorServicer(
+        fanout,
+        deadline_s=deadline_s,
+        max_k=max_k,
+        min_cell=min_cell,
+        encoder_dir=Path(encoder_dir) if encoder_dir is not None else None,
+    )
+    cohortsim_pb2_grpc.add_PatientSimilarityServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_FULL_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_FULL_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    if security.credentials is not None:
+        bound = server.add_secure_port(address, security.credentials)
+    else:
+        bound = server.add_insecure_port(address)
+    return server, bound, fanout
+
+
+async def serve_coordinator(
+    sites: list[Site],
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    ready: Callable[[int], None] | None = None,
+    *,
+    grace: float = 5.0,
+    **kwargs: Any,
+) -> None:
+    """Serve a coordinator until SIGTERM / SIGINT; ``kwargs`` go to :func:`create_coordinator`."""
+    server, bound, fanout = await create_coordinator(sites, host=host, port=port, **kwargs)
+    await server.start()
+    if ready is not None:
+        ready(bound)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    stop_wait = asyncio.create_task(stop.wait())
+    terminated = asyncio.create_task(server.wait_for_termination())
+    try:
+        await asyncio.wait({stop_wait, terminated}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await server.stop(grace)
+        await fanout.close()
+        for task in (stop_wait, terminated):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+__all__ = ["CoordinatorServicer", "create_coordinator", "serve_coordinator"]
