@@ -7,6 +7,13 @@ class StoreError(RuntimeError):
     """The cohort store is missing, unreadable or inconsistent."""
 
 
+class StoreFormatError(StoreError):
+    """The store was written in an older format that this version cannot read volumes
+    from; the message names the command that rebuilds it. ``reason`` is ``store_format``."""
+
+    reason = "store_format"
+
+
 class SnapshotError(RuntimeError):
     """An index snapshot is missing, incomplete or fails its checksums."""
 

@@ -185,6 +185,10 @@ def ingest(
         bool,
         typer.Option(help="Accept series flagged BurnedInAnnotation YES (text in the pixels may identify the patient)."),
     ] = False,
+    regions: Annotated[
+        Path | None,
+        typer.Option(help="Reader regions CSV: patient_id (or study_instance_uid),reader,z0,y0,x0,z1,y1,x1 (half-open voxel boxes of the study's own grid); each becomes a stored detail patch."),
+    ] = None,
 ) -> None:
     """Read DICOM studies into the cohort store (pseudonymised, preprocessed, with acquisition metadata)."""
     from encoders.deid import Pseudonymizer
@@ -195,6 +199,14 @@ def ingest(
     if not dicom_dir.is_dir():
         raise CliError(f"{dicom_dir} is not a folder")
     pseudo = Pseudonymizer.from_env_or_file(secret_file)
+    reader_regions = None
+    if regions is not None:
+        try:
+            from encoders.regions import regions_from_csv  # type: ignore[attr-defined]
+        except ImportError:
+            raise CliError("--regions needs encoders.regions.regions_from_csv, which this "
+                           "build lacks") from None
+        reader_regions = regions_from_csv(regions)
     cohort = CohortStore(store, create=True)
     with progress_bar("ingest") as update:
         report = ingest_folder(
@@ -205,6 +217,7 @@ def ingest(
             series_rule=SeriesRule(allow_burned_in=allow_burned_in),
             workers=workers,
             progress=lambda d, t: update(d, t),
+            regions=reader_regions,
         )
     if outcomes is not None:
         table = read_outcomes(outcomes, pseudo)
@@ -301,8 +314,11 @@ def _train_on_store(cohort: Any, out_dir: Path, *, batch_size: int, **kw: Any) -
     out_dir.mkdir(parents=True, exist_ok=True)
     # The volumes go to a memory-mapped file beside the model, not into memory: a cohort
     # of 20,000 studies is 20 GiB on the default grid. Removed when training ends.
+    # a lesion encoder on the whole-study grid trains on each study's detail patch
+    on_patches = kw.get("region", "whole") == "lesion" and spec.has_patches
     with tempfile.TemporaryDirectory(prefix=".volumes-", dir=out_dir) as spool:
-        uids, volumes = cohort.spool_volumes(Path(spool) / "volumes.npy")
+        uids, volumes = cohort.spool_volumes(Path(spool) / "volumes.npy",
+                                             patches=kw.pop("patches", "readers") if on_patches else None)
         if len(uids) < 2:
             raise CliError(f"the store at {cohort.root} holds {len(uids)} studies; at least 2 are needed to train")
         data_hash = hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()[:16]
@@ -346,6 +362,7 @@ def eval_retrieval(
     spool_dir: Annotated[Path | None, typer.Option(help="Folder for the temporary memory-mapped copy of the volumes (default: the system's temporary folder, $TMPDIR).")] = None,
     bootstrap: Annotated[int, typer.Option(min=0, max=100_000, help="Bootstrap resamples of the query patients for the 95 % intervals (0: no intervals).")] = 1000,
     views: Annotated[int | None, typer.Option(min=2, max=16, help="Views per study per training step (as cohortsim train; default: lesion 4, whole 2).")] = None,
+    patches: Annotated[str, typer.Option(help="Which detail patch the lesion encoder embeds: readers (a reader region where one was marked, else the top proposal) or proposals (label-free only).")] = "readers",
 ) -> None:
     """Score retrieval on held-out patients: P@k of a label, scanner excess, kNN C-index (24 months).
 
@@ -357,8 +374,11 @@ def eval_retrieval(
     with another draw of queries (not with another training run or cohort).
     """
     from encoders.evaluate import EvalConfig
-    from indexing.store import CohortStore
+    from indexing.ingest import store_spec
+    from indexing.store import PATCH_USES, CohortStore
 
+    if patches not in PATCH_USES:
+        raise CliError(f"--patches must be readers or proposals, not {patches!r}")
     if method not in ("simclr", "vicreg"):
         raise CliError(f"--method must be simclr or vicreg, not {method!r}")
     if calibration not in ("tissue", "none"):
@@ -374,8 +394,14 @@ def eval_retrieval(
     # evaluation reads them a study or a batch at a time. Removed when it ends.
     with tempfile.TemporaryDirectory(prefix="cohortsim-eval-", dir=spool_dir) as spool:
         uids, volumes = cohort.spool_volumes(Path(spool) / "volumes.npy")
+        patch_vols = None
+        if "lesion" in region_list and store_spec(cohort).has_patches:
+            p_uids, patch_vols = cohort.spool_volumes(Path(spool) / "patches.npy",
+                                                      patches=patches)
+            if p_uids != uids:
+                raise CliError(f"the store at {store} changed during the evaluation; run it again")
         try:
-            rows = _eval_rows(cohort, uids, volumes, label=label, model=model, cfg=EvalConfig(
+            rows = _eval_rows(cohort, uids, volumes, patches=patch_vols, label=label, model=model, cfg=EvalConfig(
                 k=k, query_fraction=query_fraction, seed=seed, backbone=backbone, method=method,
                 regions=region_list, pooling=pooling, calibration=calibration, epochs=epochs,
                 whole_epochs=whole_epochs, time_budget_s=train_seconds,
@@ -383,7 +409,7 @@ def eval_retrieval(
                 train_kw={"batch_size": batch_size, "views": views},
             ))
         finally:
-            del volumes  # the memory map, before its file goes
+            del volumes, patch_vols  # the memory maps, before their files go
     if json_out:
         out.print_json(json.dumps([r.to_dict() for r in rows]))
         return
@@ -391,7 +417,7 @@ def eval_retrieval(
 
 
 def _eval_rows(cohort: Any, uids: list[str], volumes: Any, *, label: str, model: Path | None,
-               cfg: Any) -> list[Any]:
+               cfg: Any, patches: Any = None) -> list[Any]:
     """`cohortsim eval`'s protocol on the store's (spooled) volumes."""
     from encoders.evaluate import cohort_columns, run_retrieval_eval
     from encoders.model import load_encoder
@@ -413,7 +439,7 @@ def _eval_rows(cohort: Any, uids: list[str], volumes: Any, *, label: str, model:
         return run_retrieval_eval(
             volumes, patient_ids=cols["patient_ids"], labels=cols["labels"], scanners=cols["scanners"],
             times=cols["times"], events=cols["events"], spec=spec, config=cfg,
-            encoders=given, progress=lambda m: _say(f"eval: {m}"),
+            encoders=given, progress=lambda m: _say(f"eval: {m}"), patches=patches,
         )
     except ValueError as exc:  # EvalError / HarmonizeError: bad cohort for this protocol
         raise CliError(str(exc)) from exc

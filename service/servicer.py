@@ -295,13 +295,22 @@ class ServiceState:
 
         encoder, card = self.encoder(snapshot)  # the encoder of the snapshot searched
         study = read_study(files)
-        volume = preprocess(study, card.input)
-        boxes = self._region_boxes(card, study, regions) if regions else []
-        n = max(1, len(boxes))  # rows embedded for the query itself
-        stack = volume[None] if n == 1 else np.repeat(volume[None], n, axis=0)
-        if views > 0:
-            stack = np.concatenate([stack.astype(np.float32), scanner_views(volume, views)])
-        rois = [*boxes, *[boxes[0]] * views] if boxes else None
+        if card.region.mode == "lesion" and card.input.has_patches:
+            # whole-study grid: a detail patch per query region, else the top proposal
+            volume, stack, n = self._patches(card, study, regions)
+            boxes: list[tuple[float, ...]] = [()] * n if regions else []
+            if views > 0:
+                stack = np.concatenate([stack.astype(np.float32),
+                                        scanner_views(stack[0], views)])
+            rois = None
+        else:
+            volume = preprocess(study, card.input)
+            boxes = self._region_boxes(card, study, regions) if regions else []
+            n = max(1, len(boxes))  # rows embedded for the query itself
+            stack = volume[None] if n == 1 else np.repeat(volume[None], n, axis=0)
+            if views > 0:
+                stack = np.concatenate([stack.astype(np.float32), scanner_views(volume, views)])
+            rois = [*boxes, *[boxes[0]] * views] if boxes else None
 
         def forward(enc: Any, volumes: np.ndarray) -> np.ndarray:
             return embed(enc, volumes, rois=rois, batch_size=len(volumes), device=self.device)
@@ -323,6 +332,28 @@ class ServiceState:
             out[n:] if views > 0 else None, png,
             regions=out[:n].astype(np.float32) if boxes else None,
         )
+
+    @staticmethod
+    def _patches(
+        card: Any, study: Any, regions: Sequence[Sequence[float]]
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Context volume, the detail patches to embed ``(n, pd, ph, pw)`` (one per query
+        region, cut from the full-resolution study, or the top proposal when there is
+        none) and ``n``; INVALID_ARGUMENT for a region outside the study."""
+        from encoders.errors import DicomError
+        from encoders.grid import study_input
+
+        try:
+            si = study_input(study, card.input, regions=list(regions),
+                             proposals=not regions, proposal=card.region.proposal)
+        except DicomError as exc:
+            if exc.reason != "bad_region":
+                raise
+            raise invalid_argument("INVALID_REGION", str(exc)) from None
+        if not regions:
+            return si.context, si.patches[si.primary("proposals")][None], 1
+        k = sum(p.source == "reader" for p in si.patch_info)  # at most spec.max_patches
+        return si.context, si.patches[:k], k
 
     @staticmethod
     def _region_boxes(
