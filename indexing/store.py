@@ -84,7 +84,10 @@ ACQUISITION_COLUMNS: tuple[str, ...] = (
     "recon_diameter",
     "intensity",  # what the stored volume holds: HU, SUVbw_x100 or percentile_norm
 )
-VOLUME_COLUMNS: tuple[str, ...] = ("volume", "volume_shape", "patches")
+#: voxel data and where it lies: left out of the cohort table (and so of index metadata)
+VOLUME_COLUMNS: tuple[str, ...] = (
+    "volume", "volume_shape", "grid", "patches", "patch_shape", "patch_info",
+)
 #: the store format this version writes and reads volumes of (see the module docstring)
 STORE_FORMAT = 2
 _FORMAT_FILE = "FORMAT"

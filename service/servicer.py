@@ -339,17 +339,13 @@ class ServiceState:
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """Context volume, the detail patches to embed ``(n, pd, ph, pw)`` (one per query
         region, cut from the full-resolution study, or the top proposal when there is
-        none) and ``n``; INVALID_ARGUMENT for a region outside the study."""
-        from encoders.errors import DicomError
+        none) and ``n``; INVALID_ARGUMENT (``DICOM_BAD_REGION``) for a region outside the
+        study."""
         from encoders.grid import study_input
 
-        try:
-            si = study_input(study, card.input, regions=list(regions),
-                             proposals=not regions, proposal=card.region.proposal)
-        except DicomError as exc:
-            if exc.reason != "bad_region":
-                raise
-            raise invalid_argument("INVALID_REGION", str(exc)) from None
+        # a box outside the study raises DicomError("bad_region") -> DICOM_BAD_REGION
+        si = study_input(study, card.input, regions=list(regions),
+                         proposals=not regions, proposal=card.region.proposal)
         if not regions:
             return si.context, si.patches[si.primary("proposals")][None], 1
         k = sum(p.source == "reader" for p in si.patch_info)  # at most spec.max_patches
