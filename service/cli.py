@@ -153,12 +153,32 @@ def synth(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write OUT/dicom/ and OUT/outcomes.csv into.")],
     patients: Annotated[int, typer.Option(min=1, max=100_000, help="Number of synthetic patients.")] = 40,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same cohort).")] = 0,
+    background: Annotated[Path | None, typer.Option(help="A real chest CT study folder: each patient is a sub-range of it (flipped, shifted) with an inserted lesion; also writes OUT/regions.csv (two readers' boxes).")] = None,
+    avoid_mm: Annotated[list[str] | None, typer.Option(help="With --background: a z range A:B (mm from the study's first slice) to leave out, e.g. where the background has its own lesion; repeatable.")] = None,
 ) -> None:
     """Generate a synthetic CT cohort as real DICOM files plus an outcomes table."""
     from encoders.synth import synth_cohort
 
     with progress_bar("synth", patients) as update:
-        info = synth_cohort(out_dir, patients=patients, seed=seed, progress=lambda d, t: update(d, t))
+        if background is not None:
+            from encoders.synth_real import synth_background
+
+            if not background.is_dir():
+                raise CliError(f"--background {background} is not a folder")
+            ranges = []
+            for text in avoid_mm or []:
+                try:
+                    a, b = (float(v) for v in text.split(":"))
+                except ValueError:
+                    raise CliError(f"--avoid-mm takes A:B in mm, not {text!r}") from None
+                ranges.append((a, b))
+            try:
+                info = synth_background(out_dir, background, patients=patients, seed=seed,
+                                        avoid_mm=ranges, progress=lambda d, t: update(d, t))
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
+        else:
+            info = synth_cohort(out_dir, patients=patients, seed=seed, progress=lambda d, t: update(d, t))
     _say(
         f"wrote {info.n_patients} patients ({info.n_files} DICOM files, scanners: "
         f"{', '.join(info.scanners)}) to {out_dir}/dicom and outcomes to {out_dir}/outcomes.csv"

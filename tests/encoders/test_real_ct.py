@@ -134,3 +134,33 @@ def test_reader_regions_become_patches_centred_on_their_boxes(case: dict) -> Non
 def test_stored_bytes_per_study_are_bounded(case: dict, proposed: StudyInput) -> None:
     stored = proposed.context.nbytes + proposed.patches.nbytes
     assert stored <= DEFAULT_SPEC.max_study_bytes() <= 4 * 2**20
+
+
+def test_real_anatomy_cohort_inserts_lesions_and_reader_boxes(lidc: Path, tmp_path: Path) -> None:
+    import csv
+
+    from encoders.dicom import scan_folder
+    from encoders.synth_real import synth_background
+
+    # leave out 25 mm either side of the real nodule (~226 mm from the first slice)
+    info = synth_background(tmp_path / "real", lidc, patients=2, seed=3,
+                            avoid_mm=[(200.0, 252.0)])
+    with open(info.truth_csv, newline="") as fh:
+        truth = {r["patient_id"]: r for r in csv.DictReader(fh)}
+    with open(info.root / "regions.csv", newline="") as fh:
+        boxes = list(csv.DictReader(fh))
+    assert sorted({b["reader"] for b in boxes}) == ["reader1", "reader2"] and len(boxes) == 4
+    groups, rejected = scan_folder(info.dicom_dir)
+    assert len(groups) == 2 and not rejected
+    for files in groups.values():
+        study = read_study(files)
+        t = truth[study.patient_id]
+        assert study.volume.shape[0] * study.spacing[0] >= 100.0 - study.spacing[0]
+        c = [round(float(t[k])) for k in ("lesion_slice", "lesion_row", "lesion_col")]
+        core = study.volume[c[0], c[1] - 1 : c[1] + 2, c[2] - 1 : c[2] + 2].mean()
+        floor = -700.0 if t["phenotype"].endswith("ground_glass") else -300.0
+        assert core > floor, (t["phenotype"], core)
+        for b in (b for b in boxes if b["patient_id"] == study.patient_id):
+            lo = [int(b[k]) for k in ("z0", "y0", "x0")]
+            hi = [int(b[k]) for k in ("z1", "y1", "x1")]
+            assert all(a <= v < z for a, v, z in zip(lo, c, hi, strict=True))  # box holds it
