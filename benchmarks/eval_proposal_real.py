@@ -4,10 +4,9 @@ Background: the shared LIDC-IDRI-0001 chest CT (``../shared/data/lidc-idri-0001.
 Each trial takes a z sub-range of it that stays 25 mm away from the nodule the readers
 marked (so only the inserted lesion is a marked one), flips it left-right at random,
 shifts it in-plane by up to 20 mm, and inserts one lesion of a random phenotype of
-``encoders.synth`` (same radii, HU, spicules and ground glass as the phantoms,
-:func:`encoders.synth.lesion_voxels`) at a random point at least its radius + 4 mm inside
-the lungs. The whole-study input (:func:`encoders.grid.study_input`) is then built as
-ingest builds it, and a hit is counted when a proposal lies within 10 mm of the inserted
+``encoders.synth`` at a random point at least its radius + 4 mm inside the lungs
+(:func:`encoders.synth_real.insert_lesion`, as ``cohortsim synth --background`` does).
+The whole-study input (:func:`encoders.grid.study_input`) is then built as ingest does, and a hit is counted when a proposal lies within 10 mm of the inserted
 lesion's centre (top-1, top-3). Also: the real nodule on the untouched study, and the time
 of the proposal and of embedding one study (context + patch) on this machine's CPUs.
 Nothing is asserted.
@@ -33,11 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from encoders.dicom import Study, block_mean, read_study  # noqa: E402
+from encoders.dicom import Study, read_study  # noqa: E402
 from encoders.grid import study_input  # noqa: E402
-from encoders.roi import lung_region  # noqa: E402
 from encoders.spec import DEFAULT_SPEC  # noqa: E402
-from encoders.synth import PHENOTYPES, lesion_voxels  # noqa: E402
+from encoders.synth import PHENOTYPES  # noqa: E402
+from encoders.synth_real import insert_lesion  # noqa: E402
 
 ARCHIVE = ROOT.parent / "shared" / "data" / "lidc-idri-0001.tar.xz"
 NODULE_Z_MM = -116.0  # patient z of the marked nodule (../shared/data/README.md)
@@ -53,41 +52,6 @@ def _wilson(k: int, n: int) -> str:
     c = (p + z * z / (2 * n)) / d
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return f"{p:.2f} [{max(0.0, c - h):.2f}, {min(1.0, c + h):.2f}]"
-
-
-def _insert(vol: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator,
-            phenotype: str) -> tuple[tuple[float, float, float], float] | None:
-    """Insert one lesion in the lungs of ``vol`` (in place); its centre (study mm) and
-    radius, or None when the lungs have no room for it."""
-    size = phenotype.split("_", 1)[0]
-    radius = float(rng.uniform(6.0, 10.0) if size == "small" else rng.uniform(14.0, 22.0))
-    f = (1, 4, 4)
-    small = block_mean(vol, f)
-    ssp = [s * k for s, k in zip(spacing, f, strict=True)]
-    lung = lung_region(small)
-    inside = ndimage.distance_transform_edt(lung, sampling=ssp) >= radius + 4.0
-    cand = np.argwhere(inside)
-    if len(cand) == 0:
-        return None
-    c = cand[int(rng.integers(len(cand)))]
-    starts = [(n - (n // k) * k) // 2 for n, k in zip(vol.shape, f, strict=True)]
-    centre = tuple((s0 + (ci + 0.5) * k) * s for ci, k, s0, s in
-                   zip(c, f, starts, spacing, strict=True))
-    reach = radius * 2.0 + 6.0
-    idx = [np.nonzero(np.abs((np.arange(n) + 0.5) * s - m) < reach)[0]
-           for n, s, m in zip(vol.shape, spacing, centre, strict=True)]
-    box = np.ix_(*idx)
-    dz = ((idx[0] + 0.5) * spacing[0] - centre[0])[:, None, None]
-    dy = ((idx[1] + 0.5) * spacing[1] - centre[1])[None, :, None]
-    dx = ((idx[2] + 0.5) * spacing[2] - centre[2])[None, None, :]
-    dist = np.sqrt(dx**2 + dy**2 + dz**2) + 1e-6
-    w, values = lesion_voxels(rng, phenotype, radius, dist, dx, dy, dz)
-    bg = vol[box]
-    blended = bg * (1 - w) + values * w
-    if phenotype.endswith("ground_glass"):
-        blended = np.maximum(blended, bg)
-    vol[box] = blended
-    return centre, radius  # type: ignore[return-value]
 
 
 def main() -> None:
@@ -134,7 +98,7 @@ def main() -> None:
         shift = rng.uniform(-20, 20, 2) / np.asarray(sp[1:])
         vol = ndimage.shift(vol, (0, *shift), order=0, mode="constant", cval=-1024.0)
         phenotype = str(rng.choice(PHENOTYPES))
-        placed = _insert(vol, sp, rng, phenotype)
+        placed = insert_lesion(vol, sp, rng, phenotype)
         if placed is None:
             continue
         centre, _radius = placed
