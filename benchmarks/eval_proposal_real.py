@@ -110,6 +110,9 @@ def main() -> None:
         d = [float(np.linalg.norm(np.subtract(p.centre_mm, centre)))
              for p in si.patch_info if p.source == "proposal"]
         hits[phenotype].append((bool(d) and d[0] <= 10.0, any(x <= 10.0 for x in d[:3])))
+        print(f"# trial {sum(map(len, hits.values()))}: {phenotype}, distances of the "
+              f"proposals {[round(x, 1) for x in d]} mm, {times[-1]:.1f} s",
+              file=sys.stderr, flush=True)
     print(f"inserted lesions, {sum(map(len, hits.values()))} trials (seed {args.seed}); "
           "within 10 mm of the lesion centre, 95 % Wilson interval")
     print(f"{'phenotype':24s} {'n':>3s}  {'top-1':18s} {'top-3':18s}")
