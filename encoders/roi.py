@@ -70,6 +70,8 @@ DEFAULT_PROPOSAL = "lung-open3-dot-li2003"
 PROPOSALS: dict[str, float | None] = {FIRST_PROPOSAL: None, DEFAULT_PROPOSAL: THIN_MM}
 COARSE_MM = 4.0  # finer grids are searched coarse to fine (propose_lesion)
 _AIR_HU = -400.0
+_LUNG_HU = -850.0  # aerated lung parenchyma
+DENSE_RADIUS_MM = 25.0  # the largest lesion radius a proposal is centred on
 _CLIP_HU = (-1000.0, 100.0)
 
 
@@ -299,6 +301,32 @@ def _local_maxima(score: np.ndarray, sp: Sequence[float], min_sep_mm: float,
     return [(int(c[0]), int(c[1]), int(c[2])) for c in picked]
 
 
+def _dense_centre(
+    v: np.ndarray, lung: np.ndarray, peak: tuple[int, int, int], sp: Sequence[float],
+    radius_mm: float = DENSE_RADIUS_MM,
+) -> tuple[int, int, int]:
+    """The centroid of the dense region around a blob peak: voxels of ``v`` (thin
+    structures already removed) inside the lung mask and within ``radius_mm`` of
+    ``peak``, denser than halfway between the peak's HU and aerated lung (-850), connected
+    to the peak. The blob filter's maximum of a large lesion (or of one with a darker
+    core) lies off its centre; the centroid does not. Falls back to ``peak``."""
+    reach = [max(1, int(radius_mm / a)) for a in sp]
+    lo = [max(0, c - r) for c, r in zip(peak, reach, strict=True)]
+    hi = [min(n, c + r + 1) for c, r, n in zip(peak, reach, v.shape, strict=True)]
+    win = v[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float32)
+    at = tuple(c - a for c, a in zip(peak, lo, strict=True))
+    grids = np.ogrid[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, peak, strict=True))]
+    ball = sum((g * s) ** 2 for g, s in zip(grids, sp, strict=True)) <= radius_mm**2
+    dense = (win > (float(win[at]) + _LUNG_HU) / 2) & ball
+    dense &= lung[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    if not dense[at]:
+        return peak
+    lab, _n = ndimage.label(dense)
+    comp = lab == lab[at]
+    c = ndimage.center_of_mass(comp)
+    return (round(c[0]) + lo[0], round(c[1]) + lo[1], round(c[2]) + lo[2])
+
+
 def propose_lesions(
     volume: np.ndarray,
     *,
@@ -317,7 +345,8 @@ def propose_lesions(
     the lungs found (:func:`lung_region`, on the unopened volume), then the blob score is
     computed on a grid block-averaged to about ``coarse_mm``; its ``2 n`` best local
     maxima are each refined on the full grid in a window of two coarse voxels (the score
-    there ranks them). With no lung (or no blob in it) the list holds one ``Roi`` at the
+    there ranks them), and the proposal is centred on the dense region around the peak
+    (:func:`_dense_centre`: the blob filter peaks off-centre on large lesions). With no lung (or no blob in it) the list holds one ``Roi`` at the
     volume centre with ``source == "centre"``."""
     v = _check_volume(volume)
     sp = [float(a) for a in spacing_mm]
@@ -356,6 +385,7 @@ def propose_lesions(
         if fine.flat[flat] > 0:
             b3 = np.unravel_index(flat, win.shape)
             c3 = (int(b3[0]) + lo[0], int(b3[1]) + lo[1], int(b3[2]) + lo[2])
+            c3 = _dense_centre(opened, lung_fine, c3, sp)
             refined.append(Roi(centre=c3, source="proposal", score=float(fine.flat[flat])))
         else:
             mid = tuple(int(s0 + c * f + f // 2) for c, f, s0 in zip(pk, factors, start,
