@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,9 +53,10 @@ PRESETS = {
 
 def build_cohort(
     workdir: Path, patients: int, seed: int, *, spool: Path | None = None
-) -> tuple[np.ndarray, dict, object]:
+) -> tuple[np.ndarray, dict, Any, np.ndarray | None]:
     """Synth + ingest into ``workdir`` (reused when already there); returns volumes,
-    per-study columns and the input spec. With ``spool`` (a ``.npy`` path), the volumes
+    per-study columns, the input spec and each study's top-proposal patch (None on the
+    legacy grid). With ``spool`` (a ``.npy`` path), the volumes
     are a memory map of that file (the caller removes it), not an array in memory."""
     from encoders.deid import Pseudonymizer
     from encoders.synth import synth_cohort
@@ -84,7 +86,13 @@ def build_cohort(
     table = {r["study_uid"]: r for r in store.cohort_table().to_pylist()}
     cols = cohort_columns([table[u] for u in uids], label="phenotype")
     spec = store_spec(store)
-    return volumes, cols, spec
+    # on the whole-study grid the lesion encoder embeds each study's detail patch (the top
+    # proposal: synthetic cohorts carry no reader regions)
+    patches = None
+    if spec.has_patches:
+        p_uids, patches = store.load_volumes(patches="proposals")
+        assert p_uids == uids  # one store, read twice in one process
+    return volumes, cols, spec, patches
 
 
 def print_rows(rows: list[EvalRow], k: int) -> None:
@@ -142,7 +150,7 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
     spool = workdir / f".volumes-{os.getpid()}.npy"
     try:
-        volumes, cols, spec = build_cohort(workdir, patients, args.seed, spool=spool)
+        volumes, cols, spec, patches = build_cohort(workdir, patients, args.seed, spool=spool)
         cfg = EvalConfig(
             k=args.k,
             query_fraction=args.query_fraction,
@@ -169,6 +177,7 @@ def main() -> None:
             spec=spec,
             config=cfg,
             progress=lambda m: print(f"# {m}", file=sys.stderr, flush=True),
+            patches=patches,
         )
         m0 = rows[0].metrics
         print(

@@ -2236,8 +2236,10 @@ def _crop_or_pad(volume: np.ndarray, shape: tuple[int, int, int], fill: float) -
 
 
 def preprocess(study: Study, spec: InputSpec) -> np.ndarray:
-    """Normalise intensities per modality, resample ``study.volume`` to
-    ``spec.spacing_mm`` and centre-crop / pad it to ``spec.shape``.
+    """Normalise intensities per modality and resample ``study.volume`` to ``spec.shape``:
+    with ``spec.fit == "extent"`` (the default) the whole study on its context grid
+    (:func:`encoders.grid.context_volume`); with the legacy ``"crop"`` resampled to
+    ``spec.spacing_mm`` and centre-cropped / padded to ``spec.shape``.
 
     Intensities (``study.acquisition["intensity"]`` names the unit that is stored):
 
@@ -2252,6 +2254,10 @@ def preprocess(study: Study, spec: InputSpec) -> np.ndarray:
     then linear interpolation (``scipy.ndimage.zoom``, order 1) covers the remaining
     factor. Returns ``(D, H, W) int16`` (rounded, clipped to the int16 range).
     """
+    if spec.fit == "extent":  # the whole-study context grid (encoders.grid)
+        from encoders.grid import context_volume
+
+        return context_volume(study, spec)[0]
     volume = np.asarray(study.volume, dtype=np.float32)
     if volume.ndim != 3 or min(volume.shape) < 1:
         raise DicomError(
@@ -2309,6 +2315,15 @@ def box_to_input_grid(
         raise DicomError("bad_region", f"region box {b!r} is empty: each upper bound must exceed the lower one")
     if any(hi <= 0 or lo >= n for lo, hi, n in zip(b[:3], b[3:], shape, strict=True)):
         raise DicomError("bad_region", f"region box {b!r} lies outside the study's voxel grid {tuple(shape)}")
+    if spec.fit == "extent":
+        from encoders.grid import context_grid
+
+        grid = context_grid(shape, spacing, spec)
+        lo_v = grid.to_voxel([lo * float(s) for lo, s in zip(b[:3], spacing, strict=True)])
+        hi_v = grid.to_voxel([hi * float(s) for hi, s in zip(b[3:], spacing, strict=True)])
+        # to_voxel maps centres; box edges sit half a voxel further out
+        return (lo_v[0] + 0.5, lo_v[1] + 0.5, lo_v[2] + 0.5,
+                hi_v[0] + 0.5, hi_v[1] + 0.5, hi_v[2] + 0.5)
     lo_out: list[float] = []
     hi_out: list[float] = []
     for lo, hi, n, s, t, size in zip(b[:3], b[3:], shape, spacing, spec.spacing_mm, spec.shape, strict=True):

@@ -491,8 +491,11 @@ def run_retrieval_eval(
     config: EvalConfig | None = None,
     encoders: Sequence[tuple[str, Any]] = (),
     progress: Callable[[str], None] | None = None,
+    patches: np.ndarray | None = None,
 ) -> list[EvalRow]:
     """The whole protocol on ``volumes (n, D, H, W)`` int16 HU with per-study metadata.
+    On the whole-study grid (``spec.has_patches``) lesion encoders train on and embed
+    ``patches`` ``(n,) + spec.patch_shape`` (each study's detail patch) instead.
 
     Returns one :class:`EvalRow` per method, in order: random vectors, HU histogram,
     then per region of ``config.regions`` a randomly initialised backbone and cohortsim
@@ -567,7 +570,16 @@ def run_retrieval_eval(
     add("random vectors", *timed(lambda: random_vectors(n, seed=cfg.seed)))
     x, secs = timed(lambda: hu_histogram_features(vols))
     add("HU histogram", x, secs, harm=True)
+    def inputs_for(region: str) -> np.ndarray:
+        if region != "lesion" or not getattr(spec, "has_patches", False):
+            return vols
+        if patches is None or len(patches) != n:
+            raise EvalError("a lesion encoder on the whole-study grid needs one detail patch "
+                            "per study (patches=)")
+        return patches
+
     for region in cfg.regions:
+        data = inputs_for(region)
         say(f"random-init {cfg.backbone} ({region})")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -579,12 +591,12 @@ def run_retrieval_eval(
                 calibration=cfg.calibration,
                 embedding_dim=int(cfg.train_kw.get("embedding_dim", 128)),
             )
-        x, secs = timed(functools.partial(embed, rand, vols, batch_size=16, device=cfg.device))
+        x, secs = timed(functools.partial(embed, rand, data, batch_size=16, device=cfg.device))
         add(f"random-init {cfg.backbone} ({region})", x, secs)
         say(f"training cohortsim {cfg.method} ({region}) on {ri.size} reference studies")
         t0 = time.monotonic()
         enc, card = train_ssl(
-            vols,
+            data,
             indices=ri,
             backbone=cfg.backbone,
             spec=spec,
@@ -598,11 +610,12 @@ def run_retrieval_eval(
             calibration=cfg.calibration,
             **cfg.train_kw,
         )
-        x = embed(enc, vols, batch_size=16, device=cfg.device)
+        x = embed(enc, data, batch_size=16, device=cfg.device)
         add(f"cohortsim {cfg.method} ({region})", x, time.monotonic() - t0,
             f"{card.epochs} epochs; {card.notes}", harm=True)
     for name, enc in encoders:
         say(f"embedding with {name}")
-        x, secs = timed(functools.partial(embed, enc, vols, batch_size=16, device=cfg.device))
+        data = inputs_for(enc.region.mode)
+        x, secs = timed(functools.partial(embed, enc, data, batch_size=16, device=cfg.device))
         add(name, x, secs, harm=True)
     return rows

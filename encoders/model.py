@@ -182,8 +182,10 @@ class RegionSpec:
         the same anatomy in more voxels."""
         if (mode or "whole") != "lesion":
             return cls(mode=mode or "whole")
-        size = tuple(max(1, round(b / float(s)))
-                     for b, s in zip(LESION_BOX_MM, spec.spacing_mm, strict=True))
+        grid = spec.patch_spacing_mm if spec.has_patches else spec.spacing_mm
+        size = tuple(max(1, round(b / float(s))) for b, s in zip(LESION_BOX_MM, grid, strict=True))
+        if spec.has_patches:  # never larger than the stored patch
+            size = tuple(min(a, int(p)) for a, p in zip(size, spec.patch_shape, strict=True))
         return cls(mode="lesion", size=size)  # type: ignore[arg-type]
 
     @classmethod
@@ -221,7 +223,7 @@ def lesion_boxes(
     each study is HU-calibrated (:func:`encoders.harmonize.calibrate_hu`) before the
     proposal. One study is read at a time, so ``volumes`` may be a memory map."""
     from encoders.harmonize import calibrate_hu
-    from encoders.roi import crop_around, rois_for
+    from encoders.roi import Roi, crop_around, rois_for
 
     n = volumes.shape[0]
     given = [None] * n if rois is None else list(rois)
@@ -233,7 +235,11 @@ def lesion_boxes(
         vol = np.asarray(volumes[i])
         if calibrate:
             vol = calibrate_hu(vol, pad_value=spec.pad_value_hu)
-        r = rois_for(vol[None], [given[i]], spacing_mm=spec.spacing_mm, proposal=proposal)[0]
+        if spec.has_patches and given[i] is None:  # a detail patch is centred on its region
+            r = Roi(centre=tuple(int(s) // 2 for s in vol.shape), source="centre")  # type: ignore[arg-type]
+        else:
+            sp = spec.patch_spacing_mm if spec.has_patches else spec.spacing_mm
+            r = rois_for(vol[None], [given[i]], spacing_mm=sp, proposal=proposal)[0]
         boxes[i] = crop_around(vol, r.centre, tuple(boxes.shape[1:]),
                                pad_value=spec.pad_value_hu)
         centres.append(r.centre)
@@ -257,18 +263,23 @@ def region_rois(
     if encoder.region.mode != "lesion":
         return None
     from encoders.harmonize import calibrate_hu
-    from encoders.roi import rois_for
+    from encoders.roi import Roi, rois_for
 
     n = volumes.shape[0]
     given = [None] * n if rois is None else list(rois)
     if len(given) != n:
         raise EncoderError(f"rois must have one entry per volume ({n}), got {len(given)}")
+    spec = encoder.spec
     out = []
     for i in range(n):
         vol = np.asarray(volumes[i])
+        if spec.has_patches and given[i] is None:  # a detail patch is centred on its region
+            out.append(Roi(centre=tuple(int(s) // 2 for s in vol.shape), source="centre"))  # type: ignore[arg-type]
+            continue
         if encoder.calibration == "tissue":
-            vol = calibrate_hu(vol, pad_value=encoder.spec.pad_value_hu)
-        out.append(rois_for(vol[None], [given[i]], spacing_mm=encoder.spec.spacing_mm,
+            vol = calibrate_hu(vol, pad_value=spec.pad_value_hu)
+        sp = spec.patch_spacing_mm if spec.has_patches else spec.spacing_mm
+        out.append(rois_for(vol[None], [given[i]], spacing_mm=sp,
                             proposal=encoder.region.proposal)[0])
     return out
 
@@ -536,6 +547,23 @@ class StudyEncoder(nn.Module):
             return tuple(int(v) for v in self.region.size)  # type: ignore[return-value]
         return tuple(int(v) for v in self.spec.shape)  # type: ignore[return-value]
 
+    @property
+    def stored_shape(self) -> tuple[int, int, int]:
+        """``(D, H, W)`` of one study as :func:`embed` takes it: a detail patch
+        (``spec.patch_shape``) for a lesion encoder on the whole-study grid, else the
+        context volume (``spec.shape``)."""
+        if self.region.mode == "lesion" and self.spec.has_patches:
+            return tuple(int(v) for v in self.spec.patch_shape)  # type: ignore[return-value]
+        return tuple(int(v) for v in self.spec.shape)  # type: ignore[return-value]
+
+    @property
+    def input_hint(self) -> str:
+        """How to make what :meth:`stored_shape` describes."""
+        if self.region.mode == "lesion" and self.spec.has_patches:
+            return ("give detail patches: encoders.grid.study_input(study, card.input).patches "
+                    "(one per study, e.g. the primary one)")
+        return "preprocess studies with encoders.dicom.preprocess(study, card.input)"
+
     def regions(
         self, volumes: np.ndarray, rois: Sequence[Any] | None = None
     ) -> np.ndarray:
@@ -650,7 +678,7 @@ def embed(
     """
     if not isinstance(volumes, np.ndarray):
         raise EncoderError(f"volumes must be a numpy array, got {type(volumes).__name__}")
-    expected = tuple(encoder.spec.shape)
+    expected = encoder.stored_shape
     if volumes.ndim == 3 and tuple(volumes.shape) == expected:
         hint = "; for a single study use volumes[None]"
     else:
@@ -658,8 +686,7 @@ def embed(
     if volumes.ndim != 4 or tuple(volumes.shape[1:]) != expected:
         raise EncoderError(
             f"volumes must have shape (n, {', '.join(map(str, expected))}) as set by the "
-            f"encoder's input spec, got {tuple(volumes.shape)}: preprocess studies with "
-            f"encoders.dicom.preprocess(study, card.input){hint}"
+            f"encoder's input spec, got {tuple(volumes.shape)}: {encoder.input_hint}{hint}"
         )
     if volumes.dtype == np.bool_ or volumes.dtype.kind not in "iuf":
         raise EncoderError(f"volumes must be int16 or float HU values, got dtype {volumes.dtype}")

@@ -54,6 +54,7 @@ __all__ = [
     "crop_around",
     "lung_region",
     "propose_lesion",
+    "propose_lesions",
     "remove_thin",
     "roi_from_box",
     "roi_from_mask",
@@ -69,6 +70,8 @@ DEFAULT_PROPOSAL = "lung-open3-dot-li2003"
 PROPOSALS: dict[str, float | None] = {FIRST_PROPOSAL: None, DEFAULT_PROPOSAL: THIN_MM}
 COARSE_MM = 4.0  # finer grids are searched coarse to fine (propose_lesion)
 _AIR_HU = -400.0
+_LUNG_HU = -850.0  # aerated lung parenchyma
+DENSE_RADIUS_MM = 25.0  # the largest lesion radius a proposal is centred on
 _CLIP_HU = (-1000.0, 100.0)
 
 
@@ -92,8 +95,40 @@ def _check_volume(volume: np.ndarray) -> np.ndarray:
     return v
 
 
-def lung_region(volume: np.ndarray, *, air_hu: float = _AIR_HU) -> np.ndarray:
-    """``(D, H, W)`` HU -> bool mask of the lungs and what lies inside or against them."""
+def _body_span(tissue: np.ndarray) -> np.ndarray:
+    """``(H, W)`` bool tissue of one slice -> what lies between the first and last pixel of
+    its largest connected component (the body; couch and arms are separate components)
+    along a row or along a column: the body with its concavities and what it encloses."""
+    lab, n = ndimage.label(tissue)
+    if n == 0:
+        return np.zeros(tissue.shape, dtype=bool)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    body = lab == int(np.argmax(sizes))
+    out = np.zeros(tissue.shape, dtype=bool)
+    for axis in (0, 1):
+        b = body if axis == 1 else body.T
+        any_ = b.any(axis=1)
+        first = np.argmax(b, axis=1)
+        last = b.shape[1] - 1 - np.argmax(b[:, ::-1], axis=1)
+        idx = np.arange(b.shape[1])
+        span = (idx >= first[:, None]) & (idx <= last[:, None]) & any_[:, None]
+        out |= span if axis == 1 else span.T
+    return out
+
+
+def lung_region(volume: np.ndarray, *, air_hu: float = _AIR_HU,
+                min_fraction: float = 0.02) -> np.ndarray:
+    """``(D, H, W)`` HU -> bool mask of the lungs and what lies inside or against them.
+
+    Per axial slice, air (< -400 HU) is lung unless it is outside air: air connected to the
+    image border that lies mostly (> half) outside the body's span (between its first and
+    last pixel along rows or columns, :func:`_body_span`). A field of view that cuts
+    through the chest wall leaves the lungs touching the border, but still inside the
+    body's span, so they are kept on any FOV. Across slices, connected air
+    pockets smaller than ``min_fraction`` of the largest one (gas in the bowel, noise) are
+    dropped. A morphological closing and hole filling then bring back what lies inside or
+    against the lung (nodules, vessels, juxta-pleural lesions)."""
     v = _check_volume(volume)
     air = v < air_hu
     mask = np.zeros(v.shape, dtype=bool)
@@ -101,13 +136,24 @@ def lung_region(volume: np.ndarray, *, air_hu: float = _AIR_HU) -> np.ndarray:
         lab, n = ndimage.label(air[z])
         if n == 0:
             continue
-        edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
         keep = np.ones(n + 1, dtype=bool)
         keep[0] = False
-        keep[edge] = False
+        edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        edge = edge[edge > 0]
+        if len(edge):
+            hull = _body_span(~air[z])
+            total = np.bincount(lab.ravel(), minlength=n + 1)
+            inside = np.bincount(lab[hull].ravel(), minlength=n + 1)
+            for k in edge:
+                keep[k] = inside[k] > 0.5 * total[k]
         mask[z] = keep[lab]
     if not mask.any():
         return mask
+    lab3, n3 = ndimage.label(mask)
+    if n3 > 1:
+        sizes = np.bincount(lab3.ravel())
+        sizes[0] = 0
+        mask = sizes[lab3] >= min_fraction * sizes.max()
     mask = ndimage.binary_closing(mask, structure=np.ones((1, 5, 5), bool), iterations=2)
     for z in range(v.shape[0]):
         mask[z] = ndimage.binary_fill_holes(mask[z])
@@ -231,6 +277,131 @@ def propose_lesion(
     c = np.unravel_index(flat, v.shape)
     return Roi(centre=(int(c[0]), int(c[1]), int(c[2])), source="proposal",
                score=float(score.flat[flat]))
+
+
+def _local_maxima(score: np.ndarray, sp: Sequence[float], min_sep_mm: float,
+                  k: int) -> list[tuple[int, int, int]]:
+    """The ``k`` highest local maxima of ``score`` (> 0) at least ``min_sep_mm`` apart
+    (greedy non-maximum suppression), best first."""
+    reach = [max(1, round(min_sep_mm / 2 / a)) for a in sp]
+    peak = (score == ndimage.maximum_filter(score, size=[2 * r + 1 for r in reach],
+                                            mode="constant")) & (score > 0)
+    idx = np.argwhere(peak)
+    if len(idx) == 0:
+        return []
+    order = np.argsort(-score[tuple(idx.T)], kind="stable")
+    picked: list[np.ndarray] = []
+    spa = np.asarray(sp, dtype=np.float64)
+    for i in order:
+        c = idx[i]
+        if all(np.linalg.norm((c - p) * spa) >= min_sep_mm for p in picked):
+            picked.append(c)
+            if len(picked) == k:
+                break
+    return [(int(c[0]), int(c[1]), int(c[2])) for c in picked]
+
+
+def _dense_centre(
+    v: np.ndarray, lung: np.ndarray, peak: tuple[int, int, int], sp: Sequence[float],
+    radius_mm: float = DENSE_RADIUS_MM,
+) -> tuple[int, int, int]:
+    """The centroid of the dense region around a blob peak: voxels of ``v`` (thin
+    structures already removed) inside the lung mask and within ``radius_mm`` of
+    ``peak``, denser than halfway between the peak's HU and aerated lung (-850), connected
+    to the peak. The blob filter's maximum of a large lesion (or of one with a darker
+    core) lies off its centre; the centroid does not. Falls back to ``peak``."""
+    reach = [max(1, int(radius_mm / a)) for a in sp]
+    lo = [max(0, c - r) for c, r in zip(peak, reach, strict=True)]
+    hi = [min(n, c + r + 1) for c, r, n in zip(peak, reach, v.shape, strict=True)]
+    win = v[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float32)
+    at = tuple(c - a for c, a in zip(peak, lo, strict=True))
+    grids = np.ogrid[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, peak, strict=True))]
+    ball = sum((g * s) ** 2 for g, s in zip(grids, sp, strict=True)) <= radius_mm**2
+    dense = (win > (float(win[at]) + _LUNG_HU) / 2) & ball
+    dense &= lung[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    if not dense[at]:
+        return peak
+    lab, _n = ndimage.label(dense)
+    comp = lab == lab[at]
+    c = ndimage.center_of_mass(comp)
+    return (round(c[0]) + lo[0], round(c[1]) + lo[1], round(c[2]) + lo[2])
+
+
+def propose_lesions(
+    volume: np.ndarray,
+    *,
+    spacing_mm: Sequence[float] = (2.0, 2.0, 2.0),
+    n: int = 4,
+    sigmas_mm: Sequence[float] = DEFAULT_SIGMAS_MM,
+    coarse_mm: float = COARSE_MM,
+    thin_mm: float | None = THIN_MM,
+    min_sep_mm: float = 15.0,
+) -> list[Roi]:
+    """The ``n`` most blob-like focal densities inside the lungs of one ``(D, H, W)`` HU
+    volume (any extent and field of view), ranked by score, best first; each at least
+    ``min_sep_mm`` from a better one.
+
+    As :func:`propose_lesion`: thin bright structures are removed first (``thin_mm``),
+    the lungs found (:func:`lung_region`, on the unopened volume), then the blob score is
+    computed on a grid block-averaged to about ``coarse_mm``; its ``2 n`` best local
+    maxima are each refined on the full grid in a window of two coarse voxels (the score
+    there ranks them), and the proposal is centred on the dense region around the peak
+    (:func:`_dense_centre`: the blob filter peaks off-centre on large lesions). With no lung (or no blob in it) the list holds one ``Roi`` at the
+    volume centre with ``source == "centre"``."""
+    v = _check_volume(volume)
+    sp = [float(a) for a in spacing_mm]
+    if int(n) < 1:
+        raise EncoderError(f"n must be >= 1, got {n}")
+    centre = [Roi(centre=tuple(int(s) // 2 for s in v.shape),  # type: ignore[arg-type]
+                  source="centre")]
+    lung_fine = lung_region(v)
+    if not lung_fine.any():
+        return centre
+    opened = remove_thin(v, spacing_mm=sp, radius_mm=thin_mm) if thin_mm else v
+    factors = [max(1, round(coarse_mm / a)) for a in sp]
+    small = block_mean(opened.astype(np.float32), tuple(factors))
+    start = [(m % f) // 2 for m, f in zip(v.shape, factors, strict=True)]
+    csp = [a * f for a, f in zip(sp, factors, strict=True)]
+    lung_small = block_mean(lung_fine.astype(np.float32), tuple(factors)) > 0.5
+    score = blob_score(small, spacing_mm=csp, sigmas_mm=sigmas_mm, mask=lung_small)
+    peaks = _local_maxima(score, csp, min_sep_mm, 2 * int(n))
+    if not peaks:
+        return centre
+    reach = [int(np.ceil(3 * max(sigmas_mm) / a)) for a in sp]
+    refined: list[Roi] = []
+    for pk in peaks:
+        lo, hi, inner = [], [], []
+        for c, f, r, m, s0 in zip(pk, factors, reach, v.shape, start, strict=True):
+            a, b = s0 + c * f - 2 * f, s0 + (c + 1) * f + 2 * f
+            inner.append((max(a, 0), min(b, m)))
+            lo.append(max(a - r, 0))
+            hi.append(min(b + r, m))
+        win = opened[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        sel = np.zeros(win.shape, dtype=bool)
+        sel[tuple(slice(a - o, b - o) for (a, b), o in zip(inner, lo, strict=True))] = True
+        sel &= lung_fine[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        fine = blob_score(win, spacing_mm=sp, sigmas_mm=sigmas_mm, mask=sel)
+        flat = int(np.argmax(fine))
+        if fine.flat[flat] > 0:
+            b3 = np.unravel_index(flat, win.shape)
+            c3 = (int(b3[0]) + lo[0], int(b3[1]) + lo[1], int(b3[2]) + lo[2])
+            c3 = _dense_centre(opened, lung_fine, c3, sp)
+            refined.append(Roi(centre=c3, source="proposal", score=float(fine.flat[flat])))
+        else:
+            mid = tuple(int(s0 + c * f + f // 2) for c, f, s0 in zip(pk, factors, start,
+                                                                      strict=True))
+            refined.append(Roi(centre=mid, source="proposal",  # type: ignore[arg-type]
+                               score=float(score[pk])))
+    refined.sort(key=lambda r: -r.score)
+    out: list[Roi] = []
+    spa = np.asarray(sp)
+    for cand in refined:
+        at = np.asarray(cand.centre)
+        if all(np.linalg.norm((at - np.asarray(o.centre)) * spa) >= min_sep_mm / 2 for o in out):
+            out.append(cand)
+        if len(out) == int(n):
+            break
+    return out
 
 
 def _propose_coarse_to_fine(

@@ -41,7 +41,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-__all__ = ["PHENOTYPES", "SCANNERS", "ScannerProfile", "SynthInfo", "synth_cohort"]
+__all__ = ["PHENOTYPES", "SCANNERS", "ScannerProfile", "SynthInfo", "lesion_voxels", "synth_cohort"]
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,42 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple
     return f / max(float(f.std()), 1e-6)
 
 
+def lesion_voxels(
+    rng: np.random.Generator, phenotype: str, radius: float, dist: np.ndarray,
+    dx: np.ndarray, dy: np.ndarray, dz: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One lesion of ``phenotype`` (size class x texture class) and ``radius`` mm: its
+    blending weight ``w`` in [0, 1] and HU ``values`` over a box whose voxel offsets
+    from the lesion centre are ``dz, dy, dx`` (mm, broadcastable) at distance ``dist``.
+    Spiculated lesions have 6-10 spicules and heterogeneous HU (a necrotic core when
+    large), ground glass a soft 3 mm edge at -600..-400 HU (blend with ``max(.., bg)``
+    so vessels run through), solid ones 25-55 HU."""
+    size, texture = phenotype.split("_", 1)
+    r_eff = np.full(dist.shape, radius, np.float32)
+    edge = 0.8
+    if texture == "spiculated":
+        n_sp = int(rng.integers(6, 11))
+        dirs = rng.standard_normal((n_sp, 3))
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        cosang = [(dx * u[0] + dy * u[1] + dz * u[2]) / dist for u in dirs]
+        spikes = sum(rng.uniform(0.6, 1.2) * np.clip(c, 0, None) ** 40 for c in cosang)
+        r_eff = radius * (1.0 + spikes)
+        lesion_hu = rng.uniform(20, 45)
+    elif texture == "ground_glass":
+        edge = 3.0
+        lesion_hu = rng.uniform(-600, -400)
+    else:
+        lesion_hu = rng.uniform(25, 55)
+    w = np.clip((r_eff - dist) / edge + 0.5, 0.0, 1.0).astype(np.float32)
+    values = np.full(dist.shape, lesion_hu, np.float32)
+    if texture == "spiculated":
+        het = _smooth_field(rng, dist.shape, (1.5, 1.5, 1.5))
+        values += 20.0 * het
+        if size == "large":
+            values[dist < 0.4 * radius] = rng.uniform(-15, 10)  # necrotic core
+    return w, values
+
+
 def _phantom(
     rng: np.random.Generator, sc: ScannerProfile, phenotype: str
 ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, tuple[float, float, float]]:
@@ -320,7 +356,7 @@ def _phantom(
     vol[lungs & vessels] = 30.0
 
     # Lesion in one lung, near the middle of the coverage.
-    size, texture = phenotype.split("_", 1)
+    size = phenotype.split("_", 1)[0]
     lcx, lcy = lung_centres[int(rng.integers(2))]
     radius = float(rng.uniform(6.0, 10.0) if size == "small" else rng.uniform(14.0, 22.0))
     zc = float(rng.uniform(-12, 12))
@@ -336,31 +372,10 @@ def _phantom(
         dy = (coords[ys] - cy - py)[None, :, None]
         dx = (coords[xs] - cx - px)[None, None, :]
         dist = np.sqrt(dx**2 + dy**2 + dz**2) + 1e-6
-        r_eff = np.full(dist.shape, radius, np.float32)
-        edge = 0.8
-        if texture == "spiculated":
-            n_sp = int(rng.integers(6, 11))
-            dirs = rng.standard_normal((n_sp, 3))
-            dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-            cosang = [(dx * u[0] + dy * u[1] + dz * u[2]) / dist for u in dirs]
-            spikes = sum(rng.uniform(0.6, 1.2) * np.clip(c, 0, None) ** 40 for c in cosang)
-            r_eff = radius * (1.0 + spikes)
-            lesion_hu = rng.uniform(20, 45)
-        elif texture == "ground_glass":
-            edge = 3.0
-            lesion_hu = rng.uniform(-600, -400)
-        else:
-            lesion_hu = rng.uniform(25, 55)
-        w = np.clip((r_eff - dist) / edge + 0.5, 0.0, 1.0).astype(np.float32)
-        values = np.full(dist.shape, lesion_hu, np.float32)
-        if texture == "spiculated":
-            het = _smooth_field(rng, dist.shape, (1.5, 1.5, 1.5))
-            values += 20.0 * het
-            if size == "large":
-                values[dist < 0.4 * radius] = rng.uniform(-15, 10)  # necrotic core
+        w, values = lesion_voxels(rng, phenotype, radius, dist, dx, dy, dz)
         bg = vol[box]
         blended = bg * (1 - w) + values * w
-        if texture == "ground_glass":
+        if phenotype.endswith("ground_glass"):
             blended = np.maximum(blended, bg)  # vessels run through ground glass
         vol[box] = blended
 

@@ -10,10 +10,13 @@ Speed: each view encodes a random subset of ``train_slices`` slices (the mean ov
 slices is defined for any subset): 8 of a 12-slice lesion box, 8 of 32 whole-volume slices.
 ``torch.set_num_threads`` is left to the caller.
 
-Lesion region (``region="lesion"``): the lesion centre of every training study is found
-once (:func:`encoders.roi.propose_lesion`, or given ``rois``); the views of a study
-are boxes around it, each shifted by up to ``roi_jitter`` voxels per axis (8 mm by
-default, which also teaches tolerance to an imprecise centre), randomly rotated /
+Lesion region (``region="lesion"``): on the whole-study grid each training study is its
+detail patch (``(n,) + spec.patch_shape``, centred on a reader region or a proposal at
+ingest, :mod:`encoders.grid`); on the legacy grid the lesion centre of every study is found
+once (:func:`encoders.roi.propose_lesion`, or given ``rois``). The views of a study
+are boxes around the centre, each shifted by up to ``roi_jitter`` voxels per axis (8 mm by
+default, capped by the patch's margin, which also teaches tolerance to an imprecise
+centre), randomly rotated /
 reflected, then passed through the scanner augmentations of
 :meth:`AugmentConfig.for_lesion`.
 """
@@ -95,13 +98,17 @@ def _validate(
     batch_size: int,
     lr: float,
     train_slices: int | None,
+    expected: tuple[int, ...] | None = None,
 ) -> None:
+    """Argument checks; ``expected`` is one study's shape (default ``spec.shape``)."""
+    shape = tuple(spec.shape) if expected is None else expected
     if not isinstance(volumes, np.ndarray):
         raise EncoderError(f"volumes must be a numpy array, got {type(volumes).__name__}")
-    if volumes.ndim != 4 or tuple(volumes.shape[1:]) != tuple(spec.shape):
+    if volumes.ndim != 4 or tuple(volumes.shape[1:]) != shape:
         raise EncoderError(
-            f"training volumes must have shape (n, {', '.join(map(str, spec.shape))}) as set "
-            f"by the input spec, got {tuple(volumes.shape)}"
+            f"training volumes must have shape (n, {', '.join(map(str, shape))}) as set "
+            f"by the input spec (detail patches for a lesion encoder on the whole-study "
+            f"grid), got {tuple(volumes.shape)}"
         )
     if volumes.dtype == np.bool_ or volumes.dtype.kind not in "iuf":
         raise EncoderError(f"volumes must be int16 or float HU values, got {volumes.dtype}")
@@ -160,12 +167,12 @@ def _slice_subset(depth: int, k: int | None, gen: torch.Generator) -> Tensor | N
 
 def _lesion_boxes(
     volumes: np.ndarray, spec: InputSpec, region: RegionSpec, rois: Sequence[Any] | None,
-    margin: int, *, calibrate: bool = False,
+    margin: tuple[int, int, int], *, calibrate: bool = False,
 ) -> tuple[np.ndarray, str]:
-    """``(n, D+2m, H+2m, W+2m)`` boxes around each study's lesion centre
+    """``(n, D+2m, H+2m, W+2m)`` boxes (``m`` per axis) around each study's lesion centre
     (:func:`encoders.model.lesion_boxes`, one study at a time), and a digest of the
     centres (part of the checkpoint's run identity)."""
-    size = tuple(int(v) + 2 * margin for v in region.size)
+    size = tuple(int(v) + 2 * m for v, m in zip(region.size, margin, strict=True))
     boxes, centres = lesion_boxes(volumes, rois, size, spec=spec, proposal=region.proposal,
                                   calibrate=calibrate)
     digest = hashlib.sha256(repr(centres).encode()).hexdigest()[:16]
@@ -234,11 +241,28 @@ def _calibrate_batch(
     return torch.where(torch.isnan(soft), x, y)
 
 
-def _jittered(boxes: Tensor, size: tuple[int, ...], margin: int, gen: torch.Generator) -> Tensor:
+def _margins(spec: InputSpec, region: RegionSpec, roi_jitter: int | None) -> tuple[int, int, int]:
+    """Box jitter in voxels per axis: ``roi_jitter`` or :data:`ROI_JITTER_MM`; on detail
+    patches each axis is capped by the room the patch leaves around the box, so a
+    jittered box never reaches past the stored patch."""
+    if not spec.has_patches:  # legacy grid: one margin, 8 mm on the in-plane grid
+        m = roi_jitter if roi_jitter is not None else max(
+            1, round(ROI_JITTER_MM / float(spec.spacing_mm[1])))
+        return (m, m, m)
+    out = []
+    for ps, n, size in zip(spec.patch_spacing_mm, spec.patch_shape, region.size, strict=True):
+        want = roi_jitter if roi_jitter is not None else round(ROI_JITTER_MM / float(ps))
+        out.append(max(0, min(int(want), (int(n) - int(size)) // 2)))
+    return (out[0], out[1], out[2])
+
+
+def _jittered(boxes: Tensor, size: tuple[int, ...], margin: tuple[int, int, int],
+              gen: torch.Generator) -> Tensor:
     """One box of ``size`` per sample of ``boxes`` ``(b, D+2m, H+2m, W+2m)``, shifted by a
-    random offset in ``[-m, m]`` voxels per axis."""
+    random offset in ``[-m, m]`` voxels along each axis (``m`` per axis)."""
     b = boxes.shape[0]
-    off = torch.randint(0, 2 * margin + 1, (b, 3), generator=gen).tolist()
+    off = torch.stack([torch.randint(0, 2 * m + 1, (b,), generator=gen) for m in margin],
+                      dim=1).tolist()
     d, h, w = size
     return torch.stack(
         [boxes[i, o[0] : o[0] + d, o[1] : o[1] + h, o[2] : o[2] + w] for i, o in enumerate(off)]
@@ -301,17 +325,18 @@ def train_ssl(
     Returns the encoder (eval mode, on the training device) and its card (``version`` is
     set when the encoder is saved).
     """
-    _validate(volumes, spec, method, epochs, batch_size, lr, train_slices)
+    reg = region if isinstance(region, RegionSpec) else RegionSpec.for_spec(region, spec)
+    expected = (tuple(int(v) for v in spec.patch_shape)
+                if reg.mode == "lesion" and spec.has_patches else tuple(spec.shape))
+    _validate(volumes, spec, method, epochs, batch_size, lr, train_slices, expected)
     volumes = _rows(volumes, indices)
     if roi_jitter is not None and roi_jitter < 0:
         raise EncoderError(f"roi_jitter must be >= 0 voxels, got {roi_jitter}")
-    reg = region if isinstance(region, RegionSpec) else RegionSpec.for_spec(region, spec)
     if views is None:
         views = LESION_VIEWS if reg.mode == "lesion" else 2
     if isinstance(views, bool) or not isinstance(views, int) or not 2 <= views <= MAX_VIEWS:
         raise EncoderError(f"views must be a whole number from 2 to {MAX_VIEWS}, got {views!r}")
-    if roi_jitter is None:  # 8 mm on the in-plane grid
-        roi_jitter = max(1, round(ROI_JITTER_MM / float(spec.spacing_mm[1])))
+    margin = _margins(spec, reg, roi_jitter)
     lesion = reg.mode == "lesion"
     if lesion and augment is None:
         augment = AugmentConfig.for_lesion(calibrated=calibration == "tissue")
@@ -369,7 +394,7 @@ def train_ssl(
     int_range: tuple[int, int] | None = None
     if lesion:
         boxes, centres_digest = _lesion_boxes(
-            volumes, spec, reg, rois, roi_jitter, calibrate=calibration == "tissue"
+            volumes, spec, reg, rois, margin, calibrate=calibration == "tissue"
         )
         run["roi_centres"] = centres_digest
         data = torch.from_numpy(boxes)
@@ -419,7 +444,7 @@ def train_ssl(
         for idx in batches:
             if lesion:
                 x = data[idx]
-                vs = [augment_fn(_jittered(x, reg.size, roi_jitter, gen).to(dev).float(), gen,
+                vs = [augment_fn(_jittered(x, reg.size, margin, gen).to(dev).float(), gen,
                                  augment) for _ in range(views)]
             else:
                 x = torch.from_numpy(volumes[idx.numpy()]).to(dev).float()
@@ -486,7 +511,7 @@ def train_ssl(
     if calibration != "none":
         notes.append(f"HU calibration {calibration}")
     if lesion:
-        notes.append(f"lesion boxes {'x'.join(map(str, reg.size))} voxels, jitter {roi_jitter}")
+        notes.append(f"lesion boxes {'x'.join(map(str, reg.size))} voxels, jitter {'x'.join(map(str, margin))}")
     if train_slices is not None and train_slices < encoder.input_shape[0]:
         notes.append(f"{train_slices} of {encoder.input_shape[0]} slices per view")
     if start_epoch:

@@ -119,8 +119,14 @@ def embed_store(
     progress: Callable[[int, int], None] | None = None,
     checkpoint_dir: Path | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    patches: str = "readers",
 ) -> tuple[np.ndarray, pa.Table, str]:
     """Embed every study of ``store`` with the encoder in ``model_dir``.
+
+    A whole-volume encoder embeds each study's context volume; a lesion encoder on the
+    whole-study grid embeds each study's primary detail patch (``patches``:
+    ``"readers"`` = the first reader region where readers marked one, else the top
+    proposal; ``"proposals"`` = always the top proposal; :func:`indexing.store.primary_patch`).
 
     Returns ``(embeddings (n, d) float32, cohort table (row i = embedding i), model_version)``;
     the table carries a ``thumbnail`` column (PNG of the slice through the region the
@@ -140,7 +146,9 @@ def embed_store(
     shards: list[pa.Table] = []
     lock = _job_lock(checkpoint_dir) if checkpoint_dir is not None else contextlib.nullcontext()
     with lock:
-        for i, (uids, volumes) in enumerate(store.iter_volumes(batch_size=shard_size)):
+        on_patches = card.region.mode == "lesion" and card.input.has_patches
+        for i, (uids, volumes) in enumerate(store.iter_volumes(
+                batch_size=shard_size, patches=patches if on_patches else None)):
             path = checkpoint_dir / f"shard-{i:06d}.parquet" if checkpoint_dir else None
             table = _read_shard(path, uids) if path is not None else None
             if table is None:
@@ -279,8 +287,10 @@ def build_from_store(
     shard_size: int = DEFAULT_SHARD_SIZE,
     search_params: dict[str, float] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    patches: str = "readers",
 ) -> str:
     """Embed the store with the model and publish a snapshot; returns the version id.
+    ``patches`` picks each study's detail patch for a lesion encoder (:func:`embed_store`).
 
     Embedding is checkpointed per shard under ``INDEX_DIR/.build/`` (removed once the
     version is published), so re-running a killed build resumes it. Safe while a server
@@ -291,7 +301,8 @@ def build_from_store(
     store = CohortStore(store_dir)
     _enc, card = _card_of(model_dir)
     spec = store.studies(columns=["spec"])["spec"]
-    ckpt = checkpoint_dir_for(index_dir, card.version, spec[0].as_py() if len(spec) else "")
+    ckpt = checkpoint_dir_for(index_dir, card.version,
+                              (spec[0].as_py() if len(spec) else "") + f"/{patches}")
     vectors, table, model_version = embed_store(
         store,
         model_dir,
@@ -300,6 +311,7 @@ def build_from_store(
         progress=(lambda d, t: progress("embed", d, t)) if progress else None,
         checkpoint_dir=ckpt,
         shard_size=shard_size,
+        patches=patches,
     )
     return publish_embedded(
         store,

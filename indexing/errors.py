@@ -14,6 +14,14 @@ class StoreError(CohortsimError, RuntimeError):
     fallback_message = "no index is loaded"
 
 
+class StoreFormatError(StoreError):
+    """The store was written in an older format that this version cannot read volumes
+    from; the message names the command that rebuilds it. ``reason`` is ``store_format``."""
+
+    status = "FAILED_PRECONDITION"
+    reason = "store_format"
+
+
 class SnapshotError(CohortsimError, RuntimeError):
     """An index snapshot is missing, incomplete or fails its checksums."""
 

@@ -21,7 +21,7 @@ import math
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -75,6 +75,11 @@ class IngestReport:
     outcomes_rows: int = 0
     studies: list[dict[str, str]] = field(default_factory=list)
     workers: int = 1
+    #: reader regions stored as detail patches / refused (outside the study, malformed:
+    #: ``{"study", "reader", "message"}``) / beyond ``InputSpec.max_patches``
+    regions_stored: int = 0
+    regions_rejected: list[dict[str, str]] = field(default_factory=list)
+    regions_dropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,13 +99,41 @@ class _Prepared:
     acquisition: dict[str, str] = field(default_factory=dict)
     series_reason: str = ""
     volume: np.ndarray | None = None
+    grid: dict[str, Any] | None = None
+    patches: np.ndarray | None = None
+    patch_info: list[dict[str, Any]] | None = None
+    bad_regions: list[tuple[str, str]] = field(default_factory=list)  # (reader, message)
+    dropped_regions: int = 0
 
 
-def _prepare_study(paths: list[Path], spec: InputSpec, rule: SeriesRule) -> _Prepared:
-    """Read and preprocess one study (runs in a worker); never raises."""
+def _prepare_study(
+    paths: list[Path], spec: InputSpec, rule: SeriesRule, regions: tuple[Any, ...] = ()
+) -> _Prepared:
+    """Read and preprocess one study (runs in a worker); never raises. On the whole-study
+    grid (``spec.has_patches``) the study's context volume and its detail patches around
+    ``regions`` (reader regions, :class:`encoders.regions.ReaderRegion`) and the top
+    proposals; a region that does not fit the study is reported, never fatal."""
+    grid = patches = info = None
+    bad: list[tuple[str, str]] = []
+    dropped = 0
     try:
         study = read_study(paths, series_rule=rule)
-        volume = preprocess(study, spec)
+        if spec.has_patches:
+            from encoders.grid import box_centre_mm, study_input
+
+            good = []
+            for r in regions:
+                try:
+                    box_centre_mm(r.box, study.volume.shape, study.spacing)
+                    good.append(r)
+                except DicomError as exc:
+                    bad.append((str(r.reader), str(exc)))
+            si = study_input(study, spec, regions=good)
+            volume, grid = si.context, si.grid.to_dict()
+            patches, info = si.patches, [p.to_dict() for p in si.patch_info]
+            dropped = si.dropped_regions
+        else:
+            volume = preprocess(study, spec)
     except DicomError as exc:
         return _Prepared(error=(exc.reason, str(exc)))
     except MemoryError:
@@ -121,6 +154,11 @@ def _prepare_study(paths: list[Path], spec: InputSpec, rule: SeriesRule) -> _Pre
         acquisition=study.acquisition,
         series_reason=study.series_reason,
         volume=volume,
+        grid=grid,
+        patches=patches,
+        patch_info=info,
+        bad_regions=bad,
+        dropped_regions=dropped,
     )
 
 
@@ -334,8 +372,14 @@ def ingest_folder(
     workers: int | None = None,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    regions: Mapping[str, Sequence[Any]] | None = None,
 ) -> IngestReport:
     """Read every study under ``dicom_dir`` into ``store``; never raises for one bad file.
+
+    ``regions`` maps a raw StudyInstanceUID or raw PatientID (as in a regions CSV,
+    ``encoders.regions.regions_from_csv``; the study uid wins) to that study's reader
+    regions (:class:`encoders.regions.ReaderRegion`); each becomes a detail patch stored
+    with its reader's name (never the raw keys, which stay in memory).
 
     ``workers``: processes reading and preprocessing (default :func:`default_workers`,
     all cores; 1 = in this process, no pool). ``series_rule`` picks each study's series
@@ -356,9 +400,11 @@ def ingest_folder(
     if n_workers < 1:
         raise StoreError(f"workers must be >= 1, got {workers}")
     files = find_files(dicom_dir)
+    store.check_format()
     with _Workers(n_workers) as pool:
         return _ingest(
-            files, store, pool, pseudonymizer, site, spec, series_rule, batch_size, progress
+            files, store, pool, pseudonymizer, site, spec, series_rule, batch_size, progress,
+            regions or {},
         )
 
 
@@ -372,9 +418,13 @@ def _ingest(
     series_rule: SeriesRule,
     batch_size: int,
     progress: Callable[[int, int], None] | None,
+    regions: Mapping[str, Sequence[Any]],
 ) -> IngestReport:
     headers, rejected = _scan(files, pool)
     groups, first_dates = group_studies(headers, pseudonymizer)
+    patient_of: dict[str, str] = {}  # raw study uid -> raw patient id (regions by patient)
+    for h in headers:
+        patient_of.setdefault(h.study_uid, h.patient_id)
     report = IngestReport(
         studies_found=len(groups),
         files_seen=len(files),
@@ -393,7 +443,17 @@ def _ingest(
     if progress is not None and done:
         progress(done, total)
     pending: list[StudyRecord] = []
-    results = _map_ordered(_prepare_study, ((paths, spec, series_rule) for _, paths in todo), pool)
+
+    def regions_of(raw_uid: str) -> tuple[Any, ...]:
+        found = regions.get(raw_uid)
+        if found is None:
+            found = regions.get(patient_of.get(raw_uid, ""), ())
+        return tuple(found)
+
+    results = _map_ordered(
+        _prepare_study,
+        ((paths, spec, series_rule, regions_of(raw_uid)) for raw_uid, paths in todo), pool,
+    )
     for (raw_uid, paths), prepared in zip(todo, results, strict=True):
         study_uid = pseudonymizer.study(raw_uid)
         if isinstance(prepared, _Crashed):
@@ -420,6 +480,12 @@ def _ingest(
                     spec=spec,
                 )
             )
+            report.regions_stored += sum(
+                p.get("source") == "reader" for p in prepared.patch_info or [])
+            report.regions_dropped += prepared.dropped_regions
+            report.regions_rejected.extend(
+                {"study": study_uid, "reader": reader, "message": message}
+                for reader, message in prepared.bad_regions)
             report.studies.append(
                 {
                     "study": study_uid,
@@ -502,6 +568,9 @@ def study_record(
         study_day=day,
         volume=prepared.volume,
         spec=spec,
+        grid=prepared.grid,
+        patches=prepared.patches,
+        patch_info=prepared.patch_info,
         **_acquisition_fields(prepared.acquisition),
     )
 

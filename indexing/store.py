@@ -9,6 +9,16 @@ Layout of a store folder ``STORE/``::
     STORE/tombstones.parquet            withdrawn patients (pseudonyms): every read skips
                                         them at once; compact() removes their rows
     STORE/.lock                         advisory lock held while writing
+    STORE/FORMAT                        the store format number (STORE_FORMAT)
+
+Format 2 (:data:`STORE_FORMAT`) holds each study on the whole-study grid
+(:mod:`encoders.grid`): ``volume`` is the context volume, ``grid`` its per-study spacing
+and origin (JSON), ``patches`` the detail patches (int16, ``k x patch_shape``) and
+``patch_info`` what each one is (JSON list: source, reader, lesion, rank, score,
+centre_mm). A store without ``FORMAT`` but with studies is format 1 (the centre-cropped
+legacy grid): its volumes are refused with :class:`StoreFormatError` naming the command
+that rebuilds it (re-ingest; the cropped anatomy cannot be recovered from the store),
+while outcomes, deletions and compaction keep working on it.
 
 Every write goes to a temporary file in the same folder, is flushed and fsynced, then
 renamed into place (``os.replace``) and the folder fsynced, so a reader sees either the
@@ -55,9 +65,10 @@ from indexing.durable import (
     exclusive_lock,
     fsync_dir,
     sha256_file,
+    write_atomic,
     write_parquet_atomic,
 )
-from indexing.errors import StoreError, StoreWriteError, describe_os_error
+from indexing.errors import StoreError, StoreFormatError, StoreWriteError, describe_os_error
 from indexing.tombstones import TOMBSTONE_FILE, TombstoneWatch, add_tombstones
 
 log = logging.getLogger(__name__)
@@ -78,7 +89,16 @@ ACQUISITION_COLUMNS: tuple[str, ...] = (
     "recon_diameter",
     "intensity",  # what the stored volume holds: HU, SUVbw_x100 or percentile_norm
 )
-VOLUME_COLUMNS: tuple[str, ...] = ("volume", "volume_shape")
+#: voxel data and where it lies: left out of the cohort table (and so of index metadata)
+VOLUME_COLUMNS: tuple[str, ...] = (
+    "volume", "volume_shape", "grid", "patches", "patch_shape", "patch_info",
+)
+#: the store format this version writes and reads volumes of (see the module docstring)
+STORE_FORMAT = 2
+_FORMAT_FILE = "FORMAT"
+#: which detail patch stands for a study: the first reader region, else the top proposal
+#: ("readers"), or the top proposal even where readers marked regions ("proposals")
+PATCH_USES = ("readers", "proposals")
 
 STUDY_SCHEMA = pa.schema(
     [
@@ -93,6 +113,12 @@ STUDY_SCHEMA = pa.schema(
         pa.field("volume_shape", pa.list_(pa.int32()), nullable=False),
         pa.field("spec", pa.string()),
         pa.field("ingested_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        # format 2: the context grid (JSON), detail patches (int16 LE, k x patch_shape)
+        # and what each patch is (JSON list); null for studies stored without patches
+        pa.field("grid", pa.string()),
+        pa.field("patches", pa.large_binary()),
+        pa.field("patch_shape", pa.list_(pa.int32())),
+        pa.field("patch_info", pa.string()),
     ]
 )
 
@@ -115,7 +141,10 @@ _LOCK_FILE = ".lock"
 class StudyRecord:
     """One study as it enters the store.
 
-    ``volume`` is the preprocessed ``(D, H, W) int16`` HU volume (``encoders.preprocess``);
+    ``volume`` is the preprocessed ``(D, H, W) int16`` HU volume (``encoders.preprocess``;
+    the context volume of :func:`encoders.grid.study_input`), ``grid`` its
+    ``ContextGrid.to_dict()``, ``patches`` ``(k, pd, ph, pw) int16`` detail patches and
+    ``patch_info`` one ``PatchInfo.to_dict()`` each (all optional);
     ``spec`` the JSON of the ``InputSpec`` it was resampled with (an object with
     ``to_dict()`` or a dict is accepted too). ``study_day`` is days since the patient's
     first study (never a date).
@@ -142,6 +171,9 @@ class StudyRecord:
     recon_diameter: str | None = None
     intensity: str | None = None
     ingested_at: datetime | None = field(default=None)
+    grid: dict[str, Any] | None = None
+    patches: np.ndarray | None = None
+    patch_info: list[dict[str, Any]] | None = None
 
     def spec_json(self) -> str:
         spec = self.spec
@@ -223,9 +255,49 @@ class CohortStore:
                     errno=exc.errno,
                 ) from exc
         self._tombstones = TombstoneWatch(self.root / TOMBSTONE_FILE)
+        if create and not (self.root / _FORMAT_FILE).exists() and not self._part_files():
+            self._write_format()
 
     def __repr__(self) -> str:
         return f"CohortStore({str(self.root)!r})"
+
+    # ---------------------------------------------------------------- format
+    def _write_format(self) -> None:
+        write_atomic(self.root / _FORMAT_FILE, lambda fh: fh.write(f"{STORE_FORMAT}\n"), mode="w")
+
+    def store_format(self) -> int:
+        """The format number of this store: ``STORE/FORMAT``; a store without that file is
+        format 1 when it holds studies (written before formats were numbered), else the
+        current one."""
+        path = self.root / _FORMAT_FILE
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return 1 if self._part_files() else STORE_FORMAT
+        except OSError as exc:
+            raise StoreError(describe_os_error(exc, "reading", path)) from exc
+        if not text.isdigit():
+            raise StoreError(f"{path} does not hold a store format number; restore it")
+        return int(text)
+
+    def check_format(self) -> None:
+        """Raise :class:`StoreFormatError` unless this store's volumes can be read and added
+        to by this version (format :data:`STORE_FORMAT`)."""
+        fmt = self.store_format()
+        if fmt == STORE_FORMAT:
+            return
+        if fmt < STORE_FORMAT:
+            raise StoreFormatError(
+                f"the store at {self.root} is format {fmt} (each study centre-cropped to "
+                f"64 mm of z); this version stores whole studies (format {STORE_FORMAT}) and "
+                "the cropped anatomy cannot be recovered from the old store: re-ingest the "
+                "DICOM into a new store with `cohortsim ingest DICOM_DIR --store NEW_STORE` "
+                "(then `cohortsim train` / `cohortsim index build` on it)"
+            )
+        raise StoreFormatError(
+            f"the store at {self.root} is format {fmt}, newer than this cohortsim "
+            f"(format {STORE_FORMAT}); upgrade cohortsim"
+        )
 
     # ---------------------------------------------------------------- internals
     def _part_files(self) -> list[Path]:
@@ -399,8 +471,11 @@ class CohortStore:
         skipped, so re-ingesting a folder is idempotent; so are studies of withdrawn
         patients (:meth:`delete_patients`).
         """
+        self.check_format()
         with self._locked():
             self._remove_stale()
+            if not (self.root / _FORMAT_FILE).exists():
+                self._write_format()
             seen = set(
                 self._read_parts(["study_uid"], include_deleted=True).column("study_uid").to_pylist()
             )
@@ -431,6 +506,7 @@ class CohortStore:
                 columns["volume_shape"].append([int(s) for s in vol.shape])
                 columns["spec"].append(rec.spec_json())
                 columns["ingested_at"].append(rec.ingested_at or now)
+                _add_patches(columns, rec, i)
             added = len(columns["study_uid"])
             if added == 0:
                 return 0
@@ -454,23 +530,26 @@ class CohortStore:
         """All study rows (STUDY_SCHEMA, or the given columns), in ingestion order."""
         return self._read_parts(columns)
 
-    def load_volumes(self) -> tuple[list[str], np.ndarray]:
-        """``(study_uids, (n, D, H, W) int16)`` in ingestion order, in memory (1 MiB per
+    def load_volumes(self, *, patches: str | None = None) -> tuple[list[str], np.ndarray]:
+        """``(study_uids, (n, D, H, W) int16)`` in ingestion order, in memory (2 MiB per
         study on the default grid; :meth:`spool_volumes` for a cohort larger than that).
+        ``patches`` (:data:`PATCH_USES`) gives each study's primary detail patch instead of
+        its context volume (see :meth:`iter_volumes`).
 
         Raises :class:`StoreError` when the store is empty or volumes differ in shape.
         """
-        uids, shape = self._volume_rows()
+        uids, shape = self._volume_rows(patches)
         out = np.empty((len(uids), *shape), dtype=np.int16)
-        self._fill(out)
+        self._fill(out, patches)
         return uids, out
 
-    def spool_volumes(self, path: Path | str) -> tuple[list[str], np.ndarray]:
+    def spool_volumes(self, path: Path | str, *,
+                      patches: str | None = None) -> tuple[list[str], np.ndarray]:
         """As :meth:`load_volumes`, but the volumes are written to the ``.npy`` file
         ``path`` and returned as a read-only memory map of it, so a cohort larger than
         memory can be trained on (the caller removes the file). Raises
         :class:`StoreError` when the file system lacks the room."""
-        uids, shape = self._volume_rows()
+        uids, shape = self._volume_rows(patches)
         need = len(uids) * int(np.prod(shape)) * np.dtype(np.int16).itemsize
         path = Path(path)
         free = shutil.disk_usage(path.parent).free
@@ -482,21 +561,28 @@ class CohortStore:
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int16,
                                         shape=(len(uids), *shape))
         try:
-            self._fill(out)
+            self._fill(out, patches)
             out.flush()
         finally:
             del out
         return uids, np.load(path, mmap_mode="r")
 
-    def _volume_rows(self) -> tuple[list[str], tuple[int, ...]]:
+    def _volume_rows(self, patches: str | None = None) -> tuple[list[str], tuple[int, ...]]:
         """The study uids (ingestion order, withdrawn patients skipped) and the one
-        volume shape they share."""
-        table = self._read_parts(["study_uid", "volume_shape"])
+        volume (or patch) shape they share."""
+        self.check_format()
+        column = "volume_shape" if patches is None else "patch_shape"
+        table = self._read_parts(["study_uid", column])
         if table.num_rows == 0:
             raise StoreError(
                 f"the store at {self.root} holds no studies; run cohortsim ingest first"
             )
-        shapes = Counter(tuple(s) for s in table.column("volume_shape").to_pylist())
+        if patches is not None and table.column(column).null_count:
+            raise StoreError(
+                f"{table.column(column).null_count} studies of the store at {self.root} have "
+                "no detail patches; re-ingest them with a whole-study InputSpec"
+            )
+        shapes = Counter(tuple(s) for s in table.column(column).to_pylist())
         if len(shapes) != 1:
             listing = ", ".join(f"{s} x{c}" for s, c in shapes.most_common())
             raise StoreError(
@@ -505,10 +591,10 @@ class CohortStore:
             )
         return table.column("study_uid").to_pylist(), next(iter(shapes))
 
-    def _fill(self, out: np.ndarray) -> None:
+    def _fill(self, out: np.ndarray, patches: str | None = None) -> None:
         """Stream the volumes into ``out`` (one row per study of :meth:`_volume_rows`)."""
         row = 0
-        for _uids, vols in self.iter_volumes(batch_size=256):  # bounded extra memory
+        for _uids, vols in self.iter_volumes(batch_size=256, patches=patches):
             if row + len(vols) > out.shape[0]:
                 row += len(vols)
                 break
@@ -520,35 +606,43 @@ class CohortStore:
                 "read (studies added or withdrawn meanwhile); try again"
             )
 
-    def iter_volumes(self, batch_size: int = 64) -> Iterator[tuple[list[str], np.ndarray]]:
-        """Stream ``(study_uids, (b, D, H, W) int16)`` batches in ingestion order.
+    def iter_volumes(
+        self, batch_size: int = 64, *, patches: str | None = None
+    ) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Stream ``(study_uids, (b, D, H, W) int16)`` batches in ingestion order: the
+        context volumes, or with ``patches`` (:data:`PATCH_USES`) each study's primary
+        detail patch (:func:`primary_patch`).
 
         Only one part file's row group and one batch are in memory at a time, so a
         rebuild over millions of studies needs no more memory than a batch. Withdrawn
-        patients are skipped. Raises :class:`StoreError` on mixed volume shapes.
+        patients are skipped. Raises :class:`StoreError` on mixed volume shapes and
+        :class:`StoreFormatError` on a store of an older format.
         """
         if batch_size < 1:
             raise StoreError(f"batch_size must be >= 1, got {batch_size}")
+        if patches is not None and patches not in PATCH_USES:
+            raise StoreError(f"patches must be one of {PATCH_USES}, got {patches!r}")
+        self.check_format()
         deleted = self.deleted_patients()
         uids: list[str] = []
         vols: list[np.ndarray] = []
         shape: tuple[int, ...] | None = None
+        cols_wanted = (["patient_id", "study_uid", "volume", "volume_shape"] if patches is None
+                       else ["patient_id", "study_uid", "patches", "patch_shape", "patch_info"])
         for path in self._part_files():
             verify_part_file(path)
             try:
                 pf = pq.ParquetFile(path, page_checksum_verification=True)
-                batches = pf.iter_batches(
-                    batch_size=batch_size, columns=["patient_id", "study_uid", "volume", "volume_shape"]
-                )
+                have = [c for c in cols_wanted if c in pf.schema_arrow.names]
+                batches = pf.iter_batches(batch_size=batch_size, columns=have)
                 for batch in batches:
                     cols = batch.to_pydict()
-                    for pid, uid, buf, shp in zip(
-                        cols["patient_id"], cols["study_uid"], cols["volume"], cols["volume_shape"],
-                        strict=True,
-                    ):
+                    for j, (pid, uid) in enumerate(zip(cols["patient_id"], cols["study_uid"],
+                                                       strict=True)):
                         if pid in deleted:
                             continue
-                        shp = tuple(int(s) for s in shp)
+                        vol = _row_volume(cols, j, patches)
+                        shp = tuple(vol.shape)
                         if shape is None:
                             shape = shp
                         elif shp != shape:
@@ -557,7 +651,7 @@ class CohortStore:
                                 "re-ingest every study with one InputSpec"
                             )
                         uids.append(uid)
-                        vols.append(np.frombuffer(buf, dtype="<i2").reshape(shp))
+                        vols.append(vol)
                         if len(uids) == batch_size:
                             yield uids, np.stack(vols)
                             uids, vols = [], []
@@ -568,6 +662,11 @@ class CohortStore:
                 ) from exc
         if uids:
             yield uids, np.stack(vols)
+
+    def patch_table(self) -> pa.Table:
+        """``study_uid``, ``grid`` and ``patch_info`` (JSON strings) of every study: where
+        each detail patch lies and what it is, without the voxels."""
+        return self._read_parts(["study_uid", "grid", "patch_info"])
 
     # ---------------------------------------------------------------- outcomes
     def outcomes(self, *, include_deleted: bool = False) -> pa.Table:
@@ -634,6 +733,58 @@ class CohortStore:
                 st = path.stat()
                 h.update(f"{name}:{st.st_mtime_ns}:{st.st_size}".encode())
         return h.hexdigest()[:12]
+
+
+def _row_volume(cols: dict[str, list[Any]], j: int, patches: str | None) -> np.ndarray:
+    """Row ``j`` of a batch: its context volume, or its primary patch (``patches``)."""
+    if patches is None:
+        shp = tuple(int(s) for s in cols["volume_shape"][j])
+        return np.frombuffer(cols["volume"][j], dtype="<i2").reshape(shp)
+    buf = cols.get("patches", [None] * (j + 1))[j]
+    if buf is None:
+        raise StoreError("a stored study has no detail patches; re-ingest it with a "
+                         "whole-study InputSpec")
+    shp = tuple(int(s) for s in cols["patch_shape"][j])
+    info = json.loads(cols["patch_info"][j])
+    k = primary_patch(info, patches)
+    size = int(np.prod(shp))
+    return np.frombuffer(buf, dtype="<i2", count=size, offset=2 * size * k).reshape(shp)
+
+
+def _add_patches(columns: dict[str, list[Any]], rec: StudyRecord, i: int) -> None:
+    """Append ``rec``'s context grid and detail patches (format 2 columns) to ``columns``."""
+    columns["grid"].append(None if rec.grid is None else json.dumps(rec.grid, sort_keys=True))
+    if rec.patches is None:
+        columns["patches"].append(None)
+        columns["patch_shape"].append(None)
+        columns["patch_info"].append(None)
+        return
+    p = np.asarray(rec.patches)
+    info = list(rec.patch_info or [])
+    if p.dtype != np.int16 or p.ndim != 4 or p.shape[0] < 1 or len(info) != p.shape[0]:
+        raise StoreError(
+            f"record {i}: patches must be a (k, d, h, w) int16 array with one patch_info "
+            f"entry each, got {p.ndim}-D {p.dtype} and {len(info)} entries"
+        )
+    columns["patches"].append(np.ascontiguousarray(p, dtype="<i2").tobytes())
+    columns["patch_shape"].append([int(v) for v in p.shape[1:]])
+    columns["patch_info"].append(json.dumps(info, sort_keys=True))
+
+
+def primary_patch(info: list[dict[str, Any]], use: str) -> int:
+    """Index of the patch that stands for a study (``use``: :data:`PATCH_USES`): the first
+    reader region with ``"readers"``, else (or with ``"proposals"``) the best-ranked
+    non-reader patch (a proposal, or the centre when no lung was found)."""
+    if use not in PATCH_USES:
+        raise StoreError(f"patches must be one of {PATCH_USES}, got {use!r}")
+    if use == "readers":
+        for k, p in enumerate(info):
+            if p.get("source") == "reader":
+                return k
+    others = [(int(p.get("rank", 0)), k) for k, p in enumerate(info) if p.get("source") != "reader"]
+    if not others:
+        raise StoreError("a study holds reader patches only; use patches='readers'")
+    return min(others)[1]
 
 
 def _drop_deleted(table: pa.Table, deleted: frozenset[str]) -> pa.Table:

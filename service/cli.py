@@ -263,12 +263,32 @@ def synth(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write OUT/dicom/ and OUT/outcomes.csv into.")],
     patients: Annotated[int, typer.Option(min=1, max=100_000, help="Number of synthetic patients.")] = 40,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same cohort).")] = 0,
+    background: Annotated[Path | None, typer.Option(help="A real chest CT study folder: each patient is a sub-range of it (flipped, shifted) with an inserted lesion; also writes OUT/regions.csv (two readers' boxes).")] = None,
+    avoid_mm: Annotated[list[str] | None, typer.Option(help="With --background: a z range A:B (mm from the study's first slice) to leave out, e.g. where the background has its own lesion; repeatable.")] = None,
 ) -> None:
     """Generate a synthetic CT cohort as real DICOM files plus an outcomes table."""
     from encoders.synth import synth_cohort
 
     with progress_bar("synth", patients) as update:
-        info = synth_cohort(out_dir, patients=patients, seed=seed, progress=lambda d, t: update(d, t))
+        if background is not None:
+            from encoders.synth_real import synth_background
+
+            if not background.is_dir():
+                raise CliError(f"--background {background} is not a folder")
+            ranges = []
+            for text in avoid_mm or []:
+                try:
+                    a, b = (float(v) for v in text.split(":"))
+                except ValueError:
+                    raise CliError(f"--avoid-mm takes A:B in mm, not {text!r}") from None
+                ranges.append((a, b))
+            try:
+                info = synth_background(out_dir, background, patients=patients, seed=seed,
+                                        avoid_mm=ranges, progress=lambda d, t: update(d, t))
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
+        else:
+            info = synth_cohort(out_dir, patients=patients, seed=seed, progress=lambda d, t: update(d, t))
     _say(
         f"wrote {info.n_patients} patients ({info.n_files} DICOM files, scanners: "
         f"{', '.join(info.scanners)}) to {out_dir}/dicom and outcomes to {out_dir}/outcomes.csv"
@@ -307,6 +327,10 @@ def ingest(
     spool: Annotated[Path | None, typer.Option(help="--dicomweb: private folder for retrieved files until ingested (default STORE.dicomweb-spool).")] = None,
     index: Annotated[Path | None, typer.Option(help="Also publish the new studies into this index (embedded with its encoder; running servers pick them up).")] = None,
     ray: Annotated[str | None, typer.Option("--ray", metavar="[ADDRESS]", help=_RAY_HELP)] = None,
+    regions: Annotated[
+        Path | None,
+        typer.Option(help="Reader regions CSV: patient_id (or study_instance_uid),reader,z0,y0,x0,z1,y1,x1 (half-open voxel boxes of the study's own grid); each becomes a stored detail patch."),
+    ] = None,
 ) -> None:
     """Read DICOM studies into the cohort store (pseudonymised, preprocessed, with acquisition metadata),
     from a folder or from a PACS over DICOMweb (--dicomweb URL)."""
@@ -318,6 +342,13 @@ def ingest(
     if (dicom_dir is None) == (dicomweb is None):
         raise CliError("give a DICOM folder or --dicomweb URL (one of them)")
     pseudo = Pseudonymizer.from_env_or_file(secret_file)
+    reader_regions = None
+    if regions is not None:
+        if dicomweb is not None or ray is not None:
+            raise CliError("--regions goes with a folder ingest (not --dicomweb or --ray)")
+        from encoders.regions import regions_from_csv
+
+        reader_regions = regions_from_csv(regions)
     if dicomweb is not None:
         from service.pacs.commands import dicomweb_config, ingest_dicomweb
 
@@ -372,6 +403,7 @@ def ingest(
                 series_rule=SeriesRule(allow_burned_in=allow_burned_in),
                 workers=workers,
                 progress=lambda d, t: update(d, t),
+                regions=reader_regions,
             )
     if outcomes is not None:
         table = read_outcomes(outcomes, pseudo)
@@ -467,8 +499,11 @@ def _train_on_store(cohort: Any, out_dir: Path, *, batch_size: int, **kw: Any) -
     out_dir.mkdir(parents=True, exist_ok=True)
     # The volumes go to a memory-mapped file beside the model, not into memory: a cohort
     # of 20,000 studies is 20 GiB on the default grid. Removed when training ends.
+    # a lesion encoder on the whole-study grid trains on each study's detail patch
+    on_patches = kw.get("region", "whole") == "lesion" and spec.has_patches
     with tempfile.TemporaryDirectory(prefix=".volumes-", dir=out_dir) as spool:
-        uids, volumes = cohort.spool_volumes(Path(spool) / "volumes.npy")
+        uids, volumes = cohort.spool_volumes(Path(spool) / "volumes.npy",
+                                             patches=kw.pop("patches", "readers") if on_patches else None)
         if len(uids) < 2:
             raise CliError(f"the store at {cohort.root} holds {len(uids)} studies; at least 2 are needed to train")
         data_hash = hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()[:16]
@@ -512,6 +547,7 @@ def eval_retrieval(
     spool_dir: Annotated[Path | None, typer.Option(help="Folder for the temporary memory-mapped copy of the volumes (default: the system's temporary folder, $TMPDIR).")] = None,
     bootstrap: Annotated[int, typer.Option(min=0, max=100_000, help="Bootstrap resamples of the query patients for the 95 % intervals (0: no intervals).")] = 1000,
     views: Annotated[int | None, typer.Option(min=2, max=16, help="Views per study per training step (as cohortsim train; default: lesion 4, whole 2).")] = None,
+    patches: Annotated[str, typer.Option(help="Which detail patch the lesion encoder embeds: readers (a reader region where one was marked, else the top proposal) or proposals (label-free only).")] = "readers",
 ) -> None:
     """Score retrieval on held-out patients: P@k of a label, scanner excess, kNN C-index (24 months).
 
@@ -523,8 +559,11 @@ def eval_retrieval(
     with another draw of queries (not with another training run or cohort).
     """
     from encoders.evaluate import EvalConfig
-    from indexing.store import CohortStore
+    from indexing.ingest import store_spec
+    from indexing.store import PATCH_USES, CohortStore
 
+    if patches not in PATCH_USES:
+        raise CliError(f"--patches must be readers or proposals, not {patches!r}")
     region_list = tuple(r.strip() for r in regions.split(",") if r.strip())
     bad = [r for r in region_list if r not in ("lesion", "whole")]
     if bad:
@@ -536,8 +575,14 @@ def eval_retrieval(
     # evaluation reads them a study or a batch at a time. Removed when it ends.
     with tempfile.TemporaryDirectory(prefix="cohortsim-eval-", dir=spool_dir) as spool:
         uids, volumes = cohort.spool_volumes(Path(spool) / "volumes.npy")
+        patch_vols = None
+        if "lesion" in region_list and store_spec(cohort).has_patches:
+            p_uids, patch_vols = cohort.spool_volumes(Path(spool) / "patches.npy",
+                                                      patches=patches)
+            if p_uids != uids:
+                raise CliError(f"the store at {store} changed during the evaluation; run it again")
         try:
-            rows = _eval_rows(cohort, uids, volumes, label=label, model=model, cfg=EvalConfig(
+            rows = _eval_rows(cohort, uids, volumes, patches=patch_vols, label=label, model=model, cfg=EvalConfig(
                 k=k, query_fraction=query_fraction, seed=seed, backbone=backbone, method=method.value,
                 regions=region_list, pooling=pooling.value, calibration=calibration.value, epochs=epochs,
                 whole_epochs=whole_epochs, time_budget_s=train_seconds,
@@ -545,7 +590,7 @@ def eval_retrieval(
                 train_kw={"batch_size": batch_size, "views": views},
             ))
         finally:
-            del volumes  # the memory map, before its file goes
+            del volumes, patch_vols  # the memory maps, before their files go
     if json_out:
         out.print_json(json.dumps([r.to_dict() for r in rows]))
         return
@@ -553,7 +598,7 @@ def eval_retrieval(
 
 
 def _eval_rows(cohort: Any, uids: list[str], volumes: Any, *, label: str, model: Path | None,
-               cfg: Any) -> list[Any]:
+               cfg: Any, patches: Any = None) -> list[Any]:
     """`cohortsim eval`'s protocol on the store's (spooled) volumes."""
     from encoders.evaluate import cohort_columns, run_retrieval_eval
     from encoders.model import load_encoder
@@ -575,7 +620,7 @@ def _eval_rows(cohort: Any, uids: list[str], volumes: Any, *, label: str, model:
         return run_retrieval_eval(
             volumes, patient_ids=cols["patient_ids"], labels=cols["labels"], scanners=cols["scanners"],
             times=cols["times"], events=cols["events"], spec=spec, config=cfg,
-            encoders=given, progress=lambda m: _say(f"eval: {m}"),
+            encoders=given, progress=lambda m: _say(f"eval: {m}"), patches=patches,
         )
     except ValueError as exc:  # EvalError / HarmonizeError: bad cohort for this protocol
         raise CliError(str(exc)) from exc

@@ -320,15 +320,30 @@ class ServiceState:
         from encoders.model import embed
 
         encoder, card = self.encoder(snapshot)  # the encoder of the snapshot searched
+        on_patches = card.region.mode == "lesion" and card.input.has_patches
         with self.decode_budget.request(received=sum(len(f) for f in files)):
             study = read_study(files)
-            volume = preprocess(study, card.input)
-        boxes = self._region_boxes(card, study, regions) if regions else []
-        n = max(1, len(boxes))  # rows embedded for the query itself
-        stack = volume[None] if n == 1 else np.repeat(volume[None], n, axis=0)
-        if views > 0:
-            stack = np.concatenate([stack.astype(np.float32), scanner_views(volume, views)])
-        rois = [*boxes, *[boxes[0]] * views] if boxes else None
+            if on_patches:
+                # whole-study grid: a detail patch per query region, else the top proposal
+                context, stack, n = self._patches(card, study, regions)
+            else:
+                context = preprocess(study, card.input)
+        if on_patches:
+            # what the encoder sees is the patch; thumbnails and explanations use it too
+            volume = stack[0]
+            boxes: list[tuple[float, ...]] = [()] * n if regions else []
+            if views > 0:
+                stack = np.concatenate([stack.astype(np.float32),
+                                        scanner_views(stack[0], views)])
+            rois = None
+        else:
+            volume = context
+            boxes = self._region_boxes(card, study, regions) if regions else []
+            n = max(1, len(boxes))  # rows embedded for the query itself
+            stack = volume[None] if n == 1 else np.repeat(volume[None], n, axis=0)
+            if views > 0:
+                stack = np.concatenate([stack.astype(np.float32), scanner_views(volume, views)])
+            rois = [*boxes, *[boxes[0]] * views] if boxes else None
 
         def forward(enc: Any, volumes: np.ndarray) -> np.ndarray:
             return embed(enc, volumes, rois=rois, batch_size=len(volumes), device=self.device)
@@ -340,12 +355,16 @@ class ServiceState:
         acquisition = {
             str(k): str(v) for k, v in (study.acquisition or {}).items() if v is not None
         }
+        # the region the query's vector was cut around: a box on the preprocessed volume,
+        # or None (a detail patch is centred on its region; else the proposal)
+        first = boxes[0] if boxes and not on_patches else None
         png = region = None
         if thumbnail:
             from encoders.model import embedded_regions
             from indexing.thumbnails import region_thumbnail_png
 
-            cut = embedded_regions(encoder, volume[None], [boxes[0]] if boxes else None, device=self.device)
+            cut = embedded_regions(encoder, volume[None], None if first is None else [first],
+                                   device=self.device)
             region = Region.of(cut[0])
             png = region_thumbnail_png(volume, region)
         return EmbeddedStudy(
@@ -354,8 +373,26 @@ class ServiceState:
             regions=out[:n].astype(np.float32) if boxes else None,
             region=region,
             volume=volume if keep_volume else None,
-            roi=boxes[0] if boxes else None,
+            roi=first,
         )
+
+    @staticmethod
+    def _patches(
+        card: Any, study: Any, regions: Sequence[Sequence[float]]
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Context volume, the detail patches to embed ``(n, pd, ph, pw)`` (one per query
+        region, cut from the full-resolution study, or the top proposal when there is
+        none) and ``n``; INVALID_ARGUMENT (``DICOM_BAD_REGION``) for a region outside the
+        study."""
+        from encoders.grid import study_input
+
+        # a box outside the study raises DicomError("bad_region") -> DICOM_BAD_REGION
+        si = study_input(study, card.input, regions=list(regions),
+                         proposals=not regions, proposal=card.region.proposal)
+        if not regions:
+            return si.context, si.patches[si.primary("proposals")][None], 1
+        k = sum(p.source == "reader" for p in si.patch_info)  # at most spec.max_patches
+        return si.context, si.patches[:k], k
 
     @staticmethod
     def _region_boxes(

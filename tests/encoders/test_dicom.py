@@ -508,7 +508,8 @@ def _study(volume: np.ndarray, spacing: tuple[float, float, float]) -> Study:
 
 
 def test_preprocess_shapes_and_values(cohort: Path, truth: dict) -> None:
-    spec = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(16, 64, 64))
+    # the legacy centre-crop grid (tests/encoders/test_grid.py covers the whole-study one)
+    spec = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(16, 64, 64), fit="crop")
     # Larger than the target: 1 mm voxels over 120 x 300 x 300 mm are cropped.
     big = np.full((120, 300, 300), 40.0, np.float32)
     out = preprocess(_study(big, (1.0, 1.0, 1.0)), spec)
@@ -526,7 +527,8 @@ def test_preprocess_shapes_and_values(cohort: Path, truth: dict) -> None:
     # Anisotropic real study: physical extent preserved.
     files = _patient_files(cohort, "borealis_aurora128", truth)
     study = read_study(files)
-    out = preprocess(study, InputSpec(spacing_mm=(5.0, 2.34375, 2.34375), shape=(20, 128, 128)))
+    out = preprocess(study, InputSpec(spacing_mm=(5.0, 2.34375, 2.34375), shape=(20, 128, 128),
+                                      fit="crop"))
     np.testing.assert_allclose(out, np.rint(study.volume), atol=1)
     out = preprocess(study, spec)
     assert out.shape == spec.shape and out.min() >= -1024 and out.max() < 3000

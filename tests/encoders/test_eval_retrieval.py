@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.dicom import preprocess, read_study, scan_folder
+from encoders.dicom import read_study, scan_folder
 from encoders.evaluate import EvalConfig, metric_cells, run_retrieval_eval
+from encoders.grid import study_input
 from encoders.spec import DEFAULT_SPEC
 from encoders.synth import synth_cohort
 
@@ -32,10 +33,12 @@ def test_lesion_encoder_retrieves_phenotype_not_scanner(tmp_path: Path) -> None:
     info = synth_cohort(tmp_path, patients=240, seed=11)
     groups, rejected = scan_folder(info.dicom_dir)
     assert not rejected
-    vols, pids = [], []
+    vols, patches, pids = [], [], []
     for files in groups.values():
         study = read_study(files)
-        vols.append(preprocess(study, DEFAULT_SPEC))
+        si = study_input(study, DEFAULT_SPEC)  # context + the top proposal's detail patch
+        vols.append(si.context)
+        patches.append(si.patches[si.primary("proposals")])
         pids.append(study.patient_id)
     with open(info.truth_csv, newline="") as f:
         truth = {r["patient_id"]: r for r in csv.DictReader(f)}
@@ -50,6 +53,7 @@ def test_lesion_encoder_retrieves_phenotype_not_scanner(tmp_path: Path) -> None:
         events=[outcome[p]["event"] == "1" for p in pids],
         spec=DEFAULT_SPEC,
         config=EvalConfig(regions=("lesion",), epochs=100, device="cpu"),
+        patches=np.stack(patches),
     )
     by = {r.method: r.metrics for r in rows}
     ours = by["cohortsim simclr (lesion)"]

@@ -25,7 +25,7 @@ from encoders.model import (
 )
 from encoders.spec import DEFAULT_SPEC, InputSpec
 
-SMALL = InputSpec(shape=(4, 32, 32))
+SMALL = InputSpec(shape=(4, 32, 32), fit="crop")  # lesion boxes cut from the volume itself
 
 
 def _volumes(n: int, spec: InputSpec = SMALL, seed: int = 0) -> np.ndarray:
@@ -68,12 +68,17 @@ def test_default_lesion_box_is_the_same_millimetres_on_any_grid() -> None:
 
     for spacing, size in (((4.0, 4.0, 4.0), (6, 12, 12)), ((2.0, 2.0, 2.0), (12, 24, 24)),
                           ((3.0, 1.5, 1.5), (8, 32, 32))):
-        r = RegionSpec.for_spec("lesion", InputSpec(spacing_mm=spacing, shape=(8, 32, 32)))
+        legacy = InputSpec(spacing_mm=spacing, shape=(8, 32, 32), fit="crop")
+        r = RegionSpec.for_spec("lesion", legacy)
         assert r.size == size
         assert [n * s for n, s in zip(r.size, spacing, strict=True)] == list(LESION_BOX_MM)
     assert RegionSpec.for_spec("whole", DEFAULT_SPEC) == RegionSpec(mode="whole")
+    # on the whole-study grid the box is cut from a detail patch, on the patch's grid
     enc = create_encoder("test_resnet", spec=DEFAULT_SPEC, embedding_dim=8, region="lesion")
-    assert enc.input_shape == (12, 24, 24)
+    assert enc.input_shape == (12, 48, 48)
+    assert [n * s for n, s in zip(enc.input_shape, DEFAULT_SPEC.patch_spacing_mm,
+                                  strict=True)] == list(LESION_BOX_MM)
+    assert enc.stored_shape == DEFAULT_SPEC.patch_shape
 
 
 def test_forward_shapes_test_resnet(enc: StudyEncoder) -> None:
@@ -372,7 +377,7 @@ def test_embed_cuts_regions_a_batch_at_a_time(tmp_path: Path) -> None:
     with pytest.raises(EncoderError, match=r"one entry per volume \(7\), got 6"):
         embed(lesion, v, rois=boxes[:6])
 
-    spec = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 64, 64))
+    spec = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 64, 64), fit="crop")
     whole = create_encoder("test_resnet", spec=spec, embedding_dim=8, calibration="tissue")
     np.save(tmp_path / "v.npy", _volumes(96, spec))
     mm = np.load(tmp_path / "v.npy", mmap_mode="r")

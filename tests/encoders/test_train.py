@@ -13,7 +13,9 @@ from encoders.model import embed, load_encoder, save_encoder
 from encoders.spec import InputSpec
 from encoders.train import CHECKPOINT_FILE, train_ssl
 
-SPEC = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 32, 32))  # the test chests are on a 4 mm grid
+# the test chests are on a 4 mm grid; the legacy grid, where lesion boxes are cut from the
+# volume itself (test_train_lesion_on_detail_patches covers the whole-study grid)
+SPEC = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 32, 32), fit="crop")
 FAST = {"backbone": "test_resnet", "spec": SPEC, "embedding_dim": 16, "device": "cpu"}
 
 
@@ -326,7 +328,7 @@ def test_training_does_not_copy_the_cohort(tmp_path: Path) -> None:
     calibration nor the checkpoint's digest of the volumes."""
     import tracemalloc
 
-    spec = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 64, 64))
+    spec = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 64, 64), fit="crop")
     vols = _random_volumes(96, spec)
     mm = _memmap(vols, tmp_path / "v.npy")
     del vols
@@ -370,7 +372,7 @@ def test_indices_train_as_the_selected_rows(tmp_path: Path) -> None:
 def test_indices_do_not_copy_the_rows(tmp_path: Path) -> None:
     import tracemalloc
 
-    spec = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 64, 64))
+    spec = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 64, 64), fit="crop")
     vols = _random_volumes(192, spec)
     mm = _memmap(vols, tmp_path / "v.npy")
     del vols

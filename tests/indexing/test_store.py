@@ -95,12 +95,14 @@ def test_volumes_read_while_the_store_changes_are_refused(
     store.add_studies([record(i) for i in range(4)])
     real = CohortStore.iter_volumes
 
-    def fewer(self: CohortStore, batch_size: int = 64) -> Iterator[tuple[list[str], np.ndarray]]:
+    def fewer(self: CohortStore, batch_size: int = 64,
+              patches: str | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
         for uids, vols in real(self, batch_size=1):
             if uids[0] != record(2).study_uid:  # withdrawn after the count was taken
                 yield uids, vols
 
-    def more(self: CohortStore, batch_size: int = 64) -> Iterator[tuple[list[str], np.ndarray]]:
+    def more(self: CohortStore, batch_size: int = 64,
+             patches: str | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
         yield from real(self, batch_size=batch_size)
         yield [record(9).study_uid], record(9).volume[None]  # added meanwhile
 

@@ -11,8 +11,9 @@ import pytest
 
 from encoders.dicom import Study, box_to_input_grid, preprocess, read_study
 from encoders.errors import DicomError
+from encoders.grid import context_grid, study_input
 from encoders.model import EncoderCard, create_encoder, embed, save_encoder
-from encoders.spec import DEFAULT_SPEC
+from encoders.spec import DEFAULT_SPEC, InputSpec
 from encoders.synth import synth_cohort
 from indexing.snapshot import build_snapshot
 from service.api import cohortsim_pb2
@@ -30,11 +31,16 @@ BOX_B = (16.0, 50.0, 60.0, 24.0, 62.0, 72.0)
 
 
 # ------------------------------------------------------------------ box mapping (no server)
+LEGACY = InputSpec(shape=(32, 128, 128), fit="crop")
+
+
+@pytest.mark.parametrize("spec", [DEFAULT_SPEC, LEGACY], ids=["whole-study", "legacy-crop"])
 @pytest.mark.parametrize(
     ("shape", "spacing"),
     [((40, 150, 150), (2.5, 0.8, 0.8)), ((12, 50, 70), (5.0, 3.0, 4.0)), ((30, 64, 64), (4.0, 4.0, 4.0))],
 )
-def test_box_maps_onto_the_preprocessed_grid(shape: tuple[int, int, int], spacing: tuple[float, ...]) -> None:
+def test_box_maps_onto_the_preprocessed_grid(shape: tuple[int, int, int], spacing: tuple[float, ...],
+                                             spec: InputSpec) -> None:
     """A bright block drawn on the study's own grid lands inside the mapped box, centred."""
     vol = np.full(shape, -1000.0, np.float32)
     lo = [n // 2 - max(2, n // 8) for n in shape]
@@ -43,15 +49,16 @@ def test_box_maps_onto_the_preprocessed_grid(shape: tuple[int, int, int], spacin
     hi[1] -= shape[1] // 8
     vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 400.0
     study = Study("1.2", "p", "1.2.3", "CT", vol, spacing, units="HU")
-    out = preprocess(study, DEFAULT_SPEC).astype(np.float32)
-    box = box_to_input_grid((*lo, *hi), shape, spacing, DEFAULT_SPEC)
+    out = preprocess(study, spec).astype(np.float32)
+    box = box_to_input_grid((*lo, *hi), shape, spacing, spec)
     bright = np.argwhere(out > 0)
     assert len(bright)
     centre = bright.mean(axis=0)
     mapped_centre = [(a + b) / 2 - 0.5 for a, b in zip(box[:3], box[3:], strict=True)]
     np.testing.assert_allclose(centre, mapped_centre, atol=0.75)
-    # the mapped extent is the physical extent on the spec's grid
-    for a, b, lo_, hi_, s, t in zip(box[:3], box[3:], lo, hi, spacing, DEFAULT_SPEC.spacing_mm, strict=True):
+    # the mapped extent is the physical extent on the grid (per study on the whole-study one)
+    grid = context_grid(shape, spacing, spec).spacing_mm if spec.has_patches else spec.spacing_mm
+    for a, b, lo_, hi_, s, t in zip(box[:3], box[3:], lo, hi, spacing, grid, strict=True):
         assert b - a == pytest.approx((hi_ - lo_) * s / t, rel=0.12)
 
 
@@ -100,9 +107,9 @@ def region_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     study = read_study(files)
     enc = create_encoder("test_resnet", embedding_dim=DIM, region="lesion")
     card = save_encoder(enc, EncoderCard.for_encoder(enc, seed=0), root / "lesion-model")
-    volume = preprocess(study, card.input)
-    boxes = [box_to_input_grid(b, study.volume.shape, study.spacing, card.input) for b in (BOX_A, BOX_B)]
-    own = embed(enc, np.stack([volume, volume]), rois=boxes)
+    # each box's detail patch, cut from the full-resolution study (as the servicer does)
+    patches = study_input(study, card.input, regions=[BOX_A, BOX_B], proposals=False).patches
+    own = embed(enc, patches)
     emb, table = make_cohort(seed=5)
     emb = np.ascontiguousarray(emb[:40, :DIM])
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -162,11 +169,10 @@ def test_each_region_is_embedded_searched_and_reported(
 
 def test_region_errors_are_specific(lesion_server: BackgroundServer, region_setup: dict) -> None:
     with CohortsimClient(lesion_server.target, timeout=120) as client:
-        with pytest.raises(CohortsimClientError) as e:  # cropped away by the preprocessing
-            client.search(dicom_paths=region_setup["files"], regions=[("r", (0, 40, 40, 2, 50, 50))])
-        assert e.value.code == "INVALID_ARGUMENT"
-        assert e.value.reason == "INVALID_REGION"
-        assert "outside the part of the study" in e.value.message
+        # the whole study is kept: a region at its first slices is embedded, not refused
+        edge = client.search(dicom_paths=region_setup["files"], k=1,
+                             regions=[("r", (0, 40, 40, 2, 50, 50))])
+        assert [r.observer for r in edge.diagnostics.regions] == ["r"]
         with pytest.raises(CohortsimClientError) as e:
             client.search(dicom_paths=region_setup["files"], regions=[("r", (10, 40, 200, 20, 50, 300))])
         assert e.value.reason == "DICOM_BAD_REGION"
