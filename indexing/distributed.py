@@ -51,7 +51,7 @@ from indexing.build import (
     publish_embedded,
 )
 from indexing.errors import StoreError
-from indexing.store import CohortStore, verify_part_file, write_parquet_atomic
+from indexing.store import CohortStore, row_volume, verify_part_file, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +150,20 @@ def unit_file(unit: list[tuple[str, int, int]]) -> str:
 
 
 def read_unit(
-    store_root: Path, unit: list[tuple[str, int, int]], *, volumes: bool = True
+    store_root: Path,
+    unit: list[tuple[str, int, int]],
+    *,
+    volumes: bool = True,
+    patches: str | None = None,
 ) -> tuple[list[str], np.ndarray | None]:
     """``(study_uids, (b, D, H, W) int16 volumes or None)`` of a unit, withdrawn patients
-    skipped, part files checked against their checksums first."""
+    skipped, part files checked against their checksums first: the context volumes, or
+    with ``patches`` each study's primary detail patch (as ``CohortStore.iter_volumes``)."""
     store = CohortStore(store_root)
     deleted = store.deleted_patients()
-    columns = ["patient_id", "study_uid"] + (["volume", "volume_shape"] if volumes else [])
+    wanted = (["volume", "volume_shape"] if patches is None
+              else ["patches", "patch_shape", "patch_info"])
+    columns = ["patient_id", "study_uid"] + (wanted if volumes else [])
     uids: list[str] = []
     vols: list[np.ndarray] = []
     for name, start, stop in unit:
@@ -172,8 +179,7 @@ def read_unit(
                 continue
             uids.append(uid)
             if volumes:
-                shape = tuple(int(s) for s in cols["volume_shape"][i])
-                vols.append(np.frombuffer(cols["volume"][i], dtype="<i2").reshape(shape))
+                vols.append(row_volume(cols, i, patches))
     if not volumes:
         return uids, None
     if len({v.shape for v in vols}) > 1:
@@ -210,6 +216,10 @@ class EmbedActor:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.encoder, self.card = load_encoder(model_dir, device=str(self.device))
+        # a lesion encoder on the whole-study grid embeds each study's primary detail
+        # patch, as the single-process build does (indexing.build.embed_store's default)
+        on_patches = self.card.region.mode == "lesion" and self.card.input.has_patches
+        self.patches = "readers" if on_patches else None
         self.store_root = Path(store_root)
         self.checkpoint_dir = Path(checkpoint_dir)
         if batch_size is not None:
@@ -232,7 +242,7 @@ class EmbedActor:
             t0 = time.perf_counter()
             reused = bool(uids) and _read_shard(path, uids) is not None
             if uids and not reused:
-                uids, volumes = read_unit(self.store_root, unit)
+                uids, volumes = read_unit(self.store_root, unit, patches=self.patches)
                 assert volumes is not None  # uids non-empty: at least one volume
                 table = embed_shard(
                     self.encoder, uids, volumes, batch_size=self.batch_size, device=str(self.device)

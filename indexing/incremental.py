@@ -62,11 +62,14 @@ class PublishResult:
     retrained: bool
 
 
-def _new_volumes(store: CohortStore, wanted: set[str], batch_size: int) -> tuple[list[str], np.ndarray]:
-    """The volumes of ``wanted`` studies, in store order: ``(uids, (m, D, H, W) int16)``."""
+def _new_volumes(
+    store: CohortStore, wanted: set[str], batch_size: int, patches: str | None
+) -> tuple[list[str], np.ndarray]:
+    """The volumes of ``wanted`` studies, in store order: ``(uids, (m, D, H, W) int16)``;
+    with ``patches``, each study's primary detail patch (``CohortStore.iter_volumes``)."""
     uids: list[str] = []
     vols: list[np.ndarray] = []
-    for batch_uids, batch in store.iter_volumes(batch_size=batch_size):
+    for batch_uids, batch in store.iter_volumes(batch_size=batch_size, patches=patches):
         for uid, vol in zip(batch_uids, batch, strict=True):
             if uid in wanted:
                 uids.append(uid)
@@ -126,7 +129,10 @@ def _publish(
     if not wanted:
         return None
     encoder, card = load_encoder(snap.encoder_dir, device=device)
-    uids, volumes = _new_volumes(store, wanted, batch_size)
+    # a lesion encoder on the whole-study grid embeds each study's primary detail patch,
+    # as the full build does (indexing.build.embed_store's default)
+    on_patches = card.region.mode == "lesion" and card.input.has_patches
+    uids, volumes = _new_volumes(store, wanted, batch_size, "readers" if on_patches else None)
     if not uids:
         return None
     spec = InputSpec.from_dict(json.loads(store.studies(columns=["spec"])["spec"][0].as_py()))

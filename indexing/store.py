@@ -641,7 +641,7 @@ class CohortStore:
                                                        strict=True)):
                         if pid in deleted:
                             continue
-                        vol = _row_volume(cols, j, patches)
+                        vol = row_volume(cols, j, patches)
                         shp = tuple(vol.shape)
                         if shape is None:
                             shape = shp
@@ -735,8 +735,9 @@ class CohortStore:
         return h.hexdigest()[:12]
 
 
-def _row_volume(cols: dict[str, list[Any]], j: int, patches: str | None) -> np.ndarray:
-    """Row ``j`` of a batch: its context volume, or its primary patch (``patches``)."""
+def row_volume(cols: dict[str, list[Any]], j: int, patches: str | None) -> np.ndarray:
+    """Row ``j`` of a batch of store rows (``cols``: column -> values): its context
+    volume, or its primary patch (``patches``: :data:`PATCH_USES`)."""
     if patches is None:
         shp = tuple(int(s) for s in cols["volume_shape"][j])
         return np.frombuffer(cols["volume"][j], dtype="<i2").reshape(shp)
