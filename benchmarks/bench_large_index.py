@@ -5,7 +5,7 @@ studies), generated chunk by chunk from seeds so that no pass holds them all: th
 IVF-PQ index is trained on a sample, filled in chunks into shards, then searched with
 and without exact re-ranking. The reference, measured in the same run, is exact search
 (brute force over every chunk, float32: 4 d bytes a vector), which also gives the ground
-truth for recall@10 (the project's ``recall_at_k``, benchmarks/bench_index.py).
+truth for recall@10 (the project's ``recall_at_k``, indexing/exact.py).
 
     nice -n 15 python benchmarks/bench_large_index.py --n 5000000 --shards 2
 """
@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_index import recall_at_k
-
+from indexing.exact import recall_at_k
 from indexing.large import LargeIndex, build_large
 
 

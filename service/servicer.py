@@ -366,6 +366,8 @@ class ServiceState:
             cut = embedded_regions(encoder, volume[None], None if first is None else [first],
                                    device=self.device)
             region = Region.of(cut[0])
+            if on_patches:  # the patch was cut around a query region, else the top proposal
+                region = Region(region.slice_index, region.box, "reader" if regions else "proposal")
             png = region_thumbnail_png(volume, region)
         return EmbeddedStudy(
             out[0].astype(np.float32), card.version, acquisition,

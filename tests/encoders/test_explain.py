@@ -11,7 +11,7 @@ from encoders.explain import occluded_inputs, occlusion_maps
 from encoders.model import create_encoder, embed, embedded_regions
 from encoders.spec import InputSpec
 
-SPEC = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 32, 32))
+SPEC = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=(8, 32, 32), fit="crop")  # boxes cut from the volume
 BOX = (1, 10, 10, 7, 22, 22)  # reader box (z0, y0, x0, z1, y1, x1): a 6 x 12 x 12 lesion box
 
 

@@ -20,7 +20,7 @@ from indexing.thumbnails import (
 )
 
 SHAPE = (16, 64, 64)
-SPEC = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=SHAPE)
+SPEC = InputSpec(spacing_mm=(4.0, 4.0, 4.0), shape=SHAPE, fit="crop")  # boxes cut from the volume
 
 
 def chest(nodule: tuple[int, int, int], seed: int = 0) -> np.ndarray:
