@@ -60,6 +60,13 @@ def _tool(name: str) -> str:
     return found
 
 
+def _with_tools_on_path(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this environment's bin folder first on PATH: the SuperLink and the
+    SuperNode start ``flower-superexec`` / ``flwr-clientapp`` by name."""
+    bin_dir = str(Path(_tool("flower-superlink")).parent)
+    return {**env, "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")])}
+
+
 def _split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -202,7 +209,7 @@ def server(
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / ".federation"
     shutil.rmtree(work, ignore_errors=True)
-    env = {**os.environ, "FLWR_HOME": str(work / "flwr-home")}
+    env = _with_tools_on_path({**os.environ, "FLWR_HOME": str(work / "flwr-home")})
     _write_connection(work / "flwr-home", f"{host}:{port}", insecure=insecure, ca=ssl_ca_certfile)
     _write_app(work / "app", {
         "out-dir": str(out_dir), "encoder-spec": json.dumps(espec), "strategy": strategy,
@@ -296,7 +303,8 @@ def site(
     cmd += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(cmd[0], cmd)  # the SuperNode replaces this process (signals reach it directly)
+    # the SuperNode replaces this process (signals reach it directly)
+    os.execve(cmd[0], cmd, _with_tools_on_path(dict(os.environ)))
 
 
 def split_store_by_scanner(store: Path, out_dirs: list[Path], *, site_names: list[str] | None = None) -> list[Path]:

@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 def _cohortsim(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as f:  # own session: the test ends the SuperNode and its children
-        return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env,
+        return subprocess.Popen([sys.executable, "-c", "from service.cli import main; main()", *args], env=env,
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -80,7 +80,8 @@ def test_three_sites_train_one_encoder_that_indexes_every_site(sites: list[Path]
     from indexing.snapshot import load_snapshot
 
     port = _free_port()
-    env = {**os.environ, "COHORTSIM_SITE_SECRET": SECRET,
+    # a PATH without the environment's bin folder, as under CI or cron: the CLI finds Flower's tools
+    env = {**os.environ, "COHORTSIM_SITE_SECRET": SECRET, "PATH": "/usr/bin:/bin",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                           os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "fed-encoder"
