@@ -97,6 +97,11 @@ class Pseudonymizer:
         """``"S-" + 24 hex``: the pseudonym of a raw StudyInstanceUID."""
         return "S-" + self._digest(b"study", raw_uid)[:24]
 
+    def site(self, name: str) -> str:
+        """``"site-" + 15 hex``: the pseudonym of a site's name, as an encoder card of
+        federated training lists it (15 hex digits fit a signed 64-bit integer)."""
+        return "site-" + self._digest(b"site", name)[:15]
+
     @classmethod
     def from_env_or_file(cls, path: Path | None = None) -> Pseudonymizer:
         """The site pseudonymiser.

@@ -368,8 +368,17 @@ class EncoderCard:
     calibration: str = "none"
     torch_version: str = field(default_factory=lambda: torch.__version__)
     timm_version: str = field(default_factory=lambda: timm.__version__)
+    # Where the weights came from beyond one store: a federated run's pseudonymous site
+    # ids, rounds and strategy (encoders.federated.federated_card); empty otherwise.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        d = self._fields_dict()
+        if self.provenance:  # cards of single-store training keep their old form
+            d["provenance"] = self.provenance
+        return d
+
+    def _fields_dict(self) -> dict[str, Any]:
         return {
             "backbone": self.backbone,
             "method": self.method,
@@ -419,6 +428,7 @@ class EncoderCard:
                 notes=str(d.get("notes", "")),
                 torch_version=str(d.get("torch_version", "")),
                 timm_version=str(d.get("timm_version", "")),
+                provenance=dict(d.get("provenance") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EncoderError(

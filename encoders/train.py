@@ -28,7 +28,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +295,9 @@ def train_ssl(
     calibration: str = "none",
     indices: Sequence[int] | np.ndarray | None = None,
     views: int | None = None,
+    init_state: Mapping[str, Mapping[str, Tensor]] | None = None,
+    prox_mu: float = 0.0,
+    state_out: dict[str, dict[str, Tensor]] | None = None,
 ) -> tuple[StudyEncoder, EncoderCard]:
     """Train an encoder on ``volumes`` ``(n, D, H, W)`` int16 HU without labels.
 
@@ -321,6 +324,12 @@ def train_ssl(
     ``views``: augmented views of each study per step (default :data:`LESION_VIEWS` for
     lesion boxes, 2 for whole volumes); every view is a positive of the others (see
     :mod:`encoders.losses`). A step costs about ``views / 2`` times a two-view step.
+
+    Federated rounds (:mod:`encoders.federated`): ``init_state`` ``{"encoder": state_dict,
+    "head": state_dict}`` starts from those weights instead of the seeded initialisation;
+    ``prox_mu`` > 0 adds the FedProx term ``mu / 2 * ||w - w0||^2`` over every trainable
+    weight, ``w0`` being ``init_state``'s; ``state_out`` (a dict) receives the trained
+    ``{"encoder": ..., "head": ...}`` state dicts on the CPU.
 
     Returns the encoder (eval mode, on the training device) and its card (``version`` is
     set when the encoder is saved).
@@ -361,8 +370,11 @@ def train_ssl(
         )
         head = _make_head(method, embedding_dim)
     criterion = _make_loss(method)
+    if init_state is not None:
+        _load_init_state(encoder, head, init_state)
     encoder.to(dev)
     head.to(dev)
+    prox_ref = _prox_reference(encoder, head, prox_mu, init_state is not None)
     if use_cuda:
         encoder.to(memory_format=torch.channels_last)
     params = list(encoder.parameters()) + list(head.parameters())
@@ -461,6 +473,8 @@ def train_ssl(
             with amp:
                 zs = [head(encoder(v)) for v in vs]
             loss = criterion(*(z.float() for z in zs))
+            if prox_ref is not None:
+                loss = loss + _prox_term(encoder, head, prox_ref, prox_mu)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -507,6 +521,9 @@ def train_ssl(
     encoder.eval()
     if use_cuda:
         encoder.to(memory_format=torch.contiguous_format)
+    if state_out is not None:
+        state_out["encoder"] = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+        state_out["head"] = {k: v.detach().cpu() for k, v in head.state_dict().items()}
     notes = [f"{method}, {steps_per_epoch} steps/epoch, batch {bs}, {views} views, lr {lr:g}"]
     if calibration != "none":
         notes.append(f"HU calibration {calibration}")
@@ -529,3 +546,40 @@ def train_ssl(
         notes="; ".join(notes),
     )
     return encoder, card
+
+
+# --------------------------------------------------------------------------- federated rounds
+
+
+def _load_init_state(
+    encoder: nn.Module, head: nn.Module, init_state: Mapping[str, Mapping[str, Tensor]]
+) -> None:
+    """Load ``init_state`` (``{"encoder": ..., "head": ...}``, each a full state dict)."""
+    try:
+        encoder.load_state_dict(dict(init_state["encoder"]))
+        head.load_state_dict(dict(init_state["head"]))
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise EncoderError(
+            f"init_state does not fit this encoder and head ({str(exc)[:200]}); it must be "
+            "the state of the same backbone, spec, embedding size, pooling and method"
+        ) from exc
+
+
+def _prox_reference(
+    encoder: nn.Module, head: nn.Module, mu: float, have_init: bool
+) -> list[Tensor] | None:
+    """Frozen copies of the starting weights (FedProx's ``w0``), or None when ``mu`` is 0."""
+    if not (math.isfinite(mu) and mu >= 0):
+        raise EncoderError(f"prox_mu must be a finite number >= 0, got {mu}")
+    if mu == 0:
+        return None
+    if not have_init:
+        raise EncoderError("prox_mu needs init_state (the global weights of the round)")
+    return [p.detach().clone() for p in (*encoder.parameters(), *head.parameters())]
+
+
+def _prox_term(encoder: nn.Module, head: nn.Module, ref: list[Tensor], mu: float) -> Tensor:
+    """FedProx's proximal term ``mu / 2 * sum ||w - w0||^2`` (a scalar tensor)."""
+    params = (*encoder.parameters(), *head.parameters())
+    sq = sum(((p.float() - r.float()) ** 2).sum() for p, r in zip(params, ref, strict=True))
+    return (mu / 2.0) * sq  # type: ignore[return-value]

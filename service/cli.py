@@ -1622,6 +1622,16 @@ def _register_pacs() -> None:
 
 
 _register_pacs()
+# `cohortsim federate server | site` (service/federate.py; Flower is imported only when run)
+from service import federate as _federate  # noqa: E402
+
+federate_app = typer.Typer(
+    help="Federated encoder training with Flower (needs the extra cohortsim\\[federated]).",
+    no_args_is_help=True,
+)
+federate_app.command("server")(cli_errors(_federate.server))
+federate_app.command("site")(cli_errors(_federate.site))
+app.add_typer(federate_app, name="federate")
 
 
 def main() -> None:
