@@ -40,6 +40,7 @@ from encoders.dicom import (
     FileHeader,
     Rejection,
     SeriesRule,
+    annotation_files,
     find_files,
     preprocess,
     read_file_header,
@@ -111,8 +112,9 @@ def _prepare_study(
 ) -> _Prepared:
     """Read and preprocess one study (runs in a worker); never raises. On the whole-study
     grid (``spec.has_patches``) the study's context volume and its detail patches around
-    ``regions`` (reader regions, :class:`encoders.regions.ReaderRegion`) and the top
-    proposals; a region that does not fit the study is reported, never fatal."""
+    ``regions`` (reader regions, :class:`encoders.regions.ReaderRegion`), the regions of
+    the DICOM SEG / RTSTRUCT objects among ``paths`` and the top proposals; a region or
+    annotation that does not fit the study is reported, never fatal."""
     grid = patches = info = None
     bad: list[tuple[str, str]] = []
     dropped = 0
@@ -120,7 +122,13 @@ def _prepare_study(
         study = read_study(paths, series_rule=rule)
         if spec.has_patches:
             from encoders.grid import box_centre_mm, study_input
+            from encoders.regions import regions_for_study
 
+            sidecars = annotation_files(paths)
+            if sidecars:
+                skipped: list[tuple[str, str]] = []
+                regions = (*regions, *regions_for_study(study, sidecars, skipped=skipped))
+                bad.extend(skipped)
             good = []
             for r in regions:
                 try:

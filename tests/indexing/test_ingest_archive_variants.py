@@ -4,6 +4,7 @@ study; an ORIGINAL\\SECONDARY series is ingested with the reason saying so."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,11 @@ def test_ingest_keeps_annotations_and_survives_damaged_copies(tmp_path: Path) ->
     reasons = sorted(s["series_reason"] for s in report.studies)
     assert any("SEG annotation, not an image" in r and "ignored 1 damaged" in r for r in reasons)
     assert any("ORIGINAL\\SECONDARY" in r for r in reasons)
+    # the SEG's segment is the study's reader region: stored as a detail patch of its own
+    assert report.regions_stored == 1 and report.regions_rejected == []
+    info = {
+        r["study_uid"]: json.loads(r["patch_info"])
+        for r in store.patch_table().to_pylist()
+    }
+    readers = [p for infos in info.values() for p in infos if p.get("source") == "reader"]
+    assert len(readers) == 1
