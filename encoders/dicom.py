@@ -2258,23 +2258,11 @@ def preprocess(study: Study, spec: InputSpec) -> np.ndarray:
         from encoders.grid import context_volume
 
         return context_volume(study, spec)[0]
-    volume = np.asarray(study.volume, dtype=np.float32)
-    if volume.ndim != 3 or min(volume.shape) < 1:
-        raise DicomError(
-            "unsupported", f"preprocess: expected a (z, y, x) volume, got {volume.shape}"
-        )
+    from encoders.grid import normalised_volume
+
+    volume, pad = normalised_volume(study, spec)
     spacing = tuple(float(s) for s in study.spacing)
     target = tuple(float(s) for s in spec.spacing_mm)
-    if len(spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in spacing):
-        raise DicomError("inconsistent_geometry", f"preprocess: invalid spacing {study.spacing}")
-    unit = _intensity_unit(study)
-    pad = float(spec.pad_value_hu) if unit == INTENSITY_HU else 0.0
-    if not (math.isfinite(float(volume.min())) and math.isfinite(float(volume.max()))):
-        volume = np.nan_to_num(volume, nan=pad, posinf=32767.0, neginf=-32768.0)
-    if unit == INTENSITY_SUV:
-        volume = volume * np.float32(SUV_SCALE)
-    elif unit == INTENSITY_PERCENTILE:
-        volume = _robust_normalise(volume)
 
     factors = tuple(
         max(1, min(n, int(t / s + 1e-6)))

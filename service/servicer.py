@@ -673,12 +673,12 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
             snapshot, query, run=run, embed=self.state.embed_dicom, time_unit=time_unit
         )
 
-    @grpc_errors
-    async def SearchSite(
-        self, request: cohortsim_pb2.SearchSiteRequest, context: grpc.aio.ServicerContext
-    ) -> cohortsim_pb2.SearchSiteResponse:
-        """A federated site's partial result: top-k neighbours of one vector, unweighted."""
-        snapshot = self.state.require_snapshot()
+    async def _site_part(
+        self, snapshot: Snapshot, request: cohortsim_pb2.SearchSiteRequest
+    ) -> Any:
+        """The site's top-k of a federated query's vector (SearchSite, AggregateSite):
+        INVALID_ARGUMENT without the vector's model version, FAILED_PRECONDITION
+        ``MODEL_VERSION_MISMATCH`` for another encoder's vector."""
         vector = convert.parse_embedding(request.embedding, dimension=snapshot.dimension)
         k = convert.parse_k(request.k, default_k=self.limits.default_k, max_k=self.limits.max_k)
         where = self._check_filter(request.filter.where)
@@ -692,7 +692,15 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
             kind="embedding", k=k, embedding=vector, model_version=request.embedding.model_version
         )
         convert.check_embedding_model(query, snapshot.model_version)
-        part = await self._run(site_search, snapshot, vector, k, where, self.limits.max_k)
+        return await self._run(site_search, snapshot, vector, k, where, self.limits.max_k)
+
+    @grpc_errors
+    async def SearchSite(
+        self, request: cohortsim_pb2.SearchSiteRequest, context: grpc.aio.ServicerContext
+    ) -> cohortsim_pb2.SearchSiteResponse:
+        """A federated site's partial result: top-k neighbours of one vector, unweighted."""
+        snapshot = self.state.require_snapshot()
+        part = await self._site_part(snapshot, request)
         add_facts(site_neighbors=len(part.neighbors))
         return convert.site_response(part, snapshot)
 
@@ -703,20 +711,7 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         """A federated site's researcher part: additive counts over its top-k neighbours,
         suppressed here (the site's min cell) before they leave."""
         snapshot = self.state.require_snapshot()
-        vector = convert.parse_embedding(request.embedding, dimension=snapshot.dimension)
-        k = convert.parse_k(request.k, default_k=self.limits.default_k, max_k=self.limits.max_k)
-        where = self._check_filter(request.filter.where)
-        if not request.embedding.HasField("model_version"):
-            raise invalid_argument(
-                "MODEL_VERSION_REQUIRED",
-                "a federated query must name the encoder version of its embedding "
-                "(Vector.model_version); sites answer only vectors of their own encoder",
-            )
-        query = convert.SearchQuery(
-            kind="embedding", k=k, embedding=vector, model_version=request.embedding.model_version
-        )
-        convert.check_embedding_model(query, snapshot.model_version)
-        part = await self._run(site_search, snapshot, vector, k, where, self.limits.max_k)
+        part = await self._site_part(snapshot, request)
         min_cell = self.governance.policy.min_cell
         counts = aggregates.suppress(
             aggregates.aggregate(
