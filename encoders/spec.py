@@ -112,6 +112,8 @@ class InputSpec:
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:
         """The spec of a card or store; one without ``fit`` predates the whole-study grid
         and is the legacy centre crop."""
+        if not isinstance(d, dict):
+            raise TypeError(f"an input spec is a JSON object, got {type(d).__name__}")
         default = cls()
         fit = str(d.get("fit", "crop"))
         return cls(

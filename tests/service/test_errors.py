@@ -150,6 +150,7 @@ def test_one_error_table_for_the_servicer_and_the_cli() -> None:
     import encoders.evaluate  # noqa: F401  (defines more subclasses, if any)
     import indexing.errors as ie
     from encoders.errors import CohortsimError, RegionError
+    from encoders.federated import FederationError
     from service.cli import _fail  # noqa: F401  (the CLI module imports cleanly)
 
     classes = _subclasses(CohortsimError)
@@ -158,7 +159,12 @@ def test_one_error_table_for_the_servicer_and_the_cli() -> None:
                 ie.StoreWriteError, ie.SnapshotWriteError):  # fmt: skip
         assert cls in classes, cls
     for cls in classes:
-        exc = cls("r", "msg") if issubclass(cls, (DicomError, RegionError)) else cls("msg")
+        if issubclass(cls, (DicomError, RegionError)):  # (reason, message)
+            exc = cls("r", "msg")
+        elif issubclass(cls, FederationError):  # (message, *, reason)
+            exc = cls("msg", reason="r")
+        else:
+            exc = cls("msg")
         error = classify(exc)
         assert error.code == getattr(C, cls.status) and error.code != C.INTERNAL, cls
         assert error.reason == exc.reason_code and error.reason.isupper(), cls
