@@ -642,6 +642,12 @@ def synth_cohort(
         if progress is not None:
             progress(i + 1, patients)
 
+    return cohort_info(out, rows_out, n_files, dicom_dir)
+
+
+def cohort_info(out: Path, rows_out: list[_Patient], n_files: int, dicom_dir: Path) -> SynthInfo:
+    """Write ``out/outcomes.csv`` (what a site knows) and ``out/truth.csv`` (the
+    generator's ground truth, for evaluation) for ``rows_out`` and describe the cohort."""
     outcomes_csv = out / "outcomes.csv"
     with open(outcomes_csv, "w", newline="") as fh:
         w = csv.writer(fh)
@@ -656,9 +662,8 @@ def synth_cohort(
         for p in rows_out:
             w.writerow([p.patient_id, p.scanner.key, p.phenotype, f"{p.lesion_radius_mm:.2f}",
                         *(f"{v:.2f}" for v in p.lesion_voxel)])
-
     return SynthInfo(
-        n_patients=patients,
+        n_patients=len(rows_out),
         n_files=n_files,
         scanners=sorted({p.scanner.key for p in rows_out}),
         root=out,

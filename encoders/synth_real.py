@@ -39,6 +39,7 @@ from encoders.synth import (
     _scanner_image,
     _survival,
     _write_patient,
+    cohort_info,
     lesion_voxels,
 )
 
@@ -196,28 +197,10 @@ def synth_background(
 
 def _write_tables(out: Path, rows_out: list[_Patient], boxes: list[tuple[str, str, list[int]]],
                   n_files: int, dicom_dir: Path) -> SynthInfo:
-    outcomes_csv = out / "outcomes.csv"
-    with open(outcomes_csv, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["patient_id", "time", "event", "phenotype", "grade"])
-        for p in rows_out:
-            w.writerow([p.patient_id, f"{p.time:.1f}", p.event, p.phenotype, p.grade])
-    truth_csv = out / "truth.csv"
-    with open(truth_csv, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["patient_id", "scanner", "phenotype", "lesion_radius_mm", "lesion_slice",
-                    "lesion_row", "lesion_col"])
-        for p in rows_out:
-            w.writerow([p.patient_id, p.scanner.key, p.phenotype, f"{p.lesion_radius_mm:.2f}",
-                        *(f"{v:.2f}" for v in p.lesion_voxel)])
+    """The phantom cohort's outcome and truth tables, and the readers' boxes."""
     with open(out / "regions.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["patient_id", "reader", "z0", "y0", "x0", "z1", "y1", "x1"])
         for pid, reader, box in boxes:
             w.writerow([pid, reader, *box])
-    return SynthInfo(
-        n_patients=len(rows_out), n_files=n_files,
-        scanners=sorted({p.scanner.key for p in rows_out}), root=out, dicom_dir=dicom_dir,
-        outcomes_csv=outcomes_csv, truth_csv=truth_csv,
-        phenotypes=sorted({p.phenotype for p in rows_out}),
-    )
+    return cohort_info(out, rows_out, n_files, dicom_dir)
