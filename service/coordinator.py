@@ -174,8 +174,11 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
     ) -> pb.SearchSimilarResponse:
         """Pooled additive counts of at least ``min_sites`` sites, suppressed again after
         pooling; a binned Kaplan-Meier curve, label counts, no neighbour."""
+        aggregate_request = pb.AggregateSiteRequest(
+            embedding=site_request.embedding, k=site_request.k, filter=site_request.filter
+        )
         calls = await self.fanout.search(
-            site_request, self._deadline(context), method="AggregateSite"
+            aggregate_request, self._deadline(context), method="AggregateSite"
         )
         answered = [c for c in calls if c.answered]
         add_facts(sites_answered=len(answered))

@@ -163,7 +163,11 @@ class Fanout:
                 )
 
     async def search(
-        self, request: pb.SearchSiteRequest, deadline_s: float, *, method: str = "SearchSite"
+        self,
+        request: pb.SearchSiteRequest | pb.AggregateSiteRequest,
+        deadline_s: float,
+        *,
+        method: str = "SearchSite",
     ) -> list[SiteCall]:
         """Every site's answer to ``request`` (in ``sites.toml`` order) from ``method``
         (SearchSite, or AggregateSite for researchers), each call bounded by

@@ -674,7 +674,9 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         )
 
     async def _site_part(
-        self, snapshot: Snapshot, request: cohortsim_pb2.SearchSiteRequest
+        self,
+        snapshot: Snapshot,
+        request: cohortsim_pb2.SearchSiteRequest | cohortsim_pb2.AggregateSiteRequest,
     ) -> Any:
         """The site's top-k of a federated query's vector (SearchSite, AggregateSite):
         INVALID_ARGUMENT without the vector's model version, FAILED_PRECONDITION
@@ -706,7 +708,7 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
 
     @grpc_errors
     async def AggregateSite(
-        self, request: cohortsim_pb2.SearchSiteRequest, context: grpc.aio.ServicerContext
+        self, request: cohortsim_pb2.AggregateSiteRequest, context: grpc.aio.ServicerContext
     ) -> cohortsim_pb2.AggregateSiteResponse:
         """A federated site's researcher part: additive counts over its top-k neighbours,
         suppressed here (the site's min cell) before they leave."""

@@ -209,6 +209,16 @@ class SearchSiteRequest(_message.Message):
     filter: Filter
     def __init__(self, embedding: _Optional[_Union[Vector, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
 
+class AggregateSiteRequest(_message.Message):
+    __slots__ = ("embedding", "k", "filter")
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    embedding: Vector
+    k: int
+    filter: Filter
+    def __init__(self, embedding: _Optional[_Union[Vector, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+
 class SearchSiteResponse(_message.Message):
     __slots__ = ("neighbors", "index_version", "model_version", "num_studies", "ood_percentile", "temperature")
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]

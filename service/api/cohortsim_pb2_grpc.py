@@ -98,7 +98,7 @@ class PatientSimilarityServiceStub:
                 _registered_method=True)
         self.AggregateSite = channel.unary_unary(
                 '/cohortsim.v1.PatientSimilarityService/AggregateSite',
-                request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteRequest.SerializeToString,
+                request_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.AggregateSiteRequest.SerializeToString,
                 response_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.AggregateSiteResponse.FromString,
                 _registered_method=True)
 
@@ -269,7 +269,7 @@ def add_PatientSimilarityServiceServicer_to_server(servicer, server):
             ),
             'AggregateSite': grpc.unary_unary_rpc_method_handler(
                     servicer.AggregateSite,
-                    request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteRequest.FromString,
+                    request_deserializer=cohortsim_dot_v1_dot_cohortsim__pb2.AggregateSiteRequest.FromString,
                     response_serializer=cohortsim_dot_v1_dot_cohortsim__pb2.AggregateSiteResponse.SerializeToString,
             ),
     }
@@ -601,7 +601,7 @@ class PatientSimilarityService:
             request,
             target,
             '/cohortsim.v1.PatientSimilarityService/AggregateSite',
-            cohortsim_dot_v1_dot_cohortsim__pb2.SearchSiteRequest.SerializeToString,
+            cohortsim_dot_v1_dot_cohortsim__pb2.AggregateSiteRequest.SerializeToString,
             cohortsim_dot_v1_dot_cohortsim__pb2.AggregateSiteResponse.FromString,
             options,
             channel_credentials,

@@ -382,6 +382,7 @@ def test_a_site_decides_what_leaves_per_role(cohort_parts: dict[str, Any]) -> No
     tokens = TokenStore.from_mapping({RESEARCHER: "researcher", CLINICIAN: "clinician"})
     q = _queries(cohort_parts["emb"])[0]
     request = pb.SearchSiteRequest(embedding=pb.Vector(values=q.tolist(), model_version=MODEL_VERSION), k=60)
+    aggregate = pb.AggregateSiteRequest(embedding=request.embedding, k=request.k)
     with BackgroundServer(cohort_parts["dirs"]["north"], device="cpu", auth_tokens=tokens) as site, \
             grpc.insecure_channel(site.target) as channel:
         stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(channel)
@@ -389,7 +390,7 @@ def test_a_site_decides_what_leaves_per_role(cohort_parts: dict[str, Any]) -> No
         with pytest.raises(grpc.RpcError) as info:  # neighbour rows: clinicians only
             stub.SearchSite(request, timeout=30, metadata=as_researcher)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        counts = stub.AggregateSite(request, timeout=30, metadata=as_researcher)
+        counts = stub.AggregateSite(aggregate, timeout=30, metadata=as_researcher)
         rows = stub.SearchSite(request, timeout=30, metadata=(("authorization", f"Bearer {CLINICIAN}"),))
     assert len(rows.neighbors) == 60
     released = [*counts.at_risk, *counts.events, *(c.patient_count for c in counts.label_counts)]
