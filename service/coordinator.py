@@ -140,7 +140,7 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         k = convert.parse_k(request.k, default_k=self.default_k, max_k=self.max_k)
         site_request = pb.SearchSiteRequest(embedding=request.embedding, k=k, filter=request.filter)
         if principal is not None and not principal.has("identities"):  # researchers: counts
-            return await self._researcher(site_request, context)
+            return await self._researcher(site_request, context, principal.id)
         calls = await self.fanout.search(site_request, self._deadline(context))
         answered = [c for c in calls if c.answered]
         add_facts(
@@ -170,15 +170,17 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         return np.asarray(out[0], dtype=np.float32), str(card.version)
 
     async def _researcher(
-        self, site_request: pb.SearchSiteRequest, context: Any
+        self, site_request: pb.SearchSiteRequest, context: Any, user: str
     ) -> pb.SearchSimilarResponse:
         """Pooled additive counts of at least ``min_sites`` sites, suppressed again after
-        pooling; a binned Kaplan-Meier curve, label counts, no neighbour."""
+        pooling; a binned Kaplan-Meier curve, label counts, no neighbour. Asked on behalf
+        of ``user`` (its principal id): each site that trusts this coordinator checks the
+        counts against that user's record of releases."""
         aggregate_request = pb.AggregateSiteRequest(
             embedding=site_request.embedding, k=site_request.k, filter=site_request.filter
         )
         calls = await self.fanout.search(
-            aggregate_request, self._deadline(context), method="AggregateSite"
+            aggregate_request, self._deadline(context), method="AggregateSite", on_behalf_of=user
         )
         answered = [c for c in calls if c.answered]
         add_facts(sites_answered=len(answered))

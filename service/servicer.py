@@ -41,7 +41,8 @@ from service import convert
 from service.api import cohortsim_pb2, cohortsim_pb2_grpc
 from service.batching import EmbedBatcher, SearchBatcher
 from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
-from service.governance import Governance, ResearcherAnswer
+from service.federation import ON_BEHALF_OF_KEY
+from service.governance import Governance, ResearcherAnswer, principal_key
 from service.interceptors.call import add_facts, current_principal
 from service.matched import attach_explanations, match_region
 from service.pacs import query as pacs_query
@@ -648,8 +649,11 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
     ) -> cohortsim_pb2.SearchSimilarResponse:
         time_unit = str(snapshot.manifest.get("time_unit") or convert.DEFAULT_TIME_UNIT)
         run = self._run_dicom if query.kind == "dicom" else self._run
-        if self.governance.restricts(current_principal()):  # aggregates only, governed
-            answer = await run(self._governed_search, snapshot, query, time_unit)
+        principal = current_principal()
+        if self.governance.restricts(principal):  # aggregates only, governed
+            answer = await run(
+                self._governed_search, snapshot, query, time_unit, principal_key(principal)
+            )
             add_facts(**answer.facts)
             convert.add_warnings(answer.response.diagnostics, warnings)
             return answer.response
@@ -664,13 +668,14 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         return response
 
     def _governed_search(
-        self, snapshot: Snapshot, query: convert.SearchQuery, time_unit: str
+        self, snapshot: Snapshot, query: convert.SearchQuery, time_unit: str, principal: str
     ) -> ResearcherAnswer:
         def run(q: convert.SearchQuery) -> QueryResult:
             return search(self.state, snapshot, q, max_k=max(q.k, self.limits.max_k))
 
         return self.governance.researcher_search(
-            snapshot, query, run=run, embed=self.state.embed_dicom, time_unit=time_unit
+            snapshot, query, run=run, embed=self.state.embed_dicom, time_unit=time_unit,
+            principal=principal,
         )
 
     async def _site_part(
@@ -711,8 +716,13 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         self, request: cohortsim_pb2.AggregateSiteRequest, context: grpc.aio.ServicerContext
     ) -> cohortsim_pb2.AggregateSiteResponse:
         """A federated site's researcher part: additive counts over its top-k neighbours,
-        suppressed here (the site's min cell) before they leave."""
+        suppressed here (the site's min cell) before they leave, and checked against the
+        release record of the end user (a trusted coordinator's ``ON_BEHALF_OF_KEY``) or
+        of the caller (``Governance.site_release``)."""
         snapshot = self.state.require_snapshot()
+        principal = self.governance.release_principal(
+            current_principal(), _metadata_value(context, ON_BEHALF_OF_KEY)
+        )
         part = await self._site_part(snapshot, request)
         min_cell = self.governance.policy.min_cell
         counts = aggregates.suppress(
@@ -726,7 +736,8 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
             ),
             min_cell,
         )
-        add_facts(site_aggregate=aggregates.to_dict(counts))
+        facts = self.governance.site_release(part.neighbors, counts, principal=principal)
+        add_facts(site_aggregate=aggregates.to_dict(counts), **facts)
         return convert.aggregates_to_proto(counts, min_cell=min_cell, snapshot=snapshot)
 
     @grpc_errors
@@ -765,6 +776,18 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         if self.governance.restricts(current_principal()):
             return self.governance.index_info(response)
         return response
+
+
+def _metadata_value(context: Any, key: str) -> str | None:
+    """The first value of invocation metadata ``key`` (text), or None."""
+    try:
+        items = context.invocation_metadata() or ()
+    except Exception:
+        return None
+    for k, v in items:
+        if k.lower() == key:
+            return v.decode("latin-1") if isinstance(v, bytes) else str(v)
+    return None
 
 
 def _log_index_warnings(snapshot: Snapshot) -> None:
