@@ -1054,9 +1054,17 @@ def serve(
     if (index is None) == (federate is None):
         raise CliError("give --index (serve a site) or --federate SITES.toml (a coordinator), not both")
     if federate is not None:
+        pacs = None
+        if dicomweb is not None:
+            from service.pacs.commands import dicomweb_config
+
+            pacs = dicomweb_config(
+                dicomweb, user=pacs_user, password_file=pacs_password_file,
+                token_file=pacs_token_file, ca_file=pacs_ca_file, timeout_s=pacs_timeout_s,
+            )
         _serve_coordinator(
             federate, host, port, site_deadline_s, tls_cert, tls_key, tls_client_ca, auth_tokens, audit_log,
-            min_cell, encoder,
+            min_cell, encoder, pacs,
         )
         return
     assert index is not None
@@ -1137,6 +1145,7 @@ def _serve_coordinator(
     audit_log: Path | None,
     min_cell: int,
     encoder: Path | None,
+    pacs: Any = None,
 ) -> None:
     """``serve --federate``: the coordinator (service.coordinator) until SIGTERM/Ctrl-C."""
     import asyncio
@@ -1169,6 +1178,7 @@ def _serve_coordinator(
             min_cell=min_cell,
             encoder_dir=encoder,
             mode=mode,
+            pacs=pacs,
             ready=lambda p: _say(
                 f"coordinating {len(sites)} {'shards' if mode == 'shards' else 'sites'} ({names}) on {host}:{p}"
             ),

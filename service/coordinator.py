@@ -21,7 +21,9 @@ Kaplan-Meier curve, event and label counts, and no neighbour.
 
 DICOM queries are embedded once by the coordinator when it is given the sites' encoder
 (``--encoder DIR``); otherwise send the vector (``EmbedStudy`` at a site). Not held by a
-coordinator: the cohort's own survival curve (it has no cohort), study_uid queries.
+coordinator: the cohort's own survival curve (it has no cohort), study_uid queries of a
+site's cohort. A study in the coordinator's own PACS (``pacs`` query, ``--dicomweb``) is
+retrieved and embedded here (it needs ``--encoder``); only its vector goes to the sites.
 
 ``GetIndexInfo`` pools the sites' answers (:func:`pooled_index_info`). With ``mode =
 "shards"`` in the sites file the sites are shards of one index (:mod:`service.shards`):
@@ -57,6 +59,8 @@ from service.errors import failed_precondition, grpc_errors, invalid_argument, u
 from service.federation import DEFAULT_SITE_DEADLINE_S, Fanout, Site, SiteCall, merge
 from service.governance import Governance, permission_denied
 from service.interceptors.call import add_facts, current_principal
+from service.pacs import query as pacs_query
+from service.pacs.dicomweb import DicomwebConfig
 from service.shards import ShardCohorts, ShardSearch, shard_folders
 from service.tls import TlsConfig
 
@@ -73,7 +77,11 @@ _STATE_WORDS: dict[int, str] = {
 
 
 class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
-    """``SearchSimilar`` over the sites of ``fanout``; other RPCs are UNIMPLEMENTED."""
+    """``SearchSimilar`` and ``GetIndexInfo`` over the sites of ``fanout``; other RPCs are
+    UNIMPLEMENTED."""
+
+    # the PACS that ``pacs`` queries retrieve from (service.pacs.query); None: none
+    pacs: DicomwebConfig | None = None
 
     def __init__(
         self,
@@ -118,6 +126,9 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         if principal is not None and not principal.has("search"):
             raise permission_denied("ROLE_NOT_ALLOWED", f"the role {principal.role} may not search")
         kind = request.WhichOneof("query")
+        if kind == "pacs":  # retrieved from this coordinator's PACS, then embedded here
+            request = await self._from_pacs(request, principal, context)
+            kind = "dicom"
         if kind == "dicom" and self.encoder_dir is not None:  # embedded once, here
             files = convert.parse_dicom(request.dicom, max_files=self.max_files)
             vector, version = await asyncio.to_thread(self._embed, files)
@@ -164,6 +175,24 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         response = convert.search_response(result)
         _report(response, calls, answered)
         return response
+
+    async def _from_pacs(
+        self, request: pb.SearchSimilarRequest, principal: Any, context: Any
+    ) -> pb.SearchSimilarRequest:
+        """A ``pacs`` query as DICOM files from the coordinator's PACS (``serve --federate
+        ... --dicomweb URL``): PERMISSION_DENIED for researchers, FAILED_PRECONDITION
+        ``NO_PACS`` without a PACS, ``NO_ENCODER`` without the sites' encoder (a study
+        retrieved here must be embedded here: only the vector goes to the sites)."""
+        restricted = Governance.restricts(principal)
+        if not restricted and self.pacs is not None and self.encoder_dir is None:
+            raise failed_precondition(
+                "NO_ENCODER",
+                "this coordinator has a PACS but not the sites' encoder; serve it with "
+                "--encoder DIR so that a PACS study is embedded here, or send the vector",
+            )
+        return await pacs_query.resolve_search(
+            request, context, pacs=self.pacs, max_files=self.max_files, restricted=restricted
+        )
 
     async def _shard_search(
         self, embedding: pb.Vector, k: int, where: str, principal: Any, context: Any
@@ -412,12 +441,14 @@ async def create_coordinator(
     encoder_dir: Path | str | None = None,
     max_receive_mb: int = 64,
     mode: str = "federation",
+    pacs: DicomwebConfig | None = None,
 ) -> tuple[grpc.aio.Server, int, Fanout]:
     """A coordinator server over ``sites`` (not started): ``(server, bound port, fanout)``;
     the caller closes ``fanout`` after stopping the server. Security as
     :func:`service.server.create_server` (TLS, tokens, audit, rate limits); ``min_cell``:
     the coordinator's own threshold for pooled counts (the sites' larger ones win);
     ``encoder_dir``: the sites' encoder, so DICOM queries are embedded here, once;
+    ``pacs``: a DICOMweb PACS that ``pacs`` queries retrieve from (with ``encoder_dir``);
     ``mode``: ``federation`` or ``shards`` (:mod:`service.shards`: every ``Site`` names
     its ``index`` folder; researchers get the single-server view with ``min_cell``)."""
     from service.config import SecurityConfig
@@ -454,6 +485,7 @@ async def create_coordinator(
         encoder_dir=Path(encoder_dir) if encoder_dir is not None else None,
         shards=_shard_search_of(fanout, sites, min_cell) if mode == "shards" else None,
     )
+    servicer.pacs = pacs
     cohortsim_pb2_grpc.add_PatientSimilarityServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_FULL_NAME):
