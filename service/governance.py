@@ -257,6 +257,7 @@ INDEX_INFO_RULES: dict[str, str] = {
     "prognostic_quality.calibration.groups.observed_lower": DERIVED,
     "prognostic_quality.calibration.groups.observed_upper": DERIVED,
     "prognostic_quality.calibration.groups.study_count": COUNT,
+    "federation": DROP,  # a coordinator's per-site counts and versions: clinicians only
     "warnings": KEEP,  # the index's skill: the researcher sees the code always
     "warnings.code": KEEP,
     "warnings.message": TEXT,  # cleared when it holds digits (it may quote counts)

@@ -30,10 +30,8 @@ from indexing.query import (
     attach_regions,
     attach_stability,
     index_warnings,
-    regions,
     search_similar,
     snapshot_temperature,
-    thumbnails,
 )
 from indexing.snapshot import SearchParams, Snapshot, current_version, load_snapshot
 from indexing.thumbnails import Region
@@ -44,7 +42,7 @@ from service.errors import failed_precondition, grpc_errors, invalid_argument, u
 from service.federation import ON_BEHALF_OF_KEY
 from service.governance import Governance, ResearcherAnswer, principal_key
 from service.interceptors.call import add_facts, current_principal
-from service.matched import attach_explanations, match_region
+from service.matched import attach_explanations, attach_thumbnails
 from service.pacs import query as pacs_query
 from service.pacs.dicomweb import DicomwebConfig
 from service.rpcs import CohortRpcs, caller_key
@@ -447,8 +445,6 @@ def search(
     kwargs: dict[str, Any] = {}
     views = None
     region_vectors = None
-    query_thumbnail = None
-    query_region = None
     embedded = None
     if query.where:
         snapshot.filter_mask(query.where)  # a bad filter fails before any DICOM is decoded
@@ -460,9 +456,6 @@ def search(
         kwargs["exclude_rows"] = [row]
         patient = snapshot.metadata.column("patient_id")[row].as_py()
         kwargs["exclude_patients"] = [patient]
-        if query.include_thumbnails:
-            query_thumbnail = thumbnails(snapshot, [row])[0]
-            query_region = regions(snapshot, [row])[0]
     else:
         explain = bool(getattr(query, "include_explanations", False))
         embedded = state.embed_dicom(
@@ -476,8 +469,6 @@ def search(
         vector = embedded.vector
         views = embedded.views
         region_vectors = embedded.regions
-        query_thumbnail = embedded.thumbnail
-        query_region = embedded.region
         kwargs["query_acquisition"] = [embedded.acquisition]
     kwargs["where"] = query.where
     if query.nprobe is not None or query.ef_search is not None:
@@ -502,18 +493,10 @@ def search(
     if region_vectors is not None:
         attach_regions(result, [obs for obs, _ in query.regions], results)
     rows = [nb.row for nb in result.neighbors]
-    if query.include_thumbnails and embedded is not None and rows:
-        # whole-volume encoders: show the query's slice of the strongest match
-        matched = match_region(state, embedded, snapshot.vector(rows[0]), snapshot)
-        if matched is not None:
-            query_region, query_thumbnail = matched
     if query.include_thumbnails:
-        result.query_thumbnail = query_thumbnail
-        result.query_region = query_region
-        for nb, png, cut in zip(
-            result.neighbors, thumbnails(snapshot, rows), regions(snapshot, rows), strict=True
-        ):
-            nb.thumbnail, nb.region = png, cut
+        # lesion encoders: the embedded boxes; whole-volume ones: the slices of the strongest match
+        attach_thumbnails(state, snapshot, result, vector, embedded=embedded,
+                          query_row=kwargs["exclude_rows"][0] if query.kind == "study_uid" else None)
     if embedded is not None and getattr(query, "include_explanations", False) and rows:
         attach_explanations(state, snapshot, embedded, result)
     return result
