@@ -673,6 +673,10 @@ def index_build(
     keep: Annotated[int | None, typer.Option(min=1, help="After publishing, delete all but the newest N versions (the served one stays).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")] = False,
     ray: Annotated[str | None, typer.Option("--ray", metavar="[ADDRESS]", help=_RAY_HELP)] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(min=1, help="Split the cohort by patient into N indexes OUT/shard-0 ... OUT/shard-{N-1} (rule: sha256(patient_id) mod N), served by a coordinator in shard mode."),
+    ] = None,
 ) -> None:
     """Embed the cohort and publish a new index snapshot atomically (safe while a server reads it)."""
     from indexing.build import build_from_embeddings, build_from_store
@@ -685,6 +689,11 @@ def index_build(
     if fp16:
         kind = fp16_kind(kind)
     dev = _device(device)
+    if shards is not None:
+        if ray is not None or keep is not None:
+            raise CliError("--shards builds in this process; leave out --ray and --keep")
+        _index_build_shards(out_dir, shards, store, model, embeddings, kind, dev, shard_size, json_out)
+        return
     if embeddings is not None:
         version = build_from_embeddings(embeddings, out_dir, kind=kind)
     else:
@@ -737,6 +746,34 @@ def index_build(
                 "pruned": removed,
             }
         )
+
+
+def _index_build_shards(
+    out_dir: Path, n: int, store: Path | None, model: Path | None, embeddings: Path | None,
+    kind: str, device: str, shard_size: int, json_out: bool,
+) -> None:
+    """``index build --shards N``: one embedding pass, N shard indexes (indexing.shards)."""
+    from indexing.shards import build_shards_from_embeddings, build_shards_from_store
+    from indexing.snapshot import read_manifest
+
+    if embeddings is not None:
+        published = build_shards_from_embeddings(embeddings, out_dir, n, kind=kind)
+    else:
+        assert store is not None and model is not None  # checked by the caller
+        with progress_bar("build") as update:
+            published = build_shards_from_store(
+                store, model, out_dir, n, kind=kind, device=device, shard_size=shard_size,
+                progress=lambda stage, d, t: update(d, t, extra=stage),
+            )
+    rows = []
+    for folder, version in published:
+        m = read_manifest(folder, version)
+        rows.append({"index_dir": str(folder), "version": version, "num_studies": m["num_studies"],
+                     "model_version": m["model_version"]})
+        _say(f"published shard {folder.name} {version}: {m['num_studies']} studies, "
+             f"model {m['model_version']} -> {folder}")
+    if json_out:
+        _print_json({"shards": rows, "rule": "sha256(patient_id)[:8] mod N"})
 
 
 @index_app.command("list")
@@ -939,7 +976,7 @@ def serve(
     index: Annotated[Path | None, typer.Option(help="Index folder from cohortsim index build (a site).")] = None,
     federate: Annotated[
         Path | None,
-        typer.Option(help="Serve a federated coordinator over the sites of this TOML file ([[site]] name, address, tls_ca/tls_cert/tls_key) instead of an index."),
+        typer.Option(help="Serve a federated coordinator over the sites of this TOML file ([[site]] name, address, tls_ca/tls_cert/tls_key) instead of an index; with mode = \"shards\" at its top, over the shards of one index (each [[site]] also names its index folder)."),
     ] = None,
     site_deadline_s: Annotated[float, typer.Option(min=0.01, help="Coordinator: seconds to wait for the slowest site.")] = 5.0,
     encoder: Annotated[
@@ -970,6 +1007,13 @@ def serve(
     time_bins: Annotated[
         str | None, typer.Option(help="Federated site: comma-separated time bin edges of the counts released to researchers (default 0,6,12,24,36,60,120).")
     ] = None,
+    trusted_coordinator: Annotated[
+        list[str] | None,
+        typer.Option(help="Federated site: principal id (token id or certificate name) of a coordinator whose forwarded end user the site keeps its record of researcher releases under; repeat for several."),
+    ] = None,
+    max_principals: Annotated[
+        int, typer.Option(min=1, help="Researchers: callers with a record of released aggregates; a new caller beyond this is refused, none is forgotten.")
+    ] = 1000,
     rate_limit: Annotated[float | None, typer.Option(min=0.001, help="Calls per second per principal (bursts of twice that).")] = None,
     max_concurrent_per_principal: Annotated[int | None, typer.Option(min=1, help="Calls one principal may have in flight.")] = None,
     device: Annotated[str, typer.Option(help="Where the index is searched: " + _DEVICE_HELP)] = "auto",
@@ -1017,9 +1061,17 @@ def serve(
     if (index is None) == (federate is None):
         raise CliError("give --index (serve a site) or --federate SITES.toml (a coordinator), not both")
     if federate is not None:
+        pacs = None
+        if dicomweb is not None:
+            from service.pacs.commands import dicomweb_config
+
+            pacs = dicomweb_config(
+                dicomweb, user=pacs_user, password_file=pacs_password_file,
+                token_file=pacs_token_file, ca_file=pacs_ca_file, timeout_s=pacs_timeout_s,
+            )
         _serve_coordinator(
             federate, host, port, site_deadline_s, tls_cert, tls_key, tls_client_ca, auth_tokens, audit_log,
-            min_cell, encoder,
+            min_cell, encoder, pacs,
         )
         return
     assert index is not None
@@ -1063,7 +1115,10 @@ def serve(
         tls=tls,
         auth_tokens=TokenStore.load(auth_tokens) if auth_tokens is not None else None,
         audit_log=AuditLog(audit_log, max_bytes=max_bytes) if audit_log is not None else None,
-        policy=DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity, time_bins=bins),
+        policy=DisclosurePolicy(
+            min_cell=min_cell, reid_similarity=reid_similarity, time_bins=bins,
+            max_principals=max_principals, trusted_coordinators=frozenset(trusted_coordinator or ()),
+        ),
         rate_limit=rate_limit,
         max_concurrent_per_principal=max_concurrent_per_principal,
         pacs=pacs,
@@ -1100,6 +1155,7 @@ def _serve_coordinator(
     audit_log: Path | None,
     min_cell: int,
     encoder: Path | None,
+    pacs: Any = None,
 ) -> None:
     """``serve --federate``: the coordinator (service.coordinator) until SIGTERM/Ctrl-C."""
     import asyncio
@@ -1107,13 +1163,16 @@ def _serve_coordinator(
     from service.audit import AuditLog
     from service.auth import TokenStore
     from service.coordinator import serve_coordinator
-    from service.federation import SitesConfigError, load_sites
+    from service.federation import SitesConfigError, load_topology
     from service.tls import TlsConfig
 
     try:
-        sites = load_sites(sites_file)
+        mode, sites = load_topology(sites_file)
     except SitesConfigError as exc:
         raise CliError(str(exc)) from None
+    for s in sites:
+        if s.index is not None and not (s.index / "CURRENT").is_file():
+            raise CliError(f"{sites_file}: shard {s.name}: no published index in {s.index}")
     if encoder is not None and not (encoder / "card.json").is_file():
         raise CliError(f"--encoder {encoder}: no encoder card (card.json) there; give the folder of cohortsim train")
     tls = None
@@ -1128,7 +1187,11 @@ def _serve_coordinator(
             audit_log=AuditLog(audit_log) if audit_log is not None else None,
             min_cell=min_cell,
             encoder_dir=encoder,
-            ready=lambda p: _say(f"coordinating {len(sites)} sites ({names}) on {host}:{p}"),
+            mode=mode,
+            pacs=pacs,
+            ready=lambda p: _say(
+                f"coordinating {len(sites)} {'shards' if mode == 'shards' else 'sites'} ({names}) on {host}:{p}"
+            ),
         )
     )
 

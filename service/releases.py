@@ -22,6 +22,11 @@ always allowed (the same answer).
 What it does not catch: combinations of four or more sets (``A + B - C - D``) other than
 the union case, and approximate derivations (sets that almost cover another). Only noise
 (differential privacy) closes these in general.
+
+:class:`ReleaseBook` keeps one record per *principal* (the authenticated caller a
+release was made to): one caller's history never refuses another's answers, and the
+number of principals is capped (refusal when full, never eviction: a forgotten record
+would let its principal difference against answers it already holds).
 """
 
 from __future__ import annotations
@@ -167,4 +172,70 @@ class ReleaseRecord:
                     del self._by_patient[(measure, p)]
 
 
-__all__ = ["AGGREGATE", "SURVIVAL", "Conflict", "ReleaseRecord", "ReleaseRecordFull"]
+class ReleaseBookFull(RuntimeError):
+    """The book holds records for its limit of principals (``reason``:
+    ``release_principals_full``)."""
+
+    reason = "release_principals_full"
+
+
+#: The principal of every call on a server without authentication (one shared record).
+ANONYMOUS = "anonymous"
+
+
+class ReleaseBook:
+    """One :class:`ReleaseRecord` per principal, created on a principal's first release.
+
+    ``limit``: distinct sets per principal; ``max_principals``: principals with a record.
+    A new principal beyond ``max_principals`` is refused (:class:`ReleaseBookFull`);
+    records are never evicted. Thread-safe.
+    """
+
+    def __init__(self, min_cell: int, *, limit: int = 50_000, max_principals: int = 1000) -> None:
+        if max_principals < 1:
+            raise ValueError(f"max_principals must be >= 1, got {max_principals!r}")
+        self.min_cell = min_cell
+        self.limit = limit
+        self.max_principals = max_principals
+        self._records: dict[str, ReleaseRecord] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, principal: object) -> bool:
+        return principal in self._records
+
+    def principals(self) -> list[str]:
+        with self._lock:
+            return sorted(self._records)
+
+    def record(self, principal: str, *, force: bool = False) -> ReleaseRecord:
+        """``principal``'s record, created when absent; :class:`ReleaseBookFull` when that
+        would exceed ``max_principals`` (``force``: replay of earlier releases, no cap)."""
+        with self._lock:
+            found = self._records.get(principal)
+            if found is None:
+                if len(self._records) >= self.max_principals and not force:
+                    raise ReleaseBookFull(
+                        f"the release records hold {len(self._records)} principals, their limit"
+                    )
+                found = self._records[principal] = ReleaseRecord(self.min_cell, limit=self.limit)
+            return found
+
+    def peek(self, principal: str) -> ReleaseRecord | None:
+        """``principal``'s record, or None (nothing released to it yet); creates nothing."""
+        with self._lock:
+            return self._records.get(principal)
+
+
+__all__ = [
+    "AGGREGATE",
+    "ANONYMOUS",
+    "SURVIVAL",
+    "Conflict",
+    "ReleaseBook",
+    "ReleaseBookFull",
+    "ReleaseRecord",
+    "ReleaseRecordFull",
+]
