@@ -477,8 +477,9 @@ class Governance:
                 continue
             if kind == "stats":
                 with contextlib.suppress(FilterError):  # a filter the index cannot evaluate
-                    if isinstance(patients, list):
+                    if isinstance(patients, list):  # a filter too long for the record
                         chosen = [str(p) for p in patients]
+                        record.add([(FILTER, chosen)])
                     elif truncated:
                         continue
                     else:

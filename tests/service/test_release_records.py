@@ -346,6 +346,22 @@ def test_each_researcher_has_its_own_record_and_it_survives_a_restart(
     assert all(r["release_kind"] == "stats" for r in stats)
 
 
+def test_cohort_stats_over_a_filter_too_long_for_the_audit_record_are_replayed(
+    index_dir: Path, cohort, tmp_path: Path
+) -> None:
+    """The audit record keeps 256 characters of a filter: statistics over a longer one
+    are recorded with their patients, and still count after a restart."""
+    long_north = NORTH + "".join(f" AND kvp <> '{i}'" for i in range(30))
+    assert len(long_north) > 256
+    kw = {"device": "cpu", "auth_tokens": _tokens(tmp_path / "tokens.json"),
+          "audit_log": tmp_path / "audit.jsonl"}
+    with BackgroundServer(index_dir, **kw) as srv:
+        assert _stats(srv.target, ALICE, long_north)[0] is not None
+    with BackgroundServer(index_dir, **kw) as srv:
+        assert _stats(srv.target, ALICE, NORTH_PLUS)[1] in ("FILTER_DIFFERENCING", "ANSWER_DIFFERENCING")
+        assert _stats(srv.target, BOB, NORTH_PLUS)[0] is not None
+
+
 def live_rows_mask(table: object, where: str) -> np.ndarray:
     from indexing.filter import compile_where
 
