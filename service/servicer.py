@@ -315,8 +315,9 @@ class ServiceState:
         is embedded (``EmbeddedStudy.regions``, the first is ``vector``) and the
         augmented copies use the first one.
         """
-        from encoders.dicom import preprocess, read_study
+        from encoders.dicom import read_study
         from encoders.model import embed
+        from encoders.preprocess import preprocess
 
         encoder, card = self.encoder(snapshot)  # the encoder of the snapshot searched
         on_patches = card.region.mode == "lesion" and card.input.has_patches
@@ -401,7 +402,7 @@ class ServiceState:
     ) -> list[tuple[float, ...]]:
         """Each region's box mapped to the encoder's input grid; FAILED_PRECONDITION for a
         whole-volume encoder, INVALID_ARGUMENT for a box the preprocessing cropped away."""
-        from encoders.dicom import box_to_input_grid
+        from encoders.preprocess import box_to_input_grid
 
         if card.region.mode != "lesion":
             raise failed_precondition(
