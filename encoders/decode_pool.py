@@ -1,7 +1,7 @@
 """DICOM decoding in worker processes: what a hostile upload costs stays in its worker.
 
 Reading a study (:func:`encoders.dicom.read_study`) and building the encoder's input
-(:func:`encoders.dicom.preprocess`, :func:`encoders.grid.study_input`) is CPU-bound
+(:func:`encoders.preprocess.preprocess`, :func:`encoders.grid.study_input`) is CPU-bound
 Python and numpy that holds the interpreter lock for long stretches. In a server it
 competes with every other call for the lock and the cores, and a study that slips past
 the decoded-byte budget (:mod:`encoders.budget`) allocates in the server's own memory.
@@ -109,7 +109,8 @@ def prepare_study(
     :class:`encoders.errors.DicomError` for a study that cannot be used (and the budget's
     errors inside a :meth:`encoders.budget.DecodeBudget.request`).
     """
-    from encoders.dicom import preprocess, read_study
+    from encoders.dicom import read_study
+    from encoders.preprocess import preprocess
 
     study = read_study(list(files))
     stack = None

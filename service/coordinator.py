@@ -232,8 +232,9 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
 
     def _embed(self, files: list[bytes]) -> tuple[np.ndarray, str]:
         """``(vector (d,) float32, encoder version)`` of one DICOM study; blocking."""
-        from encoders.dicom import preprocess, read_study
+        from encoders.dicom import read_study
         from encoders.model import embed, load_encoder
+        from encoders.preprocess import preprocess
 
         assert self.encoder_dir is not None
         with self._encoder_lock:  # loaded once, on the first DICOM query

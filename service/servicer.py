@@ -409,7 +409,7 @@ class ServiceState:
     ) -> list[tuple[float, ...]]:
         """Each region's box mapped to the encoder's input grid; FAILED_PRECONDITION for a
         whole-volume encoder, INVALID_ARGUMENT for a box the preprocessing cropped away."""
-        from encoders.dicom import box_to_input_grid
+        from encoders.preprocess import box_to_input_grid
 
         if card.region.mode != "lesion":
             raise failed_precondition(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ import pytest
 from service.api import cohortsim_pb2 as pb
 from service.api import cohortsim_pb2_grpc
 from service.auth import TokenStore
+from service.disclosure import DisclosurePolicy
 from service.federation import ON_BEHALF_OF_KEY, Site
 
 from .conftest import MODEL_VERSION, make_cohort
@@ -148,3 +150,26 @@ def test_a_site_keeps_one_record_for_a_coordinator_it_does_not_trust(
     assert code == grpc.StatusCode.PERMISSION_DENIED and reason == "ANSWER_DIFFERENCING"
     assert "union rule" in message
     assert isinstance(_aggregate(port, COORD, "carol", q, union), pb.AggregateSiteResponse)
+
+
+def test_a_sites_records_survive_a_restart(cohort_parts: dict[str, Any], tmp_path: Path) -> None:  # noqa: F811
+    """AggregateSite releases go to the site's audit log with their end user and are
+    replayed at start: dave's union after a restart is still refused, erin's answered."""
+    from service.background import BackgroundServer
+
+    a, b, union = _filters()
+    q = cohort_parts["emb"][101]
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({COORD: {"role": "clinician", "id": "coord"}}))
+    tokens.chmod(0o600)
+    kw: dict[str, Any] = {
+        "device": "cpu", "auth_tokens": tokens, "audit_log": tmp_path / "audit.jsonl",
+        "policy": DisclosurePolicy(time_bins=EDGES, trusted_coordinators=frozenset({"coord"})),
+    }
+    with BackgroundServer(cohort_parts["dirs"]["south"], **kw) as site:
+        assert isinstance(_aggregate(site.port, COORD, "dave", q, a), pb.AggregateSiteResponse)
+        assert isinstance(_aggregate(site.port, COORD, "dave", q, b), pb.AggregateSiteResponse)
+    with BackgroundServer(cohort_parts["dirs"]["south"], **kw) as site:
+        code, _, reason = _aggregate(site.port, COORD, "dave", q, union)
+        assert code == grpc.StatusCode.PERMISSION_DENIED and reason == "ANSWER_DIFFERENCING"
+        assert isinstance(_aggregate(site.port, COORD, "erin", q, union), pb.AggregateSiteResponse)

@@ -77,6 +77,16 @@ def test_a_full_book_refuses_new_principals_and_forgets_none() -> None:
     assert "dave" in book
 
 
+def test_the_books_memory_is_bounded_and_a_refused_batch_leaves_nothing() -> None:
+    book = ReleaseBook(M, max_members=50)
+    assert book.record("alice").check_and_add([("aggregate", people("a", 30))]) is None
+    with pytest.raises(ReleaseBookFull):  # 30 + 11 + 20 entries > 50
+        book.record("bob").check_and_add([("aggregate", people("b", 11)), ("survival", people("b", 20))])
+    assert book.budget.used == 30 and len(book.record("bob")) == 0
+    assert book.record("bob").check_and_add([("aggregate", people("b", 20))]) is None
+    assert book.budget.used == 50
+
+
 def test_a_full_book_is_a_clear_refusal_at_the_service_edge(tmp_path: Path) -> None:
     emb, table = random_cohort(5, 60)
     state = served(tmp_path, emb, table)
@@ -89,6 +99,11 @@ def test_a_full_book_is_a_clear_refusal_at_the_service_edge(tmp_path: Path) -> N
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.reason == "RELEASE_PRINCIPALS_FULL"
     gov.cohort_stats(stats, state.snapshot, rows, principal="alice")  # the same answer again
+    small = Governance(DisclosurePolicy(max_recorded=70))  # fewer entries than one answer holds
+    with pytest.raises(ServiceError) as info:
+        small.cohort_stats(stats, state.snapshot, rows, principal="alice")
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.reason == "RELEASE_RECORDS_FULL"
 
 
 def test_whose_record_a_site_keeps() -> None:
@@ -344,6 +359,22 @@ def test_each_researcher_has_its_own_record_and_it_survives_a_restart(
     stats = [r for r in records if r.get("method", "").endswith("GetCohortStats") and r["status"] == "OK"]
     assert {r["release_principal"] for r in stats} == {"alice", "bob"}
     assert all(r["release_kind"] == "stats" for r in stats)
+
+
+def test_cohort_stats_over_a_filter_too_long_for_the_audit_record_are_replayed(
+    index_dir: Path, cohort, tmp_path: Path
+) -> None:
+    """The audit record keeps 256 characters of a filter: statistics over a longer one
+    are recorded with their patients, and still count after a restart."""
+    long_north = NORTH + "".join(f" AND kvp <> '{i}'" for i in range(30))
+    assert len(long_north) > 256
+    kw = {"device": "cpu", "auth_tokens": _tokens(tmp_path / "tokens.json"),
+          "audit_log": tmp_path / "audit.jsonl"}
+    with BackgroundServer(index_dir, **kw) as srv:
+        assert _stats(srv.target, ALICE, long_north)[0] is not None
+    with BackgroundServer(index_dir, **kw) as srv:
+        assert _stats(srv.target, ALICE, NORTH_PLUS)[1] in ("FILTER_DIFFERENCING", "ANSWER_DIFFERENCING")
+        assert _stats(srv.target, BOB, NORTH_PLUS)[0] is not None
 
 
 def live_rows_mask(table: object, where: str) -> np.ndarray:
