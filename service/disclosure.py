@@ -32,6 +32,7 @@ DEFAULT_REID_SIMILARITY = 0.95
 DEFAULT_TIME_GRID = 3.0
 DEFAULT_REGISTRY_LIMIT = 50_000  # distinct released sets per principal
 DEFAULT_MAX_PRINCIPALS = 1000  # principals with a release record
+DEFAULT_MAX_RECORDED = 10_000_000  # patient entries over all records (~140 B each)
 
 
 # --------------------------------------------------------------------------- policy
@@ -50,6 +51,8 @@ class DisclosurePolicy:
     time_bins: tuple[float, ...] = DEFAULT_BIN_EDGES
     # principals with a release record (service.releases.ReleaseBook); more are refused
     max_principals: int = DEFAULT_MAX_PRINCIPALS
+    # patient entries (released set sizes summed) over all principals' records: memory
+    max_recorded: int = DEFAULT_MAX_RECORDED
     # principal ids of federated coordinators whose forwarded end-user principal a site
     # records AggregateSite releases under (service.federation.ON_BEHALF_OF_KEY)
     trusted_coordinators: frozenset[str] = frozenset()
@@ -59,6 +62,8 @@ class DisclosurePolicy:
         object.__setattr__(self, "trusted_coordinators", frozenset(self.trusted_coordinators))
         if self.max_principals < 1:
             raise ValueError(f"max_principals must be >= 1, got {self.max_principals!r}")
+        if self.max_recorded < 1:
+            raise ValueError(f"max_recorded must be >= 1, got {self.max_recorded!r}")
         if isinstance(self.min_cell, bool) or not isinstance(self.min_cell, int) or self.min_cell < 2:
             raise ValueError(f"min_cell must be an integer >= 2, got {self.min_cell!r}")
         if not 0.0 < float(self.reid_similarity) <= 1.0:
@@ -133,6 +138,13 @@ def record_or_refuse(
     """:meth:`ReleaseRecord.check_and_add` with a full record as RESOURCE_EXHAUSTED."""
     try:
         return record.check_and_add(releases)
+    except ReleaseBookFull as exc:
+        raise ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RELEASE_RECORDS_FULL",
+            f"the server's release records are full ({exc}); new aggregates are refused "
+            "until an administrator raises the limit and restarts it",
+        ) from None
     except ReleaseRecordFull:
         raise ServiceError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -244,6 +256,7 @@ def coarse_curve(
 
 __all__ = [
     "DEFAULT_MAX_PRINCIPALS",
+    "DEFAULT_MAX_RECORDED",
     "DEFAULT_MIN_CELL",
     "DEFAULT_REGISTRY_LIMIT",
     "DEFAULT_REID_SIMILARITY",

@@ -415,7 +415,10 @@ class Governance:
         m, limit = self.policy.min_cell, self.policy.registry_limit
         # per principal: what its answers (search, cohort stats, site aggregates) released,
         # by measure, and its filters' sub-cohorts (measure FILTER)
-        self.book = ReleaseBook(m, limit=limit, max_principals=self.policy.max_principals)
+        self.book = ReleaseBook(
+            m, limit=limit, max_principals=self.policy.max_principals,
+            max_members=self.policy.max_recorded,
+        )
         self._cache: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 

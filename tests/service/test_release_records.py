@@ -77,6 +77,16 @@ def test_a_full_book_refuses_new_principals_and_forgets_none() -> None:
     assert "dave" in book
 
 
+def test_the_books_memory_is_bounded_and_a_refused_batch_leaves_nothing() -> None:
+    book = ReleaseBook(M, max_members=50)
+    assert book.record("alice").check_and_add([("aggregate", people("a", 30))]) is None
+    with pytest.raises(ReleaseBookFull):  # 30 + 11 + 20 entries > 50
+        book.record("bob").check_and_add([("aggregate", people("b", 11)), ("survival", people("b", 20))])
+    assert book.budget.used == 30 and len(book.record("bob")) == 0
+    assert book.record("bob").check_and_add([("aggregate", people("b", 20))]) is None
+    assert book.budget.used == 50
+
+
 def test_a_full_book_is_a_clear_refusal_at_the_service_edge(tmp_path: Path) -> None:
     emb, table = random_cohort(5, 60)
     state = served(tmp_path, emb, table)
@@ -89,6 +99,11 @@ def test_a_full_book_is_a_clear_refusal_at_the_service_edge(tmp_path: Path) -> N
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.reason == "RELEASE_PRINCIPALS_FULL"
     gov.cohort_stats(stats, state.snapshot, rows, principal="alice")  # the same answer again
+    small = Governance(DisclosurePolicy(max_recorded=70))  # fewer entries than one answer holds
+    with pytest.raises(ServiceError) as info:
+        small.cohort_stats(stats, state.snapshot, rows, principal="alice")
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.reason == "RELEASE_RECORDS_FULL"
 
 
 def test_whose_record_a_site_keeps() -> None:
