@@ -4,7 +4,8 @@ beside a clinician's queries.
 In one run, against one server process (default settings: the decoded-byte budget and
 the DICOM calls per caller on):
 
-1. **unloaded**: a clinician sends embedding queries at a steady rate; p50 / p99;
+1. **unloaded**: a clinician sends embedding queries at a steady rate; p50 / p99 (and
+   once more after the attack: the spread of p99 on the machine without an attack);
 2. **loaded**: the same clinician queries while four researcher clients, each in its own
    process, send back to back a 20-file deflated study (2048 x 2048 zero slices: about 160 KB on the wire,
    about 480 MiB decoded as the red team built it, 1.9 GB with 4096 x 4096 slices) or an
@@ -279,6 +280,8 @@ def main() -> None:
             for p in procs:
                 p.join()
             hwm = proc_status(srv.pid, "VmHWM")
+            # the same unloaded phase once more: how far p99 moves on this machine alone
+            again, again_failed = clinician(target, tokens["clinician"], args.seconds, args.rate)
             watching.set()
             watcher.join()
             worker_peaks(srv.pid, peaks)
@@ -295,6 +298,9 @@ def main() -> None:
     print(f"clinician loaded:   {len(loaded)} ok, {loaded_failed} failed, p50 {pct(loaded, 50):.1f} ms, "
           f"p99 {pct(loaded, 99):.1f} ms")
     print(f"p99 loaded / unloaded: {pct(loaded, 99) / pct(base, 99):.2f} (target < 2)")
+    print(f"clinician unloaded again (after the attack): {len(again)} ok, {again_failed} failed, "
+          f"p50 {pct(again, 50):.1f} ms, p99 {pct(again, 99):.1f} ms; p99 again / unloaded: "
+          f"{pct(again, 99) / pct(base, 99):.2f} (no attack: the machine's own spread)")
     print(f"hostile calls by outcome: {dict(outcomes)}")
     print(f"loadavg: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
 
