@@ -59,8 +59,9 @@ def proc_status(pid: int, key: str) -> int:
 
 def build(root: Path) -> tuple[Path, Path, bytes]:
     """An index with a tiny encoder, tokens (clinician, researcher) and a template slice."""
-    from encoders.dicom import preprocess, read_study
+    from encoders.dicom import read_study
     from encoders.model import EncoderCard, create_encoder, embed, save_encoder
+    from encoders.preprocess import preprocess
     from encoders.synth import synth_cohort
     from indexing.snapshot import build_snapshot
     from service.auth import hash_token, new_token

@@ -1007,6 +1007,13 @@ def serve(
     time_bins: Annotated[
         str | None, typer.Option(help="Federated site: comma-separated time bin edges of the counts released to researchers (default 0,6,12,24,36,60,120).")
     ] = None,
+    trusted_coordinator: Annotated[
+        list[str] | None,
+        typer.Option(help="Federated site: principal id (token id or certificate name) of a coordinator whose forwarded end user the site keeps its record of researcher releases under; repeat for several."),
+    ] = None,
+    max_principals: Annotated[
+        int, typer.Option(min=1, help="Researchers: callers with a record of released aggregates; a new caller beyond this is refused, none is forgotten.")
+    ] = 1000,
     rate_limit: Annotated[float | None, typer.Option(min=0.001, help="Calls per second per principal (bursts of twice that).")] = None,
     max_concurrent_per_principal: Annotated[int | None, typer.Option(min=1, help="Calls one principal may have in flight.")] = None,
     device: Annotated[str, typer.Option(help="Where the index is searched: " + _DEVICE_HELP)] = "auto",
@@ -1108,7 +1115,10 @@ def serve(
         tls=tls,
         auth_tokens=TokenStore.load(auth_tokens) if auth_tokens is not None else None,
         audit_log=AuditLog(audit_log, max_bytes=max_bytes) if audit_log is not None else None,
-        policy=DisclosurePolicy(min_cell=min_cell, reid_similarity=reid_similarity, time_bins=bins),
+        policy=DisclosurePolicy(
+            min_cell=min_cell, reid_similarity=reid_similarity, time_bins=bins,
+            max_principals=max_principals, trusted_coordinators=frozenset(trusted_coordinator or ()),
+        ),
         rate_limit=rate_limit,
         max_concurrent_per_principal=max_concurrent_per_principal,
         pacs=pacs,

@@ -88,7 +88,8 @@ SKILL_CODES: frozenset[str] = frozenset({"NO_PROGNOSTIC_SKILL", "FEW_OUTCOMES"})
 class EmbeddedRegion:
     """Where a study's embedding was cut: axial ``slice_index`` of the stored volume and
     ``box`` (row0, col0, row1, col1, half-open voxels) on it; ``source`` "reader",
-    "proposal" or "best_slice"."""
+    "proposal", "centre", "best_slice" or "matched_slice" (whole-volume encoders: the
+    slice of the strongest match)."""
 
     slice_index: int
     box: tuple[int, ...]

@@ -31,7 +31,9 @@ from indexing.snapshot import Snapshot
 from indexing.store import ACQUISITION_COLUMNS
 from service.api import cohortsim_pb2 as pb
 from service.errors import ServiceError, failed_precondition, grpc_errors, invalid_argument
-from service.interceptors.call import current_call, current_principal
+from service.governance import principal_key
+from service.interceptors.audit import MAX_TEXT
+from service.interceptors.call import add_facts, current_call, current_principal
 
 log = logging.getLogger(__name__)
 
@@ -399,13 +401,23 @@ class CohortRpcs:
     ) -> pb.GetCohortStatsResponse:
         snapshot = self.state.require_snapshot()
         where = request.filter.where.strip()  # inner spacing is part of quoted values
-        restricted = self.governance.restricts(current_principal())
-        if restricted and where:
-            self.governance.check_filter(snapshot, where)  # small / differencing sub-cohorts
+        principal = current_principal()
+        restricted = self.governance.restricts(principal)
+        key = principal_key(principal)
+        if restricted and where:  # small / differencing sub-cohorts
+            self.governance.check_filter(snapshot, where, principal=key)
         rows = await self._run(live_rows, snapshot, where)
         response = await self._run(cohort_stats, snapshot, rows)
         if restricted:
-            return self.governance.cohort_stats(response, snapshot, rows)
+            governed = self.governance.cohort_stats(response, snapshot, rows, principal=key)
+            # what the audit record needs to rebuild the release at start: the filter
+            # (re-evaluated), or the patients when the record keeps only a filter prefix
+            facts: dict[str, Any] = {"release_kind": "stats", "release_principal": key}
+            if len(request.filter.where) > MAX_TEXT:
+                ids = snapshot.metadata.column("patient_id").take(rows).to_pylist()
+                facts["aggregated_patients"] = sorted({str(p) for p in ids})
+            add_facts(**facts)
+            return governed
         return response
 
     # ------------------------------------------------------------------ admin

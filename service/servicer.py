@@ -30,10 +30,8 @@ from indexing.query import (
     attach_regions,
     attach_stability,
     index_warnings,
-    regions,
     search_similar,
     snapshot_temperature,
-    thumbnails,
 )
 from indexing.snapshot import SearchParams, Snapshot, current_version, load_snapshot
 from indexing.thumbnails import Region
@@ -41,9 +39,10 @@ from service import convert
 from service.api import cohortsim_pb2, cohortsim_pb2_grpc
 from service.batching import EmbedBatcher, SearchBatcher
 from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
-from service.governance import Governance, ResearcherAnswer
+from service.federation import ON_BEHALF_OF_KEY
+from service.governance import Governance, ResearcherAnswer, principal_key
 from service.interceptors.call import add_facts, current_principal
-from service.matched import attach_explanations, match_region
+from service.matched import attach_explanations, attach_thumbnails
 from service.pacs import query as pacs_query
 from service.pacs.dicomweb import DicomwebConfig
 from service.rpcs import CohortRpcs, caller_key
@@ -316,8 +315,9 @@ class ServiceState:
         is embedded (``EmbeddedStudy.regions``, the first is ``vector``) and the
         augmented copies use the first one.
         """
-        from encoders.dicom import preprocess, read_study
+        from encoders.dicom import read_study
         from encoders.model import embed
+        from encoders.preprocess import preprocess
 
         encoder, card = self.encoder(snapshot)  # the encoder of the snapshot searched
         on_patches = card.region.mode == "lesion" and card.input.has_patches
@@ -402,7 +402,7 @@ class ServiceState:
     ) -> list[tuple[float, ...]]:
         """Each region's box mapped to the encoder's input grid; FAILED_PRECONDITION for a
         whole-volume encoder, INVALID_ARGUMENT for a box the preprocessing cropped away."""
-        from encoders.dicom import box_to_input_grid
+        from encoders.preprocess import box_to_input_grid
 
         if card.region.mode != "lesion":
             raise failed_precondition(
@@ -446,8 +446,6 @@ def search(
     kwargs: dict[str, Any] = {}
     views = None
     region_vectors = None
-    query_thumbnail = None
-    query_region = None
     embedded = None
     if query.where:
         snapshot.filter_mask(query.where)  # a bad filter fails before any DICOM is decoded
@@ -459,9 +457,6 @@ def search(
         kwargs["exclude_rows"] = [row]
         patient = snapshot.metadata.column("patient_id")[row].as_py()
         kwargs["exclude_patients"] = [patient]
-        if query.include_thumbnails:
-            query_thumbnail = thumbnails(snapshot, [row])[0]
-            query_region = regions(snapshot, [row])[0]
     else:
         explain = bool(getattr(query, "include_explanations", False))
         embedded = state.embed_dicom(
@@ -475,8 +470,6 @@ def search(
         vector = embedded.vector
         views = embedded.views
         region_vectors = embedded.regions
-        query_thumbnail = embedded.thumbnail
-        query_region = embedded.region
         kwargs["query_acquisition"] = [embedded.acquisition]
     kwargs["where"] = query.where
     if query.nprobe is not None or query.ef_search is not None:
@@ -501,18 +494,10 @@ def search(
     if region_vectors is not None:
         attach_regions(result, [obs for obs, _ in query.regions], results)
     rows = [nb.row for nb in result.neighbors]
-    if query.include_thumbnails and embedded is not None and rows:
-        # whole-volume encoders: show the query's slice of the strongest match
-        matched = match_region(state, embedded, snapshot.vector(rows[0]), snapshot)
-        if matched is not None:
-            query_region, query_thumbnail = matched
     if query.include_thumbnails:
-        result.query_thumbnail = query_thumbnail
-        result.query_region = query_region
-        for nb, png, cut in zip(
-            result.neighbors, thumbnails(snapshot, rows), regions(snapshot, rows), strict=True
-        ):
-            nb.thumbnail, nb.region = png, cut
+        # lesion encoders: the embedded boxes; whole-volume ones: the slices of the strongest match
+        attach_thumbnails(state, snapshot, result, vector, embedded=embedded,
+                          query_row=kwargs["exclude_rows"][0] if query.kind == "study_uid" else None)
     if embedded is not None and getattr(query, "include_explanations", False) and rows:
         attach_explanations(state, snapshot, embedded, result)
     return result
@@ -648,8 +633,11 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
     ) -> cohortsim_pb2.SearchSimilarResponse:
         time_unit = str(snapshot.manifest.get("time_unit") or convert.DEFAULT_TIME_UNIT)
         run = self._run_dicom if query.kind == "dicom" else self._run
-        if self.governance.restricts(current_principal()):  # aggregates only, governed
-            answer = await run(self._governed_search, snapshot, query, time_unit)
+        principal = current_principal()
+        if self.governance.restricts(principal):  # aggregates only, governed
+            answer = await run(
+                self._governed_search, snapshot, query, time_unit, principal_key(principal)
+            )
             add_facts(**answer.facts)
             convert.add_warnings(answer.response.diagnostics, warnings)
             return answer.response
@@ -664,13 +652,14 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         return response
 
     def _governed_search(
-        self, snapshot: Snapshot, query: convert.SearchQuery, time_unit: str
+        self, snapshot: Snapshot, query: convert.SearchQuery, time_unit: str, principal: str
     ) -> ResearcherAnswer:
         def run(q: convert.SearchQuery) -> QueryResult:
             return search(self.state, snapshot, q, max_k=max(q.k, self.limits.max_k))
 
         return self.governance.researcher_search(
-            snapshot, query, run=run, embed=self.state.embed_dicom, time_unit=time_unit
+            snapshot, query, run=run, embed=self.state.embed_dicom, time_unit=time_unit,
+            principal=principal,
         )
 
     async def _site_part(
@@ -711,8 +700,13 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         self, request: cohortsim_pb2.AggregateSiteRequest, context: grpc.aio.ServicerContext
     ) -> cohortsim_pb2.AggregateSiteResponse:
         """A federated site's researcher part: additive counts over its top-k neighbours,
-        suppressed here (the site's min cell) before they leave."""
+        suppressed here (the site's min cell) before they leave, and checked against the
+        release record of the end user (a trusted coordinator's ``ON_BEHALF_OF_KEY``) or
+        of the caller (``Governance.site_release``)."""
         snapshot = self.state.require_snapshot()
+        principal = self.governance.release_principal(
+            current_principal(), _metadata_value(context, ON_BEHALF_OF_KEY)
+        )
         part = await self._site_part(snapshot, request)
         min_cell = self.governance.policy.min_cell
         counts = aggregates.suppress(
@@ -726,7 +720,8 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
             ),
             min_cell,
         )
-        add_facts(site_aggregate=aggregates.to_dict(counts))
+        facts = self.governance.site_release(part.neighbors, counts, principal=principal)
+        add_facts(site_aggregate=aggregates.to_dict(counts), **facts)
         return convert.aggregates_to_proto(counts, min_cell=min_cell, snapshot=snapshot)
 
     @grpc_errors
@@ -765,6 +760,18 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         if self.governance.restricts(current_principal()):
             return self.governance.index_info(response)
         return response
+
+
+def _metadata_value(context: Any, key: str) -> str | None:
+    """The first value of invocation metadata ``key`` (text), or None."""
+    try:
+        items = context.invocation_metadata() or ()
+    except Exception:
+        return None
+    for k, v in items:
+        if k.lower() == key:
+            return v.decode("latin-1") if isinstance(v, bytes) else str(v)
+    return None
 
 
 def _log_index_warnings(snapshot: Snapshot) -> None:
