@@ -68,7 +68,7 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_federation import _cli, _start, start_site, stop_all
+    from bench_federation import _cli, _start, cpu_s, start_site, stop_all
     from bench_search import make_metadata
 
     from indexing.evaluation import EVALUATION_KEY, evaluate_prognosis
@@ -85,7 +85,7 @@ def main() -> None:
         pb.SearchSimilarRequest(embedding=pb.Vector(values=v.tolist(), model_version=MODEL), k=args.k)
         for v in queries
     ]
-    results: dict[str, tuple[float, list[float], float, list[float]]] = {}
+    results: dict[str, tuple[float, list[float], float, list[float], float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -117,9 +117,11 @@ def main() -> None:
                         root / "coordinator.log", r"coordinating .* on [^\s:]+:(\d+)",
                     )
                     procs.append(proc)
+                before = sum(cpu_s(p.pid) for p in procs)
                 qps, lat = asyncio.run(_drive(port, requests, args.concurrency))
+                cpu = (sum(cpu_s(p.pid) for p in procs) - before) / (len(requests) + 20) * 1e3
                 qps1, lat1 = asyncio.run(_drive(port, requests[: max(50, args.queries // 4)], 1))
-                results[label] = (qps, lat, qps1, lat1)
+                results[label] = (qps, lat, qps1, lat1, cpu)
             finally:
                 stop_all(procs)
 
@@ -127,10 +129,15 @@ def main() -> None:
           f"{sizes} studies, k={args.k}; {args.queries} queries with {args.concurrency} in flight, then one at a time")
     print(f"build: one index {t_one:.1f} s, {args.shards} shards {t_sharded:.1f} s (evaluation included in both)")
     ref = results["one index"][0]
-    print(f"{'layout':<14}{'q/s':>9}{'/ one index':>13}{'p50 ms':>9}{'p90 ms':>9}{'1-at-a-time p50 ms':>21}")
-    for label, (qps, lat, _qps1, lat1) in results.items():
+    ref_cpu = results["one index"][4]
+    print(f"{'layout':<14}{'q/s':>9}{'/ one index':>13}{'p50 ms':>9}{'p90 ms':>9}{'1-at-a-time p50 ms':>21}"
+          f"{'CPU ms/query':>14}{'/ one index':>13}")
+    for label, (qps, lat, _qps1, lat1, cpu) in results.items():
         print(f"{label:<14}{qps:>9.1f}{qps / ref:>13.2f}{np.percentile(lat, 50):>9.2f}"
-              f"{np.percentile(lat, 90):>9.2f}{np.percentile(lat1, 50):>21.2f}")
+              f"{np.percentile(lat, 90):>9.2f}{np.percentile(lat1, 50):>21.2f}{cpu:>14.2f}{cpu / ref_cpu:>13.2f}")
+    print("CPU ms/query: user + system time of the layout's server processes during the concurrent run "
+          "(warm-up included), per query; on a machine shared with other work, q/s depends on the share "
+          "of the cores the layout's processes get, CPU per query does not")
 
 
 if __name__ == "__main__":
