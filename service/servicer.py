@@ -707,6 +707,11 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         principal = self.governance.release_principal(
             current_principal(), _metadata_value(context, ON_BEHALF_OF_KEY)
         )
+        where = request.filter.where.strip()
+        if where:  # the researcher filter rules, against the end user's record
+            await self._run(
+                functools.partial(self.governance.check_filter, snapshot, where, principal=principal)
+            )
         part = await self._site_part(snapshot, request)
         min_cell = self.governance.policy.min_cell
         counts = aggregates.suppress(
