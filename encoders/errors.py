@@ -2,7 +2,7 @@
 
 :class:`CohortsimError` is the base of every typed error of the project (encoders and
 indexing); its class attributes say how each front end reports it, so the gRPC servicer
-(``service/errors.py``) and the CLI (``service/cli.py``) read one table: the classes.
+(``service/errors.py``) and the CLI (``service/cli/app.py``) read one table: the classes.
 """
 
 from __future__ import annotations
