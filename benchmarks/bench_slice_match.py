@@ -36,7 +36,8 @@ def volumes(n: int) -> tuple[np.ndarray, str]:
     """``(n, 64, 128, 128) int16`` on the default grid and where they come from."""
     rng = np.random.default_rng(0)
     if LIDC.exists():
-        from encoders.dicom import preprocess, read_study
+        from encoders.dicom import read_study
+        from encoders.preprocess import preprocess
 
         with tempfile.TemporaryDirectory() as tmp, tarfile.open(LIDC, "r:xz") as tar:
             tar.extractall(tmp, filter="data")

@@ -597,7 +597,7 @@ class StudyEncoder(nn.Module):
         if self.region.mode == "lesion" and self.spec.has_patches:
             return ("give detail patches: encoders.grid.study_input(study, card.input).patches "
                     "(one per study, e.g. the primary one)")
-        return "preprocess studies with encoders.dicom.preprocess(study, card.input)"
+        return "preprocess studies with encoders.preprocess.preprocess(study, card.input)"
 
     def regions(
         self, volumes: np.ndarray, rois: Sequence[Any] | None = None

@@ -37,7 +37,7 @@ import pyarrow as pa
 from indexing.build import BUILD_DIR, _card_of, checkpoint_dir_for, embed_store, read_embeddings
 from indexing.errors import SnapshotError
 from indexing.evaluation import EVALUATION_KEY, evaluate_prognosis
-from indexing.snapshot import K_OOD, OOD_SAMPLE, _ood_reference, build_snapshot, normalize_rows
+from indexing.snapshot_build import K_OOD, OOD_SAMPLE, build_snapshot, normalize_rows, ood_reference
 from indexing.store import CohortStore
 
 #: The manifest key describing a shard (absent in an unsharded index).
@@ -76,7 +76,7 @@ def cohort_ood_reference(vectors: np.ndarray, *, k_ood: int = K_OOD, seed: int =
     unit = normalize_rows(vectors)
     index = faiss.IndexFlatIP(unit.shape[1])
     index.add(unit)
-    return _ood_reference(index, unit, k_ood=k_ood, sample=OOD_SAMPLE, seed=seed)
+    return ood_reference(index, unit, k_ood=k_ood, sample=OOD_SAMPLE, seed=seed)
 
 
 def shard_dirs(out_dir: Path | str, n: int) -> list[Path]:

@@ -57,7 +57,7 @@ from service.api import cohortsim_pb2 as pb
 from service.disclosure import DEFAULT_MIN_CELL, DisclosurePolicy
 from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
 from service.federation import DEFAULT_SITE_DEADLINE_S, Fanout, Site, SiteCall, merge
-from service.governance import Governance, permission_denied
+from service.governance import Governance, permission_denied, principal_key
 from service.interceptors.call import add_facts, current_principal
 from service.pacs import query as pacs_query
 from service.pacs.dicomweb import DicomwebConfig
@@ -161,7 +161,7 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
             return await self._shard_search(request.embedding, k, request.filter.where, principal, context)
         site_request = pb.SearchSiteRequest(embedding=request.embedding, k=k, filter=request.filter)
         if principal is not None and not principal.has("identities"):  # researchers: counts
-            return await self._researcher(site_request, context)
+            return await self._researcher(site_request, context, principal.id)
         calls = await self.fanout.search(site_request, self._deadline(context))
         answered = [c for c in calls if c.answered]
         add_facts(
@@ -202,7 +202,9 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         assert self.shards is not None
         deadline = self._deadline(context)
         if Governance.restricts(principal):
-            response, facts = await self.shards.researcher(embedding, k, where.strip(), deadline)
+            response, facts = await self.shards.researcher(
+                embedding, k, where.strip(), deadline, principal=principal_key(principal)
+            )
             add_facts(**facts)
             return response
         result, calls = await self.shards.search(embedding, k, where.strip(), deadline)
@@ -230,8 +232,9 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
 
     def _embed(self, files: list[bytes]) -> tuple[np.ndarray, str]:
         """``(vector (d,) float32, encoder version)`` of one DICOM study; blocking."""
-        from encoders.dicom import preprocess, read_study
+        from encoders.dicom import read_study
         from encoders.model import embed, load_encoder
+        from encoders.preprocess import preprocess
 
         assert self.encoder_dir is not None
         with self._encoder_lock:  # loaded once, on the first DICOM query
@@ -243,15 +246,17 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         return np.asarray(out[0], dtype=np.float32), str(card.version)
 
     async def _researcher(
-        self, site_request: pb.SearchSiteRequest, context: Any
+        self, site_request: pb.SearchSiteRequest, context: Any, user: str
     ) -> pb.SearchSimilarResponse:
         """Pooled additive counts of at least ``min_sites`` sites, suppressed again after
-        pooling; a binned Kaplan-Meier curve, label counts, no neighbour."""
+        pooling; a binned Kaplan-Meier curve, label counts, no neighbour. Asked on behalf
+        of ``user`` (its principal id): each site that trusts this coordinator checks the
+        counts against that user's record of releases."""
         aggregate_request = pb.AggregateSiteRequest(
             embedding=site_request.embedding, k=site_request.k, filter=site_request.filter
         )
         calls = await self.fanout.search(
-            aggregate_request, self._deadline(context), method="AggregateSite"
+            aggregate_request, self._deadline(context), method="AggregateSite", on_behalf_of=user
         )
         answered = [c for c in calls if c.answered]
         add_facts(sites_answered=len(answered))

@@ -17,7 +17,11 @@ institution's index (:mod:`service.shards`): each table also names the shard's
 ``index`` folder, which the coordinator reads for its cohort metadata.
 
 The coordinator sends the same ``SearchSiteRequest`` to every site at once, each call bounded by one
-deadline. :func:`merge` takes the ``k`` most similar of all answered neighbours: each
+deadline. A researcher's question is asked on behalf of its end user: the coordinator
+sends the user's principal id in the :data:`ON_BEHALF_OF_KEY` metadata, and a site that
+lists the coordinator's own identity as trusted (``serve --trusted-coordinator``) keeps
+its record of releases under that user (any other caller's header is ignored: the
+caller's own identity is the principal). :func:`merge` takes the ``k`` most similar of all answered neighbours: each
 site returns its own exact top-k, so the union's top-k is among them (the merged list is
 the top-k of one index over every site's vectors). Sites that time out, refuse (another
 encoder version, no right) or cannot be reached are reported per site
@@ -39,11 +43,13 @@ from service import convert
 from service.api import cohortsim_pb2 as pb
 from service.api import cohortsim_pb2_grpc
 from service.auth import AuthConfigError, read_secret_file
-from service.status_details import reason_from_trailing
+from service.status_details import error_metadata_from_trailing, reason_from_trailing
 from service.tls import channel_credentials
 
 #: Default time the coordinator waits for the slowest site (seconds).
 DEFAULT_SITE_DEADLINE_S = 5.0
+#: Metadata key of the end user's principal id that a coordinator asks a site on behalf of.
+ON_BEHALF_OF_KEY = "x-cohortsim-on-behalf-of"
 _SITE_KEYS = {"name", "address", "tls_ca", "tls_cert", "tls_key", "token_file", "index"}
 #: The coordinator's modes: ``federation`` (sites of several institutions, the default)
 #: and ``shards`` (one institution's index split by patient; trusted).
@@ -164,6 +170,9 @@ def _failed(site: Site, exc: grpc.RpcError) -> SiteCall:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     reason = reason_from_trailing(trailing) or (code.name if code is not None else "UNKNOWN")
+    rule = error_metadata_from_trailing(trailing).get("rule")
+    if rule:  # which differencing rule the site applied (service.releases)
+        reason = f"{reason}:{rule}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return SiteCall(site, pb.SITE_STATE_TIMED_OUT, "DEADLINE_EXCEEDED")
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -192,16 +201,19 @@ class Fanout:
         deadline_s: float,
         *,
         method: str = "SearchSite",
+        on_behalf_of: str | None = None,
     ) -> list[SiteCall]:
         """Every site's answer to ``request`` (in ``sites.toml`` order) from ``method``
         (SearchSite, or AggregateSite for researchers), each call bounded by
-        ``deadline_s`` seconds; a missing site is a :class:`SiteCall` saying why."""
+        ``deadline_s`` seconds; a missing site is a :class:`SiteCall` saying why.
+        ``on_behalf_of``: the end user's principal id (:data:`ON_BEHALF_OF_KEY`)."""
         self._open()
+        extra = ((ON_BEHALF_OF_KEY, on_behalf_of),) if on_behalf_of else ()
 
         async def one(site: Site, stub: Any) -> SiteCall:
             try:
                 response = await getattr(stub, method)(
-                    request, timeout=deadline_s, metadata=site.metadata()
+                    request, timeout=deadline_s, metadata=(*site.metadata(), *extra)
                 )
             except grpc.RpcError as exc:
                 return _failed(site, exc)
@@ -242,6 +254,7 @@ def merge(calls: list[SiteCall], k: int) -> list[NeighborResult]:
 __all__ = [
     "DEFAULT_SITE_DEADLINE_S",
     "MODES",
+    "ON_BEHALF_OF_KEY",
     "Fanout",
     "Site",
     "SiteCall",

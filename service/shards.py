@@ -63,6 +63,7 @@ from service.api import cohortsim_pb2 as pb
 from service.errors import failed_precondition, unavailable
 from service.federation import Fanout, SiteCall
 from service.governance import Governance
+from service.releases import ANONYMOUS
 
 #: Metadata columns the coordinator never reads (images; large and not needed).
 _SKIP_TYPES = (pa.binary(), pa.large_binary())
@@ -250,10 +251,10 @@ class ShardSearch:
         return QueryResult(neighbors, prognosis, diagnostics, cohort.version, cohort.model_version), calls
 
     async def researcher(
-        self, embedding: pb.Vector, k: int, where: str, deadline_s: float
+        self, embedding: pb.Vector, k: int, where: str, deadline_s: float, *, principal: str = ANONYMOUS
     ) -> tuple[pb.SearchSimilarResponse, dict[str, Any]]:
-        """The researcher view of the merged answer (governance applied once, here):
-        ``(response, audit facts)``."""
+        """The researcher view of the merged answer (governance applied once, here,
+        against ``principal``'s record of releases): ``(response, audit facts)``."""
         loop = asyncio.get_running_loop()
         cohort = self.cohorts.get()
         query = convert.SearchQuery(
@@ -270,7 +271,8 @@ class ShardSearch:
 
         time_unit = str(cohort.manifest.get("time_unit") or convert.DEFAULT_TIME_UNIT)
         answer = await asyncio.to_thread(
-            self.governance.researcher_search, cohort, query, run=run, time_unit=time_unit
+            self.governance.researcher_search, cohort, query, run=run, time_unit=time_unit,
+            principal=principal,
         )
         return answer.response, answer.facts
 
