@@ -7,7 +7,7 @@ indexing); its class attributes say how each front end reports it, so the gRPC s
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class CohortsimError(Exception):
@@ -64,6 +64,10 @@ class DicomError(CohortsimError, ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled with both arguments: the error crosses from a decode worker process
+        return (type(self), (self.reason, *self.args[:1]), self.__dict__)
 
 
 class EncoderError(CohortsimError, ValueError):

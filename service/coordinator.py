@@ -511,6 +511,16 @@ async def create_coordinator(
         shards=_shard_search_of(fanout, sites, min_cell) if mode == "shards" else None,
     )
     servicer.pacs = pacs
+    if servicer.shards is not None and security.audit is not None:
+        # shard mode keeps researchers' release records here: rebuild them from the log
+        from service.audit import read_records
+
+        shards = servicer.shards
+        cohort = await asyncio.to_thread(shards.cohorts.get)
+        replayed = await asyncio.to_thread(
+            shards.governance.replay, read_records(security.audit.path), cohort
+        )
+        log.info("researcher answers replayed from the audit log: %d", replayed)
     cohortsim_pb2_grpc.add_PatientSimilarityServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_FULL_NAME):

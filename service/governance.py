@@ -502,7 +502,7 @@ class Governance:
                 if rec.get("cohort_curve_released"):
                     record.add([(SURVIVAL, self._cohort_survival_patients(snapshot))])
                 n += 1
-            if where and kind != "site":
+            if where:
                 with contextlib.suppress(FilterError):
                     record.add([(FILTER, self._filter_patients(snapshot, where))])
         return n
@@ -616,13 +616,16 @@ class Governance:
             )
         record = self.record(principal)
         record.add([(FILTER, self._live_patients(snapshot))])  # the whole cohort, unfiltered
-        if record_or_refuse(record, [(FILTER, chosen)]) is not None:
+        found = record_or_refuse(record, [(FILTER, chosen)])
+        if found is not None:
             raise permission_denied(
                 "FILTER_DIFFERENCING",
-                f"the filter's patients differ from the whole cohort or from an earlier "
-                f"filter's by fewer than {m}; comparing the two answers would describe a "
+                f"the filter's patients, beside the whole cohort's and this caller's earlier "
+                f"filters', give {_RULE_WORDS.get(found.rule, found.rule)} fewer than {m} "
+                f"patients ({found.rule} rule); comparing the answers would describe a "
                 "small group, so this filter is refused",
                 min_cell=str(m),
+                rule=found.rule,
             )
         return chosen
 
