@@ -55,7 +55,13 @@ from service import convert
 from service.api import SERVICE_FULL_NAME, cohortsim_pb2_grpc
 from service.api import cohortsim_pb2 as pb
 from service.disclosure import DEFAULT_MIN_CELL, DisclosurePolicy
-from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
+from service.errors import (
+    ServiceError,
+    failed_precondition,
+    grpc_errors,
+    invalid_argument,
+    unavailable,
+)
 from service.federation import (
     DEFAULT_SITE_DEADLINE_S,
     Fanout,
@@ -221,6 +227,30 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         time_unit = str(cohort.manifest.get("time_unit") or convert.DEFAULT_TIME_UNIT)
         response = convert.search_response(result, time_unit=time_unit)
         _report(response, calls, calls)
+        return response
+
+    @grpc_errors
+    async def GetCohortStats(
+        self, request: pb.GetCohortStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCohortStatsResponse:
+        """Shard mode: the unsharded server's cohort statistics (from the union of the
+        shards' metadata; the researcher view applied here). Federation: UNIMPLEMENTED
+        (sites do not release their cohort tables)."""
+        if self.shards is None:
+            raise ServiceError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "COHORT_STATS_NOT_FEDERATED",
+                "a federated coordinator holds no cohort; ask each site for its statistics",
+            )
+        principal = current_principal()
+        response, facts = await asyncio.to_thread(
+            self.shards.cohort_stats,
+            request.filter.where.strip(),
+            restricted=Governance.restricts(principal),
+            principal=principal_key(principal),
+        )
+        if facts:
+            add_facts(**facts)
         return response
 
     @grpc_errors

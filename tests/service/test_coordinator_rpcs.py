@@ -155,3 +155,10 @@ def test_site_token_is_read_again_only_when_its_file_changes(tmp_path: Path, mon
     os.chmod(token, 0o644)  # readable by others: refused at once, not served from the cache
     with pytest.raises(AuthConfigError):
         site.metadata()
+
+
+def test_cohort_stats_are_not_federated(sites: list[Site]) -> None:
+    with _InProcessCoordinator(sites) as coord, pytest.raises(grpc.RpcError) as info:
+        _call(coord.port, "GetCohortStats", pb.GetCohortStatsRequest())
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert reason_from_trailing(info.value.trailing_metadata()) == "COHORT_STATS_NOT_FEDERATED"
