@@ -315,3 +315,12 @@ def test_cohort_stats_equal_the_unsharded_index(sharded: dict[str, Any], shard_s
                 assert got == want, (token, where)
         clinician = stats(coord.port, "", CLINICIAN)
     assert clinician.study_count == sharded["table"].num_rows
+
+
+def test_serve_refuses_a_shard_without_an_index(tmp_path: Path) -> None:
+    (tmp_path / "shards.toml").write_text(
+        'mode = "shards"\n[[site]]\nname = "shard-0"\naddress = "127.0.0.1:1"\nindex = "missing"\n'
+    )
+    res = CliRunner().invoke(app, ["serve", "--federate", str(tmp_path / "shards.toml"), "--port", "0"])
+    assert res.exit_code == 2
+    assert "shard shard-0: no published index" in " ".join(res.stderr.split())
