@@ -4,7 +4,7 @@ Writes a seeded synthetic 512 x 512 CT study (``bench_ingest.write_archive``) an
 on the same files in one run:
 
 * ``plain``   — ``pydicom.dcmread(f).pixel_array`` for every file (the reference);
-* ``context`` — :func:`encoders.dicom.read_study` + :func:`encoders.dicom.preprocess`
+* ``context`` — :func:`encoders.dicom.read_study` + :func:`encoders.preprocess.preprocess`
   (the whole-study context volume);
 * ``input``   — ``read_study`` + :func:`encoders.grid.study_input` (context, the top 4
   lesion proposals and their detail patches: what ingest stores);
@@ -36,8 +36,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_ingest import write_archive  # noqa: E402
 
-from encoders.dicom import preprocess, read_study  # noqa: E402
+from encoders.dicom import read_study  # noqa: E402
 from encoders.grid import study_input  # noqa: E402
+from encoders.preprocess import preprocess  # noqa: E402
 from encoders.spec import DEFAULT_SPEC  # noqa: E402
 
 _CHILD = """

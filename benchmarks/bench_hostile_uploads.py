@@ -10,7 +10,8 @@ the DICOM calls per caller on):
    about 480 MiB decoded as the red team built it, 1.9 GB with 4096 x 4096 slices) or an
    RLE study of the same shape.
 
-Prints the server's RSS before, its peak RSS (``VmHWM``) during the load, the clinician's
+Prints the server's RSS before, its peak RSS (``VmHWM``) during the load and that of each
+decode worker process (``--decode-workers``; 0 decodes on the server's threads), the clinician's
 p50 / p99 in both phases and their ratio (the issue's target: p99 < 2x unloaded, peak RSS
 < 2 GiB, 0 failed clinician calls), and the hostile calls' outcomes by reason. Nothing is
 asserted.
@@ -22,6 +23,7 @@ asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import multiprocessing as mp
@@ -40,13 +42,29 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SERVER = """
-import asyncio, sys
+import asyncio, json, sys
 from service.config import ServeConfig, SecurityConfig
 from service.server import serve
-cfg = ServeConfig(port=0, device="cpu", watch_interval_s=None)
+cfg = ServeConfig(port=0, device="cpu", watch_interval_s=None, **json.loads(sys.argv[3]))
 sec = SecurityConfig(auth_tokens=sys.argv[2])
 asyncio.run(serve(sys.argv[1], cfg, sec, ready=lambda p: print(f"PORT {p}", flush=True)))
 """
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (the server's decode workers)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def worker_peaks(pid: int, seen: dict[int, int]) -> None:
+    """Record the peak RSS (``VmHWM``) of each child of ``pid`` into ``seen``."""
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            seen[child] = max(seen.get(child, 0), proc_status(child, "VmHWM"))
 
 
 def proc_status(pid: int, key: str) -> int:
@@ -59,8 +77,9 @@ def proc_status(pid: int, key: str) -> int:
 
 def build(root: Path) -> tuple[Path, Path, bytes]:
     """An index with a tiny encoder, tokens (clinician, researcher) and a template slice."""
-    from encoders.dicom import preprocess, read_study
+    from encoders.dicom import read_study
     from encoders.model import EncoderCard, create_encoder, embed, save_encoder
+    from encoders.preprocess import preprocess
     from encoders.synth import synth_cohort
     from indexing.snapshot import build_snapshot
     from service.auth import hash_token, new_token
@@ -196,7 +215,16 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=20)
     ap.add_argument("--side", type=int, default=2048, help="rows = columns of each hostile slice")
     ap.add_argument("--kind", choices=["deflate", "rle"], default="deflate")
+    cfg = ap.add_argument_group("server settings (default: ServeConfig's)")
+    cfg.add_argument("--decode-workers", type=int, default=None,
+                     help="decode worker processes (0: decode on the server's threads)")
+    cfg.add_argument("--cooldown-s", type=float, default=None, help="dicom_cooldown_s")
     args = ap.parse_args()
+    settings: dict[str, Any] = {}
+    if args.decode_workers is not None:
+        settings["decode_workers"] = args.decode_workers
+    if args.cooldown_s is not None:
+        settings["dicom_cooldown_s"] = args.cooldown_s
 
     with tempfile.TemporaryDirectory(prefix="cohortsim-hostile-") as tmp:
         root = Path(tmp)
@@ -207,12 +235,22 @@ def main() -> None:
               f"{sum(map(len, study)) / 1e3:.0f} kB on the wire, "
               f"{args.files * args.side**2 * 6 / 2**20:.0f} MiB decoded (int16 + float32)")
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-        srv = subprocess.Popen([sys.executable, "-c", SERVER, str(index), str(token_file)],
+        print(f"server settings: {settings or 'defaults'}")
+        srv = subprocess.Popen([sys.executable, "-c", SERVER, str(index), str(token_file),
+                                json.dumps(settings)],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         try:
             assert srv.stdout is not None
             line = srv.stdout.readline()
             target = f"127.0.0.1:{int(line.split()[1])}"
+            # the decode workers start beside the serving: measure once they exist
+            from service.config import ServeConfig
+
+            want = settings.get("decode_workers", ServeConfig().decode_workers)
+            end = time.monotonic() + 120
+            while want and len(children(srv.pid)) < want + 1 and time.monotonic() < end:
+                time.sleep(0.2)  # + 1: multiprocessing's resource tracker
+            time.sleep(3.0 if want else 0.0)  # their imports
             clinician(target, tokens["clinician"], 2.0, args.rate)  # warm up
             rss0 = proc_status(srv.pid, "VmRSS")
             base, base_failed = clinician(target, tokens["clinician"], args.seconds, args.rate)
@@ -225,6 +263,15 @@ def main() -> None:
             for p in procs:
                 p.start()
             time.sleep(2.0)
+            peaks: dict[int, int] = {}
+            watching = threading.Event()
+
+            def watch() -> None:  # workers replaced during the load keep their peak here
+                while not watching.wait(0.5):
+                    worker_peaks(srv.pid, peaks)
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
             loaded, loaded_failed = clinician(target, tokens["clinician"], args.seconds, args.rate)
             outcomes: Counter = Counter()
             for _ in procs:
@@ -232,11 +279,17 @@ def main() -> None:
             for p in procs:
                 p.join()
             hwm = proc_status(srv.pid, "VmHWM")
+            watching.set()
+            watcher.join()
+            worker_peaks(srv.pid, peaks)
         finally:
             srv.terminate()
             srv.wait(timeout=30)
     print(f"server RSS before: {rss0 / 2**20:.0f} MiB; peak before load {hwm0 / 2**20:.0f} MiB; "
           f"peak during load {hwm / 2**20:.0f} MiB (target < 2048)")
+    print(f"child processes seen (decode workers, resource tracker): {len(peaks)}, peak RSS each (MiB): "
+          f"{sorted(round(v / 2**20) for v in peaks.values())}; server + children's peaks "
+          f"{(hwm + sum(peaks.values())) / 2**20:.0f} MiB")
     print(f"clinician unloaded: {len(base)} ok, {base_failed} failed, p50 {pct(base, 50):.1f} ms, "
           f"p99 {pct(base, 99):.1f} ms")
     print(f"clinician loaded:   {len(loaded)} ok, {loaded_failed} failed, p50 {pct(loaded, 50):.1f} ms, "

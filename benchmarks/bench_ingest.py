@@ -4,7 +4,7 @@ Writes a seeded synthetic archive (CT studies of 512 x 512 slices, explicit VR l
 endian or a compressed syntax), then times on the same files:
 
 * ``plain``  — ``pydicom.dcmread(f).pixel_array`` for every file (the reference);
-* ``ours``   — :func:`encoders.dicom.read_study` + :func:`encoders.dicom.preprocess` per
+* ``ours``   — :func:`encoders.dicom.read_study` + :func:`encoders.preprocess.preprocess` per
   study (header pass, checks, geometry, HU, resampling);
 * ``ingest`` — the whole ``indexing.ingest.ingest_folder`` (scan, read, preprocess,
   pseudonymise, write the store) with ``--workers 1`` and with all cores;
@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import indexing.ingest as ingest_module
 from encoders.deid import Pseudonymizer
-from encoders.dicom import preprocess, read_study, scan_folder
+from encoders.dicom import read_study, scan_folder
+from encoders.preprocess import preprocess
 from encoders.spec import DEFAULT_SPEC
 from indexing.ingest import _context, _start_pool, default_workers, ingest_folder
 from indexing.store import CohortStore

@@ -6,7 +6,7 @@ its slices, stacked forward and back again so the anatomy stays continuous, are
 re-positioned on a regular grid to give a study of any length (new UIDs, pixels
 untouched). Two measurements, each against a reference taken in the same run:
 
-* ``read``   — :func:`encoders.dicom.read_study` + :func:`encoders.dicom.preprocess` of a
+* ``read``   — :func:`encoders.dicom.read_study` + :func:`encoders.preprocess.preprocess` of a
   512 x 512 x ``--slices`` study (default 300), against plain
   ``pydicom.dcmread(f).pixel_array`` of the same files (files in the page cache for both;
   best of ``--repeat``). Printed as speed ratios ``plain time / our time`` (1.0 = as fast
@@ -108,7 +108,8 @@ def _plain(paths: list[Path]) -> None:
 
 
 def bench_read(paths: list[Path], repeat: int) -> None:
-    from encoders.dicom import preprocess, read_study
+    from encoders.dicom import read_study
+    from encoders.preprocess import preprocess
     from encoders.spec import DEFAULT_SPEC
 
     _plain(paths)  # page cache warm for both

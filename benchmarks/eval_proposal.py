@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from encoders.dicom import box_to_input_grid, preprocess, read_study, scan_folder  # noqa: E402
+from encoders.dicom import read_study, scan_folder  # noqa: E402
 from encoders.harmonize import calibrate_hu  # noqa: E402
+from encoders.preprocess import box_to_input_grid, preprocess  # noqa: E402
 from encoders.roi import propose_lesion  # noqa: E402
 from encoders.spec import DEFAULT_SPEC  # noqa: E402
 from encoders.synth import synth_cohort  # noqa: E402

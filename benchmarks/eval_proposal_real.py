@@ -32,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from encoders.dicom import Study, read_study  # noqa: E402
+from encoders.dicom import read_study  # noqa: E402
 from encoders.grid import study_input  # noqa: E402
 from encoders.spec import DEFAULT_SPEC  # noqa: E402
+from encoders.study import Study  # noqa: E402
 from encoders.synth import PHENOTYPES  # noqa: E402
 from encoders.synth_real import insert_lesion  # noqa: E402
 

@@ -2,12 +2,12 @@
 
 :class:`CohortsimError` is the base of every typed error of the project (encoders and
 indexing); its class attributes say how each front end reports it, so the gRPC servicer
-(``service/errors.py``) and the CLI (``service/cli.py``) read one table: the classes.
+(``service/errors.py``) and the CLI (``service/cli/app.py``) read one table: the classes.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class CohortsimError(Exception):
@@ -64,6 +64,10 @@ class DicomError(CohortsimError, ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled with both arguments: the error crosses from a decode worker process
+        return (type(self), (self.reason, *self.args[:1]), self.__dict__)
 
 
 class EncoderError(CohortsimError, ValueError):

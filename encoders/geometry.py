@@ -1,6 +1,6 @@
 """Image-to-patient mapping of a read study's volume grid (numpy only, no DICOM imports).
 
-A :class:`~encoders.dicom.Study` carries the geometry of its sorted, canonically flipped
+A :class:`~encoders.study.Study` carries the geometry of its sorted, canonically flipped
 volume; this module maps between its voxel indices and patient coordinates.
 
 Conventions
@@ -47,7 +47,7 @@ AXIAL_DIRECTION = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0))
 
 
 class HasGeometry(Protocol):
-    """What the mapping needs from a study (``encoders.dicom.Study`` has it)."""
+    """What the mapping needs from a study (``encoders.study.Study`` has it)."""
 
     origin: tuple[float, float, float]
     direction: tuple[tuple[float, float, float], ...]

@@ -1,6 +1,6 @@
 """The study input grid: a whole-study context volume plus lesion-scale detail patches.
 
-A decoded :class:`encoders.dicom.Study` becomes a :class:`StudyInput` (see
+A decoded :class:`encoders.study.Study` becomes a :class:`StudyInput` (see
 :class:`encoders.spec.InputSpec` for the sizes):
 
 * **context** — the whole study resampled to ``spec.shape`` at a per-study spacing fitted
@@ -28,23 +28,23 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from encoders.dicom import (
+from encoders.errors import DicomError
+from encoders.intensity import (
     INTENSITY_HU,
     INTENSITY_PERCENTILE,
     INTENSITY_SUV,
     SUV_SCALE,
-    DicomError,
-    Study,
-    _intensity_unit,
-    _robust_normalise,
-    block_mean,
+    intensity_unit,
+    robust_normalise,
 )
 from encoders.spec import InputSpec
+from encoders.study import Study
 
 __all__ = [
     "ContextGrid",
     "PatchInfo",
     "StudyInput",
+    "block_mean",
     "box_centre_mm",
     "context_volume",
     "cut_patch",
@@ -55,6 +55,37 @@ __all__ = [
 #: proposals run on the study averaged to about this spacing (the blob filter's smallest
 #: scale is 4 mm; 2 mm keeps the 3 mm thin-structure opening meaningful)
 PROPOSAL_MM = 2.0
+
+
+def block_mean(volume: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+    """Average non-overlapping blocks (anti-aliased integer downsampling), centred.
+
+    Sums strided views axis by axis, z first (whole slices: contiguous, and each step
+    shrinks what the next one reads): about 2.5x faster than a reshape + multi-axis
+    ``mean`` on a 512 x 512 CT, same values to float32 rounding.
+    """
+    slices = []
+    for n, f in zip(volume.shape, factors, strict=True):
+        m = (n // f) * f
+        start = (n - m) // 2
+        slices.append(slice(start, start + m))
+    v = volume[tuple(slices)]
+    for axis, f in enumerate(factors):
+        if f == 1:
+            continue
+        index: list[slice] = [slice(None)] * v.ndim
+        index[axis] = slice(0, None, f)
+        acc = np.array(v[tuple(index)], dtype=np.float32)
+        for k in range(1, f):
+            index[axis] = slice(k, None, f)
+            acc += v[tuple(index)]
+        v = acc
+    if v is volume:
+        return np.array(v, dtype=np.float32)
+    n = math.prod(factors)
+    if n > 1:
+        v *= np.float32(1.0 / n)
+    return v
 
 
 @dataclass(frozen=True)
@@ -153,21 +184,21 @@ class StudyInput:
 
 def normalised_volume(study: Study, spec: InputSpec) -> tuple[np.ndarray, float]:
     """``study.volume`` as the float32 intensities that are stored (HU for CT, SUV x 100,
-    or percentile-normalised; see :func:`encoders.dicom.preprocess`) and the padding value."""
+    or percentile-normalised; see :func:`encoders.preprocess.preprocess`) and the padding value."""
     volume = np.asarray(study.volume, dtype=np.float32)
     if volume.ndim != 3 or min(volume.shape) < 1:
         raise DicomError("unsupported", f"preprocess: expected a (z, y, x) volume, got {volume.shape}")
     spacing = tuple(float(s) for s in study.spacing)
     if len(spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in spacing):
         raise DicomError("inconsistent_geometry", f"preprocess: invalid spacing {study.spacing}")
-    unit = _intensity_unit(study)
+    unit = intensity_unit(study)
     pad = float(spec.pad_value_hu) if unit == INTENSITY_HU else 0.0
     if not (math.isfinite(float(volume.min())) and math.isfinite(float(volume.max()))):
         volume = np.nan_to_num(volume, nan=pad, posinf=32767.0, neginf=-32768.0)
     if unit == INTENSITY_SUV:
         volume = volume * np.float32(SUV_SCALE)
     elif unit == INTENSITY_PERCENTILE:
-        volume = _robust_normalise(volume)
+        volume = robust_normalise(volume)
     return volume, pad
 
 
@@ -325,7 +356,7 @@ def study_input(
         infos.append(PatchInfo("reader", centre, rank=rank, reader=reader,
                                lesion=str(getattr(r, "lesion", ""))))
     dropped = max(0, len(regions) - room)
-    if n_prop and _intensity_unit(study) == INTENSITY_HU:
+    if n_prop and intensity_unit(study) == INTENSITY_HU:
         for rank, (mm, score, source) in enumerate(_proposals(volume, study.spacing, n_prop,
                                                               proposal)):
             infos.append(PatchInfo("proposal" if source == "proposal" else "centre", mm,

@@ -70,6 +70,7 @@ __all__ = [
     "region_rois",
     "resolve_device",
     "save_encoder",
+    "slice_projections",
     "weights_version",
 ]
 
@@ -261,7 +262,9 @@ def lesion_boxes(
 #: Where an encoder cut its input from one volume: ``(slice_index, (row0, col0, row1,
 #: col1), source)``: the axial slice through the region's centre and the region's box on
 #: it (half-open voxels, clipped to the volume); ``source`` "reader" (a given box or mask),
-#: "proposal" / "centre" (the label-free proposal, or its fallback) or "best_slice".
+#: "proposal" / "centre" (the label-free proposal, or its fallback), "best_slice" (a
+#: whole-volume encoder's most representative slice) or "matched_slice" (its slice that
+#: matches another study's vector best).
 CutRegion = tuple[int, tuple[int, int, int, int], str]
 
 
@@ -312,7 +315,8 @@ def embedded_regions(
     (one extra forward): the whole slice whose features agree best (cosine) with the
     study's pooled feature, i.e. the slice that weighs most in its embedding; with
     ``match`` ``(n, d)`` (e.g. the best neighbour's vector), the slice whose projection
-    through the neck agrees best with it: the slice of the strongest match.
+    through the neck agrees best with it (:func:`slice_projections`): the slice of the
+    strongest match, source "matched_slice".
     """
     n, _, h, w = volumes.shape
     found = region_rois(encoder, volumes, rois)
@@ -326,20 +330,41 @@ def embedded_regions(
             source = "reader" if r.source in ("box", "mask") else r.source
             out.append((z, box, source))
         return out
+    cuts, projections = slice_projections(encoder, volumes, device=device)
+    if match is None:
+        return cuts
+    target = np.asarray(match, np.float32).reshape(n, -1)
+    target = target / np.maximum(np.linalg.norm(target, axis=1, keepdims=True), 1e-12)
+    agree = np.einsum("nkd,nd->nk", projections, target)  # cosine: both sides unit length
+    return [(int(a.argmax()), (0, 0, h, w), "matched_slice") for a in agree]
+
+
+def slice_projections(
+    encoder: StudyEncoder, volumes: np.ndarray, *, device: str | torch.device = "cpu"
+) -> tuple[list[CutRegion], np.ndarray]:
+    """Whole-volume encoders, one forward per volume of ``(n, D, H, W)``: each volume's
+    most representative slice (:data:`CutRegion` "best_slice": the slice whose features
+    agree best, cosine, with the pooled feature) and every slice's own embedding direction,
+    its features through the neck, L2-normalised: ``(n, D, d)`` float32. A slice's
+    projection against another study's vector says how much that slice alone matches it
+    (the neck is affine, so with mean pooling the study's vector is the normalised mean
+    of these projections before normalisation). Raises for lesion encoders."""
+    if encoder.region.mode == "lesion":
+        raise EncoderError("slice projections are for whole-volume encoders; lesion encoders cut a box")
+    n, depth, h, w = volumes.shape
     dev = torch.device(device)
-    slices: list[CutRegion] = []
+    cuts: list[CutRegion] = []
+    out = np.empty((n, depth, encoder.embedding_dim), np.float32)
     with torch.no_grad():
         for i in range(n):
             inp = torch.as_tensor(np.asarray(encoder.regions(volumes[i : i + 1]), np.float32), device=dev)
             feats = encoder.slice_features(inp)  # (1, D, f)
-            if match is None:
-                pooled = feats.mean(dim=1) if encoder.pool is None else encoder.pool(feats)
-                agree = torch.nn.functional.cosine_similarity(feats, pooled[:, None, :], dim=-1)[0]
-            else:  # each slice's own embedding direction against the target vector
-                target = torch.as_tensor(np.asarray(match[i], np.float32), device=dev)
-                agree = torch.nn.functional.cosine_similarity(encoder.neck(feats)[0], target[None], dim=-1)
-            slices.append((int(agree.argmax()), (0, 0, h, w), "best_slice"))
-    return slices
+            pooled = feats.mean(dim=1) if encoder.pool is None else encoder.pool(feats)
+            agree = torch.nn.functional.cosine_similarity(feats, pooled[:, None, :], dim=-1)[0]
+            cuts.append((int(agree.argmax()), (0, 0, h, w), "best_slice"))
+            proj = torch.nn.functional.normalize(encoder.neck(feats)[0].float(), dim=-1)
+            out[i] = proj.cpu().numpy()
+    return cuts, out
 
 
 def _region(region: str | RegionSpec | None, spec: InputSpec) -> RegionSpec:
@@ -584,7 +609,7 @@ class StudyEncoder(nn.Module):
         if self.region.mode == "lesion" and self.spec.has_patches:
             return ("give detail patches: encoders.grid.study_input(study, card.input).patches "
                     "(one per study, e.g. the primary one)")
-        return "preprocess studies with encoders.dicom.preprocess(study, card.input)"
+        return "preprocess studies with encoders.preprocess.preprocess(study, card.input)"
 
     def regions(
         self, volumes: np.ndarray, rois: Sequence[Any] | None = None

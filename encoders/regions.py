@@ -4,7 +4,7 @@ DICOM annotation objects a hospital has (SEG, RTSTRUCT).
 Every source becomes :class:`ReaderRegion` boxes on one grid: half-open
 ``(z0, y0, x0, z1, y1, x1)`` voxel indices of the study's sorted series, i.e. of
 ``Study.volume`` as :func:`encoders.dicom.read_study` returns it (the convention of query
-regions, see ``encoders.dicom.box_to_input_grid``). Several readers of one lesion stay
+regions, see ``encoders.preprocess.box_to_input_grid``). Several readers of one lesion stay
 several regions (same ``lesion``, different ``reader``): reader variation is data.
 
 Sources and how they are mapped:

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from encoders.dicom import block_mean
 from encoders.errors import EncoderError
+from encoders.grid import block_mean
 
 __all__ = [
     "DEFAULT_PROPOSAL",

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from encoders.dicom import block_mean, read_study, scan_folder
-from encoders.grid import _resample
+from encoders.dicom import read_study, scan_folder
+from encoders.grid import _resample, block_mean
 from encoders.roi import lung_region
 from encoders.synth import (
     _SUBSAMPLES,

@@ -12,7 +12,7 @@ import fcntl
 import hashlib
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from encoders.errors import EncoderError
-from encoders.model import EncoderCard, embed, embedded_regions, load_encoder, region_rois
+from encoders.model import (
+    EncoderCard,
+    embed,
+    embedded_regions,
+    load_encoder,
+    region_rois,
+    slice_projections,
+)
 from encoders.spec import InputSpec
 from encoders.train import resolve_device
 from indexing.durable import opened_for_lock, write_parquet_atomic
 from indexing.errors import ModelVersionError, StoreError, StoreWriteError, describe_os_error
 from indexing.evaluation import EVALUATION_KEY, evaluate_prognosis
+from indexing.slice_match import MATCH_COLUMNS, match_columns
 from indexing.snapshot import (
     BUILD_MANIFEST_KEYS,
     build_snapshot,
@@ -105,8 +113,8 @@ def _read_shard(path: Path, uids: list[str]) -> pa.Table | None:
         return None  # a damaged checkpoint is simply embedded again
     if table.column("study_uid").to_pylist() != uids:
         return None
-    if any(c not in table.column_names for c in REGION_COLUMNS):
-        return None  # written before regions were stored: embed again
+    if any(c not in table.column_names for c in (*REGION_COLUMNS, *MATCH_COLUMNS)):
+        return None  # written before regions / matching slices were stored: embed again
     return table
 
 
@@ -159,6 +167,7 @@ def embed_store(
                     batch_size=batch_size,
                     device=str(dev),
                     progress=_offset(progress, done, n),
+                    sources=store.patch_sources(uids, patches) if on_patches else None,
                 )
                 if path is not None:
                     write_parquet_atomic(table, path)
@@ -207,17 +216,25 @@ def embed_shard(
     batch_size: int,
     device: str,
     progress: Callable[[int], None] | None = None,
+    sources: Sequence[str | None] | None = None,
 ) -> pa.Table:
     """Embed one shard: ``volumes`` ``(b, D, H, W) int16`` of the studies ``uids``.
 
     Returns the shard's checkpoint table: ``study_uid``, ``embedding`` (fixed-size list
     of float32, L2-normalised by :func:`encoders.model.embed`), ``thumbnail`` (PNG of the
-    slice through the region the encoder embedded, box drawn) and that region
-    (``region_slice``, ``region_box``, ``region_source``; :mod:`indexing.thumbnails`).
+    slice through the region the encoder embedded, box drawn), that region
+    (``region_slice``, ``region_box``, ``region_source``; :mod:`indexing.thumbnails`) and,
+    for whole-volume encoders, the kept slices' projections and PNGs that let a query
+    show each neighbour's slice of the strongest match (:mod:`indexing.slice_match`).
+    ``sources``: what each volume is when it is a detail patch (``"reader"``,
+    ``"proposal"`` or ``"centre"``, from the store's patch info), so its region is
+    labelled by where the patch came from rather than as the patch's centre.
     The single-process build, the incremental add (:mod:`indexing.incremental`) and the
     Ray actors (:mod:`indexing.distributed`) all embed through this function.
     ``progress(done)`` counts studies of this shard.
     """
+    if sources is not None and len(sources) != len(uids):
+        raise StoreError(f"sources must give one entry per study ({len(uids)}), got {len(sources)}")
     chunks = []
     rois = region_rois(encoder, volumes)  # lesion proposals, once per study
     for start in range(0, len(uids), batch_size):
@@ -231,7 +248,15 @@ def embed_shard(
     vecs = np.concatenate(chunks, axis=0).astype(np.float32)
     d = vecs.shape[1]
     # where the encoder cut each study (shown in thumbnails; no re-proposal later)
-    cuts = [Region.of(c) for c in embedded_regions(encoder, volumes, rois, device=device)]
+    projections = None
+    if rois is None:  # whole volumes: one forward gives the best slice and every slice's projection
+        raw, projections = slice_projections(encoder, volumes, device=device)
+    else:
+        raw = embedded_regions(encoder, volumes, rois, device=device)
+    cuts = [Region.of(c) for c in raw]
+    if sources is not None:
+        cuts = [c if s is None or c.source != "centre" else Region(c.slice_index, c.box, s)
+                for c, s in zip(cuts, sources, strict=True)]
     return pa.table(
         {
             "study_uid": pa.array(uids, pa.string()),
@@ -243,6 +268,7 @@ def embed_shard(
             SLICE_COLUMN: pa.array([c.slice_index for c in cuts], pa.int32()),
             BOX_COLUMN: pa.array([list(c.box) for c in cuts], pa.list_(pa.int32())),
             SOURCE_COLUMN: pa.array([c.source for c in cuts], pa.string()),
+            **match_columns(volumes, projections),
         }
     )
 
@@ -263,7 +289,7 @@ def cohort_of_shards(store: CohortStore, shards: list[pa.Table]) -> tuple[np.nda
     if missing:
         raise StoreError(f"{len(missing)} stored volumes have no study row; the store is inconsistent")
     table = table.take(pa.array([order[u] for u in uids_all], pa.int64()))
-    for col in (THUMBNAIL_COLUMN, *REGION_COLUMNS):
+    for col in (THUMBNAIL_COLUMN, *REGION_COLUMNS, *MATCH_COLUMNS):
         if col in table.column_names:
             table = table.drop_columns([col])
         table = table.append_column(col, embedded.column(col))

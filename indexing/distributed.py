@@ -244,8 +244,11 @@ class EmbedActor:
             if uids and not reused:
                 uids, volumes = read_unit(self.store_root, unit, patches=self.patches)
                 assert volumes is not None  # uids non-empty: at least one volume
+                sources = (CohortStore(self.store_root).patch_sources(uids, self.patches)
+                           if self.patches is not None else None)
                 table = embed_shard(
-                    self.encoder, uids, volumes, batch_size=self.batch_size, device=str(self.device)
+                    self.encoder, uids, volumes, batch_size=self.batch_size,
+                    device=str(self.device), sources=sources,
                 )
                 write_parquet_atomic(table, path)
             out["unit"].append(int(index))

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from encoders.deid import Pseudonymizer
-from encoders.dicom import DEFAULT_SERIES_RULE, FileHeader, Rejection, SeriesRule, find_files
+from encoders.dicom import DEFAULT_SERIES_RULE, FileHeader, SeriesRule, find_files
 from encoders.spec import InputSpec
+from encoders.study import Rejection
 from indexing.distributed import ray_session
 from indexing.errors import StoreError
 from indexing.ingest import (

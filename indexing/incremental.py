@@ -34,6 +34,7 @@ from encoders.spec import InputSpec
 from indexing.build import embed_shard
 from indexing.durable import opened_for_lock
 from indexing.errors import ModelVersionError, SnapshotError
+from indexing.slice_match import MATCH_COLUMNS
 from indexing.snapshot import (
     BUILD_MANIFEST_KEYS,
     INDEX_FILE,
@@ -141,7 +142,8 @@ def _publish(
             f"the index's encoder expects input {card.input.to_dict()} but the store holds "
             f"{spec.to_dict()}; ingest into a store made with the encoder's spec"
         )
-    shard = embed_shard(encoder, uids, volumes, batch_size=batch_size, device=device)
+    shard = embed_shard(encoder, uids, volumes, batch_size=batch_size, device=device,
+                        sources=store.patch_sources(uids, "readers") if on_patches else None)
     new = np.asarray(
         shard.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
         dtype=np.float32,
@@ -149,7 +151,8 @@ def _publish(
     metadata = snap.metadata.drop_columns(["row_id"])
     # the new rows carry what the index's rows carry: thumbnail and embedded region
     # columns from the shard, where the index has them (older indexes may lack them)
-    shard_cols = [c for c in (THUMBNAIL_COLUMN, *REGION_COLUMNS) if c in metadata.column_names]
+    shard_cols = [c for c in (THUMBNAIL_COLUMN, *REGION_COLUMNS, *MATCH_COLUMNS)
+                  if c in metadata.column_names]
     rows = _rows_for(store, uids, metadata.drop_columns(shard_cols))
     for col in shard_cols:
         rows = rows.append_column(metadata.schema.field(col), shard.column(col).cast(

@@ -38,16 +38,16 @@ from encoders.deid import Pseudonymizer
 from encoders.dicom import (
     DEFAULT_SERIES_RULE,
     FileHeader,
-    Rejection,
     SeriesRule,
     annotation_files,
     find_files,
-    preprocess,
     read_file_header,
     read_study,
 )
 from encoders.errors import DicomError
+from encoders.preprocess import preprocess
 from encoders.spec import DEFAULT_SPEC, InputSpec
+from encoders.study import Rejection
 from indexing.errors import StoreError
 from indexing.store import ACQUISITION_COLUMNS, CohortStore, StudyRecord
 

@@ -80,44 +80,13 @@ from typing import Any
 import numpy as np
 
 from indexing.notices import Notice, WarningCode
+from indexing.prognosis_types import HorizonEstimate, LabelShare, SurvivalPoint
 
 MIN_EFFECTIVE_N = 5.0
 DEFAULT_HORIZONS: tuple[float, ...] = (12.0, 24.0, 60.0)
 DEFAULT_TEMPERATURE = 0.1
 READER_SEPARATOR = "@"
 LOW_READER_KAPPA = 0.4  # below this (Landis & Koch: "fair" or worse) a warning is given
-
-
-@dataclass
-class SurvivalPoint:
-    """The KM step at ``time``: survival and its band; ``at_risk`` = neighbours (unweighted)."""
-
-    time: float
-    survival: float
-    lower: float
-    upper: float
-    at_risk: int
-
-
-@dataclass
-class HorizonEstimate:
-    """Survival at a horizon; None when the horizon lies beyond the follow-up."""
-
-    time: float
-    survival: float | None
-    lower: float | None
-    upper: float | None
-
-
-@dataclass
-class LabelShare:
-    """Weighted share of one class of a categorical outcome, Wilson interval on n_eff."""
-
-    label: str
-    share: float
-    lower: float
-    upper: float
-    count: int
 
 
 @dataclass

@@ -668,6 +668,23 @@ class CohortStore:
         each detail patch lies and what it is, without the voxels."""
         return self._read_parts(["study_uid", "grid", "patch_info"])
 
+    def patch_sources(self, uids: Sequence[str], use: str) -> list[str | None]:
+        """What each study's primary detail patch (:func:`primary_patch` with ``use``) is:
+        ``"reader"``, ``"proposal"`` or ``"centre"`` (None for a study without patches),
+        in the order of ``uids``; the label its embedded region carries."""
+        table = self.patch_table()
+        info_of = dict(zip(table.column("study_uid").to_pylist(),
+                           table.column("patch_info").to_pylist(), strict=True))
+        out: list[str | None] = []
+        for uid in uids:
+            raw = info_of.get(uid)
+            if not raw:
+                out.append(None)
+                continue
+            info = json.loads(raw)
+            out.append(str(info[primary_patch(info, use)].get("source") or "") or None)
+        return out
+
     # ---------------------------------------------------------------- outcomes
     def outcomes(self, *, include_deleted: bool = False) -> pa.Table:
         """The outcomes table (OUTCOME_SCHEMA); empty when none were set."""

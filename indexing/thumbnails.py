@@ -39,7 +39,8 @@ BOX_RGB = (230, 40, 40)
 class Region:
     """Where an embedding was cut from a ``(D, H, W)`` volume: axial ``slice_index``
     through its centre and ``box`` ``(row0, col0, row1, col1)`` on it (half-open voxels);
-    ``source``: "reader", "proposal", "centre" or "best_slice"."""
+    ``source``: "reader", "proposal", "centre", "best_slice" or "matched_slice"
+    (:mod:`indexing.slice_match`)."""
 
     slice_index: int
     box: tuple[int, int, int, int]

@@ -338,6 +338,7 @@ class _EmbedJob:
     volumes: np.ndarray
     run: EmbedFn
     key: Any  # jobs with the same key may share a forward
+    priority: int = 1  # lower first (clinicians 0)
     result: np.ndarray | None = None
     error: BaseException | None = None
     done: bool = False
@@ -366,6 +367,8 @@ class EmbedBatcher:
     each of its jobs is re-run alone, so one bad study fails only its own call.
     ``shareable=False`` (volumes whose ``run`` carries per-volume arguments, e.g. regions
     of interest) runs in a forward of its own, still one forward at a time.
+    ``priority``: queued jobs with a lower number go into the next forward first
+    (the server gives clinicians 0), equal numbers in arrival order.
     """
 
     def __init__(self, max_volumes: int = 64) -> None:
@@ -378,9 +381,15 @@ class EmbedBatcher:
         self._busy = False
 
     def embed(
-        self, encoder: Any, volumes: np.ndarray, run: EmbedFn, *, shareable: bool = True
+        self,
+        encoder: Any,
+        volumes: np.ndarray,
+        run: EmbedFn,
+        *,
+        shareable: bool = True,
+        priority: int = 1,
     ) -> np.ndarray:
-        job = _EmbedJob(encoder, volumes, run, encoder if shareable else object())
+        job = _EmbedJob(encoder, volumes, run, encoder if shareable else object(), int(priority))
         with self._cond:
             self._queue.append(job)
         while True:
@@ -405,8 +414,10 @@ class EmbedBatcher:
         return job.result
 
     def _take(self) -> list[_EmbedJob]:
-        """The next forward's jobs (called under the lock): the oldest job's encoder,
-        in arrival order, whole jobs up to ``max_volumes`` volumes (at least one job)."""
+        """The next forward's jobs (called under the lock): the encoder of the oldest job
+        of the lowest priority number, by priority then arrival, whole jobs up to
+        ``max_volumes`` volumes (at least one job)."""
+        self._queue.sort(key=lambda j: j.priority)  # stable: arrival order within a priority
         key = self._queue[0].key
         batch: list[_EmbedJob] = []
         rest: list[_EmbedJob] = []

@@ -5,7 +5,12 @@
         for n in result.neighbors:
             print(n.patient_id, n.similarity, n.time, n.event)
 
-Answers are plain dataclasses that mirror the proto messages (no protobuf types leak out);
+Answers are plain dataclasses (no protobuf types leak out). The prognosis's value types
+(:class:`SurvivalPoint`, :class:`HorizonEstimate`, :class:`LabelShare`) and the skill
+warning codes (:data:`SKILL_CODES`) are the engine's own (``indexing.prognosis_types``,
+``indexing.notices``: standard library only, shipped in the thin client); the containers
+below are the answer as it comes over the wire (the proto's view, after a site's
+disclosure rules), built in one place (:func:`search_result_from_proto`);
 every failed call raises :class:`CohortsimClientError` carrying the status code name, the
 server's message and, when the server sent one, the machine-readable ``ErrorInfo`` reason.
 """
@@ -28,6 +33,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from indexing.notices import SKILL_CODES
+from indexing.prognosis_types import HorizonEstimate, LabelShare, SurvivalPoint
 from service.api import SERVICE_FULL_NAME, cohortsim_pb2, cohortsim_pb2_grpc
 from service.status_details import reason_from_trailing, retry_delay_from_trailing
 
@@ -79,16 +86,14 @@ class CodedWarning:
     message: str
 
 
-#: Codes meaning the answer's survival figures carry no demonstrated prognostic value:
-#: front ends show them before any number.
-SKILL_CODES: frozenset[str] = frozenset({"NO_PROGNOSTIC_SKILL", "FEW_OUTCOMES"})
 
 
 @dataclass
 class EmbeddedRegion:
     """Where a study's embedding was cut: axial ``slice_index`` of the stored volume and
     ``box`` (row0, col0, row1, col1, half-open voxels) on it; ``source`` "reader",
-    "proposal" or "best_slice"."""
+    "proposal", "centre", "best_slice" or "matched_slice" (whole-volume encoders: the
+    slice of the strongest match)."""
 
     slice_index: int
     box: tuple[int, ...]
@@ -130,36 +135,7 @@ class Neighbor:
     explanation: Explanation | None = None
 
 
-@dataclass(frozen=True)
-class SurvivalPoint:
-    """One step of the weighted Kaplan–Meier curve with its 95% band."""
 
-    time: float
-    survival: float
-    lower: float
-    upper: float
-    at_risk: int
-
-
-@dataclass
-class HorizonEstimate:
-    """Survival at a fixed horizon with its 95% interval (None beyond the follow-up)."""
-
-    time: float
-    survival: float | None
-    lower: float | None
-    upper: float | None
-
-
-@dataclass
-class LabelShare:
-    """Weighted share of one category of a categorical outcome."""
-
-    label: str
-    share: float
-    lower: float
-    upper: float
-    count: int
 
 
 @dataclass

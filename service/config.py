@@ -64,6 +64,13 @@ class ServeConfig:
     dicom_calls_per_caller: int = 2
     dicom_calls_waiting: int = 8  # more DICOM calls of one caller wait (beyond: refused)
     dicom_cooldown_s: float = 10.0  # a caller's DICOM calls refused this long after a bomb
+    # worker processes that decode DICOM uploads (encoders.decode_pool; 0: decode on the
+    # server's own DICOM threads), the address space each may add to its imports (0: no
+    # cap), the niceness added to theirs, and how long one decode may run
+    decode_workers: int = 2
+    decode_worker_memory_mb: int = 2048
+    decode_worker_nice: int = 10
+    decode_timeout_s: float = 300.0
     store: Path | None = None  # cohort store for IngestStudies / DeletePatient
     log_format: str = "text"  # "text" or "json"
     log_level: str = "INFO"
@@ -100,6 +107,13 @@ class ServeConfig:
             raise bad("dicom_cooldown_s", "must be >= 0 seconds")
         if self.dicom_calls_waiting < 0:
             raise bad("dicom_calls_waiting", "must be >= 0")
+        for name in ("decode_workers", "decode_worker_memory_mb"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0 (0: off)")
+        if not 0 <= self.decode_worker_nice <= 19:
+            raise bad("decode_worker_nice", "must lie in [0, 19]")
+        if self.decode_timeout_s <= 0:
+            raise bad("decode_timeout_s", "must be > 0 seconds")
         if self.watch_interval_s is not None and self.watch_interval_s <= 0:
             raise bad("watch_interval_s", "must be > 0 seconds (or unset: never)")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

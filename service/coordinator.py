@@ -21,7 +21,13 @@ Kaplan-Meier curve, event and label counts, and no neighbour.
 
 DICOM queries are embedded once by the coordinator when it is given the sites' encoder
 (``--encoder DIR``); otherwise send the vector (``EmbedStudy`` at a site). Not held by a
-coordinator: the cohort's own survival curve (it has no cohort), study_uid queries.
+coordinator: the cohort's own survival curve (it has no cohort), study_uid queries of a
+site's cohort. A study in the coordinator's own PACS (``pacs`` query, ``--dicomweb``) is
+retrieved and embedded here (it needs ``--encoder``); only its vector goes to the sites.
+
+``GetIndexInfo`` pools the sites' answers (:func:`pooled_index_info`). With ``mode =
+"shards"`` in the sites file the sites are shards of one index (:mod:`service.shards`):
+every shard must answer, and the answer is the unsharded index's.
 """
 
 from __future__ import annotations
@@ -48,11 +54,27 @@ from indexing.query import OOD_WARN_PERCENTILE, OOD_WARNING, Diagnostics, QueryR
 from service import convert
 from service.api import SERVICE_FULL_NAME, cohortsim_pb2_grpc
 from service.api import cohortsim_pb2 as pb
-from service.disclosure import DEFAULT_MIN_CELL
-from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
-from service.federation import DEFAULT_SITE_DEADLINE_S, Fanout, Site, SiteCall, merge
-from service.governance import permission_denied
+from service.disclosure import DEFAULT_MIN_CELL, DisclosurePolicy
+from service.errors import (
+    ServiceError,
+    failed_precondition,
+    grpc_errors,
+    invalid_argument,
+    unavailable,
+)
+from service.federation import (
+    DEFAULT_SITE_DEADLINE_S,
+    Fanout,
+    Site,
+    SiteCall,
+    answer_neighbors,
+    merge,
+)
+from service.governance import Governance, permission_denied, principal_key
 from service.interceptors.call import add_facts, current_principal
+from service.pacs import query as pacs_query
+from service.pacs.dicomweb import DicomwebConfig
+from service.shards import ShardCohorts, ShardSearch, shard_folders
 from service.tls import TlsConfig
 
 log = logging.getLogger(__name__)
@@ -68,7 +90,11 @@ _STATE_WORDS: dict[int, str] = {
 
 
 class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
-    """``SearchSimilar`` over the sites of ``fanout``; other RPCs are UNIMPLEMENTED."""
+    """``SearchSimilar`` and ``GetIndexInfo`` over the sites of ``fanout``; other RPCs are
+    UNIMPLEMENTED."""
+
+    # the PACS that ``pacs`` queries retrieve from (service.pacs.query); None: none
+    pacs: DicomwebConfig | None = None
 
     def __init__(
         self,
@@ -82,8 +108,11 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         min_sites: int = MIN_SITES,
         encoder_dir: Path | None = None,
         max_files: int = 4096,
+        shards: ShardSearch | None = None,
     ) -> None:
         self.fanout = fanout
+        # shard mode (service.shards): one institution's index, answered as one server
+        self.shards = shards
         self.encoder_dir = encoder_dir
         self.max_files = int(max_files)
         self._encoder: tuple[Any, Any] | None = None
@@ -110,6 +139,9 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         if principal is not None and not principal.has("search"):
             raise permission_denied("ROLE_NOT_ALLOWED", f"the role {principal.role} may not search")
         kind = request.WhichOneof("query")
+        if kind == "pacs":  # retrieved from this coordinator's PACS, then embedded here
+            request = await self._from_pacs(request, principal, context)
+            kind = "dicom"
         if kind == "dicom" and self.encoder_dir is not None:  # embedded once, here
             files = convert.parse_dicom(request.dicom, max_files=self.max_files)
             vector, version = await asyncio.to_thread(self._embed, files)
@@ -138,9 +170,11 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
                 "BAD_EMBEDDING", "the embedding is empty, holds NaN / infinite values or is zero"
             )
         k = convert.parse_k(request.k, default_k=self.default_k, max_k=self.max_k)
+        if self.shards is not None:
+            return await self._shard_search(request.embedding, k, request.filter.where, principal, context)
         site_request = pb.SearchSiteRequest(embedding=request.embedding, k=k, filter=request.filter)
         if principal is not None and not principal.has("identities"):  # researchers: counts
-            return await self._researcher(site_request, context)
+            return await self._researcher(site_request, context, principal.id)
         calls = await self.fanout.search(site_request, self._deadline(context))
         answered = [c for c in calls if c.answered]
         add_facts(
@@ -149,16 +183,96 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         )
         if not answered:
             raise _nobody(calls, request.embedding.model_version)
-        neighbors = merge(calls, k)
+        messages: list[pb.Neighbor] = []
+        neighbors = merge(calls, k, messages)
         result = self._assemble(calls, answered, neighbors, request.embedding.model_version)
-        response = convert.search_response(result)
+        response = _response(result, messages)
         _report(response, calls, answered)
+        return response
+
+    async def _from_pacs(
+        self, request: pb.SearchSimilarRequest, principal: Any, context: Any
+    ) -> pb.SearchSimilarRequest:
+        """A ``pacs`` query as DICOM files from the coordinator's PACS (``serve --federate
+        ... --dicomweb URL``): PERMISSION_DENIED for researchers, FAILED_PRECONDITION
+        ``NO_PACS`` without a PACS, ``NO_ENCODER`` without the sites' encoder (a study
+        retrieved here must be embedded here: only the vector goes to the sites)."""
+        restricted = Governance.restricts(principal)
+        if not restricted and self.pacs is not None and self.encoder_dir is None:
+            raise failed_precondition(
+                "NO_ENCODER",
+                "this coordinator has a PACS but not the sites' encoder; serve it with "
+                "--encoder DIR so that a PACS study is embedded here, or send the vector",
+            )
+        return await pacs_query.resolve_search(
+            request, context, pacs=self.pacs, max_files=self.max_files, restricted=restricted
+        )
+
+    async def _shard_search(
+        self, embedding: pb.Vector, k: int, where: str, principal: Any, context: Any
+    ) -> pb.SearchSimilarResponse:
+        """Shard mode: the unsharded index's answer; researchers get the single-server
+        researcher view of it (service.shards)."""
+        assert self.shards is not None
+        deadline = self._deadline(context)
+        if Governance.restricts(principal):
+            response, facts = await self.shards.researcher(
+                embedding, k, where.strip(), deadline, principal=principal_key(principal)
+            )
+            add_facts(**facts)
+            return response
+        result, calls = await self.shards.search(embedding, k, where.strip(), deadline)
+        add_facts(sites_answered=len(calls))
+        cohort = self.shards.cohorts.get(result.index_version.split("+"))
+        time_unit = str(cohort.manifest.get("time_unit") or convert.DEFAULT_TIME_UNIT)
+        response = convert.search_response(result, time_unit=time_unit)
+        _report(response, calls, calls)
+        return response
+
+    @grpc_errors
+    async def GetCohortStats(
+        self, request: pb.GetCohortStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCohortStatsResponse:
+        """Shard mode: the unsharded server's cohort statistics (from the union of the
+        shards' metadata; the researcher view applied here). Federation: UNIMPLEMENTED
+        (sites do not release their cohort tables)."""
+        if self.shards is None:
+            raise ServiceError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "COHORT_STATS_NOT_FEDERATED",
+                "a federated coordinator holds no cohort; ask each site for its statistics",
+            )
+        principal = current_principal()
+        response, facts = await asyncio.to_thread(
+            self.shards.cohort_stats,
+            request.filter.where.strip(),
+            restricted=Governance.restricts(principal),
+            principal=principal_key(principal),
+        )
+        if facts:
+            add_facts(**facts)
+        return response
+
+    @grpc_errors
+    async def GetIndexInfo(
+        self, request: pb.GetIndexInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetIndexInfoResponse:
+        """Every site's (shard's) index info, pooled: studies of the sites that answered,
+        their versions by name, and ``federation`` naming each site's state."""
+        principal = current_principal()
+        calls = await self.fanout.search(request, self._deadline(context), method="GetIndexInfo")
+        response = pooled_index_info(
+            calls, max_k=self.max_k, dicom=self.encoder_dir is not None, shards=self.shards is not None
+        )
+        if Governance.restricts(principal):
+            return Governance(DisclosurePolicy(min_cell=self.min_cell)).index_info(response)
         return response
 
     def _embed(self, files: list[bytes]) -> tuple[np.ndarray, str]:
         """``(vector (d,) float32, encoder version)`` of one DICOM study; blocking."""
-        from encoders.dicom import preprocess, read_study
+        from encoders.dicom import read_study
         from encoders.model import embed, load_encoder
+        from encoders.preprocess import preprocess
 
         assert self.encoder_dir is not None
         with self._encoder_lock:  # loaded once, on the first DICOM query
@@ -170,15 +284,17 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         return np.asarray(out[0], dtype=np.float32), str(card.version)
 
     async def _researcher(
-        self, site_request: pb.SearchSiteRequest, context: Any
+        self, site_request: pb.SearchSiteRequest, context: Any, user: str
     ) -> pb.SearchSimilarResponse:
         """Pooled additive counts of at least ``min_sites`` sites, suppressed again after
-        pooling; a binned Kaplan-Meier curve, label counts, no neighbour."""
+        pooling; a binned Kaplan-Meier curve, label counts, no neighbour. Asked on behalf
+        of ``user`` (its principal id): each site that trusts this coordinator checks the
+        counts against that user's record of releases."""
         aggregate_request = pb.AggregateSiteRequest(
             embedding=site_request.embedding, k=site_request.k, filter=site_request.filter
         )
         calls = await self.fanout.search(
-            aggregate_request, self._deadline(context), method="AggregateSite"
+            aggregate_request, self._deadline(context), method="AggregateSite", on_behalf_of=user
         )
         answered = [c for c in calls if c.answered]
         add_facts(sites_answered=len(answered))
@@ -259,6 +375,18 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         return QueryResult(neighbors, prognosis, diagnostics, versions, model_version)
 
 
+def _response(result: QueryResult, messages: list[pb.Neighbor]) -> pb.SearchSimilarResponse:
+    """``convert.search_response`` of ``result`` with the neighbours copied from the sites'
+    ``messages`` (merged order) rather than encoded again (:func:`answer_neighbors`)."""
+    neighbors, result.neighbors = result.neighbors, []
+    try:
+        response = convert.search_response(result)
+    finally:
+        result.neighbors = neighbors
+    answer_neighbors(response, messages, neighbors)
+    return response
+
+
 def _missing_notice(calls: list[SiteCall], missing: list[SiteCall]) -> Notice:
     named = ", ".join(
         f"{c.site.name} ({_STATE_WORDS.get(c.state, 'missing')}: {c.reason})" for c in missing
@@ -285,6 +413,54 @@ def _report(response: pb.SearchSimilarResponse, calls: list[SiteCall], answered:
             )
         )
     report.cohort_studies = sum(int(c.response.num_studies) for c in answered if c.response is not None)
+
+
+def pooled_index_info(
+    calls: list[SiteCall], *, max_k: int, dicom: bool, shards: bool
+) -> pb.GetIndexInfoResponse:
+    """A coordinator's GetIndexInfo from its sites' answers: studies summed over the sites
+    that answered; kind, metric and encoder version when they agree (else the distinct
+    values joined by ","); ``index_version`` as ``name=version,...``; a shard coordinator
+    also passes on the (whole-cohort) prognostic quality and warnings every shard carries.
+    UNAVAILABLE when no site answered."""
+    answered = [c for c in calls if c.answered]
+    if not answered:
+        named = "; ".join(f"{c.site.name}: {_STATE_WORDS.get(c.state, 'missing')} ({c.reason})" for c in calls)
+        raise unavailable("NO_SITE_ANSWERED", f"no site answered: {named}")
+
+    def agreed(field: str) -> str:
+        return ",".join(sorted({str(getattr(c.response, field)) for c in answered}))
+
+    first = answered[0].response
+    out = pb.GetIndexInfoResponse(
+        num_studies=sum(int(c.response.num_studies) for c in answered),
+        dimension=int(first.dimension),
+        metric=agreed("metric"),
+        index_kind=agreed("index_kind"),
+        model_version=agreed("model_version"),
+        index_version=",".join(f"{c.site.name}={c.response.index_version}" for c in answered),
+        gpu=all(bool(c.response.gpu) for c in answered),
+        max_k=int(max_k),
+        dicom_supported=bool(dicom),
+    )
+    if shards and len(answered) == len(calls):
+        if first.HasField("prognostic_quality"):
+            out.prognostic_quality.CopyFrom(first.prognostic_quality)
+        out.warnings.extend(first.warnings)
+    for c in calls:
+        r = c.response
+        out.federation.sites.append(
+            pb.SiteReport(
+                name=c.site.name,
+                state=c.state,  # type: ignore[arg-type]
+                reason=c.reason,
+                model_version=str(r.model_version) if r is not None else "",
+                num_studies=int(r.num_studies) if r is not None else 0,
+                index_version=str(r.index_version) if r is not None else "",
+            )
+        )
+    out.federation.cohort_studies = out.num_studies
+    return out
 
 
 def _nobody(calls: list[SiteCall], model_version: str) -> Exception:
@@ -319,12 +495,17 @@ async def create_coordinator(
     min_cell: int = DEFAULT_MIN_CELL,
     encoder_dir: Path | str | None = None,
     max_receive_mb: int = 64,
+    mode: str = "federation",
+    pacs: DicomwebConfig | None = None,
 ) -> tuple[grpc.aio.Server, int, Fanout]:
     """A coordinator server over ``sites`` (not started): ``(server, bound port, fanout)``;
     the caller closes ``fanout`` after stopping the server. Security as
     :func:`service.server.create_server` (TLS, tokens, audit, rate limits); ``min_cell``:
     the coordinator's own threshold for pooled counts (the sites' larger ones win);
-    ``encoder_dir``: the sites' encoder, so DICOM queries are embedded here, once."""
+    ``encoder_dir``: the sites' encoder, so DICOM queries are embedded here, once;
+    ``pacs``: a DICOMweb PACS that ``pacs`` queries retrieve from (with ``encoder_dir``);
+    ``mode``: ``federation`` or ``shards`` (:mod:`service.shards`: every ``Site`` names
+    its ``index`` folder; researchers get the single-server view with ``min_cell``)."""
     from service.config import SecurityConfig
     from service.server import _Security
 
@@ -357,7 +538,19 @@ async def create_coordinator(
         max_k=max_k,
         min_cell=min_cell,
         encoder_dir=Path(encoder_dir) if encoder_dir is not None else None,
+        shards=_shard_search_of(fanout, sites, min_cell) if mode == "shards" else None,
     )
+    servicer.pacs = pacs
+    if servicer.shards is not None and security.audit is not None:
+        # shard mode keeps researchers' release records here: rebuild them from the log
+        from service.audit import read_records
+
+        shards = servicer.shards
+        cohort = await asyncio.to_thread(shards.cohorts.get)
+        replayed = await asyncio.to_thread(
+            shards.governance.replay, read_records(security.audit.path), cohort
+        )
+        log.info("researcher answers replayed from the audit log: %d", replayed)
     cohortsim_pb2_grpc.add_PatientSimilarityServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_FULL_NAME):
@@ -372,6 +565,15 @@ async def create_coordinator(
     else:
         bound = server.add_insecure_port(address)
     return server, bound, fanout
+
+
+def _shard_search_of(fanout: Fanout, sites: list[Site], min_cell: int) -> ShardSearch:
+    """Shard mode's search over ``sites`` (each with its ``index`` folder)."""
+    return ShardSearch(
+        fanout,
+        ShardCohorts(shard_folders(sites)),
+        governance=Governance(DisclosurePolicy(min_cell=min_cell)),
+    )
 
 
 async def serve_coordinator(

@@ -19,12 +19,20 @@ import numpy as np
 from indexing.aggregates import DEFAULT_BIN_EDGES, check_edges
 from indexing.prognosis import kaplan_meier
 from service.errors import ServiceError
-from service.releases import Conflict, ReleaseRecord, ReleaseRecordFull
+from service.releases import (
+    Conflict,
+    ReleaseBook,
+    ReleaseBookFull,
+    ReleaseRecord,
+    ReleaseRecordFull,
+)
 
 DEFAULT_MIN_CELL = 11
 DEFAULT_REID_SIMILARITY = 0.95
 DEFAULT_TIME_GRID = 3.0
-DEFAULT_REGISTRY_LIMIT = 50_000
+DEFAULT_REGISTRY_LIMIT = 50_000  # distinct released sets per principal
+DEFAULT_MAX_PRINCIPALS = 1000  # principals with a release record
+DEFAULT_MAX_RECORDED = 10_000_000  # patient entries over all records (~140 B each)
 
 
 # --------------------------------------------------------------------------- policy
@@ -41,9 +49,21 @@ class DisclosurePolicy:
     registry_limit: int = DEFAULT_REGISTRY_LIMIT
     # bin edges of the additive counts a federated site releases (AggregateSite)
     time_bins: tuple[float, ...] = DEFAULT_BIN_EDGES
+    # principals with a release record (service.releases.ReleaseBook); more are refused
+    max_principals: int = DEFAULT_MAX_PRINCIPALS
+    # patient entries (released set sizes summed) over all principals' records: memory
+    max_recorded: int = DEFAULT_MAX_RECORDED
+    # principal ids of federated coordinators whose forwarded end-user principal a site
+    # records AggregateSite releases under (service.federation.ON_BEHALF_OF_KEY)
+    trusted_coordinators: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "time_bins", check_edges(self.time_bins))
+        object.__setattr__(self, "trusted_coordinators", frozenset(self.trusted_coordinators))
+        if self.max_principals < 1:
+            raise ValueError(f"max_principals must be >= 1, got {self.max_principals!r}")
+        if self.max_recorded < 1:
+            raise ValueError(f"max_recorded must be >= 1, got {self.max_recorded!r}")
         if isinstance(self.min_cell, bool) or not isinstance(self.min_cell, int) or self.min_cell < 2:
             raise ValueError(f"min_cell must be an integer >= 2, got {self.min_cell!r}")
         if not 0.0 < float(self.reid_similarity) <= 1.0:
@@ -118,12 +138,36 @@ def record_or_refuse(
     """:meth:`ReleaseRecord.check_and_add` with a full record as RESOURCE_EXHAUSTED."""
     try:
         return record.check_and_add(releases)
+    except ReleaseBookFull as exc:
+        raise ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RELEASE_RECORDS_FULL",
+            f"the server's release records are full ({exc}); new aggregates are refused "
+            "until an administrator raises the limit and restarts it",
+        ) from None
     except ReleaseRecordFull:
         raise ServiceError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "RELEASE_REGISTRY_FULL",
-            f"this server has released {len(record)} distinct researcher aggregates, "
-            "its limit; an administrator must review and restart it with a new audit log",
+            f"this caller has been released {len(record)} distinct aggregates, the limit "
+            "of one caller's release record; an administrator must review it (the record "
+            "is rebuilt from the audit log at start)",
+        ) from None
+
+
+def principal_record(book: ReleaseBook, principal: str) -> ReleaseRecord:
+    """``principal``'s record in ``book``; a full book as RESOURCE_EXHAUSTED
+    ``RELEASE_PRINCIPALS_FULL`` (no record is ever evicted to make room)."""
+    try:
+        return book.record(principal)
+    except ReleaseBookFull:
+        raise ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RELEASE_PRINCIPALS_FULL",
+            f"this server keeps release records for {len(book)} callers, its limit "
+            f"(max_principals); aggregates to a new caller are refused until an "
+            "administrator raises the limit (--max-principals) and restarts it",
+            {"limit": str(book.max_principals)},
         ) from None
 
 
@@ -211,6 +255,8 @@ def coarse_curve(
 
 
 __all__ = [
+    "DEFAULT_MAX_PRINCIPALS",
+    "DEFAULT_MAX_RECORDED",
     "DEFAULT_MIN_CELL",
     "DEFAULT_REGISTRY_LIMIT",
     "DEFAULT_REID_SIMILARITY",
@@ -220,6 +266,7 @@ __all__ = [
     "ReleaseRegistry",
     "available",
     "coarse_curve",
+    "principal_record",
     "record_or_refuse",
     "releasable",
 ]

@@ -35,14 +35,18 @@ An aggregate released to a researcher is a function of a **set of patients** onl
    preferred reporting points; a horizon that cannot be reported under these rules is
    left unset. The median is read off the reported points. The whole cohort's curve is
    coarsened the same way.
-5. **Differencing across answers.** Every patient set released to any researcher is
-   remembered (:class:`ReleaseRegistry`). A new answer whose set differs from an earlier
-   one by 1..min_cell-1 patients in either direction is refused (PERMISSION_DENIED,
-   ``ANSWER_DIFFERENCING``): subtracting the two would describe a small group. The same
-   set again is allowed (the same answer). This covers k stepping, query perturbation,
-   filter pairs and before/after-ingest pairs alike, because it is checked on what is
-   released, not on how it was asked. The registry is shared by all researchers
-   (collusion) and rebuilt from the audit log at start when one is configured.
+5. **Differencing across answers.** Every patient set released to a principal (the
+   authenticated caller; one ``anonymous`` principal without authentication) is
+   remembered in that principal's record (:class:`service.releases.ReleaseBook`), by
+   measure, across SearchSimilar, GetCohortStats and the federated site's AggregateSite.
+   A new answer whose set differs from an earlier one by 1..min_cell-1 patients in either
+   direction, or that with two earlier sets forms A, B, A ∪ B with a small A ∩ B, is
+   refused (PERMISSION_DENIED, ``ANSWER_DIFFERENCING``, ErrorInfo metadata ``rule``). The
+   same set again is allowed (the same answer). This covers k stepping, query
+   perturbation, filter pairs and before/after-ingest pairs alike, because it is checked
+   on what is released, not on how it was asked. One principal's record never refuses
+   another's answers; principals who pool their answers are not covered (SECURITY.md).
+   The records are rebuilt from the audit log at start when one is configured.
 6. **Filters.** A researcher's filter may read site and acquisition columns only
    (:data:`RESEARCHER_FILTER_COLUMNS`), never identifiers or outcomes: with
    ``event = false OR patient_id <> X`` the mere acceptance or refusal of a filter would
@@ -65,10 +69,11 @@ An aggregate released to a researcher is a function of a **set of patients** onl
    dropped (they may quote counts). ``GetIndexInfo`` is treated the same way
    (:data:`INDEX_INFO_RULES`).
 
-What this does not stop (see SECURITY.md): combinations of three or more answers whose
+What this does not stop (see SECURITY.md): combinations of four or more answers whose
 pairwise differences are all large but whose inclusion–exclusion isolates a small group;
-differencing across server replicas or after the audit log is replaced (the registry is
-per process); a re-identification match below ``reid_similarity``. Counts of
+two principals differencing their answers together; differencing across server replicas
+or after the audit log is replaced (the records are per process); a re-identification
+match below ``reid_similarity``. Counts of
 censored patients between two reported curve points are not suppressed (censoring is not
 an outcome).
 """
@@ -102,11 +107,24 @@ from service.disclosure import (
     ReleaseRegistry,
     available,
     coarse_curve,
+    principal_record,
     record_or_refuse,
     releasable,
 )
-from service.errors import ServiceError
-from service.releases import AGGREGATE, SURVIVAL, ReleaseRecord
+from service.errors import ServiceError, invalid_argument
+from service.releases import AGGREGATE, ANONYMOUS, SURVIVAL, Conflict, ReleaseBook, ReleaseRecord
+
+#: The measure of a researcher filter's sub-cohort in a principal's record (filters are
+#: compared with filters only: point 6 of the module docstring).
+FILTER = "filter"
+#: What a forwarded principal id may look like (a coordinator's ON_BEHALF_OF_KEY header).
+_PRINCIPAL_ID = re.compile(r"[A-Za-z0-9._:@/+-]{1,128}")
+#: The rules of service.releases, as a refusal's message names them.
+_RULE_WORDS = {
+    "pair": "two answers whose patients differ by",
+    "union": "two answers and their union (A, B, A ∪ B), whose overlap holds",
+    "small": "an answer over a group of",
+}
 
 # Rules for response fields, by path (field names joined by ".", repeated indices left out).
 KEEP = "keep"  # released as built (aggregate-level, or computed from released counts)
@@ -239,6 +257,7 @@ INDEX_INFO_RULES: dict[str, str] = {
     "prognostic_quality.calibration.groups.observed_lower": DERIVED,
     "prognostic_quality.calibration.groups.observed_upper": DERIVED,
     "prognostic_quality.calibration.groups.study_count": COUNT,
+    "federation": DROP,  # a coordinator's per-site counts and versions: clinicians only
     "warnings": KEEP,  # the index's skill: the researcher sees the code always
     "warnings.code": KEEP,
     "warnings.message": TEXT,  # cleared when it holds digits (it may quote counts)
@@ -299,6 +318,26 @@ RESEARCHER_FILTER_COLUMNS: frozenset[str] = frozenset(
 
 def permission_denied(reason: str, message: str, **metadata: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.PERMISSION_DENIED, reason, message, metadata)
+
+
+def differencing_refused(conflict: Conflict, min_cell: int, what: str, advice: str = "") -> ServiceError:
+    """PERMISSION_DENIED ``ANSWER_DIFFERENCING`` naming the rule ``conflict`` broke
+    (ErrorInfo metadata ``rule``: pair, union or small)."""
+    words = _RULE_WORDS.get(conflict.rule, conflict.rule)
+    return permission_denied(
+        "ANSWER_DIFFERENCING",
+        f"{what} would, with earlier answers to this caller, give {words} fewer than "
+        f"{min_cell} patients ({conflict.rule} rule); comparing them could describe a small "
+        f"group, so it is refused{advice}",
+        min_cell=str(min_cell),
+        rule=conflict.rule,
+    )
+
+
+def principal_key(principal: Principal | None) -> str:
+    """Whose release record a call consults: the principal's id (token id or certificate
+    name), or :data:`service.releases.ANONYMOUS` on a server without authentication."""
+    return principal.id if principal is not None else ANONYMOUS
 
 
 # --------------------------------------------------------------------------- rules pass
@@ -374,12 +413,35 @@ class Governance:
     def __init__(self, policy: DisclosurePolicy | None = None) -> None:
         self.policy = policy or DisclosurePolicy()
         m, limit = self.policy.min_cell, self.policy.registry_limit
-        # what every researcher answer (search and cohort stats) released, by measure
-        self.answers = ReleaseRecord(m, limit=limit)
-        self.cohorts = ReleaseRegistry(m, limit=limit)
-        self._cohort_seeded: set[str] = set()
+        # per principal: what its answers (search, cohort stats, site aggregates) released,
+        # by measure, and its filters' sub-cohorts (measure FILTER)
+        self.book = ReleaseBook(
+            m, limit=limit, max_principals=self.policy.max_principals,
+            max_members=self.policy.max_recorded,
+        )
         self._cache: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
+
+    def record(self, principal: str) -> ReleaseRecord:
+        """``principal``'s release record (RESOURCE_EXHAUSTED when the book is full)."""
+        return principal_record(self.book, principal)
+
+    def release_principal(self, principal: Principal | None, on_behalf_of: str | None) -> str:
+        """Whose record a federated site's AggregateSite consults: the end user a
+        coordinator names in ``on_behalf_of`` when the caller is a coordinator listed in
+        ``policy.trusted_coordinators``, otherwise the caller itself (a coordinator that
+        is not trusted gets one record for all its users)."""
+        own = principal_key(principal)
+        if on_behalf_of is None or principal is None:
+            return own
+        if principal.id not in self.policy.trusted_coordinators:
+            return own
+        if not _PRINCIPAL_ID.fullmatch(on_behalf_of):
+            raise invalid_argument(
+                "INVALID_ON_BEHALF_OF",
+                "the forwarded principal must be 1 to 128 letters, digits or ._:@/+-",
+            )
+        return on_behalf_of
 
     @staticmethod
     def restricts(principal: Principal | None) -> bool:
@@ -388,33 +450,61 @@ class Governance:
 
     # ----------------------------------------------------------------- replay
     def replay(self, records: Iterable[dict[str, Any]], snapshot: Any = None) -> int:
-        """Re-register what earlier researcher answers released (from audit records).
+        """Re-register what earlier answers released (from audit records), each in the
+        record of the principal it was released to (``release_principal``, else the
+        record's ``principal``).
 
-        Patient sets come from ``aggregated_patients``; filters are evaluated again on
-        ``snapshot`` (when given) to register their sub-cohorts. Returns the answers replayed.
+        Search and site answers carry their patients (``aggregated_patients``); cohort
+        statistics (``stats_released``) and filters are evaluated again on ``snapshot``
+        (when given). Returns the answers replayed.
         """
         from indexing.errors import FilterError
 
         n = 0
         for rec in records:
-            if rec.get("status") != "OK" or not rec.get("aggregated_patients"):
+            if rec.get("status") != "OK":
                 continue
-            patients = rec["aggregated_patients"]
-            if isinstance(patients, list):
-                if snapshot is not None:
-                    outcomes = self._patient_outcomes(snapshot)
-                    rows = [(str(p), *outcomes.get(str(p), (None, None, None, None))) for p in patients]
-                    self.answers.add(release_sets(rows))
-                    if rec.get("cohort_curve_released"):
-                        self.answers.add([(SURVIVAL, self._cohort_survival_patients(snapshot))])
-                else:
-                    self.answers.add([(AGGREGATE, (str(p) for p in patients))])
-                n += 1
+            kind = rec.get("release_kind")
+            patients = rec.get("aggregated_patients")
+            if not (patients or kind == "stats"):
+                continue
+            key = str(rec.get("release_principal") or rec.get("principal") or ANONYMOUS)
+            record = self.book.record(key, force=True)
             where = rec.get("filter")
-            if snapshot is not None and isinstance(where, str) and where.strip():
-                # a filter the current index cannot evaluate selects nothing now
+            truncated = "filter_sha256" in rec  # the record kept a prefix only
+            where = where.strip() if isinstance(where, str) and not truncated else ""
+            if snapshot is None:
+                if isinstance(patients, list) and patients:
+                    record.add([(AGGREGATE, (str(p) for p in patients))])
+                    n += 1
+                continue
+            if kind == "stats":
+                with contextlib.suppress(FilterError):  # a filter the index cannot evaluate
+                    if isinstance(patients, list):  # a filter too long for the record
+                        chosen = [str(p) for p in patients]
+                        record.add([(FILTER, chosen)])
+                    elif truncated:
+                        continue
+                    else:
+                        chosen = self._filter_patients(snapshot, where) if where else sorted(
+                            self._live_patients(snapshot)
+                        )
+                    record.add(self._stats_releases(snapshot, chosen))
+                    n += 1
+            elif isinstance(patients, list) and patients:
+                outcomes = self._patient_outcomes(snapshot)
+                rows = [(str(p), *outcomes.get(str(p), (None, None, None, None))) for p in patients]
+                sets = release_sets(rows)
+                measures = rec.get("released_measures")
+                if isinstance(measures, list):  # a site's counts: the measures it showed
+                    sets = [(name, ps) for name, ps in sets if name in measures]
+                record.add(sets)
+                if rec.get("cohort_curve_released"):
+                    record.add([(SURVIVAL, self._cohort_survival_patients(snapshot))])
+                n += 1
+            if where:
                 with contextlib.suppress(FilterError):
-                    self.cohorts.add(self._filter_patients(snapshot, where))
+                    record.add([(FILTER, self._filter_patients(snapshot, where))])
         return n
 
     # ----------------------------------------------------------------- helpers
@@ -501,9 +591,9 @@ class Governance:
         rows = self._live(snapshot, mask)
         return sorted({str(p) for p in self._patient_ids(snapshot)[rows].tolist()})
 
-    def check_filter(self, snapshot: Any, where: str) -> list[str]:
+    def check_filter(self, snapshot: Any, where: str, *, principal: str = ANONYMOUS) -> list[str]:
         """Refuse a filter on other than site/acquisition columns, or whose sub-cohort is
-        small or differs slightly from the cohort or an earlier filter's."""
+        small or differs slightly from the cohort or an earlier filter of ``principal``'s."""
         from indexing.filter import parse_where
 
         m = self.policy.min_cell
@@ -516,10 +606,6 @@ class Governance:
                 f"only, not on {', '.join(refused)}: a filter on outcomes or identifiers could "
                 "make the answer (or its refusal) reveal one patient's data",
             )
-        if snapshot.version not in self._cohort_seeded:
-            everyone = self._patient_ids(snapshot)[self._live(snapshot)]
-            self.cohorts.add(str(p) for p in set(everyone.tolist()))
-            self._cohort_seeded.add(snapshot.version)
         chosen = self._filter_patients(snapshot, where)
         if len(chosen) < m:
             raise permission_denied(
@@ -528,13 +614,18 @@ class Governance:
                 f"over at least {m} patients only, so widen the filter",
                 min_cell=str(m),
             )
-        if not self.cohorts.check_and_add(chosen):
+        record = self.record(principal)
+        record.add([(FILTER, self._live_patients(snapshot))])  # the whole cohort, unfiltered
+        found = record_or_refuse(record, [(FILTER, chosen)])
+        if found is not None:
             raise permission_denied(
                 "FILTER_DIFFERENCING",
-                f"the filter's patients differ from the whole cohort or from an earlier "
-                f"filter's by fewer than {m}; comparing the two answers would describe a "
+                f"the filter's patients, beside the whole cohort's and this caller's earlier "
+                f"filters', give {_RULE_WORDS.get(found.rule, found.rule)} fewer than {m} "
+                f"patients ({found.rule} rule); comparing the answers would describe a "
                 "small group, so this filter is refused",
                 min_cell=str(m),
+                rule=found.rule,
             )
         return chosen
 
@@ -564,11 +655,13 @@ class Governance:
         run: Callable[[convert.SearchQuery], QueryResult],
         embed: Callable[[list[bytes]], Any] | None = None,
         time_unit: str = convert.DEFAULT_TIME_UNIT,
+        principal: str = ANONYMOUS,
     ) -> ResearcherAnswer:
         """The governed answer to a search (blocking: call it on a worker thread).
 
         ``run(query)`` searches the snapshot (with the query's k and filter); ``embed``
-        embeds DICOM files once (the searches then use the vector).
+        embeds DICOM files once (the searches then use the vector); ``principal``: whose
+        release record the answer is checked against and added to (:func:`principal_key`).
         """
         m = self.policy.min_cell
         if query.kind == "study_uid":
@@ -579,7 +672,7 @@ class Governance:
             )
         facts: dict[str, Any] = {}
         if query.where:
-            pool = len(self.check_filter(snapshot, query.where))
+            pool = len(self.check_filter(snapshot, query.where, principal=principal))
             facts["filter_patient_count"] = pool
         else:
             pool = len(self._live_patients(snapshot))
@@ -624,18 +717,18 @@ class Governance:
         releases = release_sets(
             [(nb.patient_id, nb.time, nb.event, nb.labels, nb.values) for nb in kept]
         )
-        if self.policy.answer_differencing and record_or_refuse(self.answers, releases):
-            raise permission_denied(
-                "ANSWER_DIFFERENCING",
-                f"this answer would cover a set of patients that, with earlier researcher "
-                f"answers, isolates fewer than {m}; subtracting them could describe a small "
-                "group, so it is refused. Ask for a larger k (a multiple "
-                f"of {m}) or a different query",
-                min_cell=str(m),
+        record = self.record(principal)
+        if self.policy.answer_differencing and (found := record_or_refuse(record, releases)):
+            raise differencing_refused(
+                found, m, "this answer",
+                f". Ask for a larger k (a multiple of {m}) or a different query",
             )
         horizons = [h.time for h in result.prognosis.at_horizons] or [12.0, 24.0, 60.0]
-        response, withheld = self._build(snapshot, result, kept, acquisition, horizons, time_unit)
+        response, withheld = self._build(
+            snapshot, result, kept, acquisition, horizons, time_unit, record
+        )
         facts.update(
+            release_principal=principal,
             cohort_curve_released=bool(response.prognosis.cohort_survival),
             aggregated_patients=patients,
             reid_matches_removed=removed,
@@ -651,6 +744,7 @@ class Governance:
         acquisition: dict[str, Any] | None,
         horizons: Sequence[float],
         time_unit: str,
+        record: ReleaseRecord,
     ) -> tuple[pb.SearchSimilarResponse, list[str]]:
         m, size = self.policy.min_cell, len(kept)
         withheld: list[str] = []
@@ -694,7 +788,7 @@ class Governance:
         withheld += self._set_curve(prog, "", curve, horizons)
         if _has(prog, "cohort_survival"):
             withheld += self._set_curve(
-                prog, "cohort_", self._released_cohort_curve(snapshot, horizons), horizons
+                prog, "cohort_", self._released_cohort_curve(snapshot, horizons, record), horizons
             )
 
         withheld += self._labels(prog, kept)
@@ -748,15 +842,16 @@ class Governance:
         return withheld
 
     def _released_cohort_curve(
-        self, snapshot: Any, horizons: Sequence[float]
+        self, snapshot: Any, horizons: Sequence[float], record: ReleaseRecord
     ) -> CoarseCurve | None:
         """The whole cohort's curve, unless its patients, beside the neighbours' curve of
-        this answer and every curve released before, would isolate a small group (then
-        None: withheld). Withdrawn patients are never counted."""
+        this answer and every curve released before to this principal (``record``),
+        would isolate a small group (then None: withheld). Withdrawn patients are never
+        counted."""
         everyone = self._cohort_survival_patients(snapshot)
         if len(everyone) < self.policy.min_cell:
             return None
-        if self.policy.answer_differencing and record_or_refuse(self.answers, [(SURVIVAL, everyone)]):
+        if self.policy.answer_differencing and record_or_refuse(record, [(SURVIVAL, everyone)]):
             return None
         return self._cohort_curve(snapshot, horizons)
 
@@ -903,32 +998,69 @@ class Governance:
 
     # ----------------------------------------------------------------- cohort stats
     def cohort_stats(
-        self, response: pb.GetCohortStatsResponse, snapshot: Any = None, rows: Any = None
+        self,
+        response: pb.GetCohortStatsResponse,
+        snapshot: Any = None,
+        rows: Any = None,
+        *,
+        principal: str = ANONYMOUS,
     ) -> pb.GetCohortStatsResponse:
         """The researcher view of GetCohortStats (:data:`COHORT_STATS_RULES`).
 
         With ``snapshot`` and ``rows`` (the study rows counted), the patients it covers and
-        those with each label are checked against, and added to, the record of researcher
-        releases that searches use too (ANSWER_DIFFERENCING when they conflict).
+        those with each label are checked against, and added to, ``principal``'s record
+        of releases that its searches use too (ANSWER_DIFFERENCING when they conflict).
         """
         m = self.policy.min_cell
         if snapshot is not None and rows is not None and self.policy.answer_differencing:
-            outcomes = self._patient_outcomes(snapshot)
             ids = self._patient_ids(snapshot)[np.asarray(rows, dtype=np.int64)]
-            patients = sorted({str(p) for p in ids.tolist()})
-            labelled = [
-                (p, None, None, outcomes.get(p, (None, None, None, None))[2], None) for p in patients
-            ]
-            releases = [(n, ps) for n, ps in release_sets(labelled) if n != SURVIVAL]
-            if record_or_refuse(self.answers, releases):
-                raise permission_denied(
-                    "ANSWER_DIFFERENCING",
-                    f"these statistics cover a set of patients that, with earlier researcher "
-                    f"answers, isolates fewer than {m}; comparing them could describe a small "
-                    "group, so they are refused",
-                    min_cell=str(m),
-                )
+            releases = self._stats_releases(snapshot, sorted({str(p) for p in ids.tolist()}))
+            if found := record_or_refuse(self.record(principal), releases):
+                raise differencing_refused(found, m, "these statistics")
         return _cohort_stats_view(response, m)
+
+    def _stats_releases(
+        self, snapshot: Any, patients: Sequence[str]
+    ) -> list[tuple[str, frozenset[str]]]:
+        """What cohort statistics over ``patients`` release: the patients and those with
+        each label (no survival measure: statistics hold no outcome times)."""
+        outcomes = self._patient_outcomes(snapshot)
+        labelled = [
+            (p, None, None, outcomes.get(p, (None, None, None, None))[2], None) for p in patients
+        ]
+        return [(n, ps) for n, ps in release_sets(labelled) if n != SURVIVAL]
+
+    # ----------------------------------------------------------------- federated site
+    def site_release(
+        self, neighbors: Sequence[NeighborResult], released: Any, *, principal: str
+    ) -> dict[str, Any]:
+        """Check a federated site's suppressed counts ``released``
+        (:class:`indexing.aggregates.Aggregates`) over ``neighbors`` against ``principal``'s
+        record and add them (ANSWER_DIFFERENCING, naming the rule, when they conflict).
+        Only measures with a count left after suppression are recorded: the neighbours
+        (when anything is left), those with a survival outcome (``patients`` shown) and
+        those with each label (a label value shown). Returns the facts for the audit
+        record (the patients covered, the measures recorded, whose record), from which
+        :meth:`replay` rebuilds the record at start."""
+        m = self.policy.min_cell
+        rows = [(nb.patient_id, nb.time, nb.event, nb.labels, None) for nb in neighbors]
+        shown_labels = {name for name, values in released.labels.items() if any(values.values())}
+        keep = {f"label:{_base_name(str(name))}" for name in shown_labels}
+        if int(released.patients) > 0:
+            keep.add(SURVIVAL)
+        if keep:
+            keep.add(AGGREGATE)
+        releases = [(n, ps) for n, ps in release_sets(rows) if n in keep]
+        if self.policy.answer_differencing and releases:
+            found = record_or_refuse(self.record(principal), releases)
+            if found is not None:
+                raise differencing_refused(found, m, "this site's counts")
+        return {
+            "release_kind": "site",
+            "release_principal": principal,
+            "released_measures": sorted(n for n, _ in releases),
+            "aggregated_patients": sorted({str(nb.patient_id) for nb in neighbors}) if releases else [],
+        }
 
 
 def _suppress_table(cells: Sequence[Any], total: int, m: int, *, studies: int | None) -> list[Any]:

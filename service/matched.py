@@ -1,5 +1,6 @@
-"""The matched regions of an answer, shown: the query's slice of the strongest match and
-per-neighbour explanations (occlusion of the query's region), for DICOM queries.
+"""The matched regions of an answer, shown: thumbnails of the query's and each neighbour's
+slice of the strongest match (whole-volume encoders) or embedded box (lesion encoders),
+and per-neighbour explanations (occlusion of the query's region), for DICOM queries.
 
 Both need the query's preprocessed volume (``EmbeddedStudy.volume``, kept by
 ``ServiceState.embed_dicom(keep_volume=True)``) and the served encoder; the encoder runs
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexing.query import Explanation, QueryResult
+from indexing.query import Explanation, QueryResult, regions, thumbnails
+from indexing.slice_match import matched_slices
 from indexing.snapshot import Snapshot
 from indexing.thumbnails import Region
 
@@ -59,6 +61,44 @@ def match_region(
     return region, region_thumbnail_png(embedded.volume, region)
 
 
+def attach_thumbnails(
+    state: ServiceState,
+    snapshot: Snapshot,
+    result: QueryResult,
+    vector: np.ndarray,
+    *,
+    embedded: EmbeddedStudy | None = None,
+    query_row: int | None = None,
+) -> None:
+    """Set the answer's thumbnails and embedded regions: each neighbour's stored region
+    (lesion encoders: the box the encoder cut) or, for whole-volume encoders, its kept
+    slice that matches the query's ``vector`` ``(d,)`` best (:mod:`indexing.slice_match`);
+    the query's own (a DICOM query's ``embedded`` study, or the stored ``query_row``)
+    the same way against its best neighbour. An index built without the kept slices
+    shows each neighbour's most representative slice, as stored."""
+    rows = [nb.row for nb in result.neighbors]
+    meta = snapshot.metadata
+    q_png: bytes | None = None
+    q_region: Region | None = None
+    if embedded is not None:
+        q_png, q_region = embedded.thumbnail, embedded.region
+        if rows:
+            found = match_region(state, embedded, snapshot.vector(rows[0]), snapshot)
+            if found is not None:
+                q_region, q_png = found
+    elif query_row is not None:
+        q_png, q_region = thumbnails(snapshot, [query_row])[0], regions(snapshot, [query_row])[0]
+        if rows and q_region is not None:
+            (found,) = matched_slices(meta, [query_row], snapshot.vector(rows[0]), [q_region.box])
+            if found is not None:
+                q_region, q_png = found
+    result.query_thumbnail, result.query_region = q_png, q_region
+    stored = regions(snapshot, rows)
+    matched = matched_slices(meta, rows, vector, [None if r is None else r.box for r in stored])
+    for nb, png, cut, m in zip(result.neighbors, thumbnails(snapshot, rows), stored, matched, strict=True):
+        nb.region, nb.thumbnail = (cut, png) if m is None else m
+
+
 def attach_explanations(
     state: ServiceState, snapshot: Snapshot, embedded: EmbeddedStudy, result: QueryResult
 ) -> None:
@@ -79,4 +119,4 @@ def attach_explanations(
         )
 
 
-__all__ = ["attach_explanations", "match_region", "occlusion"]
+__all__ = ["attach_explanations", "attach_thumbnails", "match_region", "occlusion"]

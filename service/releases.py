@@ -22,6 +22,11 @@ always allowed (the same answer).
 What it does not catch: combinations of four or more sets (``A + B - C - D``) other than
 the union case, and approximate derivations (sets that almost cover another). Only noise
 (differential privacy) closes these in general.
+
+:class:`ReleaseBook` keeps one record per *principal* (the authenticated caller a
+release was made to): one caller's history never refuses another's answers, and the
+number of principals is capped (refusal when full, never eviction: a forgotten record
+would let its principal difference against answers it already holds).
 """
 
 from __future__ import annotations
@@ -50,16 +55,51 @@ class Conflict:
     isolated: int
 
 
+class ReleaseBookFull(RuntimeError):
+    """The book holds records for its limit of principals, or its limit of recorded
+    patient entries over all records (``reason``: ``release_principals_full``)."""
+
+    reason = "release_principals_full"
+
+
+class MemberBudget:
+    """Patient entries (the sum of recorded set sizes) that records sharing this budget
+    may hold together: the memory bound of a :class:`ReleaseBook`. Thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the member budget must be >= 1, got {limit!r}")
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int, *, force: bool = False) -> None:
+        """Count ``n`` more entries; :class:`ReleaseBookFull` beyond the limit (unless ``force``)."""
+        with self._lock:
+            if not force and self.used + n > self.limit:
+                raise ReleaseBookFull(
+                    f"the release records hold {self.used} patient entries; {n} more would "
+                    f"pass their limit of {self.limit}"
+                )
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
 class ReleaseRecord:
     """Patient sets already released, by measure (module docstring). Thread-safe.
 
     ``limit`` distinct sets at most: beyond it new sets are refused
     (:class:`ReleaseRecordFull`) rather than old ones forgotten (fail closed).
+    ``budget``: patient entries shared with other records (:class:`MemberBudget`).
     """
 
-    def __init__(self, min_cell: int, *, limit: int = 50_000) -> None:
+    def __init__(self, min_cell: int, *, limit: int = 50_000, budget: MemberBudget | None = None) -> None:
         self.min_cell = min_cell
         self.limit = limit
+        self.budget = budget
         self._sets: list[tuple[str, frozenset[str]]] = []
         self._ids: dict[tuple[str, frozenset[str]], int] = {}
         self._by_patient: dict[tuple[str, str], list[int]] = {}
@@ -96,13 +136,17 @@ class ReleaseRecord:
         self, releases: Sequence[tuple[str, Iterable[str]]]
     ) -> tuple[Conflict | None, int]:
         added = 0
-        for measure, patients in releases:
-            s = frozenset(patients)
-            found = self._conflict(measure, s)
-            if found is not None:
-                return found, added
-            if self._add(measure, s):
-                added += 1
+        try:
+            for measure, patients in releases:
+                s = frozenset(patients)
+                found = self._conflict(measure, s)
+                if found is not None:
+                    return found, added
+                if self._add(measure, s):
+                    added += 1
+        except BaseException:  # a full record or budget: nothing of this batch stays
+            self._undo(added)
+            raise
         return None, added
 
     def _conflict(self, measure: str, s: frozenset[str]) -> Conflict | None:
@@ -148,6 +192,8 @@ class ReleaseRecord:
             raise ReleaseRecordFull(
                 f"the release record holds {len(self._sets)} distinct sets, its limit"
             )
+        if self.budget is not None:
+            self.budget.take(len(s), force=force)
         sid = len(self._sets)
         self._sets.append(key)
         self._ids[key] = sid
@@ -160,6 +206,8 @@ class ReleaseRecord:
         for _ in range(count):
             measure, s = self._sets.pop()
             del self._ids[(measure, s)]
+            if self.budget is not None:
+                self.budget.give(len(s))
             for p in s:
                 ids = self._by_patient[(measure, p)]
                 ids.pop()
@@ -167,4 +215,76 @@ class ReleaseRecord:
                     del self._by_patient[(measure, p)]
 
 
-__all__ = ["AGGREGATE", "SURVIVAL", "Conflict", "ReleaseRecord", "ReleaseRecordFull"]
+#: The principal of every call on a server without authentication (one shared record).
+ANONYMOUS = "anonymous"
+
+
+class ReleaseBook:
+    """One :class:`ReleaseRecord` per principal, created on a principal's first release.
+
+    ``limit``: distinct sets per principal; ``max_principals``: principals with a record;
+    ``max_members``: patient entries (set sizes summed) over all records, the memory
+    bound (about 140 bytes an entry, ``benchmarks/bench_release_records.py``). A new
+    principal beyond ``max_principals``, or a release beyond ``max_members``, is refused
+    (:class:`ReleaseBookFull`); records are never evicted. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        min_cell: int,
+        *,
+        limit: int = 50_000,
+        max_principals: int = 1000,
+        max_members: int = 10_000_000,
+    ) -> None:
+        if max_principals < 1:
+            raise ValueError(f"max_principals must be >= 1, got {max_principals!r}")
+        self.min_cell = min_cell
+        self.limit = limit
+        self.max_principals = max_principals
+        self.budget = MemberBudget(max_members)
+        self._records: dict[str, ReleaseRecord] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, principal: object) -> bool:
+        return principal in self._records
+
+    def principals(self) -> list[str]:
+        with self._lock:
+            return sorted(self._records)
+
+    def record(self, principal: str, *, force: bool = False) -> ReleaseRecord:
+        """``principal``'s record, created when absent; :class:`ReleaseBookFull` when that
+        would exceed ``max_principals`` (``force``: replay of earlier releases, no cap)."""
+        with self._lock:
+            found = self._records.get(principal)
+            if found is None:
+                if len(self._records) >= self.max_principals and not force:
+                    raise ReleaseBookFull(
+                        f"the release records hold {len(self._records)} principals, their limit"
+                    )
+                found = self._records[principal] = ReleaseRecord(
+                    self.min_cell, limit=self.limit, budget=self.budget
+                )
+            return found
+
+    def peek(self, principal: str) -> ReleaseRecord | None:
+        """``principal``'s record, or None (nothing released to it yet); creates nothing."""
+        with self._lock:
+            return self._records.get(principal)
+
+
+__all__ = [
+    "AGGREGATE",
+    "ANONYMOUS",
+    "SURVIVAL",
+    "Conflict",
+    "MemberBudget",
+    "ReleaseBook",
+    "ReleaseBookFull",
+    "ReleaseRecord",
+    "ReleaseRecordFull",
+]

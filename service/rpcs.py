@@ -31,7 +31,9 @@ from indexing.snapshot import Snapshot
 from indexing.store import ACQUISITION_COLUMNS
 from service.api import cohortsim_pb2 as pb
 from service.errors import ServiceError, failed_precondition, grpc_errors, invalid_argument
-from service.interceptors.call import current_call, current_principal
+from service.governance import principal_key
+from service.interceptors.audit import MAX_TEXT
+from service.interceptors.call import add_facts, current_call, current_principal
 
 log = logging.getLogger(__name__)
 
@@ -182,16 +184,24 @@ class CallerSlots:
     their turn (before anything is decoded), beyond that RESOURCE_EXHAUSTED
     ``TOO_MANY_DICOM_CALLS``. One caller's uploads then never hold more than its share
     of the workers and the decode budget while others wait. A caller whose upload was
-    refused by the decode budget (:meth:`penalise`) has its DICOM calls refused at once
-    for ``cooldown_s`` (``DICOM_COOLDOWN``): parsing the headers of a bomb costs CPU (and
-    the interpreter lock), so bombs sent back to back must not each get that far."""
+    refused by the decode budget (:meth:`penalise`) has its DICOM calls refused for
+    ``cooldown_s`` (``DICOM_COOLDOWN``): parsing the headers of a bomb costs CPU (and
+    the interpreter lock), so bombs sent back to back must not each get that far.
+    ``hold``: a refused call is answered only when the cooldown ends, and counts against
+    the caller's calls meanwhile. Refusing at once let a caller that sends back to back
+    make hundreds of calls a second (each one received, parsed and answered by the
+    server: 313 calls/s of 677 kB in ``benchmarks/bench_hostile_uploads.py``); held, it
+    gets at most ``per_caller + waiting`` calls answered per cooldown."""
 
-    def __init__(self, per_caller: int = 2, waiting: int = 8, cooldown_s: float = 10.0) -> None:
+    def __init__(
+        self, per_caller: int = 2, waiting: int = 8, cooldown_s: float = 10.0, *, hold: bool = False
+    ) -> None:
         if per_caller < 1 or waiting < 0 or cooldown_s < 0:
             raise ValueError("per_caller must be >= 1, waiting and cooldown_s >= 0")
         self.per_caller = per_caller
         self.waiting = waiting
         self.cooldown_s = cooldown_s
+        self.hold = hold
         self._slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
         self._until: dict[str, float] = {}
 
@@ -206,13 +216,6 @@ class CallerSlots:
     @contextlib.asynccontextmanager
     async def slot(self, key: str) -> AsyncIterator[None]:
         wait = self._until.get(key, 0.0) - time.monotonic()
-        if wait > 0:
-            raise resource_exhausted(
-                "DICOM_COOLDOWN",
-                "an upload of this caller was refused by the decode budget; its DICOM calls "
-                f"are refused for {math.ceil(wait)} s more",
-                retry_after_ms=str(math.ceil(wait * 1000)),
-            )
         sem, count = self._slots.setdefault(key, (asyncio.Semaphore(self.per_caller), [0]))
         if count[0] >= self.per_caller + self.waiting:
             raise resource_exhausted(
@@ -223,6 +226,17 @@ class CallerSlots:
             )
         count[0] += 1
         try:
+            if wait > 0:
+                if self.hold:  # answered when the cooldown ends (class docstring)
+                    await asyncio.sleep(wait)
+                left = max(0.0, self._until.get(key, 0.0) - time.monotonic())
+                raise resource_exhausted(
+                    "DICOM_COOLDOWN",
+                    "an upload of this caller was refused by the decode budget; its DICOM "
+                    f"calls are refused for {self.cooldown_s:g} s after that"
+                    + (f" ({math.ceil(left)} s more)" if left > 0 else ""),
+                    retry_after_ms=str(math.ceil(left * 1000)),
+                )
             async with sem:
                 yield
         finally:
@@ -399,13 +413,23 @@ class CohortRpcs:
     ) -> pb.GetCohortStatsResponse:
         snapshot = self.state.require_snapshot()
         where = request.filter.where.strip()  # inner spacing is part of quoted values
-        restricted = self.governance.restricts(current_principal())
-        if restricted and where:
-            self.governance.check_filter(snapshot, where)  # small / differencing sub-cohorts
+        principal = current_principal()
+        restricted = self.governance.restricts(principal)
+        key = principal_key(principal)
+        if restricted and where:  # small / differencing sub-cohorts
+            self.governance.check_filter(snapshot, where, principal=key)
         rows = await self._run(live_rows, snapshot, where)
         response = await self._run(cohort_stats, snapshot, rows)
         if restricted:
-            return self.governance.cohort_stats(response, snapshot, rows)
+            governed = self.governance.cohort_stats(response, snapshot, rows, principal=key)
+            # what the audit record needs to rebuild the release at start: the filter
+            # (re-evaluated), or the patients when the record keeps only a filter prefix
+            facts: dict[str, Any] = {"release_kind": "stats", "release_principal": key}
+            if len(request.filter.where) > MAX_TEXT:
+                ids = snapshot.metadata.column("patient_id").take(rows).to_pylist()
+                facts["aggregated_patients"] = sorted({str(p) for p in ids})
+            add_facts(**facts)
+            return governed
         return response
 
     # ------------------------------------------------------------------ admin

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import logging
 import signal
+import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from encoders.budget import DecodeBudget
+from encoders.decode_pool import DecodePool
 from service.api import SERVICE_FULL_NAME, cohortsim_pb2_grpc
 from service.audit import AuditLog, read_records
 from service.auth import TokenStore
@@ -71,6 +73,7 @@ class _ServerParts:
     state: ServiceState
     executor: ThreadPoolExecutor
     dicom_executor: ThreadPoolExecutor
+    dicom_priority_executor: ThreadPoolExecutor
     audit: AuditLog | None = None
     batcher: SearchBatcher | None = None
     metrics: ServerMetrics | None = None
@@ -106,7 +109,12 @@ async def create_server(
     FAILED_PRECONDITION); ``max_stream_mb`` caps one SearchSimilarStream study.
     DICOM decoding is held to ``decode_budget_mb`` per request and
     ``decode_budget_server_mb`` for all at once (:mod:`encoders.budget`), and one caller
-    to ``dicom_calls_per_caller`` DICOM calls at once.
+    to ``dicom_calls_per_caller`` DICOM calls at once. It runs in ``decode_workers``
+    worker processes (:mod:`encoders.decode_pool`: niceness +``decode_worker_nice``,
+    ``decode_worker_memory_mb`` of address space each, ``decode_timeout_s``; 0 workers:
+    on the server's DICOM threads), started with the encoder when ``warm_encoder``, else
+    at the first DICOM call. Clinicians' DICOM calls (callers outside the researcher
+    view) have threads of their own and go first for a decode worker and the encoder.
     Prometheus metrics (:mod:`service.metrics`) are kept for every server and served on
     ``metrics_host:metrics_port`` when a port is given (0: a free one,
     :func:`server_metrics_port` says which), with the API's TLS when ``metrics_tls``.
@@ -135,11 +143,25 @@ async def create_server(
     state.decode_budget = DecodeBudget(
         per_request=cfg.decode_budget_mb << 20, per_process=cfg.decode_budget_server_mb << 20
     )
+    if cfg.decode_workers > 0:
+        state.decode_pool = DecodePool(
+            cfg.decode_workers, memory_mb=cfg.decode_worker_memory_mb,
+            nice=cfg.decode_worker_nice, timeout_s=cfg.decode_timeout_s,
+            budget=state.decode_budget,
+        )
     if cfg.warm_encoder and state.dicom_supported:
         await asyncio.to_thread(_warm_encoder, state)
+        if state.decode_pool is not None:  # spawned beside the serving, not awaited
+            threading.Thread(target=_start_decode_workers, args=(state.decode_pool,),
+                             name="cohortsim-decode-start", daemon=True).start()
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cohortsim-worker")
+    # DICOM calls: the researcher view's on one pool of threads, the others' (clinicians)
+    # on their own, so a clinician's study never waits behind uploads for a thread
     dicom_executor = ThreadPoolExecutor(
         max_workers=cfg.dicom_workers, thread_name_prefix="cohortsim-dicom"
+    )
+    dicom_priority_executor = ThreadPoolExecutor(
+        max_workers=cfg.dicom_workers, thread_name_prefix="cohortsim-dicom-priority"
     )
     governance = Governance(sec.policy)
     if guards.audit is not None:
@@ -176,9 +198,10 @@ async def create_server(
     servicer.pacs = sec.pacs
     servicer.max_stream_bytes = int(cfg.max_stream_mb) << 20
     servicer.dicom_slots = CallerSlots(
-        cfg.dicom_calls_per_caller, cfg.dicom_calls_waiting, cfg.dicom_cooldown_s
+        cfg.dicom_calls_per_caller, cfg.dicom_calls_waiting, cfg.dicom_cooldown_s, hold=True
     )
     servicer.dicom_executor = dicom_executor
+    servicer.dicom_priority_executor = dicom_priority_executor
     size = int(max_receive_mb) * 1024 * 1024
     server = grpc.aio.server(
         options=[
@@ -216,8 +239,7 @@ async def create_server(
     else:
         cause = None
     if bound == 0:
-        executor.shutdown(wait=False)
-        dicom_executor.shutdown(wait=False)
+        _close_workers(executor, dicom_executor, dicom_priority_executor, state=state)
         if guards.audit is not None:
             guards.audit.close()
         raise OSError(f"cannot listen on {address}: the port is in use or not allowed") from cause
@@ -228,8 +250,7 @@ async def create_server(
                 metrics_port, metrics_host, tls=sec.tls if cfg.metrics_tls else None
             )
         except OSError as exc:
-            executor.shutdown(wait=False)
-            dicom_executor.shutdown(wait=False)
+            _close_workers(executor, dicom_executor, dicom_priority_executor, state=state)
             if guards.audit is not None:
                 guards.audit.close()
             raise OSError(
@@ -243,8 +264,8 @@ async def create_server(
                 "on loopback or set metrics_tls", metrics_host,
             )
     _PARTS[server] = _ServerParts(
-        health_servicer, state, executor, dicom_executor, guards.audit, batcher, metrics,
-        bound_metrics,
+        health_servicer, state, executor, dicom_executor, dicom_priority_executor,
+        guards.audit, batcher, metrics, bound_metrics,
     )
     loop = asyncio.get_running_loop()
 
@@ -267,6 +288,21 @@ async def create_server(
     return server, bound
 
 
+def _close_workers(*executors: ThreadPoolExecutor, state: ServiceState) -> None:
+    """Stop the worker threads (queued work cancelled) and the decode worker processes."""
+    for pool in executors:
+        pool.shutdown(wait=False, cancel_futures=True)
+    if state.decode_pool is not None:
+        state.decode_pool.close()
+
+
+def _start_decode_workers(pool: DecodePool) -> None:
+    try:
+        pool.start()
+    except Exception as exc:  # closed meanwhile, or cannot spawn: the first DICOM call retries
+        log.warning("decode workers not started (%s)", type(exc).__name__)
+
+
 def _warm_encoder(state: ServiceState) -> None:
     try:
         state.encoder()
@@ -287,8 +323,8 @@ async def shutdown(
     await server.stop(grace)
     if parts is not None:
         parts.state.close()
-        parts.executor.shutdown(wait=False, cancel_futures=True)
-        parts.dicom_executor.shutdown(wait=False, cancel_futures=True)
+        _close_workers(parts.executor, parts.dicom_executor, parts.dicom_priority_executor,
+                       state=parts.state)
         if parts.metrics is not None:
             parts.metrics.close()
         if parts.audit is not None:

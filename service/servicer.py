@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ import grpc
 import numpy as np
 
 from encoders.budget import DecodeBudget, DecodeBudgetExceeded
+from encoders.decode_pool import DecodePool, PreparedStudy, prepare_study
 from encoders.errors import EncoderError
 from indexing import aggregates, engine
 from indexing.engine import Prefetched
@@ -30,10 +32,8 @@ from indexing.query import (
     attach_regions,
     attach_stability,
     index_warnings,
-    regions,
     search_similar,
     snapshot_temperature,
-    thumbnails,
 )
 from indexing.snapshot import SearchParams, Snapshot, current_version, load_snapshot
 from indexing.thumbnails import Region
@@ -41,9 +41,10 @@ from service import convert
 from service.api import cohortsim_pb2, cohortsim_pb2_grpc
 from service.batching import EmbedBatcher, SearchBatcher
 from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
-from service.governance import Governance, ResearcherAnswer
+from service.federation import ON_BEHALF_OF_KEY
+from service.governance import Governance, ResearcherAnswer, principal_key
 from service.interceptors.call import add_facts, current_principal
-from service.matched import attach_explanations, match_region
+from service.matched import attach_explanations, attach_thumbnails
 from service.pacs import query as pacs_query
 from service.pacs.dicomweb import DicomwebConfig
 from service.rpcs import CohortRpcs, caller_key
@@ -84,6 +85,12 @@ class EmbeddedStudy:
     volume: np.ndarray | None = None  # (D, H, W) preprocessed HU, kept for explanations
     roi: Any = None  # the first region of interest on the input grid (None: proposed)
 
+
+# Who a DICOM call's decoding and encoder forward are for: 0 for callers who see
+# identities (clinicians), 1 for the researcher view. Set on the DICOM thread by
+# PatientSimilarityServicer._run_dicom; the decode workers and the encoder queue serve the
+# lower number first, so a clinician's study never queues behind researchers' uploads.
+DICOM_PRIORITY: ContextVar[int] = ContextVar("cohortsim_dicom_priority", default=1)
 
 TTA_VIEWS = 4  # scanner-augmented copies of a DICOM query (stability diagnostics); 0 = off
 TTA_SEED = 0  # fixed: the same study gets the same copies, hence the same diagnostics
@@ -151,6 +158,8 @@ class ServiceState:
         self.embedder = EmbedBatcher()  # concurrent DICOM embeddings share encoder forwards
         # decoded bytes per DICOM request and for the process, DICOM calls per caller
         self.decode_budget = DecodeBudget()
+        # worker processes that decode uploads (None: decode on the calling thread)
+        self.decode_pool: DecodePool | None = None
         self._swap_lock = threading.Lock()
         self._skipped_version: str | None = None
         self._listeners: list[Callable[[Snapshot], None]] = []
@@ -316,20 +325,16 @@ class ServiceState:
         is embedded (``EmbeddedStudy.regions``, the first is ``vector``) and the
         augmented copies use the first one.
         """
-        from encoders.dicom import preprocess, read_study
         from encoders.model import embed
 
         encoder, card = self.encoder(snapshot)  # the encoder of the snapshot searched
         on_patches = card.region.mode == "lesion" and card.input.has_patches
-        with self.decode_budget.request(received=sum(len(f) for f in files)):
-            study = read_study(files)
-            if on_patches:
-                # whole-study grid: a detail patch per query region, else the top proposal
-                context, stack, n = self._patches(card, study, regions)
-            else:
-                context = preprocess(study, card.input)
+        prepared = self.prepare_dicom(files, card, regions if on_patches else (),
+                                      patches=on_patches)
         if on_patches:
             # what the encoder sees is the patch; thumbnails and explanations use it too
+            assert prepared.patches is not None
+            stack, n = prepared.patches, len(prepared.patches)
             volume = stack[0]
             boxes: list[tuple[float, ...]] = [()] * n if regions else []
             if views > 0:
@@ -337,8 +342,9 @@ class ServiceState:
                                         scanner_views(stack[0], views)])
             rois = None
         else:
-            volume = context
-            boxes = self._region_boxes(card, study, regions) if regions else []
+            volume = prepared.context
+            boxes = (self._region_boxes(card, prepared.shape, prepared.spacing, regions)
+                     if regions else [])
             n = max(1, len(boxes))  # rows embedded for the query itself
             stack = volume[None] if n == 1 else np.repeat(volume[None], n, axis=0)
             if views > 0:
@@ -351,10 +357,9 @@ class ServiceState:
         # one forward at a time (the cores are shared with the index search); the studies
         # of concurrent calls that queued meanwhile share the next one (service.batching),
         # except a study with regions, whose boxes travel with its own volumes only
-        out = self.embedder.embed(encoder, stack, forward, shareable=rois is None)
-        acquisition = {
-            str(k): str(v) for k, v in (study.acquisition or {}).items() if v is not None
-        }
+        out = self.embedder.embed(encoder, stack, forward, shareable=rois is None,
+                                  priority=DICOM_PRIORITY.get())
+        acquisition = prepared.acquisition
         # the region the query's vector was cut around: a box on the preprocessed volume,
         # or None (a detail patch is centred on its region; else the proposal)
         first = boxes[0] if boxes and not on_patches else None
@@ -367,7 +372,8 @@ class ServiceState:
                                    device=self.device)
             region = Region.of(cut[0])
             if on_patches:  # the patch was cut around a query region, else the top proposal
-                region = Region(region.slice_index, region.box, "reader" if regions else "proposal")
+                source = prepared.patch_source or ("reader" if regions else "proposal")
+                region = Region(region.slice_index, region.box, source)
             png = region_thumbnail_png(volume, region)
         return EmbeddedStudy(
             out[0].astype(np.float32), card.version, acquisition,
@@ -378,31 +384,33 @@ class ServiceState:
             roi=first,
         )
 
-    @staticmethod
-    def _patches(
-        card: Any, study: Any, regions: Sequence[Sequence[float]]
-    ) -> tuple[np.ndarray, np.ndarray, int]:
-        """Context volume, the detail patches to embed ``(n, pd, ph, pw)`` (one per query
-        region, cut from the full-resolution study, or the top proposal when there is
-        none) and ``n``; INVALID_ARGUMENT (``DICOM_BAD_REGION``) for a region outside the
-        study."""
-        from encoders.grid import study_input
-
-        # a box outside the study raises DicomError("bad_region") -> DICOM_BAD_REGION
-        si = study_input(study, card.input, regions=list(regions),
-                         proposals=not regions, proposal=card.region.proposal)
-        if not regions:
-            return si.context, si.patches[si.primary("proposals")][None], 1
-        k = sum(p.source == "reader" for p in si.patch_info)  # at most spec.max_patches
-        return si.context, si.patches[:k], k
+    def prepare_dicom(
+        self, files: list[bytes], card: Any, regions: Sequence[Sequence[float]], *, patches: bool
+    ) -> PreparedStudy:
+        """Decode ``files`` and build ``card``'s input (:func:`encoders.decode_pool.prepare_study`)
+        in the decode workers when the server has them (``decode_pool``), else on this
+        thread; under the decoded-byte budget either way. Blocking. A region outside the
+        study is INVALID_ARGUMENT ``DICOM_BAD_REGION``; a study that ends its worker
+        RESOURCE_EXHAUSTED ``DICOM_DECODE_MEMORY`` (or ``_TIMEOUT`` / ``_CRASHED``)."""
+        if self.decode_pool is not None:
+            return self.decode_pool.prepare(
+                files, card.input, patches=patches, regions=regions,
+                proposal=card.region.proposal, priority=DICOM_PRIORITY.get(),
+            )
+        with self.decode_budget.request(received=sum(len(f) for f in files)):
+            return prepare_study(files, card.input, patches=patches, regions=regions,
+                                 proposal=card.region.proposal)
 
     @staticmethod
     def _region_boxes(
-        card: Any, study: Any, regions: Sequence[Sequence[float]]
+        card: Any,
+        study_shape: tuple[int, int, int],
+        study_spacing: tuple[float, float, float],
+        regions: Sequence[Sequence[float]],
     ) -> list[tuple[float, ...]]:
         """Each region's box mapped to the encoder's input grid; FAILED_PRECONDITION for a
         whole-volume encoder, INVALID_ARGUMENT for a box the preprocessing cropped away."""
-        from encoders.dicom import box_to_input_grid
+        from encoders.preprocess import box_to_input_grid
 
         if card.region.mode != "lesion":
             raise failed_precondition(
@@ -414,13 +422,13 @@ class ServiceState:
         extent = " x ".join(f"{n * s:g}" for n, s in zip(shape, card.input.spacing_mm, strict=True))
         boxes: list[tuple[float, ...]] = []
         for i, b in enumerate(regions):
-            box = box_to_input_grid(b, study.volume.shape, study.spacing, card.input)
+            box = box_to_input_grid(b, study_shape, study_spacing, card.input)
             if any(hi <= 0 or lo >= n for lo, hi, n in zip(box[:3], box[3:], shape, strict=True)):
                 raise invalid_argument(
                     "INVALID_REGION",
                     f"regions[{i}] lies outside the part of the study the encoder sees (the "
                     f"central {extent} mm of a study of "
-                    f"{' x '.join(str(d) for d in study.volume.shape)} voxels)",
+                    f"{' x '.join(str(d) for d in study_shape)} voxels)",
                 )
             boxes.append(box)
         return boxes
@@ -446,8 +454,6 @@ def search(
     kwargs: dict[str, Any] = {}
     views = None
     region_vectors = None
-    query_thumbnail = None
-    query_region = None
     embedded = None
     if query.where:
         snapshot.filter_mask(query.where)  # a bad filter fails before any DICOM is decoded
@@ -459,9 +465,6 @@ def search(
         kwargs["exclude_rows"] = [row]
         patient = snapshot.metadata.column("patient_id")[row].as_py()
         kwargs["exclude_patients"] = [patient]
-        if query.include_thumbnails:
-            query_thumbnail = thumbnails(snapshot, [row])[0]
-            query_region = regions(snapshot, [row])[0]
     else:
         explain = bool(getattr(query, "include_explanations", False))
         embedded = state.embed_dicom(
@@ -475,8 +478,6 @@ def search(
         vector = embedded.vector
         views = embedded.views
         region_vectors = embedded.regions
-        query_thumbnail = embedded.thumbnail
-        query_region = embedded.region
         kwargs["query_acquisition"] = [embedded.acquisition]
     kwargs["where"] = query.where
     if query.nprobe is not None or query.ef_search is not None:
@@ -501,18 +502,10 @@ def search(
     if region_vectors is not None:
         attach_regions(result, [obs for obs, _ in query.regions], results)
     rows = [nb.row for nb in result.neighbors]
-    if query.include_thumbnails and embedded is not None and rows:
-        # whole-volume encoders: show the query's slice of the strongest match
-        matched = match_region(state, embedded, snapshot.vector(rows[0]), snapshot)
-        if matched is not None:
-            query_region, query_thumbnail = matched
     if query.include_thumbnails:
-        result.query_thumbnail = query_thumbnail
-        result.query_region = query_region
-        for nb, png, cut in zip(
-            result.neighbors, thumbnails(snapshot, rows), regions(snapshot, rows), strict=True
-        ):
-            nb.thumbnail, nb.region = png, cut
+        # lesion encoders: the embedded boxes; whole-volume ones: the slices of the strongest match
+        attach_thumbnails(state, snapshot, result, vector, embedded=embedded,
+                          query_row=kwargs["exclude_rows"][0] if query.kind == "study_uid" else None)
     if embedded is not None and getattr(query, "include_explanations", False) and rows:
         attach_explanations(state, snapshot, embedded, result)
     return result
@@ -587,6 +580,8 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         # DICOM decoding and embedding run on their own threads (ServeConfig.dicom_workers)
         # so that uploads never hold the workers searches need; None: the same workers
         self.dicom_executor: Executor | None = None
+        # the DICOM threads of callers who see identities (None: dicom_executor)
+        self.dicom_priority_executor: Executor | None = None
         # micro-batching of concurrent embedding / study_uid searches (service.batching)
         self.batcher = batcher
         # the researcher view (service.governance): applied to callers without the "identities" right
@@ -597,10 +592,17 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     async def _run_dicom(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the DICOM threads (decoding, embedding, their searches)."""
+        """``fn(*args)`` on the DICOM threads (decoding, embedding, their searches), with
+        the caller's :data:`DICOM_PRIORITY`: clinicians' studies first, on threads of
+        their own (``dicom_priority_executor``) so that they never queue behind uploads
+        of the researcher view."""
         loop = asyncio.get_running_loop()
-        pool = self.dicom_executor or self._executor
-        return await loop.run_in_executor(pool, functools.partial(fn, *args))
+        restricted = self.governance.restricts(current_principal())
+        pool = (self.dicom_executor if restricted else self.dicom_priority_executor) \
+            or self.dicom_executor or self._executor
+        return await loop.run_in_executor(
+            pool, functools.partial(_with_priority, 1 if restricted else 0, fn, *args)
+        )
 
     def _check_filter(self, where: str) -> str:
         """The one place that decides whether a filter can be honoured."""
@@ -648,8 +650,11 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
     ) -> cohortsim_pb2.SearchSimilarResponse:
         time_unit = str(snapshot.manifest.get("time_unit") or convert.DEFAULT_TIME_UNIT)
         run = self._run_dicom if query.kind == "dicom" else self._run
-        if self.governance.restricts(current_principal()):  # aggregates only, governed
-            answer = await run(self._governed_search, snapshot, query, time_unit)
+        principal = current_principal()
+        if self.governance.restricts(principal):  # aggregates only, governed
+            answer = await run(
+                self._governed_search, snapshot, query, time_unit, principal_key(principal)
+            )
             add_facts(**answer.facts)
             convert.add_warnings(answer.response.diagnostics, warnings)
             return answer.response
@@ -664,13 +669,14 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         return response
 
     def _governed_search(
-        self, snapshot: Snapshot, query: convert.SearchQuery, time_unit: str
+        self, snapshot: Snapshot, query: convert.SearchQuery, time_unit: str, principal: str
     ) -> ResearcherAnswer:
         def run(q: convert.SearchQuery) -> QueryResult:
             return search(self.state, snapshot, q, max_k=max(q.k, self.limits.max_k))
 
         return self.governance.researcher_search(
-            snapshot, query, run=run, embed=self.state.embed_dicom, time_unit=time_unit
+            snapshot, query, run=run, embed=self.state.embed_dicom, time_unit=time_unit,
+            principal=principal,
         )
 
     async def _site_part(
@@ -711,8 +717,18 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         self, request: cohortsim_pb2.AggregateSiteRequest, context: grpc.aio.ServicerContext
     ) -> cohortsim_pb2.AggregateSiteResponse:
         """A federated site's researcher part: additive counts over its top-k neighbours,
-        suppressed here (the site's min cell) before they leave."""
+        suppressed here (the site's min cell) before they leave, and checked against the
+        release record of the end user (a trusted coordinator's ``ON_BEHALF_OF_KEY``) or
+        of the caller (``Governance.site_release``)."""
         snapshot = self.state.require_snapshot()
+        principal = self.governance.release_principal(
+            current_principal(), _metadata_value(context, ON_BEHALF_OF_KEY)
+        )
+        where = request.filter.where.strip()
+        if where:  # the researcher filter rules, against the end user's record
+            await self._run(
+                functools.partial(self.governance.check_filter, snapshot, where, principal=principal)
+            )
         part = await self._site_part(snapshot, request)
         min_cell = self.governance.policy.min_cell
         counts = aggregates.suppress(
@@ -726,7 +742,8 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
             ),
             min_cell,
         )
-        add_facts(site_aggregate=aggregates.to_dict(counts))
+        facts = self.governance.site_release(part.neighbors, counts, principal=principal)
+        add_facts(site_aggregate=aggregates.to_dict(counts), **facts)
         return convert.aggregates_to_proto(counts, min_cell=min_cell, snapshot=snapshot)
 
     @grpc_errors
@@ -767,6 +784,27 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         return response
 
 
+def _with_priority(priority: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with :data:`DICOM_PRIORITY` set to ``priority`` (on a worker thread)."""
+    token = DICOM_PRIORITY.set(priority)
+    try:
+        return fn(*args)
+    finally:
+        DICOM_PRIORITY.reset(token)
+
+
+def _metadata_value(context: Any, key: str) -> str | None:
+    """The first value of invocation metadata ``key`` (text), or None."""
+    try:
+        items = context.invocation_metadata() or ()
+    except Exception:
+        return None
+    for k, v in items:
+        if k.lower() == key:
+            return v.decode("latin-1") if isinstance(v, bytes) else str(v)
+    return None
+
+
 def _log_index_warnings(snapshot: Snapshot) -> None:
     """Log the index-level warnings (its prognostic skill) when a snapshot starts serving."""
     for note in index_warnings(snapshot):
@@ -774,6 +812,7 @@ def _log_index_warnings(snapshot: Snapshot) -> None:
 
 
 __all__ = [
+    "DICOM_PRIORITY",
     "FILTERS_SUPPORTED",
     "EmbeddedStudy",
     "Limits",

@@ -39,6 +39,15 @@ def reason_from_trailing(trailing: Any) -> str | None:
     return None
 
 
+def error_metadata_from_trailing(trailing: Any) -> dict[str, str]:
+    """The ``google.rpc.ErrorInfo`` metadata carried in a call's trailing metadata ({} if none)."""
+    for detail in _status_details(trailing):
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return dict(info.metadata)
+    return {}
+
+
 def retry_delay_from_trailing(trailing: Any) -> float | None:
     """The ``google.rpc.RetryInfo`` delay (seconds) in a call's trailing metadata, or None."""
     for detail in _status_details(trailing):
@@ -50,6 +59,7 @@ def retry_delay_from_trailing(trailing: Any) -> float | None:
 __all__ = [
     "DOMAIN",
     "STATUS_DETAILS_KEY",
+    "error_metadata_from_trailing",
     "reason_from_trailing",
     "retry_delay_from_trailing",
 ]

@@ -270,18 +270,22 @@ class FederationReport(_message.Message):
     def __init__(self, sites: _Optional[_Iterable[_Union[SiteReport, _Mapping]]] = ..., cohort_studies: _Optional[int] = ...) -> None: ...
 
 class SiteReport(_message.Message):
-    __slots__ = ("name", "state", "reason", "neighbors", "model_version")
+    __slots__ = ("name", "state", "reason", "neighbors", "model_version", "num_studies", "index_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_STUDIES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: SiteState
     reason: str
     neighbors: int
     model_version: str
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[SiteState, str]] = ..., reason: _Optional[str] = ..., neighbors: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    num_studies: int
+    index_version: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[SiteState, str]] = ..., reason: _Optional[str] = ..., neighbors: _Optional[int] = ..., model_version: _Optional[str] = ..., num_studies: _Optional[int] = ..., index_version: _Optional[str] = ...) -> None: ...
 
 class Neighbor(_message.Message):
     __slots__ = ("patient_id", "study_uid", "similarity", "site", "acquisition", "outcome", "weight", "thumbnail_png", "region", "explanation")
@@ -550,7 +554,7 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("num_studies", "dimension", "metric", "index_kind", "model_version", "index_version", "gpu", "create_time", "max_k", "dicom_supported", "prognostic_quality", "warnings")
+    __slots__ = ("num_studies", "dimension", "metric", "index_kind", "model_version", "index_version", "gpu", "create_time", "max_k", "dicom_supported", "prognostic_quality", "warnings", "federation")
     NUM_STUDIES_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -563,6 +567,7 @@ class GetIndexInfoResponse(_message.Message):
     DICOM_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
     PROGNOSTIC_QUALITY_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
     num_studies: int
     dimension: int
     metric: str
@@ -575,7 +580,8 @@ class GetIndexInfoResponse(_message.Message):
     dicom_supported: bool
     prognostic_quality: PrognosticQuality
     warnings: _containers.RepeatedCompositeFieldContainer[Warning]
-    def __init__(self, num_studies: _Optional[int] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., index_kind: _Optional[str] = ..., model_version: _Optional[str] = ..., index_version: _Optional[str] = ..., gpu: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_k: _Optional[int] = ..., dicom_supported: _Optional[bool] = ..., prognostic_quality: _Optional[_Union[PrognosticQuality, _Mapping]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ...) -> None: ...
+    federation: FederationReport
+    def __init__(self, num_studies: _Optional[int] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., index_kind: _Optional[str] = ..., model_version: _Optional[str] = ..., index_version: _Optional[str] = ..., gpu: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_k: _Optional[int] = ..., dicom_supported: _Optional[bool] = ..., prognostic_quality: _Optional[_Union[PrognosticQuality, _Mapping]] = ..., warnings: _Optional[_Iterable[_Union[Warning, _Mapping]]] = ..., federation: _Optional[_Union[FederationReport, _Mapping]] = ...) -> None: ...
 
 class PrognosticQuality(_message.Message):
     __slots__ = ("k", "temperature", "temperature_source", "c_index", "restricted_mean_time", "evaluated_study_count", "evaluated_event_count", "calibration", "c_index_lower", "c_index_upper")

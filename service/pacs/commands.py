@@ -1,7 +1,7 @@
 """The PACS parts of the command line: ``cohortsim ingest --dicomweb URL`` (a pull) and
 ``cohortsim listen`` (the C-STORE SCP); :func:`register` adds ``listen`` to the app.
 
-Kept out of ``service/cli.py`` so that the main CLI only names the options; both import
+Kept out of ``service/cli/`` so that the main CLI only names the options; both import
 dicomweb-client / pynetdicom lazily (the ``pacs`` extra).
 """
 

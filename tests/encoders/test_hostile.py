@@ -182,7 +182,7 @@ def test_each_hostile_input_has_a_specific_reason(good: list[Path], corpus) -> N
 
 def test_element_bomb_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Millions of tiny elements would cost GBs of Python objects: a read budget stops them."""
-    monkeypatch.setattr(dicom, "MAX_HEADER_READS", 5_000)
+    monkeypatch.setattr(dicom.reading, "MAX_HEADER_READS", 5_000)
     elems = b"".join(
         struct.pack("<HH2sH", g, e, b"SH", 0) for g in range(0x0009, 0x0100, 2) for e in range(0x1000, 0x1040)
     )

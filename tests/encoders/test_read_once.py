@@ -11,6 +11,8 @@ import pytest
 from dicom_factory import ct_series, phantom_hu
 
 import encoders.dicom as dicom
+from encoders.dicom.headers import _read_header
+from encoders.dicom.pixels import _decode
 
 
 def test_read_study_parses_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,7 +24,7 @@ def test_read_study_parses_each_file_once(tmp_path: Path, monkeypatch: pytest.Mo
         calls.append(bool(kwargs.get("stop_before_pixels")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dicom.pydicom, "dcmread", counting)
+    monkeypatch.setattr(pydicom, "dcmread", counting)
     study = dicom.read_study(paths)
     assert calls == [True] * len(paths)  # headers only, once per file; pixels read after
     assert np.allclose(study.volume, phantom_hu(6, 32, 4))
@@ -31,8 +33,8 @@ def test_read_study_parses_each_file_once(tmp_path: Path, monkeypatch: pytest.Mo
 def test_pixel_elements_do_not_stay_in_the_headers(tmp_path: Path) -> None:
     """After decoding, the header keeps no pixel data (memory stays bounded by the volume)."""
     paths = ct_series(tmp_path / "ct", n=3, rows=16, seed=1)
-    headers = [dicom._read_header(p, i) for i, p in enumerate(paths)]
+    headers = [_read_header(p, i) for i, p in enumerate(paths)]
     for h in headers:
-        stored, _ = dicom._decode(h)
+        stored, _ = _decode(h)
         assert stored.shape == (1, 16, 16)
         assert "PixelData" not in h.ds

@@ -20,17 +20,17 @@ import pytest
 from storage_chaos import corruption_offsets, flip_bit, truncate
 
 import indexing.store as store_module
+from indexing.durable import sha256_file
 from indexing.errors import SnapshotError, StoreError
 from indexing.snapshot import (
     MANIFEST_FILE,
     VERSIONS_DIR,
-    _manifest_digest,
     build_snapshot,
     load_snapshot,
     publish,
-    sha256_file,
 )
 from indexing.store import CohortStore, StudyRecord
+from indexing.versions import manifest_digest
 
 N, D = 40, 8
 
@@ -142,7 +142,7 @@ def test_an_id_map_that_does_not_match_its_vectors_is_refused(
     pq.write_table(meta, vdir / "metadata.parquet")
     manifest = json.loads((vdir / MANIFEST_FILE).read_text())
     manifest["files"]["metadata.parquet"] = sha256_file(vdir / "metadata.parquet")
-    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (vdir / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(SnapshotError, match=r"row_id is not 0\.\.39"):
         load_snapshot(work, version=v2, device="cpu")

@@ -26,7 +26,7 @@ from indexing.build import build_from_store  # noqa: E402
 from indexing.distributed import build_from_store_ray, plan_units  # noqa: E402
 from indexing.distributed_ingest import ingest_folder_ray, run_isolating_failures  # noqa: E402
 from indexing.ingest import ingest_folder  # noqa: E402
-from indexing.snapshot import load_snapshot  # noqa: E402
+from indexing.snapshot import Snapshot, load_snapshot  # noqa: E402
 from indexing.store import CohortStore, StudyRecord  # noqa: E402
 from service.cli import ray_address_argv  # noqa: E402
 
@@ -188,8 +188,14 @@ def test_ray_build_matches_single_process_and_resumes(
     assert f"S-{3:024x}" not in snap.metadata["study_uid"].to_pylist()  # withdrawn
     np.testing.assert_allclose(np.asarray(snap.vectors), np.asarray(single.vectors), atol=1e-5)
     assert snap.model_version == single.model_version
-    same = [c for c in single.metadata.column_names if c != "ingested_at"]
+    # slice projections are floats from other processes: compared with a tolerance
+    same = [c for c in single.metadata.column_names if c not in ("ingested_at", "match_projections")]
     assert snap.metadata.select(same).equals(single.metadata.select(same))  # thumbnails too
+
+    def projections(s: Snapshot) -> np.ndarray:
+        return np.concatenate([np.frombuffer(b, "<f4") for b in s.metadata["match_projections"].to_pylist()])
+
+    np.testing.assert_allclose(projections(snap), projections(single), atol=1e-5)
 
 
 @pytest.mark.slow

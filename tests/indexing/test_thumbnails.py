@@ -107,7 +107,7 @@ def test_whole_volume_match_picks_the_slice_of_the_strongest_match() -> None:
         # a volume made of slice z alone embeds as that slice's own projection
         target = embed(enc, np.repeat(v[z][None], SHAPE[0], axis=0)[None])
         (cut,) = embedded_regions(enc, v[None], match=target)
-        assert cut[0] == z and cut[2] == "best_slice"
+        assert cut[0] == z and cut[2] == "matched_slice"
 
 
 LIDC = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lidc-idri-0001.tar.xz"

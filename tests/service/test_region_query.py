@@ -236,5 +236,5 @@ def test_whole_volume_query_thumbnail_is_the_slice_of_the_strongest_match(region
     ) as client:
         res = client.search(dicom_paths=region_setup["files"], k=3, include_thumbnails=True)
     q = res.query_region
-    assert q is not None and q.source == "best_slice" and q.box[:2] == (0, 0)
+    assert q is not None and q.source == "matched_slice" and q.box[:2] == (0, 0)
     assert res.query_thumbnail_png is not None and res.query_thumbnail_png.startswith(b"\x89PNG")

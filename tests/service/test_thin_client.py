@@ -24,15 +24,18 @@ from .conftest import DIM, MODEL_VERSION
 REPO = Path(__file__).resolve().parents[2]
 
 BLOCKED = ["torch", "torchvision", "timm", "faiss", "encoders", "indexing", "pyarrow", "pydicom", "scipy", "lifelines"]
+# the engine's plain result types and warning codes, which the client shares (standard library only)
+SHARED = ["indexing", "indexing.notices", "indexing.prognosis_types"]
 
 SCRIPT = r"""
 import json, sys
 
 BLOCKED = set(sys.argv[3].split(","))
+SHARED = set(sys.argv[4].split(","))
 
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
+        if name.split(".")[0] in BLOCKED and name not in SHARED:
             raise ImportError(f"{name} is blocked: the thin client must not import it")
         return None
 
@@ -60,7 +63,7 @@ print(json.dumps({
     "num_studies": info.num_studies, "model_version": info.model_version,
     "neighbors": len(res.neighbors), "error": reason, "async_neighbors": asyncio.run(run()),
     "client_file": service.client.__file__,
-    "loaded": sorted({m.split(".")[0] for m in sys.modules} & BLOCKED),
+    "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED and m not in SHARED),
 }))
 """
 
@@ -69,7 +72,7 @@ def _run_client(server: BackgroundServer, pythonpath: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(pythonpath)
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, server.target, str(DIM), ",".join(BLOCKED)],
+        [sys.executable, "-c", SCRIPT, server.target, str(DIM), ",".join(BLOCKED), ",".join(SHARED)],
         capture_output=True, text=True, timeout=120, env=env, cwd=pythonpath,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -106,6 +109,7 @@ def test_thin_wheel_holds_only_the_client_and_works(server: BackgroundServer, tm
     assert sorted(names) == sorted(
         [
             "service/__init__.py", "service/client.py", "service/status_details.py",
+            "indexing/__init__.py", "indexing/notices.py", "indexing/prognosis_types.py",
             "service/api/__init__.py", "service/api/cohortsim_pb2.py",
             "service/api/cohortsim_pb2.pyi", "service/api/cohortsim_pb2_grpc.py",
         ]
@@ -115,3 +119,14 @@ def test_thin_wheel_holds_only_the_client_and_works(server: BackgroundServer, tm
     got = _run_client(server, tmp_path / "site")
     _check(got)
     assert Path(got["client_file"]).resolve() == (tmp_path / "site" / "service" / "client.py").resolve()
+
+
+def test_client_result_types_are_the_engines() -> None:
+    """One definition: the client returns the engine's prognosis value types and codes."""
+    import indexing.notices
+    import indexing.prognosis
+    import service.client
+
+    for name in ("SurvivalPoint", "HorizonEstimate", "LabelShare"):
+        assert getattr(service.client, name) is getattr(indexing.prognosis, name), name
+    assert service.client.SKILL_CODES is indexing.notices.SKILL_CODES
