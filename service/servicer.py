@@ -372,7 +372,8 @@ class ServiceState:
                                    device=self.device)
             region = Region.of(cut[0])
             if on_patches:  # the patch was cut around a query region, else the top proposal
-                region = Region(region.slice_index, region.box, "reader" if regions else "proposal")
+                source = prepared.patch_source or ("reader" if regions else "proposal")
+                region = Region(region.slice_index, region.box, source)
             png = region_thumbnail_png(volume, region)
         return EmbeddedStudy(
             out[0].astype(np.float32), card.version, acquisition,
