@@ -188,10 +188,15 @@ def main() -> None:
             vectors = [pb.Vector(values=v.tolist(), model_version=MODEL) for v in queries]
 
             site_ms: list[list[float]] = []
-            for port in ports:
+            site_cpu: list[float] = []
+            for port, proc in zip(ports, procs, strict=False):
                 with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
                     stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(ch)
-                    site_ms.append(_timed(stub.SearchSite, [pb.SearchSiteRequest(embedding=v, k=args.k) for v in vectors]))
+                    site_requests = [pb.SearchSiteRequest(embedding=v, k=args.k) for v in vectors]
+                    _timed(stub.SearchSite, site_requests[:20], warm=0)
+                    before = cpu_s(proc.pid)
+                    site_ms.append(_timed(stub.SearchSite, site_requests, warm=0))
+                    site_cpu.append((cpu_s(proc.pid) - before) / len(site_requests) * 1e3)
 
             requests = [pb.SearchSimilarRequest(embedding=v, k=args.k) for v in vectors]
             coord_cpu = float("nan")
@@ -217,10 +222,10 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {args.sites} sites x {args.n} x {args.dim}, k={args.k}, "
           f"{args.queries} queries one at a time; network: {where}; coordinator: {args.coordinator}")
     slowest = max(_pcts(t)[0] for t in site_ms)
-    print(f"{'path':<32}{'p50 ms':>9}{'p90 ms':>9}{'p50 / slowest site':>20}")
+    print(f"{'path':<32}{'p50 ms':>9}{'p90 ms':>9}{'p50 / slowest site':>20}{'CPU ms/query':>14}")
     for i, t in enumerate(site_ms):
         p50, p90 = _pcts(t)
-        print(f"{f'site s{i} SearchSite':<32}{p50:>9.2f}{p90:>9.2f}{p50 / slowest:>20.2f}")
+        print(f"{f'site s{i} SearchSite':<32}{p50:>9.2f}{p90:>9.2f}{p50 / slowest:>20.2f}{site_cpu[i]:>14.2f}")
     p50, p90 = _pcts(coord_ms)
     print(f"{'coordinator SearchSimilar':<32}{p50:>9.2f}{p90:>9.2f}{p50 / slowest:>20.2f}")
     if coord_cpu == coord_cpu:  # measured (process mode)
