@@ -742,7 +742,9 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
             ),
             min_cell,
         )
-        facts = self.governance.site_release(part.neighbors, counts, principal=principal)
+        facts = await self._run(  # the record check walks the principal's sets: off the loop
+            functools.partial(self.governance.site_release, part.neighbors, counts, principal=principal)
+        )
         add_facts(site_aggregate=aggregates.to_dict(counts), **facts)
         return convert.aggregates_to_proto(counts, min_cell=min_cell, snapshot=snapshot)
 
