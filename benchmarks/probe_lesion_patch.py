@@ -13,8 +13,12 @@ cohort with reader patches) and prints, on the held-out split of ``cohortsim eva
 each on the raw HU, on HU calibrated on the patch itself (what the lesion encoder did) and
 on HU calibrated with the references of the whole study (its context volume). P@10 is also
 split into the size class and the texture class of the phenotype (``small_solid`` ->
-``small``, ``solid``), so it shows which half of the label a feature carries. Nothing is
-asserted.
+``small``, ``solid``), so it shows which half of the label a feature carries.
+
+Then the stored label-free proposals against the readers: top-1 and top-3 hits (a
+proposal centre within 10 mm of the mean of the readers' box centres, which lies within
+about 1 mm of the inserted lesion's centre) per phenotype, with 95 % Wilson intervals.
+Nothing is asserted.
 
     python benchmarks/probe_lesion_patch.py --workdir /work/notes/realct-work/c96s1 --seed 1
 """
@@ -130,6 +134,45 @@ def main() -> None:
                   for p in (patches, own, study)]
         print(f"  {t}: " + " / ".join(f"{v:+.0f} (sd {s:.0f})" for v, s in zip(vals, spread,
                                                                           strict=True)))
+    proposal_hits(store, dict(zip(uids, lab.tolist(), strict=True)))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of ``k`` successes in ``n`` trials."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (float(c - h), float(c + h))
+
+
+def proposal_hits(store: CohortStore, phenotype_of: dict[str, str], radius_mm: float = 10.0) -> None:
+    """Print top-1 / top-3 proposal hits against the readers' mean centre per phenotype."""
+    import json
+
+    per: dict[str, list[tuple[bool, bool, float]]] = {}
+    for row in store.patch_table().to_pylist():
+        info = json.loads(row["patch_info"])
+        readers = [np.asarray(p["centre_mm"]) for p in info if p["source"] == "reader"]
+        props = sorted((p for p in info if p["source"] == "proposal"), key=lambda p: p["rank"])
+        if not readers or not props:
+            continue
+        truth = np.mean(readers, axis=0)
+        d = [float(np.linalg.norm(np.asarray(p["centre_mm"]) - truth)) for p in props]
+        per.setdefault(phenotype_of[row["study_uid"]], []).append(
+            (d[0] <= radius_mm, min(d[:3]) <= radius_mm, d[0]))
+    print(f"\nproposals vs the readers' centre (hit: within {radius_mm:g} mm)\n")
+    print("| phenotype | n | top-1 | top-3 | median distance of top-1, mm |")
+    print("|---|---:|---|---|---:|")
+    every = [h for hs in per.values() for h in hs]
+    for name, hs in [*sorted(per.items()), ("**all**", every)]:
+        n = len(hs)
+        k1, k3 = sum(h[0] for h in hs), sum(h[1] for h in hs)
+        i1, i3 = wilson(k1, n), wilson(k3, n)
+        print(f"| {name} | {n} | {k1 / n:.2f} [{i1[0]:.2f}, {i1[1]:.2f}] | {k3 / n:.2f} "
+              f"[{i3[0]:.2f}, {i3[1]:.2f}] | {np.median([h[2] for h in hs]):.1f} |")
 
 
 if __name__ == "__main__":
