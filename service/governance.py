@@ -52,9 +52,11 @@ An aggregate released to a researcher is a function of a **set of patients** onl
    ``event = false OR patient_id <> X`` the mere acceptance or refusal of a filter would
    reveal X's outcome. Its sub-cohort (distinct patients matching ``Filter.where``) must
    hold at least ``min_cell`` patients, and must differ from the whole cohort and from
-   every sub-cohort already answered by 0 or at least ``min_cell`` patients
-   (``FILTER_BELOW_MIN_CELL``, ``FILTER_DIFFERENCING``), so that ``A AND NOT x`` next to
-   ``A`` is refused before any search runs.
+   every sub-cohort already answered to the same principal by 0 or at least ``min_cell``
+   patients, nor be the union of two of them with a small overlap
+   (``FILTER_BELOW_MIN_CELL``, ``FILTER_DIFFERENCING`` with its ``rule``), so that
+   ``A AND NOT x`` next to ``A`` is refused before any search runs. A federated site
+   applies the same rules to the filter of ``AggregateSite``.
 7. **Re-identification guard.** A neighbour whose similarity to the uploaded study is at
    least ``reid_similarity`` (default 0.95) is taken to be the same patient: all of that
    patient's studies are removed from the aggregate, and the next patients fill the set,
