@@ -2,8 +2,12 @@
 
 1. C-STORE receive: dcmtk ``storescu`` sends the same files to dcmtk's own ``storescp``
    (reference: writes each file, no fsync; 128 KiB PDUs, no host lookup, TCP_NODELAY) and to cohortsim's listener
-   (:class:`service.pacs.listener.StoreListener`: decode the header, write, fsync, rename;
-   the stable timer off during the run). Figure: instances/s ours / reference.
+   (:class:`service.pacs.listener.StoreListener`: read the study UID, write the data set
+   as sent, fsync, rename; the stable timer off during the run), and to pynetdicom's own
+   no-op SCP (its floor). Figures: instances/s ours / reference, and each receiver's CPU
+   time per instance (storescp's from the kernel's child accounting, ours from the
+   process). ``--cstore-only`` stops there. With this tree's ``PYTHONPATH`` replaced by
+   an older tree's, the same script measures that tree's listener (before / after).
 2. DICOMweb pull: a real Orthanc (DICOMweb plugin) loaded by STOW-RS; the reference is a
    plain ``dicomweb-client`` loop (``retrieve_study`` per study, each instance written to
    a file); ours is :func:`service.pacs.dicomweb.fetch_study` (QIDO listing of the
@@ -13,13 +17,14 @@
    live pickup), in seconds.
 
 Needs dcmtk (/usr/bin/storescu, /usr/bin/storescp) and Orthanc with orthanc-dicomweb.
-Run: ``nice -n 10 python benchmarks/bench_pacs.py [--studies 4 --slices 64 --rows 256]``.
+Run: ``nice -n 10 python benchmarks/bench_pacs.py [--studies 4 --slices 64 --rows 256] [--cstore-only]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -27,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "service"))
@@ -53,6 +59,10 @@ def make_studies(root: Path, studies: int, slices: int, rows: int) -> list[tuple
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+def load() -> str:
+    return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def time_storescu(port: int, files: list[Path], called: str) -> float:
     t0 = time.perf_counter()
     res = subprocess.run([pp.STORESCU, "-aec", called, "127.0.0.1", str(port), *map(str, files)],
@@ -63,11 +73,41 @@ def time_storescu(port: int, files: list[Path], called: str) -> float:
     return dt
 
 
-def bench_cstore(work: Path, files: list[Path], repeats: int) -> tuple[float, float, float]:
-    """Median seconds: storescp, cohortsim listen (fsync), cohortsim listen --no-fsync."""
+def _child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _noop_scp(quick: bool) -> Any:
+    """pynetdicom's floor: an SCP with the listener's contexts whose handler answers
+    0x0000 at once (nothing decoded or written); ``quick``: the event-driven reactors."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+
+    ae = AE(ae_title="COHORTSIM")
+    for cx in StoragePresentationContexts:
+        ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+    ae.maximum_pdu_size = 0
+    handlers: list[Any] = [(evt.EVT_C_STORE, lambda event: 0x0000)]
+    if quick:
+        from service.pacs.reactor import quicken
+
+        handlers.append((evt.EVT_CONN_OPEN, lambda event: quicken(event.assoc)))
+    return ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+
+
+def bench_cstore(work: Path, files: list[Path], repeats: int) -> dict[str, tuple[float, float]]:
+    """Per receiver: (median seconds for ``files``, median CPU seconds of the receiver).
+    Receivers: dcmtk ``storescp`` (reference), cohortsim listen (fsync each, and
+    --no-fsync), pynetdicom's no-op SCP (stock and event-driven reactors, when this tree
+    has them). Each repeat runs every receiver once, in turn."""
     from service.pacs.listener import ListenerConfig, StoreListener
 
-    ref_times, our_times, nosync_times = [], [], []
+    has_quick = "quick_reactor" in ListenerConfig.__dataclass_fields__
+    runs: dict[str, list[tuple[float, float]]] = {}
+
+    def add(name: str, dt: float, cpu: float) -> None:
+        runs.setdefault(name, []).append((dt, cpu))
+
     for r in range(repeats):
         out = work / f"storescp-{r}"
         out.mkdir()
@@ -80,23 +120,36 @@ def bench_cstore(work: Path, files: list[Path], repeats: int) -> tuple[float, fl
                 if pp.echoscu(port, called="REF").returncode == 0:
                     break
                 time.sleep(0.1)
-            ref_times.append(time_storescu(port, files, "REF"))
+            dt = time_storescu(port, files, "REF")
+            c0 = _child_cpu()  # storescu and echoscu counted up to here
         finally:
             scp.terminate()
             scp.wait()
+        add("storescp", dt, _child_cpu() - c0)
         assert len(list(out.iterdir())) == len(files)
-        for fsync, times in ((True, our_times), (False, nosync_times)):
+        for fsync in (True, False):
             lst = StoreListener(
                 ListenerConfig(spool=work / f"spool-{r}-{fsync}", port=0, stable_s=1e9, poll_s=3600, fsync=fsync),
                 ingest=lambda folder: None,
             )
             lst.start()
             try:
-                times.append(time_storescu(lst.port, files, "COHORTSIM"))
+                c0 = time.process_time()
+                dt = time_storescu(lst.port, files, "COHORTSIM")
+                add(f"listen{'' if fsync else ' --no-fsync'}", dt, time.process_time() - c0)
             finally:
                 lst.stop()
             assert lst.received == len(files)
-    return statistics.median(ref_times), statistics.median(our_times), statistics.median(nosync_times)
+        for quick in (False, True) if has_quick else (False,):
+            server = _noop_scp(quick)
+            try:
+                c0 = time.process_time()
+                dt = time_storescu(int(server.server_address[1]), files, "COHORTSIM")
+                add(f"pynetdicom no-op ({'event-driven' if quick else 'stock'} reactors)", dt,
+                    time.process_time() - c0)
+            finally:
+                server.shutdown()
+    return {k: (statistics.median(d for d, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
 
 
 def bench_dicomweb(work: Path, studies: list[tuple[str, list[Path]]], repeats: int) -> tuple[float, float]:
@@ -164,19 +217,26 @@ def main() -> None:
     g.add_argument("--rows", type=int, default=256)
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--stable-s", type=float, default=10.0, help="the listener's stable-study timer for the latency run")
+    g.add_argument("--cstore-only", action="store_true", help="only the C-STORE receive figures")
     args = ap.parse_args()
     pp.need_dcmtk()
-    pp.need_orthanc()
+    if not args.cstore_only:
+        pp.need_orthanc()
     work = Path(tempfile.mkdtemp(prefix="bench-pacs-"))
     try:
         studies = make_studies(work / "dicom", args.studies, args.slices, args.rows)
         files = [f for _, fs in studies for f in fs]
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"{len(files)} instances ({args.studies} studies x {args.slices} slices of {args.rows}^2), {mb:.1f} MB")
-        ref, ours, nosync = bench_cstore(work, files, args.repeats)
-        print(f"C-STORE receive: storescp {len(files) / ref:.0f} inst/s, cohortsim listen {len(files) / ours:.0f} inst/s"
-              f" -> ratio {ref / ours:.2f}x (target >= 0.5x); --no-fsync {len(files) / nosync:.0f} inst/s"
-              f" -> {ref / nosync:.2f}x")
+        timing = bench_cstore(work, files, args.repeats)
+        ref, ref_cpu = timing["storescp"]
+        print(f"C-STORE receive ({load()}):")
+        for name, (dt, cpu) in timing.items():
+            print(f"  {name:40s} {len(files) / dt:6.0f} inst/s  ratio {ref / dt:.2f}x  "
+                  f"CPU {cpu / len(files) * 1e3:.2f} ms/inst ({cpu / max(ref_cpu, 1e-9):.1f}x storescp's)")
+        print("  (target: listen >= 0.5x storescp)")
+        if args.cstore_only:
+            return
         ref, ours = bench_dicomweb(work, studies, args.repeats)
         print(f"DICOMweb pull: dicomweb-client loop {len(files) / ref:.0f} inst/s, fetch_study {len(files) / ours:.0f} inst/s"
               f" -> ratio {ref / ours:.2f}x (target >= 0.8x)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,12 +48,16 @@ def _regions(path: Path) -> dict[str, list[ReaderRegion]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--patients", type=int, default=96)
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1,
+                    help="cohort seed (when the workdir has no store yet), split and training seed")
     ap.add_argument("--workdir", type=Path, required=True, help="cohort and store (reused)")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--train-seconds", type=float, default=None)
     ap.add_argument("--calibration", default="tissue")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=None, help="ingest processes")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="synthesise and ingest the cohort into --workdir, then stop")
     args = ap.parse_args()
     work = args.workdir
     store_dir = work / "store"
@@ -69,11 +74,14 @@ def main() -> None:
         pseudo = Pseudonymizer(b"eval-real-anatomy-benchmark-key!")
         store = CohortStore(store_dir, create=True)
         report = ingest_folder(info.dicom_dir, store, pseudonymizer=pseudo, site="eval",
-                               regions=_regions(info.root / "regions.csv"))
+                               regions=_regions(info.root / "regions.csv"),
+                               workers=args.workers)
         store.set_outcomes(read_outcomes(info.outcomes_csv, pseudo))
         print(f"# {args.patients} patients (seed {args.seed}) synthesised and "
               f"{report.studies_ingested} ingested with {report.regions_stored} reader "
               f"patches in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    if args.prepare_only:
+        return
     store = CohortStore(store_dir)
     uids, volumes = store.load_volumes()
     table = {r["study_uid"]: r for r in store.cohort_table().to_pylist()}
@@ -94,11 +102,15 @@ def main() -> None:
         )
         m0 = rows[0].metrics
         print(f"\n### lesion patch: {use} ({m0.n_reference} reference, {m0.n_queries} held-out "
-              f"queries, seed {args.seed}, eval {time.monotonic() - t0:.0f} s)\n")
+              f"queries, seed {args.seed}, eval {time.monotonic() - t0:.0f} s, load average "
+              f"{os.getloadavg()[0]:.1f})\n")
         print("| method | P@10 | scanner excess | kNN C-index (NA 24 mo) | s |")
         print("|---|---:|---:|---:|---:|")
         for r in rows:
             print(f"| {r.method} | {' | '.join(metric_cells(r.metrics))} | {r.seconds:.0f} |")
+        for r in rows:  # the training runs: epochs reached in the budget, recipe
+            if r.notes and not r.method.endswith("ComBat"):
+                print(f"\n{r.method}: {r.notes}")
         sys.stdout.flush()
 
 

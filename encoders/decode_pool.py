@@ -83,7 +83,9 @@ class PreparedStudy:
     whole-study context grid; ``patches``: ``(n, pd, ph, pw)`` the detail patches to embed
     (lesion encoders on a whole-study grid: one per reader region, or the top proposal),
     else None; ``shape`` / ``spacing``: the study's own voxel grid ``(D, H, W)`` and its
-    spacing in mm, for mapping query regions.
+    spacing in mm, for mapping query regions; ``patch_source``: what the first patch is
+    (``"reader"``, ``"proposal"`` or ``"centre"`` when no lesion was proposed), the label
+    of its embedded region, as an index build labels a stored patch's.
     """
 
     context: np.ndarray
@@ -91,6 +93,7 @@ class PreparedStudy:
     acquisition: dict[str, str]
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
+    patch_source: str | None = None
 
 
 def prepare_study(
@@ -114,6 +117,7 @@ def prepare_study(
 
     study = read_study(list(files))
     stack = None
+    source = None
     if patches:
         from encoders.grid import study_input
 
@@ -123,15 +127,18 @@ def prepare_study(
         if regions:
             k = sum(p.source == "reader" for p in si.patch_info)  # at most spec.max_patches
             stack = si.patches[:k]
+            source = "reader"
         else:
-            stack = si.patches[si.primary("proposals")][None]
+            top = si.primary("proposals")
+            stack = si.patches[top][None]
+            source = si.patch_info[top].source
         context = si.context
     else:
         context = preprocess(study, spec)
     acquisition = {str(k): str(v) for k, v in (study.acquisition or {}).items() if v is not None}
     shape = tuple(int(n) for n in study.volume.shape)
     spacing = tuple(float(s) for s in study.spacing)
-    return PreparedStudy(context, stack, acquisition, shape, spacing)  # type: ignore[arg-type]
+    return PreparedStudy(context, stack, acquisition, shape, spacing, source)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- worker side

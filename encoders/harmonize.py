@@ -53,7 +53,14 @@ import numpy as np
 
 Values = Sequence[Any] | np.ndarray  # one value per study
 
-__all__ = ["ComBat", "HarmonizeError", "calibrate_hu", "calibration_params", "hu_reference_levels"]
+__all__ = [
+    "ComBat",
+    "HarmonizeError",
+    "calibrate_hu",
+    "calibrate_with",
+    "calibration_params",
+    "hu_reference_levels",
+]
 
 SOFT_TISSUE_HU = 40.0
 AIR_HU = -1000.0
@@ -113,18 +120,28 @@ def calibrate_hu(volumes: np.ndarray, *, pad_value: float = -1024.0) -> np.ndarr
         raise HarmonizeError(f"expected (n, D, H, W) or (D, H, W) volumes, got {v.shape}")
     out = np.empty_like(batch)
     for i, vol in enumerate(batch):
-        params = calibration_params(vol, pad_value=pad_value)
-        if params is None:
-            out[i] = vol
-            continue
-        soft, gain = params
-        x = (vol.astype(np.float32) - soft) / gain + SOFT_TISSUE_HU
-        x = np.where(vol == pad_value, pad_value, x)
-        if np.issubdtype(out.dtype, np.integer):
-            info = np.iinfo(out.dtype)
-            x = np.clip(np.rint(x), info.min, info.max)
-        out[i] = x.astype(out.dtype)
+        out[i] = calibrate_with(vol, calibration_params(vol, pad_value=pad_value),
+                                pad_value=pad_value)
     return out[0] if single else out
+
+
+def calibrate_with(
+    volume: np.ndarray, params: tuple[float, float] | None, *, pad_value: float = -1024.0
+) -> np.ndarray:
+    """Map ``volume`` (any shape) with calibration ``params`` ``(soft-tissue level, gain)``
+    measured elsewhere, e.g. on the whole study a detail patch was cut from
+    (:func:`calibration_params`): ``(v - soft) / gain + 40``. Same shape and dtype (integers
+    rounded and clipped); ``pad_value`` voxels kept; ``params=None`` returns a copy."""
+    vol = np.asarray(volume)
+    if params is None:
+        return vol.copy()
+    soft, gain = params
+    x = (vol.astype(np.float32) - soft) / gain + SOFT_TISSUE_HU
+    x = np.where(vol == pad_value, pad_value, x)
+    if np.issubdtype(vol.dtype, np.integer):
+        info = np.iinfo(vol.dtype)
+        x = np.clip(np.rint(x), info.min, info.max)
+    return x.astype(vol.dtype)
 
 
 def _check_x(x: np.ndarray, what: str) -> np.ndarray:

@@ -137,6 +137,16 @@ def list_encoders() -> list[str]:
 
 
 LESION_BOX_MM: tuple[float, float, float] = (24.0, 48.0, 48.0)
+#: The lesion box on a detail patch (the whole-study grid): 16 x 32 x 32 mm, 8 x 32 x 32
+#: voxels at the patch's 2 x 1 x 1 mm, i.e. the lesion's own scale (lesions 12-44 mm
+#: across) rather than its surroundings. On real anatomy the 24 x 48 x 48 mm box is mostly
+#: chest wall, vessels and mediastinum, which differ from patient to patient and swamp the
+#: lesion: untrained HU histograms of the patch centre tell the phenotypes apart (P@10
+#: 0.52) where those of the 24 x 48 x 48 mm box barely do (0.30), and the lesion encoder
+#: on the smaller box gains 0.10-0.13 P@10 (benchmarks/RESULTS.md, issue #18, session 9).
+#: A large lesion fills the box (size stays visible: the box is the same millimetres for
+#: every study). The legacy grid (4 mm) keeps :data:`LESION_BOX_MM`.
+LESION_PATCH_BOX_MM: tuple[float, float, float] = (16.0, 32.0, 32.0)
 
 
 @dataclass(frozen=True)
@@ -147,7 +157,7 @@ class RegionSpec:
     ``size`` (depth, height, width) voxels of the input grid centred on the lesion,
     resized in-plane to ``px`` x ``px`` pixels before the backbone (the default 6 x 12 x 12
     voxels is 24 x 48 x 48 mm at 4 mm spacing; :meth:`for_spec` gives the same millimetres
-    on any grid). ``proposal`` names the centre proposal
+    on any grid, 16 x 32 x 32 mm on detail patches). ``proposal`` names the centre proposal
     used when the caller gives no box or mask (:data:`encoders.roi.PROPOSALS`; an encoder
     keeps the one it was trained with).
     """
@@ -179,12 +189,14 @@ class RegionSpec:
     @classmethod
     def for_spec(cls, mode: str | None, spec: InputSpec) -> RegionSpec:
         """The default region of ``mode`` on ``spec``'s grid: a lesion box of
-        :data:`LESION_BOX_MM` (24 x 48 x 48 mm) whatever the spacing, so a finer grid sees
-        the same anatomy in more voxels."""
+        :data:`LESION_BOX_MM` (24 x 48 x 48 mm) on the legacy grid and of
+        :data:`LESION_PATCH_BOX_MM` (16 x 32 x 32 mm) on detail patches, whatever the
+        spacing, so a finer grid sees the same anatomy in more voxels."""
         if (mode or "whole") != "lesion":
             return cls(mode=mode or "whole")
         grid = spec.patch_spacing_mm if spec.has_patches else spec.spacing_mm
-        size = tuple(max(1, round(b / float(s))) for b, s in zip(LESION_BOX_MM, grid, strict=True))
+        box_mm = LESION_PATCH_BOX_MM if spec.has_patches else LESION_BOX_MM
+        size = tuple(max(1, round(b / float(s))) for b, s in zip(box_mm, grid, strict=True))
         if spec.has_patches:  # never larger than the stored patch
             size = tuple(min(a, int(p)) for a, p in zip(size, spec.patch_shape, strict=True))
         return cls(mode="lesion", size=size)  # type: ignore[arg-type]

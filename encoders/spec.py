@@ -43,8 +43,8 @@ class InputSpec:
     16 x 64 x 64 at 2 x 1 x 1 mm = 32 x 64 x 64 mm) cut from the full-resolution study
     around a region: every reader region given at ingest and the top ``proposals``
     label-free proposals (:func:`encoders.roi.propose_lesions`), at most ``max_patches``
-    per study. The lesion encoder embeds the central 24 x 48 x 48 mm of a patch; the
-    margin is room for the training jitter.
+    per study. The lesion encoder embeds the central 16 x 32 x 32 mm of a patch
+    (``encoders.model.LESION_PATCH_BOX_MM``); the margin is room for the training jitter.
 
     Bytes per study are bounded whatever the CT (:meth:`max_study_bytes`): context
     64 x 128 x 128 int16 = 2 MiB plus at most 12 patches x 128 KiB = 1.5 MiB, 3.5 MiB.

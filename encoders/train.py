@@ -243,7 +243,8 @@ def _calibrate_batch(
 
 def _margins(spec: InputSpec, region: RegionSpec, roi_jitter: int | None) -> tuple[int, int, int]:
     """Box jitter in voxels per axis: ``roi_jitter`` or :data:`ROI_JITTER_MM`; on detail
-    patches each axis is capped by the room the patch leaves around the box, so a
+    patches the default is also at most a quarter of the box (16 x 32 x 32 mm: 4 x 8 x 8
+    mm), and each axis is capped by the room the patch leaves around the box, so a
     jittered box never reaches past the stored patch."""
     if not spec.has_patches:  # legacy grid: one margin, 8 mm on the in-plane grid
         m = roi_jitter if roi_jitter is not None else max(
@@ -251,7 +252,11 @@ def _margins(spec: InputSpec, region: RegionSpec, roi_jitter: int | None) -> tup
         return (m, m, m)
     out = []
     for ps, n, size in zip(spec.patch_spacing_mm, spec.patch_shape, region.size, strict=True):
-        want = roi_jitter if roi_jitter is not None else round(ROI_JITTER_MM / float(ps))
+        # at most a quarter of the box along each axis, so that the lesion's centre stays
+        # in the box's central half in every view: a view without the lesion, paired with
+        # one with it, would teach the encoder to ignore the lesion
+        want = roi_jitter if roi_jitter is not None else min(
+            round(ROI_JITTER_MM / float(ps)), int(size) // 4)
         out.append(max(0, min(int(want), (int(n) - int(size)) // 2)))
     return (out[0], out[1], out[2])
 

@@ -252,6 +252,34 @@ class DisclosureControl:
 
 
 @dataclass
+class SiteReport:
+    """What one site of a federation (or one shard) did for an answer: ``state`` is
+    "ANSWERED", "TIMED_OUT", "REFUSED" or "UNAVAILABLE"; ``reason`` says why it is missing
+    (empty when it answered); ``neighbors`` of the merged answer came from it."""
+
+    name: str
+    state: str
+    reason: str
+    neighbors: int
+    model_version: str
+    num_studies: int
+    index_version: str
+
+
+@dataclass
+class FederationReport:
+    """Which sites a coordinator's answer rests on (``None`` on a single server)."""
+
+    sites: list[SiteReport] = field(default_factory=list)
+    cohort_studies: int = 0
+
+    @property
+    def missing(self) -> list[SiteReport]:
+        """The sites that did not take part, with their reasons."""
+        return [s for s in self.sites if s.state != "ANSWERED"]
+
+
+@dataclass
 class SearchResult:
     """The answer to one similarity search."""
 
@@ -264,6 +292,8 @@ class SearchResult:
     #: set when the caller's role gets aggregates only (researchers): how it was protected
     disclosure: DisclosureControl | None = None
     query_region: EmbeddedRegion | None = None
+    #: set by a federation coordinator: which sites answered, timed out or refused
+    federation: FederationReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (``None`` for unknown values, never NaN; thumbnails
@@ -325,6 +355,8 @@ class IndexInfo:
     dicom_supported: bool = False
     prognostic_quality: PrognosticQuality | None = None
     warnings: list[CodedWarning] = field(default_factory=list)
+    #: set by a federation coordinator: the sites' versions and study counts
+    federation: FederationReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -491,6 +523,24 @@ def search_result_from_proto(resp: cohortsim_pb2.SearchSimilarResponse) -> Searc
         query_thumbnail_png=resp.query_thumbnail_png or None,
         disclosure=_disclosure(resp),
         query_region=_region(resp.query_region) if resp.HasField("query_region") else None,
+        federation=_federation(resp),
+    )
+
+
+def _federation(resp: Any) -> FederationReport | None:
+    if not resp.HasField("federation"):
+        return None
+    f = resp.federation
+    prefix = "SITE_STATE_"
+    return FederationReport(
+        [
+            SiteReport(
+                s.name, cohortsim_pb2.SiteState.Name(s.state).removeprefix(prefix), s.reason,
+                int(s.neighbors), s.model_version, int(s.num_studies), s.index_version,
+            )
+            for s in f.sites
+        ],
+        int(f.cohort_studies),
     )
 
 
@@ -572,6 +622,7 @@ def index_info_from_proto(resp: cohortsim_pb2.GetIndexInfoResponse) -> IndexInfo
         if resp.HasField("prognostic_quality")
         else None,
         warnings=_warnings(resp.warnings),
+        federation=_federation(resp),
     )
 
 
@@ -1135,6 +1186,7 @@ __all__ = [
     "DisclosureControl",
     "EmbeddedRegion",
     "Explanation",
+    "FederationReport",
     "HorizonCalibration",
     "HorizonEstimate",
     "IndexInfo",
@@ -1147,6 +1199,7 @@ __all__ = [
     "PrognosticQuality",
     "RegionPrognosis",
     "SearchResult",
+    "SiteReport",
     "StudyEmbedding",
     "StudyPage",
     "StudySummary",

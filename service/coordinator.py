@@ -55,8 +55,21 @@ from service import convert
 from service.api import SERVICE_FULL_NAME, cohortsim_pb2_grpc
 from service.api import cohortsim_pb2 as pb
 from service.disclosure import DEFAULT_MIN_CELL, DisclosurePolicy
-from service.errors import failed_precondition, grpc_errors, invalid_argument, unavailable
-from service.federation import DEFAULT_SITE_DEADLINE_S, Fanout, Site, SiteCall, merge
+from service.errors import (
+    ServiceError,
+    failed_precondition,
+    grpc_errors,
+    invalid_argument,
+    unavailable,
+)
+from service.federation import (
+    DEFAULT_SITE_DEADLINE_S,
+    Fanout,
+    Site,
+    SiteCall,
+    answer_neighbors,
+    merge,
+)
 from service.governance import Governance, permission_denied, principal_key
 from service.interceptors.call import add_facts, current_principal
 from service.pacs import query as pacs_query
@@ -170,9 +183,10 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         )
         if not answered:
             raise _nobody(calls, request.embedding.model_version)
-        neighbors = merge(calls, k)
+        messages: list[pb.Neighbor] = []
+        neighbors = merge(calls, k, messages)
         result = self._assemble(calls, answered, neighbors, request.embedding.model_version)
-        response = convert.search_response(result)
+        response = _response(result, messages)
         _report(response, calls, answered)
         return response
 
@@ -213,6 +227,30 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
         time_unit = str(cohort.manifest.get("time_unit") or convert.DEFAULT_TIME_UNIT)
         response = convert.search_response(result, time_unit=time_unit)
         _report(response, calls, calls)
+        return response
+
+    @grpc_errors
+    async def GetCohortStats(
+        self, request: pb.GetCohortStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCohortStatsResponse:
+        """Shard mode: the unsharded server's cohort statistics (from the union of the
+        shards' metadata; the researcher view applied here). Federation: UNIMPLEMENTED
+        (sites do not release their cohort tables)."""
+        if self.shards is None:
+            raise ServiceError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "COHORT_STATS_NOT_FEDERATED",
+                "a federated coordinator holds no cohort; ask each site for its statistics",
+            )
+        principal = current_principal()
+        response, facts = await asyncio.to_thread(
+            self.shards.cohort_stats,
+            request.filter.where.strip(),
+            restricted=Governance.restricts(principal),
+            principal=principal_key(principal),
+        )
+        if facts:
+            add_facts(**facts)
         return response
 
     @grpc_errors
@@ -335,6 +373,18 @@ class CoordinatorServicer(cohortsim_pb2_grpc.PatientSimilarityServiceServicer):
             f"{c.site.name}={c.response.index_version}" for c in answered if c.response is not None
         )
         return QueryResult(neighbors, prognosis, diagnostics, versions, model_version)
+
+
+def _response(result: QueryResult, messages: list[pb.Neighbor]) -> pb.SearchSimilarResponse:
+    """``convert.search_response`` of ``result`` with the neighbours copied from the sites'
+    ``messages`` (merged order) rather than encoded again (:func:`answer_neighbors`)."""
+    neighbors, result.neighbors = result.neighbors, []
+    try:
+        response = convert.search_response(result)
+    finally:
+        result.neighbors = neighbors
+    answer_neighbors(response, messages, neighbors)
+    return response
 
 
 def _missing_notice(calls: list[SiteCall], missing: list[SiteCall]) -> Notice:
@@ -491,6 +541,16 @@ async def create_coordinator(
         shards=_shard_search_of(fanout, sites, min_cell) if mode == "shards" else None,
     )
     servicer.pacs = pacs
+    if servicer.shards is not None and security.audit is not None:
+        # shard mode keeps researchers' release records here: rebuild them from the log
+        from service.audit import read_records
+
+        shards = servicer.shards
+        cohort = await asyncio.to_thread(shards.cohorts.get)
+        replayed = await asyncio.to_thread(
+            shards.governance.replay, read_records(security.audit.path), cohort
+        )
+        log.info("researcher answers replayed from the audit log: %d", replayed)
     cohortsim_pb2_grpc.add_PatientSimilarityServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_FULL_NAME):

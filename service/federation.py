@@ -56,6 +56,10 @@ _SITE_KEYS = {"name", "address", "tls_ca", "tls_cert", "tls_key", "token_file", 
 MODES = ("federation", "shards")
 
 
+# token file -> ((mtime, size, mode), call metadata), for Site.metadata
+_TOKENS: dict[str, tuple[tuple[int, int, int], tuple[tuple[str, str], ...]]] = {}
+
+
 class SitesConfigError(ValueError):
     """A ``sites.toml`` that cannot be used; the message names the file and the entry."""
 
@@ -87,10 +91,19 @@ class Site:
         return grpc.aio.secure_channel(self.address, creds, options=options)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata for this site: its bearer token, read again only when the
+        token file changes (one ``stat`` per call, not a read and permission check)."""
         if self.token_file is None:
             return ()
-        token = read_secret_file(self.token_file, "site token file").decode().strip()
-        return (("authorization", f"Bearer {token}"),)
+        st = self.token_file.stat()
+        sig = (st.st_mtime_ns, st.st_size, st.st_mode)
+        path = str(self.token_file)
+        cached = _TOKENS.get(path)
+        if cached is None or cached[0] != sig:
+            token = read_secret_file(self.token_file, "site token file").decode().strip()
+            cached = (sig, (("authorization", f"Bearer {token}"),))
+            _TOKENS[path] = cached  # one entry per file: a replaced token does not linger
+        return cached[1]
 
 
 def load_sites(path: Path | str) -> list[Site]:
@@ -229,12 +242,14 @@ class Fanout:
         self._stubs.clear()
 
 
-def merge(calls: list[SiteCall], k: int) -> list[NeighborResult]:
+def merge(calls: list[SiteCall], k: int, messages: list[pb.Neighbor] | None = None) -> list[NeighborResult]:
     """The ``k`` most similar neighbours over the answered sites, best first.
 
     Sorted by similarity (descending), ties by site order then the site's own rank, so the
     order is deterministic. Sets ``calls[i].neighbors`` to the site's part of the answer;
-    each neighbour's ``row`` is its rank in the merged list.
+    each neighbour's ``row`` is its rank in the merged list. ``messages``, when given,
+    receives the sites' ``Neighbor`` messages in the merged order (the answer copies
+    them instead of encoding the neighbours again).
     """
     pool: list[tuple[float, int, int, pb.Neighbor]] = []
     for s, call in enumerate(calls):
@@ -248,7 +263,21 @@ def merge(calls: list[SiteCall], k: int) -> list[NeighborResult]:
         result = convert.neighbor_from_proto(nb, rank)
         calls[s].neighbors.append(result)
         merged.append(result)
+        if messages is not None:
+            messages.append(nb)
     return merged
+
+
+def answer_neighbors(
+    response: pb.SearchSimilarResponse, messages: list[pb.Neighbor], merged: list[NeighborResult]
+) -> None:
+    """Fill ``response.neighbors`` with copies of the sites' ``messages`` (merged order)
+    carrying the weights of ``merged``: what encoding ``merged`` again would give, for a
+    copy in the protobuf runtime instead of a message built field by field in Python."""
+    for msg, nb in zip(messages, merged, strict=True):
+        out = response.neighbors.add()
+        out.CopyFrom(msg)
+        out.weight = float(nb.weight)
 
 
 __all__ = [
@@ -259,6 +288,7 @@ __all__ = [
     "Site",
     "SiteCall",
     "SitesConfigError",
+    "answer_neighbors",
     "load_sites",
     "load_topology",
     "merge",

@@ -52,9 +52,11 @@ An aggregate released to a researcher is a function of a **set of patients** onl
    ``event = false OR patient_id <> X`` the mere acceptance or refusal of a filter would
    reveal X's outcome. Its sub-cohort (distinct patients matching ``Filter.where``) must
    hold at least ``min_cell`` patients, and must differ from the whole cohort and from
-   every sub-cohort already answered by 0 or at least ``min_cell`` patients
-   (``FILTER_BELOW_MIN_CELL``, ``FILTER_DIFFERENCING``), so that ``A AND NOT x`` next to
-   ``A`` is refused before any search runs.
+   every sub-cohort already answered to the same principal by 0 or at least ``min_cell``
+   patients, nor be the union of two of them with a small overlap
+   (``FILTER_BELOW_MIN_CELL``, ``FILTER_DIFFERENCING`` with its ``rule``), so that
+   ``A AND NOT x`` next to ``A`` is refused before any search runs. A federated site
+   applies the same rules to the filter of ``AggregateSite``.
 7. **Re-identification guard.** A neighbour whose similarity to the uploaded study is at
    least ``reid_similarity`` (default 0.95) is taken to be the same patient: all of that
    patient's studies are removed from the aggregate, and the next patients fill the set,
@@ -502,7 +504,7 @@ class Governance:
                 if rec.get("cohort_curve_released"):
                     record.add([(SURVIVAL, self._cohort_survival_patients(snapshot))])
                 n += 1
-            if where and kind != "site":
+            if where:
                 with contextlib.suppress(FilterError):
                     record.add([(FILTER, self._filter_patients(snapshot, where))])
         return n
@@ -616,13 +618,16 @@ class Governance:
             )
         record = self.record(principal)
         record.add([(FILTER, self._live_patients(snapshot))])  # the whole cohort, unfiltered
-        if record_or_refuse(record, [(FILTER, chosen)]) is not None:
+        found = record_or_refuse(record, [(FILTER, chosen)])
+        if found is not None:
             raise permission_denied(
                 "FILTER_DIFFERENCING",
-                f"the filter's patients differ from the whole cohort or from an earlier "
-                f"filter's by fewer than {m}; comparing the two answers would describe a "
+                f"the filter's patients, beside the whole cohort's and this caller's earlier "
+                f"filters', give {_RULE_WORDS.get(found.rule, found.rule)} fewer than {m} "
+                f"patients ({found.rule} rule); comparing the answers would describe a "
                 "small group, so this filter is refused",
                 min_cell=str(m),
+                rule=found.rule,
             )
         return chosen
 

@@ -187,17 +187,24 @@ def plot_explanations(result: Any, path: Path | str, *, columns: int = 5) -> Pat
 
 def plot_thumbnails(result: Any, path: Path | str, *, columns: int = 6) -> Path:
     """The query's and the neighbours' thumbnails side by side (the slice through each
-    embedded region, box drawn, where the index stores regions), with similarity and
-    outcome; writes a PNG. Raises ValueError when the answer carries no thumbnails."""
+    embedded region, box drawn, where the index stores regions; for whole-volume encoders
+    each side's slice of the strongest match), with similarity, outcome and the slice
+    shown; writes a PNG. Raises ValueError when the answer carries no thumbnails."""
     unit = (result.prognosis.time_unit or "months")[:2]
     items: list[tuple[str, bytes | None, str]] = []
+    def where(region: Any) -> str:
+        """The slice shown (whole-volume encoders: the slice of the strongest match)."""
+        return "" if region is None else f"slice {region.slice_index}"
+
     if result.query_thumbnail_png:
-        items.append(("query", result.query_thumbnail_png, ""))
+        items.append(("query", result.query_thumbnail_png, where(getattr(result, "query_region", None))))
     for i, n in enumerate(result.neighbors, start=1):
         outcome = "–"
         if n.time is not None:
             outcome = f"{n.time:.0f} {unit}, " + ("event" if n.event else "censored")
-        items.append((f"#{i}  sim {n.similarity:.3f}", n.thumbnail_png, outcome))
+        shown = where(getattr(n, "region", None))
+        items.append((f"#{i}  sim {n.similarity:.3f}", n.thumbnail_png,
+                      f"{outcome}\n{shown}" if shown else outcome))
     if not any(png for _, png, _ in items):
         raise ValueError(
             "the answer carries no thumbnails (the index was built without them, or the "

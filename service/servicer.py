@@ -372,7 +372,8 @@ class ServiceState:
                                    device=self.device)
             region = Region.of(cut[0])
             if on_patches:  # the patch was cut around a query region, else the top proposal
-                region = Region(region.slice_index, region.box, "reader" if regions else "proposal")
+                source = prepared.patch_source or ("reader" if regions else "proposal")
+                region = Region(region.slice_index, region.box, source)
             png = region_thumbnail_png(volume, region)
         return EmbeddedStudy(
             out[0].astype(np.float32), card.version, acquisition,
@@ -723,6 +724,11 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
         principal = self.governance.release_principal(
             current_principal(), _metadata_value(context, ON_BEHALF_OF_KEY)
         )
+        where = request.filter.where.strip()
+        if where:  # the researcher filter rules, against the end user's record
+            await self._run(
+                functools.partial(self.governance.check_filter, snapshot, where, principal=principal)
+            )
         part = await self._site_part(snapshot, request)
         min_cell = self.governance.policy.min_cell
         counts = aggregates.suppress(
@@ -736,7 +742,9 @@ class PatientSimilarityServicer(CohortRpcs, cohortsim_pb2_grpc.PatientSimilarity
             ),
             min_cell,
         )
-        facts = self.governance.site_release(part.neighbors, counts, principal=principal)
+        facts = await self._run(  # the record check walks the principal's sets: off the loop
+            functools.partial(self.governance.site_release, part.neighbors, counts, principal=principal)
+        )
         add_facts(site_aggregate=aggregates.to_dict(counts), **facts)
         return convert.aggregates_to_proto(counts, min_cell=min_cell, snapshot=snapshot)
 

@@ -141,6 +141,16 @@ class ShardCohort:
         """``(n,) bool`` rows of the union satisfying ``where``; raises FilterError."""
         return self._filters.mask(where)
 
+    def live_rows(self, where: str = "") -> np.ndarray:
+        """Rows (ascending, int64) of the union that ``where`` selects, without withdrawn
+        patients: what :func:`service.rpcs.live_rows` gives for one index."""
+        mask = self.filter_mask(where) if where.strip() else None
+        keep = np.ones(self.num_studies, dtype=bool) if mask is None else np.asarray(mask, dtype=bool).copy()
+        gone = self.deleted_rows()
+        if gone:
+            keep[np.fromiter(gone, dtype=np.int64)] = False
+        return np.flatnonzero(keep).astype(np.int64)
+
 
 class ShardCohorts:
     """The :class:`ShardCohort` of the shards' served versions, loaded once per set."""
@@ -275,6 +285,27 @@ class ShardSearch:
             principal=principal,
         )
         return answer.response, answer.facts
+
+
+    def cohort_stats(
+        self, where: str, *, restricted: bool, principal: str = ANONYMOUS
+    ) -> tuple[pb.GetCohortStatsResponse, dict[str, Any]]:
+        """GetCohortStats of the union (blocking): the unsharded server's answer, the
+        researcher view applied here for ``restricted`` callers; ``(response, audit facts)``."""
+        from service.rpcs import cohort_stats
+
+        cohort = self.cohorts.get()
+        if restricted and where:  # small / differencing sub-cohorts, as one server checks them
+            self.governance.check_filter(cohort, where, principal=principal)
+        rows = cohort.live_rows(where)
+        response = cohort_stats(cohort, rows)  # type: ignore[arg-type]
+        if not restricted:
+            return response, {}
+        governed = self.governance.cohort_stats(response, cohort, rows, principal=principal)
+        ids = cohort.metadata.column("patient_id").take(pa.array(rows)).to_pylist()
+        facts = {"release_kind": "stats", "release_principal": principal,
+                 "aggregated_patients": sorted({str(p) for p in ids})}
+        return governed, facts
 
 
 def shard_folders(sites: Sequence[Any]) -> list[Path]:

@@ -82,7 +82,7 @@ def ingest(
     ray: Annotated[str | None, typer.Option("--ray", metavar="[ADDRESS]", help=_RAY_HELP)] = None,
     regions: Annotated[
         Path | None,
-        typer.Option(help="Reader regions CSV: patient_id (or study_instance_uid),reader,z0,y0,x0,z1,y1,x1 (half-open voxel boxes of the study's own grid); each becomes a stored detail patch."),
+        typer.Option(help="Reader regions CSV: patient_id (or study_instance_uid),reader,z0,y0,x0,z1,y1,x1 (half-open voxel boxes of the study's own grid); each becomes a stored detail patch. With a folder or --dicomweb (not --ray)."),
     ] = None,
 ) -> None:
     """Read DICOM studies into the cohort store (pseudonymised, preprocessed, with acquisition metadata),
@@ -97,8 +97,11 @@ def ingest(
     pseudo = Pseudonymizer.from_env_or_file(secret_file)
     reader_regions = None
     if regions is not None:
-        if dicomweb is not None or ray is not None:
-            raise CliError("--regions goes with a folder ingest (not --dicomweb or --ray)")
+        if ray is not None:
+            raise CliError(
+                "--regions is not taken with --ray: the Ray ingest reads studies on worker "
+                "tasks that do not carry reader regions; ingest the annotated studies without "
+                "--ray (a folder or --dicomweb)")
         from encoders.regions import regions_from_csv
 
         reader_regions = regions_from_csv(regions)
@@ -114,7 +117,7 @@ def ingest(
                 cfg, store=store, pseudonymizer=pseudo, study=list(study or []), since=since,
                 modality=modality, spool=spool, index=index, site=site, workers=workers,
                 series_rule=SeriesRule(allow_burned_in=allow_burned_in),
-                progress=lambda d, t: update(d, t),
+                progress=lambda d, t: update(d, t), regions=reader_regions,
             )
         if outcomes is not None:
             pulled["outcomes_rows"] = CohortStore(store).set_outcomes(read_outcomes(outcomes, pseudo))

@@ -43,7 +43,7 @@ def query(
     ] = None,
     thumbnails: Annotated[
         Path | None,
-        typer.Option("--thumbnails", help="Write a PNG strip of the query's and the neighbours' embedded regions (the slice through each region, its box drawn)."),
+        typer.Option("--thumbnails", help="Write a PNG strip of the query's and the neighbours' embedded regions (the slice through each region, its box drawn; for whole-volume encoders each side's slice of the strongest match)."),
     ] = None,
     explanations: Annotated[
         Path | None,

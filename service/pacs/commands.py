@@ -52,9 +52,12 @@ def ingest_dicomweb(
     workers: int | None,
     series_rule: Any,
     progress: Any,
+    regions: Any = None,
 ) -> dict[str, Any]:
     """Pull from the PACS into ``store`` (and publish into ``index``); the JSON report:
-    the folder ingest's fields plus ``pacs`` (what was fetched) and ``published``."""
+    the folder ingest's fields plus ``pacs`` (what was fetched) and ``published``.
+    ``regions``: reader regions by raw study uid or patient id (``--regions``), stored
+    with the pulled studies."""
     from dataclasses import asdict
 
     from service.pacs.inflow import Inflow
@@ -66,7 +69,8 @@ def ingest_dicomweb(
             since_date = date.fromisoformat(since)
         except ValueError:
             raise PacsError("config", "invalid_since", f"--since {since!r} is not a date YYYY-MM-DD") from None
-    inflow = Inflow(Path(store), pseudonymizer, index_dir=index, site=site, workers=workers, series_rule=series_rule)
+    inflow = Inflow(Path(store), pseudonymizer, index_dir=index, site=site, workers=workers, series_rule=series_rule,
+                    regions=regions)
     report, counts = pull_studies(
         cfg,
         inflow.store(),

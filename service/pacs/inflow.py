@@ -7,6 +7,7 @@ given, the new studies are published into it (:func:`indexing.incremental.publis
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class Inflow:
     """Where studies go: ``store_dir`` (created if missing) and, optionally, ``index_dir``
-    whose current version gains the new studies (embedded with its own encoder)."""
+    whose current version gains the new studies (embedded with its own encoder).
+    ``regions``: reader regions by raw StudyInstanceUID or PatientID (as
+    :func:`encoders.regions.regions_from_csv` gives them), each stored as a detail patch of
+    its study when that study comes in (``ingest_folder``'s ``regions``)."""
 
     store_dir: Path
     pseudonymizer: Any
@@ -37,6 +41,7 @@ class Inflow:
     last_report: IngestReport | None = None
     last_publish: PublishResult | None = None
     pending: bool = False  # studies ingested but not yet published
+    regions: Mapping[str, Sequence[Any]] | None = None
 
     def store(self) -> CohortStore:
         return CohortStore(self.store_dir, create=True)
@@ -45,7 +50,7 @@ class Inflow:
         """Ingest every study under ``folder``; no publish."""
         report = ingest_folder(
             folder, self.store(), pseudonymizer=self.pseudonymizer, site=self.site,
-            series_rule=self.series_rule, workers=self.workers,
+            series_rule=self.series_rule, workers=self.workers, regions=self.regions,
         )
         self.last_report = report
         log.info(

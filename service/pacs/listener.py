@@ -13,8 +13,9 @@ Spool (a private folder, mode 0700), files named by UID hashes, never by UIDs::
     SPOOL/incoming/<study hash>/.open-<association>    an association is still sending
     SPOOL/ingesting/<study hash>/                      handed to the ingest
 
-An instance is acknowledged (``0x0000``) only after its file is written, fsynced (unless
-``fsync=False``) and renamed into place; a write that fails (disk full, I/O error) is answered ``0xA700``
+An instance is acknowledged (``0x0000``) only after its file is written, fsynced, renamed
+into place and the rename fsynced in its folder (the two fsyncs unless ``fsync=False``,
+which keeps what a killed process acknowledged, not what a power loss interrupts); a write that fails (disk full, I/O error) is answered ``0xA700``
 (Refused: Out of resources) and leaves nothing behind, so nothing acknowledged is lost,
 and its study is held (as after a broken association) until the sender re-sends it.
 A study is ingested when no association is sending to it and nothing arrived for
@@ -41,8 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from indexing.durable import fsync_dir
 from service.pacs.dicomweb import private_dir, uid_hash
 from service.pacs.errors import pacs_missing
+from service.pacs.part10 import meta_header, study_uid_of
+from service.pacs.reactor import drop_log_handlers, quicken
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +97,14 @@ class ListenerConfig:
     stable_s: float = 10.0
     incomplete_hold_s: float = 24 * 3600.0
     poll_s: float = 1.0
-    # fsync each instance before acknowledging it: what was acknowledged then survives an
-    # OS crash or power loss too (a killed process loses nothing either way: the kernel
-    # holds what was written); costs about 8 ms an instance on this machine's disk
+    # fsync each instance and its folder entry before acknowledging it: what was
+    # acknowledged then survives an OS crash or power loss too (a killed process loses
+    # nothing either way: the kernel holds what was written); two journal commits an
+    # instance, the bound on one sender's rate (benchmarks/RESULTS.md, issue 19)
     fsync: bool = True
+    # pynetdicom's reactors with event-driven waits instead of 1 ms sleeps
+    # (service.pacs.reactor; about 1.6x the instances a second of one sender)
+    quick_reactor: bool = True
 
 
 class StoreListener:
@@ -136,7 +144,13 @@ class StoreListener:
     def start(self) -> int:
         """Bind and serve in the background; returns the port (``port=0`` picks one)."""
         try:
-            from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+            from pynetdicom import (
+                AE,
+                ALL_TRANSFER_SYNTAXES,
+                DEFAULT_TRANSFER_SYNTAXES,
+                StoragePresentationContexts,
+                evt,
+            )
             from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
         except ImportError:
             raise pacs_missing("pynetdicom") from None
@@ -144,12 +158,21 @@ class StoreListener:
         ae.require_called_aet = True
         if self.config.allowed_aets:
             ae.require_calling_aet = list(self.config.allowed_aets)
+        # image classes in any transfer syntax; the other storage classes only
+        # uncompressed, enough to answer their C-STORE with 0x0122: pynetdicom deep-copies
+        # every supported context for each association (all 120 x 45 cost ~30 % of its CPU
+        # time in a 256-instance association)
         for cx in StoragePresentationContexts:
-            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+            sop_class = str(cx.abstract_syntax)
+            ae.add_supported_context(
+                sop_class, ALL_TRANSFER_SYNTAXES if sop_class in IMAGE_SOP_CLASSES else DEFAULT_TRANSFER_SYNTAXES
+            )
         ae.add_supported_context(Verification)
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
@@ -186,16 +209,24 @@ class StoreListener:
         with self._locks_guard:
             return self._locks.setdefault(study, threading.Lock())
 
+    def _on_open(self, event: Any) -> None:
+        """Event-driven reactor waits for the new association (:mod:`service.pacs.reactor`)."""
+        if self.config.quick_reactor:
+            quicken(event.assoc)
+        drop_log_handlers(event.assoc)
+
     def _on_store(self, event: Any) -> int:
         sop_class = str(event.request.AffectedSOPClassUID)
         if sop_class not in IMAGE_SOP_CLASSES:
             self.refused += 1
             return STATUS_SOP_CLASS_NOT_SUPPORTED
         try:
-            ds = event.dataset
-            study_uid = str(ds.StudyInstanceUID)
+            # the data set is written as sent: only the header up to the study UID is parsed
             sop_uid = str(event.request.AffectedSOPInstanceUID)
-            data = event.encoded_dataset()
+            syntax = str(event.context.transfer_syntax)
+            dataset = event.request.DataSet.getvalue()
+            study_uid = study_uid_of(dataset, syntax)
+            data = (meta_header(sop_class, sop_uid, syntax), dataset)
         except Exception as exc:  # a dataset that does not decode: refuse this instance
             log.warning("listen: an instance could not be decoded (%s)", type(exc).__name__)
             self.refused += 1
@@ -205,7 +236,10 @@ class StoreListener:
         try:
             with self._lock(study):
                 folder = self.incoming / study
-                folder.mkdir(mode=0o700, exist_ok=True)
+                if not folder.exists():
+                    folder.mkdir(mode=0o700, exist_ok=True)
+                    if self.config.fsync:  # the new folder's entry, durable with its files
+                        fsync_dir(self.incoming)
                 if study not in sending.studies:
                     (folder / f"{OPEN_MARKER}{sending.token}").touch()
                     sending.studies.add(study)
@@ -220,20 +254,24 @@ class StoreListener:
         return STATUS_SUCCESS
 
     @staticmethod
-    def _write(path: Path, data: bytes, *, fsync: bool = True) -> None:
-        """Write, fsync and rename into place (nothing partial is ever visible)."""
+    def _write(path: Path, data: bytes | tuple[bytes, ...], *, fsync: bool = True) -> None:
+        """Write ``data`` (bytes, or parts written one after the other), fsync and rename
+        into place (nothing partial is ever visible)."""
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                for part in (data,) if isinstance(data, bytes) else data:
+                    view = memoryview(part)
+                    while view:
+                        view = view[os.write(fd, view) :]
                 if fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
+            if fsync:  # the rename is in the folder: without this a power loss may undo it
+                fsync_dir(path.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -249,6 +287,17 @@ class StoreListener:
             with self._lock(study):
                 for marker in (self.incoming / study).glob(f"{OPEN_MARKER}*"):
                     marker.unlink(missing_ok=True)
+
+    def _on_acse_recv(self, event: Any) -> None:
+        """The peer's A-RELEASE request completes the association's sending: handled here,
+        on the association's thread before the release reply goes out, since the
+        connection may close (``EVT_CONN_CLOSE``, on another thread) before
+        ``EVT_RELEASED`` fires."""
+        from pynetdicom.pdu_primitives import A_RELEASE
+
+        prim = event.primitive
+        if isinstance(prim, A_RELEASE) and prim.result is None:
+            self._on_released(event)
 
     def _on_closed(self, event: Any) -> None:
         """A connection that closes without a release keeps its markers (study held)."""

@@ -52,6 +52,9 @@ def merge_reports(total: Any, part: Any) -> None:
     total.studies_rejected.extend(part.studies_rejected)
     total.studies.extend(part.studies)
     total.workers = max(total.workers, part.workers)
+    total.regions_stored += part.regions_stored
+    total.regions_rejected.extend(part.regions_rejected)
+    total.regions_dropped += part.regions_dropped
 
 
 def pull_studies(

@@ -184,7 +184,7 @@ def test_train_defaults_to_the_evaluated_epochs(built: Path, tmp_path: Path) -> 
 def test_train_on_store_makes_its_model_folder(built: Path, tmp_path: Path) -> None:
     """The demo trains into a folder nobody created yet (the spool lives inside it)."""
     from indexing.store import CohortStore
-    from service.cli import _train_on_store
+    from service.cli.train import _train_on_store
 
     out = tmp_path / "new" / "model"
     card = _train_on_store(CohortStore(built / "store"), out, batch_size=6, backbone="test_resnet",

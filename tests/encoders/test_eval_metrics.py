@@ -267,3 +267,30 @@ def test_calibrate_hu_undoes_scanner_offset_and_gain() -> None:
     assert batch.shape == (2, *true.shape)
     flat = np.full((2, 4, 4), -500, np.int16)  # no soft tissue: unchanged
     np.testing.assert_array_equal(calibrate_hu(flat), flat)
+
+
+def test_calibrate_with_maps_a_patch_by_its_study_references() -> None:
+    """A patch cut from a study has no outside air and may be mostly lesion: calibrated
+    with the whole study's references it lands where the study's own calibration puts
+    it; calibrated on itself it does not."""
+    from encoders.harmonize import calibrate_hu, calibrate_with, calibration_params
+
+    rng = np.random.default_rng(1)
+    true = np.full((8, 48, 48), -1000.0)
+    true[:, 8:40, 6:42] = 40.0
+    true[:, 14:34, 12:22] = -850.0
+    true[:, 18:26, 14:20] = 120.0  # a dense lesion filling the patch below
+    true += rng.normal(0, 8, true.shape)
+    obs = (true * 1.03 + 25.0).astype(np.int16)
+    params = calibration_params(obs)
+    assert params is not None
+    patch = obs[:, 16:28, 12:22]
+    by_study = calibrate_with(patch, params)
+    assert by_study.dtype == np.int16 and by_study.shape == patch.shape
+    np.testing.assert_array_equal(by_study, calibrate_hu(obs)[:, 16:28, 12:22])
+    lesion = by_study[:, 2:10, 2:8].mean()
+    assert lesion == pytest.approx(120.0, abs=6)
+    float_patch = calibrate_with(patch.astype(np.float32), params)
+    assert float_patch.dtype == np.float32
+    assert float(np.abs(float_patch - by_study).max()) <= 0.5 + 1e-3  # int16 rounds
+    np.testing.assert_array_equal(calibrate_with(patch, None), patch)

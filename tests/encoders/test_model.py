@@ -64,7 +64,7 @@ def test_forward_shape_default_spec_resnet10t() -> None:
 
 
 def test_default_lesion_box_is_the_same_millimetres_on_any_grid() -> None:
-    from encoders.model import LESION_BOX_MM, RegionSpec
+    from encoders.model import LESION_BOX_MM, LESION_PATCH_BOX_MM, RegionSpec
 
     for spacing, size in (((4.0, 4.0, 4.0), (6, 12, 12)), ((2.0, 2.0, 2.0), (12, 24, 24)),
                           ((3.0, 1.5, 1.5), (8, 32, 32))):
@@ -73,11 +73,13 @@ def test_default_lesion_box_is_the_same_millimetres_on_any_grid() -> None:
         assert r.size == size
         assert [n * s for n, s in zip(r.size, spacing, strict=True)] == list(LESION_BOX_MM)
     assert RegionSpec.for_spec("whole", DEFAULT_SPEC) == RegionSpec(mode="whole")
-    # on the whole-study grid the box is cut from a detail patch, on the patch's grid
+    # on the whole-study grid the box is cut from a detail patch, on the patch's grid, at
+    # the lesion's scale (smaller than the legacy box, and than the patch)
     enc = create_encoder("test_resnet", spec=DEFAULT_SPEC, embedding_dim=8, region="lesion")
-    assert enc.input_shape == (12, 48, 48)
+    assert enc.input_shape == (8, 32, 32)
     assert [n * s for n, s in zip(enc.input_shape, DEFAULT_SPEC.patch_spacing_mm,
-                                  strict=True)] == list(LESION_BOX_MM)
+                                  strict=True)] == list(LESION_PATCH_BOX_MM)
+    assert all(b < p for b, p in zip(enc.input_shape, DEFAULT_SPEC.patch_shape, strict=True))
     assert enc.stored_shape == DEFAULT_SPEC.patch_shape
 
 

@@ -438,3 +438,19 @@ def test_views_are_part_of_the_checkpointed_run(tmp_path: Path) -> None:
     with pytest.raises(EncoderError, match="different run"):
         train_ssl(vols, epochs=1, batch_size=4, region="lesion", views=2,
                   checkpoint_dir=tmp_path, **FAST)
+
+
+def test_lesion_jitter_on_detail_patches_keeps_the_lesion_in_the_box() -> None:
+    """Default jitter on the whole-study grid: at most a quarter of the box per axis (the
+    lesion centre stays in the box's central half) and never past the stored patch."""
+    from encoders.model import RegionSpec
+    from encoders.train import ROI_JITTER_MM, _margins
+
+    grid = InputSpec()
+    reg = RegionSpec.for_spec("lesion", grid)
+    m = _margins(grid, reg, None)
+    for j, size, n, s in zip(m, reg.size, grid.patch_shape, grid.patch_spacing_mm, strict=True):
+        assert 0 < j <= size // 4 and j * s <= ROI_JITTER_MM
+        assert size + 2 * j <= n
+    assert m == (2, 8, 8)  # 4 x 8 x 8 mm on the 16 x 32 x 32 mm box
+    assert _margins(grid, reg, 3) == (3, 3, 3)  # an explicit jitter is taken as given

@@ -101,3 +101,14 @@ def test_a_detail_patch_region_is_labelled_by_its_source(tmp_path: Path) -> None
     # the study with a reader's region is shown as the reader's, the other as a proposal
     assert sources["readers"] == ["proposal", "reader"]
     assert sources["proposals"] == ["proposal", "proposal"]
+    # a query of the same studies (no regions given) labels its patch the same way
+    from encoders.decode_pool import prepare_study
+    from encoders.model import load_encoder
+
+    _, card = load_encoder(tmp_path / "model")
+    queried = []
+    for folder in sorted(info.dicom_dir.iterdir()):
+        files = [p.read_bytes() for p in sorted(folder.rglob("*.dcm"))]
+        queried.append(prepare_study(files, card.input, patches=True,
+                                     proposal=card.region.proposal).patch_source)
+    assert sorted(queried) == sources["proposals"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -127,3 +128,37 @@ def test_pacs_query_is_retrieved_and_embedded_at_the_coordinator(
     assert by_ref.neighbors[0].study_uid == setup["study0"]  # the study's own vector, at site a
     assert by_ref.neighbors[0].similarity == pytest.approx(1.0, abs=1e-4)
     assert [n.study_uid for n in by_ref.neighbors] == [n.study_uid for n in by_files.neighbors]
+
+
+def test_site_token_is_read_again_only_when_its_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from service import federation
+    from service.auth import AuthConfigError
+
+    token = tmp_path / "north.token"
+    token.write_text("first\n")
+    os.chmod(token, 0o600)
+    reads: list[str] = []
+    real = federation.read_secret_file
+
+    def counted(path: Any, what: str) -> bytes:
+        reads.append(str(path))
+        return real(path, what)
+
+    monkeypatch.setattr(federation, "read_secret_file", counted)
+    site = Site("north", "h:1", token_file=token)
+    assert site.metadata() == (("authorization", "Bearer first"),)
+    assert site.metadata() == (("authorization", "Bearer first"),) and len(reads) == 1
+    token.write_text("second, a longer token\n")
+    assert site.metadata() == (("authorization", "Bearer second, a longer token"),) and len(reads) == 2
+    os.chmod(token, 0o644)  # readable by others: refused at once, not served from the cache
+    with pytest.raises(AuthConfigError):
+        site.metadata()
+
+
+def test_cohort_stats_are_not_federated(sites: list[Site]) -> None:
+    with _InProcessCoordinator(sites) as coord, pytest.raises(grpc.RpcError) as info:
+        _call(coord.port, "GetCohortStats", pb.GetCohortStatsRequest())
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert reason_from_trailing(info.value.trailing_metadata()) == "COHORT_STATS_NOT_FEDERATED"

@@ -32,18 +32,29 @@ K = 200  # more than a site holds: each answer covers its filter's whole sub-coh
 
 
 def _filters() -> tuple[str, str, str]:
-    """A = north studies; B = south studies and two north studies of other patients at
-    each site (A ∩ B: 2 patients a site); A ∪ B = every study. Each pair differs by far
-    more than 10 patients; only the three together isolate A ∩ B."""
+    """Researcher filters (site and scanner columns only) over studies of two scanners:
+    A = north; B = south and the north studies without a kernel of one scanner (A ∩ B: 3
+    or 4 patients a site); A ∪ B = both sites. Each pair differs by at least 13
+    patients at every site; only the three together isolate A ∩ B."""
+    scanners = "manufacturer IN ('GE', 'SIEMENS')"
+    return (
+        f"site = 'north' AND {scanners}",
+        f"(site = 'south' AND {scanners}) OR (site = 'north' AND kernel IS NULL AND manufacturer = 'GE')",
+        scanners,
+    )
+
+
+def test_the_filters_isolate_a_small_overlap_at_every_site() -> None:
+    from indexing.filter import compile_where
+
     _, table = make_cohort(seed=7)
-    uids = table.column("study_uid").to_pylist()
-    picked: list[str] = []
-    for s in range(len(SITES)):  # the fixture splits rows by row % 3
-        # rows >= 40 are the only study of their patient; even rows are north
-        rows = [r for r in range(40, len(uids)) if r % 3 == s and r % 2 == 0][:2]
-        picked += [uids[r] for r in rows]
-    listed = ", ".join(f"'{u}'" for u in picked)
-    return "site = 'north'", f"site = 'south' OR study_uid IN ({listed})", "site IN ('north', 'south')"
+    pids = np.asarray(table.column("patient_id"))
+    site = np.arange(table.num_rows) % len(SITES)  # the fixture's split
+    a, b, union = (compile_where(w, table) for w in _filters())
+    for s in range(len(SITES)):
+        pa_, pb_, pu = (set(pids[m & (site == s)]) for m in (a, b, union))
+        assert pu == pa_ | pb_ and 1 <= len(pa_ & pb_) <= 10
+        assert len(pa_ - pb_) >= 11 and len(pb_ - pa_) >= 11
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +125,19 @@ def test_a_researchers_a_b_and_union_is_refused_at_the_sites_another_is_not(
         answered = _ask(coord.port, BOB, q, union)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     details = info.value.details() or ""
-    assert details.count("ANSWER_DIFFERENCING:union") == len(SITES), details
+    # each site refuses: the filter's sub-cohort is the union of the two before it
+    assert details.count("FILTER_DIFFERENCING:union") == len(SITES), details
     assert answered.disclosure_control.aggregated_patients > first.disclosure_control.aggregated_patients
     assert {s.name: pb.SiteState.Name(s.state) for s in answered.federation.sites} == {
         s: "SITE_STATE_ANSWERED" for s in SITES
     }
 
 
-def _aggregate(port: int, token: str, user: str, vector: np.ndarray, where: str) -> Any:
+def _aggregate(port: int, token: str, user: str, vector: np.ndarray, where: str, *, k: int = K) -> Any:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = cohortsim_pb2_grpc.PatientSimilarityServiceStub(channel)
         request = pb.AggregateSiteRequest(
-            embedding=pb.Vector(values=vector.tolist(), model_version=MODEL_VERSION), k=K,
+            embedding=pb.Vector(values=vector.tolist(), model_version=MODEL_VERSION), k=k,
             filter=pb.Filter(where=where),
         )
         metadata = (("authorization", f"Bearer {token}"), (ON_BEHALF_OF_KEY, user))
@@ -147,14 +159,20 @@ def test_a_site_keeps_one_record_for_a_coordinator_it_does_not_trust(
     assert isinstance(_aggregate(port, OTHER, "u1", q, a), pb.AggregateSiteResponse)
     assert isinstance(_aggregate(port, OTHER, "u2", q, b), pb.AggregateSiteResponse)
     code, message, reason = _aggregate(port, OTHER, "u3", q, union)
-    assert code == grpc.StatusCode.PERMISSION_DENIED and reason == "ANSWER_DIFFERENCING"
+    assert code == grpc.StatusCode.PERMISSION_DENIED and reason == "FILTER_DIFFERENCING"
     assert "union rule" in message
+    # the site holds a researcher's filter to the researcher columns: an outcome or an
+    # identifier in a filter would make a refusal reveal a patient's outcome
+    code, _, reason = _aggregate(port, COORD, "carol", q, "event = true")
+    assert code == grpc.StatusCode.PERMISSION_DENIED and reason == "FILTER_COLUMN_NOT_ALLOWED"
     assert isinstance(_aggregate(port, COORD, "carol", q, union), pb.AggregateSiteResponse)
 
 
 def test_a_sites_records_survive_a_restart(cohort_parts: dict[str, Any], tmp_path: Path) -> None:  # noqa: F811
-    """AggregateSite releases go to the site's audit log with their end user and are
-    replayed at start: dave's union after a restart is still refused, erin's answered."""
+    """AggregateSite releases (their filters and counts) go to the site's audit log with
+    their end user and are replayed at start: dave's union after a restart is still
+    refused, erin's answered; frank's counts without a filter are recorded too (one
+    neighbour more is refused by the pair rule after the restart, gina's answered)."""
     from service.background import BackgroundServer
 
     a, b, union = _filters()
@@ -171,5 +189,12 @@ def test_a_sites_records_survive_a_restart(cohort_parts: dict[str, Any], tmp_pat
         assert isinstance(_aggregate(site.port, COORD, "dave", q, b), pb.AggregateSiteResponse)
     with BackgroundServer(cohort_parts["dirs"]["south"], **kw) as site:
         code, _, reason = _aggregate(site.port, COORD, "dave", q, union)
-        assert code == grpc.StatusCode.PERMISSION_DENIED and reason == "ANSWER_DIFFERENCING"
+        assert code == grpc.StatusCode.PERMISSION_DENIED and reason == "FILTER_DIFFERENCING"
         assert isinstance(_aggregate(site.port, COORD, "erin", q, union), pb.AggregateSiteResponse)
+        first = _aggregate(site.port, COORD, "frank", q, "", k=40)
+        assert isinstance(first, pb.AggregateSiteResponse)
+    with BackgroundServer(cohort_parts["dirs"]["south"], **kw) as site:
+        code, message, reason = _aggregate(site.port, COORD, "frank", q, "", k=41)  # one more
+        assert code == grpc.StatusCode.PERMISSION_DENIED and reason == "ANSWER_DIFFERENCING"
+        assert "pair rule" in message
+        assert isinstance(_aggregate(site.port, COORD, "gina", q, "", k=41), pb.AggregateSiteResponse)

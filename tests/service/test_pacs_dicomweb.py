@@ -129,6 +129,34 @@ def test_pull_lists_with_qido_and_resumes_after_a_failure(env: dict, tmp_path: P
     assert any(r["reason"] for r in report.studies_rejected)  # the study without pixels
 
 
+def test_pull_stores_reader_regions_with_the_pulled_study(env: dict, tmp_path: Path) -> None:
+    """``ingest --dicomweb --regions``: the regions CSV (keyed by raw study uid or patient
+    id) is applied to the studies as they arrive from the PACS, each a reader patch."""
+    from encoders.regions import regions_from_csv
+
+    uid0 = env["studies"][0][0]
+    csv_path = tmp_path / "regions.csv"
+    csv_path.write_text("study_instance_uid,reader,z0,y0,x0,z1,y1,x1\n"
+                        f"{uid0},r1,1,8,8,4,20,20\n{uid0},r2,2,10,10,5,22,22\n")
+    inflow = Inflow(tmp_path / "store", env["pseudo"], workers=1, regions=regions_from_csv(csv_path))
+    report, _ = pull_studies(DicomwebConfig(env["orthanc"].dicomweb), inflow.store(), pseudonymizer=env["pseudo"],
+                             spool=tmp_path / "spool", study_uids=[uid0], ingest=inflow.ingest)
+    assert report.studies_ingested == 1 and report.regions_stored == 2
+    (row,) = CohortStore(tmp_path / "store").patch_table().to_pylist()
+    readers = [p["reader"] for p in json.loads(row["patch_info"]) if p["source"] == "reader"]
+    assert row["study_uid"] == env["pseudo"].study(uid0) and readers == ["r1", "r2"]
+    assert uid0 not in json.dumps(row)  # the raw key stays in memory
+
+
+def test_regions_with_ray_are_refused_naming_why(env: dict, tmp_path: Path) -> None:
+    csv_path = tmp_path / "regions.csv"
+    csv_path.write_text("patient_id,reader,z0,y0,x0,z1,y1,x1\nPACS-0,r1,1,8,8,4,20,20\n")
+    code, _, err = _cli("ingest", str(env["root"] / "pacs"), "--store", str(tmp_path / "store"),
+                        "--secret-file", str(env["secret"]), "--regions", str(csv_path), "--ray", "local")
+    assert code != 0 and "--regions is not taken with --ray" in err and "worker" in err
+    assert not (tmp_path / "store").exists()
+
+
 def test_pull_reports_a_study_not_in_the_pacs(env: dict, tmp_path: Path) -> None:
     code, out, err = _cli("ingest", "--dicomweb", env["orthanc"].dicomweb, "--store", str(tmp_path / "store"),
                           "--secret-file", str(env["secret"]), "--json", "--study", "1.2.3.4.5.6.7.8.9")

@@ -119,6 +119,36 @@ def test_whose_record_a_site_keeps() -> None:
     assert info.value.reason == "INVALID_ON_BEHALF_OF"
 
 
+def test_a_sites_counts_are_checked_against_the_end_users_record() -> None:
+    """AggregateSite without filters: A, B and A ∪ B as three neighbour sets; only the
+    measures the suppressed counts show are recorded."""
+    from types import SimpleNamespace
+
+    from indexing.aggregates import aggregate, suppress
+
+    def nbs(ps: set[str], labelled: bool = True) -> list[SimpleNamespace]:
+        return [SimpleNamespace(patient_id=p, time=float(i % 30), event=i % 2 == 0,
+                                labels={"histology": "adeno"} if labelled else None)
+                for i, p in enumerate(sorted(ps))]
+
+    def counts(neighbors: list[SimpleNamespace]) -> object:
+        return suppress(aggregate([n.time for n in neighbors], [n.event for n in neighbors],
+                                  [0.9] * len(neighbors), [n.labels for n in neighbors]), M)
+
+    gov = Governance()
+    a = people("a", 20) | people("c", 3)
+    b = people("b", 20) | people("c", 3)
+    for s in (a, b):
+        facts = gov.site_release(nbs(s), counts(nbs(s)), principal="alice")
+        assert facts["released_measures"] == ["aggregate", "label:histology", "survival"]
+    with pytest.raises(ServiceError) as info:
+        gov.site_release(nbs(a | b), counts(nbs(a | b)), principal="alice")
+    assert info.value.reason == "ANSWER_DIFFERENCING" and info.value.metadata["rule"] == "union"
+    gov.site_release(nbs(a | b), counts(nbs(a | b)), principal="bob")
+    few = people("d", 5)  # every count suppressed: nothing released, nothing recorded
+    assert gov.site_release(nbs(few), counts(nbs(few)), principal="alice")["released_measures"] == []
+
+
 # --------------------------------------------------------------------------- invariants
 
 
