@@ -4,11 +4,9 @@ prognosis, cohort curve, diagnostics, the researcher view) equal the unsharded i
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,10 +27,11 @@ from service.api import cohortsim_pb2_grpc
 from service.auth import TokenStore
 from service.background import BackgroundServer
 from service.cli import app
-from service.coordinator import create_coordinator
+from service.coordinator import DEFAULT_SITE_DEADLINE_S
 from service.federation import Site, SitesConfigError, load_topology
 
 from .conftest import MODEL_VERSION, make_cohort
+from .test_federation import _InProcessCoordinator
 
 N_SHARDS = 4
 K = 10
@@ -62,39 +61,11 @@ def shard_servers(sharded: dict[str, Any]) -> Iterator[list[Site]]:
                for i, (s, d) in enumerate(zip(servers, sharded["shards"], strict=True))]
 
 
-class _Coordinator:
-    """A coordinator in shard mode on a thread with its own event loop."""
-
-    def __init__(self, sites: list[Site], **kw: Any) -> None:
-        self.sites, self.kw, self.port = sites, kw, 0
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-
-    def _run(self) -> None:
-        async def main() -> None:
-            server, self.port, fanout = await create_coordinator(self.sites, port=0, mode="shards", **self.kw)
-            self._stop = asyncio.Event()
-            await server.start()
-            self._ready.set()
-            await self._stop.wait()
-            await server.stop(0)
-            await fanout.close()
-
-        self._loop = asyncio.new_event_loop()
-        self._loop.run_until_complete(main())
-        self._loop.close()
-
-    def __enter__(self) -> _Coordinator:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(30)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._loop is not None and self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
+def _Coordinator(sites: list[Site], **kw: Any) -> _InProcessCoordinator:
+    """A coordinator in shard mode on a thread with its own event loop (the federation
+    tests' harness; the coordinator's default site deadline unless one is given)."""
+    kw.setdefault("deadline_s", DEFAULT_SITE_DEADLINE_S)
+    return _InProcessCoordinator(sites, mode="shards", **kw)
 
 
 def _stub(port: int) -> tuple[grpc.Channel, Any]:
